@@ -1,0 +1,30 @@
+"""Network definitions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 1x8x8 images; about 0.15 M parameters, trains in seconds on a CPU."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(64 * 4 * 4, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

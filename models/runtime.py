@@ -1,0 +1,71 @@
+"""ONNX Runtime session wrapper: CUDA first when present, CPU otherwise, never silently."""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class DevicePreference(StrEnum):
+    AUTO = "auto"  # CUDA when the runtime has it and it starts, else CPU (with a warning)
+    CPU = "cpu"  # CPU only
+    CUDA = "cuda"  # CUDA or fail
+
+
+class ProviderUnavailable(RuntimeError):
+    """CUDA was required but ONNX Runtime could not start it."""
+
+
+class OnnxModel:
+    """One inference session; `run` is safe to call from one thread at a time per batch."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: DevicePreference = DevicePreference.AUTO,
+        intra_op_threads: int = 1,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        wanted = [CPU] if device is DevicePreference.CPU else [CUDA, CPU]
+        requested = [p for p in wanted if p in available]
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.provider = self.providers[0]
+        self.fallback_reason: str | None = None
+        if device is not DevicePreference.CPU and self.provider != CUDA:
+            self.fallback_reason = (
+                "CUDA provider is not in this ONNX Runtime build"
+                if CUDA not in available
+                else "CUDA provider failed to start (no GPU, driver or CUDA libraries)"
+            )
+            if device is DevicePreference.CUDA:
+                raise ProviderUnavailable(self.fallback_reason)
+            logger.warning("running on CPU: %s", self.fallback_reason)
+        inputs = self.session.get_inputs()
+        self.input_name: str = inputs[0].name
+        logger.info(
+            "loaded %s with providers %s (intra-op threads %d)",
+            path.name,
+            self.providers,
+            intra_op_threads,
+        )
+
+    def run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        outputs: list[Any] = self.session.run(None, {self.input_name: batch})
+        return np.asarray(outputs[0], dtype=np.float32)

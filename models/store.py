@@ -1,0 +1,107 @@
+"""The BentoML model store: served models are found by name and tag, never by file path."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import NotFound
+
+from models.signature import Signature
+
+logger = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+
+
+class ModelNotFound(LookupError):
+    """No model with that name and tag is in the store."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything recorded about a stored model, kept as the store entry's metadata."""
+
+    signature: Signature
+    metrics: dict[str, float]
+    dataset_id: str
+    validation_id: str
+    opset: int
+    code_version: str
+    parity_max_abs_diff: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            "signature": self.signature.to_dict(),
+            "metrics": dict(self.metrics),
+            "dataset_id": self.dataset_id,
+            "validation_id": self.validation_id,
+            "onnx_opset": self.opset,
+            "code_version": self.code_version,
+            "parity_max_abs_diff": self.parity_max_abs_diff,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_metadata(cls, raw: dict[str, Any]) -> ModelCard:
+        return cls(
+            signature=Signature.from_dict(raw["signature"]),
+            metrics={k: float(v) for k, v in raw.get("metrics", {}).items()},
+            dataset_id=str(raw.get("dataset_id", "")),
+            validation_id=str(raw.get("validation_id", "")),
+            opset=int(raw.get("onnx_opset", 0)),
+            code_version=str(raw.get("code_version", "unknown")),
+            parity_max_abs_diff=float(raw.get("parity_max_abs_diff", float("nan"))),
+            extra=dict(raw.get("extra", {})),
+        )
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    name: str
+    version: str
+    onnx_path: Path
+    card: ModelCard
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def save(name: str, onnx_path: Path, card: ModelCard, *, labels: dict[str, str] | None = None) -> StoredModel:
+    """Copy an exported ONNX file into the store as a new version of `name`."""
+    with bentoml.models.create(name, labels=labels or {}, metadata=card.to_metadata()) as entry:
+        shutil.copyfile(onnx_path, entry.path_of(ONNX_FILE))
+    stored = get(f"{name}:{entry.tag.version}")
+    logger.info("saved %s to the model store", stored.tag)
+    return stored
+
+
+def get(tag: str) -> StoredModel:
+    """Find a model by `name` or `name:version` (`name:latest` is the newest)."""
+    try:
+        entry = bentoml.models.get(tag)
+    except NotFound:
+        raise ModelNotFound(f"model {tag!r} is not in the BentoML model store") from None
+    onnx_path = Path(entry.path_of(ONNX_FILE))
+    if not onnx_path.exists():
+        raise ModelNotFound(f"model {tag!r} has no {ONNX_FILE}; it was not saved by this project")
+    return StoredModel(
+        name=entry.tag.name,
+        version=str(entry.tag.version),
+        onnx_path=onnx_path,
+        card=ModelCard.from_metadata(dict(entry.info.metadata)),
+    )
+
+
+def exists(tag: str) -> bool:
+    try:
+        get(tag)
+    except ModelNotFound:
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""The faces and the wiring: the BentoML service, settings, and the command line."""

@@ -1,0 +1,26 @@
+"""Prometheus metrics of the service, exposed on BentoML's /metrics."""
+
+from __future__ import annotations
+
+import bentoml
+
+batch_size = bentoml.metrics.Histogram(
+    name="loop_batch_size",
+    documentation="Samples per model call, after adaptive batching",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+inference_seconds = bentoml.metrics.Histogram(
+    name="loop_inference_seconds",
+    documentation="Time of one model call",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+predictions = bentoml.metrics.Counter(
+    name="loop_predictions",
+    documentation="Samples answered",
+    labelnames=["model_name", "model_version"],
+)
+model_info = bentoml.metrics.Gauge(
+    name="loop_model_info",
+    documentation="The model a worker serves (value 1) and its ONNX Runtime provider",
+    labelnames=["model_name", "model_version", "provider"],
+)

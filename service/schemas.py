@@ -1,0 +1,63 @@
+"""Request and response models of the HTTP API, named by role."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from pydantic import BaseModel, Field
+
+from models import digits
+
+EXAMPLE_DIGIT: list[list[float]] = digits.load().images[0].tolist()
+
+
+class PredictionPublic(BaseModel):
+    """One sample's answer."""
+
+    id: UUID = Field(description="Prediction id, a UUIDv7: sorting ids sorts by time.")
+    label: str = Field(description="Predicted class name.", examples=["0"])
+    confidence: float = Field(description="Probability of the predicted class.", examples=[0.998])
+    scores: dict[str, float] = Field(description="Probability of every class, by class name.")
+    model_name: str = Field(examples=["digits-cnn"])
+    model_version: str = Field(examples=["l7ocjzhgjklzuax4"])
+
+
+class PredictResponse(BaseModel):
+    """Answers in the order of the request's samples."""
+
+    predictions: list[PredictionPublic]
+
+
+class ErrorPublic(BaseModel):
+    error: str = Field(description="What was wrong, in words.")
+
+
+class SignaturePublic(BaseModel):
+    input_shape: list[int] = Field(description="Shape of one sample.", examples=[[8, 8]])
+    dtype: str = Field(examples=["float32"])
+    min_value: float = Field(examples=[0.0])
+    max_value: float = Field(examples=[16.0])
+    class_names: list[str]
+
+
+class BatchingPublic(BaseModel):
+    max_batch_size: int
+    max_latency_ms: float
+    max_samples_per_request: int
+
+
+class ModelPublic(BaseModel):
+    """The model this worker serves and how."""
+
+    name: str
+    version: str
+    provider: str = Field(description="ONNX Runtime execution provider in use.", examples=["CPUExecutionProvider"])
+    providers: list[str] = Field(description="Providers of the session, in priority order.")
+    fallback_reason: str | None = Field(description="Why CUDA is not in use, when it was wanted.")
+    signature: SignaturePublic
+    metrics: dict[str, float] = Field(description="Validation figures recorded when the model was built.")
+    dataset_id: str
+    validation_id: str
+    onnx_opset: int
+    code_version: str
+    batching: BatchingPublic
