@@ -71,5 +71,5 @@ def evaluate(
         ece=expected_calibration_error(probabilities, labels),
         per_class=per_class,
         confusion=confusion_matrix(labels, predicted, labels=classes).tolist(),
-        samples=int(len(labels)),
+        samples=len(labels),
     )

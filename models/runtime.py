@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from enum import StrEnum
 from pathlib import Path
@@ -27,6 +28,13 @@ class ProviderUnavailable(RuntimeError):
     """CUDA was required but ONNX Runtime could not start it."""
 
 
+def _preload_cuda_wheels() -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip wheels when they are installed (the CUDA image);
+    without them ONNX Runtime looks in the system library path as usual."""
+    if importlib.util.find_spec("nvidia") is not None:
+        ort.preload_dlls()
+
+
 class OnnxModel:
     """One inference session; `run` is safe to call from one thread at a time per batch."""
 
@@ -42,6 +50,8 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         available = ort.get_available_providers()
+        if device is not DevicePreference.CPU and CUDA in available:
+            _preload_cuda_wheels()
         wanted = [CPU] if device is DevicePreference.CPU else [CUDA, CPU]
         requested = [p for p in wanted if p in available]
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)

@@ -96,7 +96,10 @@ def _ragged_message(samples: Sequence[Any], expected: tuple[int, ...]) -> str:
         try:
             shape = np.asarray(sample).shape
         except ValueError:
-            return f"samples[{index}] is ragged: its rows have different lengths; expected shape {list(expected)}"
+            return (
+                f"samples[{index}] is ragged: its rows have different lengths;"
+                f" expected shape {list(expected)}"
+            )
         if shape != expected:
             return f"samples[{index}] has shape {list(shape)}; each sample must have shape {list(expected)}"
     return f"samples have inconsistent shapes; each sample must have shape {list(expected)}"
@@ -115,7 +118,8 @@ def softmax(logits: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
     """Numerically stable softmax over the last axis."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    probabilities: NDArray[np.float32] = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return probabilities
 
 
 def postprocess(logits: NDArray[np.floating[Any]]) -> Outputs:

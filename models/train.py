@@ -55,7 +55,8 @@ class Normalised(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x.unsqueeze(1) / self.scale)
+        logits: torch.Tensor = self.network(x.unsqueeze(1) / self.scale)
+        return logits
 
 
 def seed_everything(seed: int) -> None:
@@ -98,7 +99,7 @@ def train(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             wrong += int((logits.argmax(1) != y[idx]).sum())
         scheduler.step()
         metrics = EpochMetrics(epoch=epoch, train_loss=total_loss / len(x), train_error=wrong / len(x))

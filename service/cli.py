@@ -98,7 +98,9 @@ def serve(train_if_missing: bool) -> None:
         str(settings.port),
     ]
     os.environ["BENTOML_CONFIG_OPTIONS"] = " ".join(
-        filter(None, [os.environ.get("BENTOML_CONFIG_OPTIONS", ""), f"services.loop.workers={settings.workers}"])
+        filter(
+            None, [os.environ.get("BENTOML_CONFIG_OPTIONS", ""), f"services.loop.workers={settings.workers}"]
+        )
     )
     click.echo(f"serving {settings.model_ref} on http://{settings.host}:{settings.port} (OpenAPI page at /)")
     os.execv(args[0], args)

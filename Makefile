@@ -1,0 +1,36 @@
+# Two commands: `make run` and `make test`. Everything else is a helper.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+
+.PHONY: install run train test lint format clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create the virtual environment and install the project (once).
+
+run: install ## Train the default model if the store has none, then serve it.
+	$(BIN)/loop serve
+
+train: install ## Train the default model again (a new version in the store).
+	$(BIN)/loop train
+
+test: install ## Unit, model, API and integration tests.
+	BENTOML_DO_NOT_TRACK=True $(BIN)/pytest
+
+lint: install ## ruff check, ruff format --check, mypy.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,152 @@
+"""The service in-process (BentoML's ASGI app) against the session's trained model."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from models import digits
+from models.pipeline import BuildResult
+
+pytestmark = pytest.mark.api
+
+MAX_SAMPLES = 16
+
+
+def wait_ready(client: TestClient, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "service never became ready"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def data() -> digits.Digits:
+    return digits.load()
+
+
+@pytest.fixture(scope="module")
+def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+    # BentoML registers its Prometheus metrics once per process, so one app serves the module.
+    from service.app import Predictor
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**service_env, "LOOP_MAX_SAMPLES_PER_REQUEST": str(MAX_SAMPLES)}.items():
+            mp.setenv(key, value)
+        with TestClient(cast(Any, Predictor).to_asgi()) as c:
+            wait_ready(c)
+            yield c
+
+
+def post_raw(client: TestClient, body: bytes) -> Any:
+    return client.post("/predict", content=body, headers={"content-type": "application/json"})
+
+
+def test_single_sample(client: TestClient, data: digits.Digits, trained_model: BuildResult) -> None:
+    response = client.post("/predict", json={"samples": [data.images[5].tolist()]})
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    assert prediction["label"] == str(data.labels[5])
+    assert uuid.UUID(prediction["id"]).version == 7
+    assert set(prediction["scores"]) == set(digits.CLASS_NAMES)
+    assert sum(prediction["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert prediction["confidence"] == pytest.approx(max(prediction["scores"].values()))
+    assert prediction["scores"][prediction["label"]] == prediction["confidence"]
+    assert prediction["model_name"] == trained_model.stored.name
+    assert prediction["model_version"] == trained_model.stored.version
+
+
+def test_many_samples_answer_in_order_with_increasing_ids(client: TestClient, data: digits.Digits) -> None:
+    picks = list(range(100, 100 + MAX_SAMPLES))
+    response = client.post("/predict", json={"samples": [data.images[i].tolist() for i in picks]})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == MAX_SAMPLES
+    labels = [int(p["label"]) for p in predictions]
+    assert np.mean(np.array(labels) == data.labels[picks]) >= 0.9
+    ids = [uuid.UUID(p["id"]) for p in predictions]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_integers_are_accepted(client: TestClient, data: digits.Digits) -> None:
+    sample = data.images[0].astype(int).tolist()
+    response = client.post("/predict", json={"samples": [sample]})
+    assert response.status_code == 200
+    assert response.json()["predictions"][0]["label"] == str(data.labels[0])
+
+
+def grid(value: Any) -> list[list[Any]]:
+    return [[value] * 8 for _ in range(8)]
+
+
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("malformed JSON", b'{"samples": [[1, 2', "Invalid JSON"),
+    ("not an object", b"[1, 2, 3]", "Input should be an object"),
+    ("samples missing", b"{}", "Field required"),
+    ("samples not a list", b'{"samples": "eight by eight"}', "valid array"),
+    ("empty list", b'{"samples": []}', "samples is empty"),
+    ("too many samples", json.dumps({"samples": [grid(1)] * (MAX_SAMPLES + 1)}).encode(), "too many samples"),
+    ("wrong shape", json.dumps({"samples": [[[1.0] * 8] * 7]}).encode(), "must have shape [8, 8]"),
+    ("ragged rows", json.dumps({"samples": [[[1.0] * 8] * 7 + [[1.0] * 5]]}).encode(), "ragged"),
+    ("a flat vector", json.dumps({"samples": [[1.0] * 64]}).encode(), "must have shape [8, 8]"),
+    ("text values", json.dumps({"samples": [grid("7")]}).encode(), "only numbers"),
+    ("booleans", json.dumps({"samples": [grid(True)]}).encode(), "only numbers"),
+    ("nulls", json.dumps({"samples": [grid(None)]}).encode(), "only numbers"),
+    ("NaN", json.dumps({"samples": [grid(float("nan"))]}).encode(), "non-finite"),
+    ("Infinity", json.dumps({"samples": [grid(float("inf"))]}).encode(), "non-finite"),
+    ("huge number", b'{"samples": [' + json.dumps(grid(1)).encode().replace(b"1", b"1e400", 1) + b"]}", ""),
+    ("above range", json.dumps({"samples": [grid(17)]}).encode(), "outside the range [0, 16]"),
+    ("below range", json.dumps({"samples": [grid(-0.5)]}).encode(), "outside the range [0, 16]"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "fragment"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_input_gets_400_naming_the_problem(
+    client: TestClient, case: str, body: bytes, fragment: str
+) -> None:
+    response = post_raw(client, body)
+    assert response.status_code == 400, f"{case}: {response.status_code} {response.text}"
+    assert fragment in response.text, response.text
+    assert "error" in response.json()
+
+
+def test_bad_input_does_not_break_the_next_request(client: TestClient, data: digits.Digits) -> None:
+    for _, body, _ in BAD_BODIES:
+        post_raw(client, body)
+    response = client.post("/predict", json={"samples": [data.images[1].tolist()]})
+    assert response.status_code == 200
+
+
+def test_models_route_tells_what_is_served(client: TestClient, trained_model: BuildResult) -> None:
+    response = client.get("/models")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["name"] == trained_model.stored.name
+    assert body["version"] == trained_model.stored.version
+    assert body["provider"] in body["providers"]
+    if body["provider"] == "CPUExecutionProvider":
+        assert body["fallback_reason"]  # a CPU fallback from 'auto' is never silent
+    assert body["signature"]["input_shape"] == [8, 8]
+    assert body["signature"]["max_value"] == 16.0
+    assert body["metrics"]["accuracy"] >= 0.95
+    assert body["batching"]["max_samples_per_request"] == MAX_SAMPLES
+
+
+def test_openapi_documents_the_routes_with_examples(client: TestClient) -> None:
+    spec = client.get("/docs.json").json()
+    assert "/predict" in spec["paths"] and "/models" in spec["paths"]
+    text = json.dumps(spec)
+    assert "PredictionPublic" in text
+    assert "examples" in text
+
+
+def test_probes(client: TestClient) -> None:
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from service.batching import AdaptiveBatcher, BatcherClosed, Overloaded
+
+pytestmark = pytest.mark.unit
+
+
+class Model:
+    """Doubles its input; records each batch size; optionally slow or failing."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.delay_s = delay_s
+        self.fail = fail
+        self.threads: set[str] = set()
+
+    def __call__(self, batch: NDArray[Any]) -> tuple[NDArray[Any], str]:
+        self.sizes.append(len(batch))
+        self.threads.add(threading.current_thread().name)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("model exploded")
+        return batch * 2, f"v{len(self.sizes)}"
+
+
+def rows(start: int, n: int) -> NDArray[np.float32]:
+    return np.arange(start, start + n, dtype=np.float32).reshape(n, 1)
+
+
+async def test_concurrent_requests_share_model_calls_and_get_their_own_rows() -> None:
+    model = Model(delay_s=0.01)
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=64, max_latency_s=5)
+    sizes = [1, 3, 2, 5] * 10
+    starts = np.cumsum([0, *sizes[:-1]])
+    results = await asyncio.gather(
+        *(batcher.submit(rows(int(s), n)) for s, n in zip(starts, sizes, strict=True))
+    )
+    await batcher.close()
+    for (out, _), s, n in zip(results, starts, sizes, strict=True):
+        np.testing.assert_array_equal(out, rows(int(s), n) * 2)
+    assert sum(model.sizes) == sum(sizes)
+    assert max(model.sizes) > 1  # requests were merged
+    assert len(model.sizes) < len(sizes)
+    assert all(name.startswith("infer") for name in model.threads)  # off the event loop
+
+
+async def test_batches_never_exceed_the_maximum() -> None:
+    model = Model(delay_s=0.005)
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=8, max_latency_s=5)
+    await asyncio.gather(*(batcher.submit(rows(i, 3)) for i in range(30)))
+    await batcher.close()
+    assert max(model.sizes) <= 8
+    assert sum(model.sizes) == 90
+
+
+async def test_a_request_larger_than_the_maximum_runs_alone() -> None:
+    model = Model()
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=4, max_latency_s=5)
+    out, _ = await batcher.submit(rows(0, 10))
+    await batcher.close()
+    assert model.sizes == [10]
+    assert len(out) == 10
+
+
+async def test_one_context_per_batch_reaches_every_request_in_it() -> None:
+    model = Model(delay_s=0.01)
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=64, max_latency_s=5)
+    results = await asyncio.gather(*(batcher.submit(rows(i, 1)) for i in range(20)))
+    await batcher.close()
+    contexts = [ctx for _, ctx in results]
+    assert set(contexts) == {f"v{i}" for i in range(1, len(model.sizes) + 1)}
+
+
+async def test_requests_over_the_latency_budget_are_refused() -> None:
+    model = Model(delay_s=0.2)
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=1, max_latency_s=0.05)
+    results = await asyncio.gather(*(batcher.submit(rows(i, 1)) for i in range(3)), return_exceptions=True)
+    await batcher.close()
+    assert not isinstance(results[0], BaseException)
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert len(refused) == 2
+    assert "over the latency budget" in str(refused[0])
+
+
+async def test_a_model_failure_reaches_every_caller_and_the_batcher_goes_on() -> None:
+    model = Model(fail=True)
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=8, max_latency_s=5)
+    results = await asyncio.gather(*(batcher.submit(rows(i, 1)) for i in range(4)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in results)
+    model.fail = False
+    out, _ = await batcher.submit(rows(7, 1))
+    await batcher.close()
+    assert out[0, 0] == 14
+
+
+async def test_close_finishes_queued_work_then_refuses_more() -> None:
+    model = Model(delay_s=0.01)
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=2, max_latency_s=5)
+    pending = [asyncio.ensure_future(batcher.submit(rows(i, 1))) for i in range(6)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert all(p.done() and not p.cancelled() and p.exception() is None for p in pending)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(rows(0, 1))
+
+
+async def test_a_lone_request_runs_without_waiting_for_company() -> None:
+    model = Model()
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=64, max_latency_s=60)
+    # With a fill window the lone request would wait for more; here it must complete by itself.
+    out, _ = await asyncio.wait_for(batcher.submit(rows(4, 1)), timeout=1.0)
+    await batcher.close()
+    assert model.sizes == [1]
+    assert out[0, 0] == 8
