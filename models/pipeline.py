@@ -18,7 +18,15 @@ from models.evaluate import Evaluation, evaluate
 from models.network import DigitsCNN
 from models.provenance import code_version
 from models.signature import Signature, softmax
-from models.train import EpochMetrics, History, Normalised, TrainConfig, predict_logits, train
+from models.train import (
+    EpochMetrics,
+    History,
+    Normalised,
+    TrainConfig,
+    predict_logits,
+    seed_everything,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,12 @@ def digits_signature() -> Signature:
     )
 
 
+def new_digits_model(seed: int) -> Normalised:
+    """A freshly initialised network; its initial weights depend only on `seed`."""
+    seed_everything(seed)
+    return Normalised(DigitsCNN(num_classes=len(digits.CLASS_NAMES)), scale=digits.PIXEL_MAX)
+
+
 def build_digits_model(
     *,
     name: str = DEFAULT_MODEL_NAME,
@@ -59,7 +73,7 @@ def build_digits_model(
     x_train, y_train = data.images[train_idx], data.labels[train_idx]
     x_val, y_val = data.images[val_idx], data.labels[val_idx]
 
-    model = Normalised(DigitsCNN(num_classes=len(digits.CLASS_NAMES)), scale=digits.PIXEL_MAX)
+    model = new_digits_model(config.seed)
     history = train(
         model, x_train, y_train, config, x_validation=x_val, y_validation=y_val, on_epoch=on_epoch
     )

@@ -101,7 +101,11 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("nulls", json.dumps({"samples": [grid(None)]}).encode(), "only numbers"),
     ("NaN", json.dumps({"samples": [grid(float("nan"))]}).encode(), "non-finite"),
     ("Infinity", json.dumps({"samples": [grid(float("inf"))]}).encode(), "non-finite"),
-    ("huge number", b'{"samples": [' + json.dumps(grid(1)).encode().replace(b"1", b"1e400", 1) + b"]}", ""),
+    (
+        "huge number",
+        b'{"samples": [' + json.dumps(grid(1)).encode().replace(b"1", b"1e400", 1) + b"]}",
+        "non-finite",
+    ),
     ("above range", json.dumps({"samples": [grid(17)]}).encode(), "outside the range [0, 16]"),
     ("below range", json.dumps({"samples": [grid(-0.5)]}).encode(), "outside the range [0, 16]"),
 ]

@@ -12,10 +12,10 @@ from torch import nn
 
 from models import digits, export, store
 from models.network import DigitsCNN
-from models.pipeline import BuildResult
+from models.pipeline import BuildResult, new_digits_model
 from models.runtime import DevicePreference, OnnxModel
 from models.signature import postprocess
-from models.train import Normalised
+from models.train import Normalised, TrainConfig, predict_logits, train
 
 pytestmark = pytest.mark.model
 
@@ -102,3 +102,18 @@ def test_cuda_demand_without_cuda_fails_loudly(trained_model: BuildResult) -> No
     assert cpu.fallback_reason is not None
     with pytest.raises(RuntimeError, match="CUDA"):
         OnnxModel(trained_model.stored.onnx_path, device=DevicePreference.CUDA)
+
+
+def test_training_is_reproducible_from_the_seed() -> None:
+    data = digits.load()
+    idx = np.asarray(digits.make_split(data, seed=0).train_indices)
+    config = TrainConfig(seed=5, epochs=2)
+
+    def run(seed_config: TrainConfig) -> np.ndarray:
+        model = new_digits_model(seed_config.seed)
+        train(model, data.images[idx], data.labels[idx], seed_config)
+        return predict_logits(model, data.images[:64])
+
+    first, second = run(config), run(config)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, run(TrainConfig(seed=6, epochs=2)))
