@@ -1,20 +1,33 @@
-"""The BentoML inference service: `POST /predict`, `GET /models`, and BentoML's probes and metrics."""
+"""The BentoML inference service: `POST /predict`, `GET /models`, `GET /predictions/{id}`, and
+BentoML's probes and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+import psycopg
+import redis
 from fastapi import FastAPI
 from numpy.typing import NDArray
-from pydantic import Field, ValidationError
+from psycopg_pool import AsyncConnectionPool
+from pydantic import Field, StringConstraints, ValidationError
 from starlette.responses import JSONResponse
 
+from feedback import ingest
 from feedback.ids import uuid7
+from feedback.keys import Keys
+from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
+from feedback.records import PredictionRecord, npy_load
+from feedback.store import StoredPrediction, fetch_prediction
 from models import store
 from models.runtime import OnnxModel
 from models.signature import InputError, postprocess, to_batch
@@ -27,12 +40,17 @@ from service.schemas import (
     PredictionPublic,
     PredictResponse,
     SignaturePublic,
+    StoredPredictionPublic,
 )
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+TagValue = Annotated[str, StringConstraints(max_length=256)]
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
 @dataclass(frozen=True)
@@ -59,17 +77,28 @@ def _error(status: int, message: str) -> Any:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _count_log_event(event: Event, n: int) -> None:
+    metrics.log_records.labels(event=event.value).inc(n)
+
+
 @bentoml.service(name="loop", traffic={"timeout": 30})
 @bentoml.asgi_app(routes, path="/")
 class Predictor:
-    """Serves one model from the BentoML store with adaptive batching."""
+    """Serves one model from the BentoML store with adaptive batching; logs every prediction."""
 
     def __init__(self) -> None:
         self.settings = Settings()
         logging.getLogger("bentoml._internal.server.http_app").addFilter(_QuietClientErrors())
+        self.keys = Keys(self.settings.redis_prefix)
         self._served: Served | None = None
         self._load_error: str | None = None
         self._batcher: AdaptiveBatcher[Served] | None = None
+        self._log: PredictionLog | None = None
+        self._log_error: str | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._background: list[asyncio.Task[None]] = []
+        if self.settings.log_predictions and self.settings.redis_url is None:
+            self._log_error = "LOOP_REDIS_URL is not set (`loop serve` starts an embedded Redis)"
         # Loading runs beside the server so that /livez answers at once and /readyz tells the truth.
         self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
         self._loader.start()
@@ -90,13 +119,60 @@ class Predictor:
         ).set(1)
         logger.info("serving %s on %s", stored.tag, runtime.provider)
 
+    @bentoml.on_startup
+    async def startup(self) -> None:
+        settings = self.settings
+        if settings.log_predictions and settings.redis_url is not None:
+            self._log = PredictionLog(
+                settings.redis_url,
+                keys=self.keys,
+                spool_dir=settings.spool_dir,
+                writer=f"{socket.gethostname()}-{os.getpid()}",
+                policy=settings.log_policy,
+                on_event=_count_log_event,
+            )
+            self._background.append(asyncio.create_task(self._log.run_replayer(), name="spool-replay"))
+            self._background.append(asyncio.create_task(self._watch_stream(settings.redis_url)))
+        if settings.database_url is not None:
+            self._pool = AsyncConnectionPool(
+                settings.database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+            )
+            await self._pool.open(wait=False)  # serving must not wait for Postgres
+
+    async def _watch_stream(self, redis_url: str) -> None:
+        """Keep the stream-lag gauges current."""
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2)
+        try:
+            while True:
+                try:
+                    entries, seconds = await asyncio.to_thread(ingest.lag, client, self.keys)
+                    metrics.stream_lag_entries.set(entries)
+                    metrics.stream_lag_seconds.set(seconds)
+                except redis.RedisError:
+                    pass
+                await asyncio.sleep(2.0)
+        finally:
+            client.close()
+
     def __is_ready__(self) -> bool:
-        return self._served is not None
+        if self._served is None:
+            return False
+        if not self.settings.log_predictions:
+            return True
+        if self._log is None:
+            return False
+        return self._log.redis_available or self.settings.log_policy is LogPolicy.SPOOL
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
         if self._batcher is not None:
             await self._batcher.close()
+        for task in self._background:
+            task.cancel()
+        if self._log is not None:
+            await self._log.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     def _infer(self, batch: NDArray[np.float32]) -> tuple[NDArray[np.float32], Served]:
         served = self._served
@@ -106,6 +182,13 @@ class Predictor:
     def _on_batch(self, size: int, seconds: float) -> None:
         metrics.batch_size.observe(size)
         metrics.inference_seconds.observe(seconds)
+
+    def _not_ready(self) -> str | None:
+        if self._served is None:
+            return self._load_error or "the model is still loading"
+        if self.settings.log_predictions and self._log is None:
+            return self._log_error or "the prediction log is starting"
+        return None
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -118,15 +201,27 @@ class Predictor:
                 examples=[[EXAMPLE_DIGIT]],
             ),
         ],
+        tags: Annotated[
+            dict[TagKey, TagValue] | None,
+            Field(
+                max_length=16,
+                description="Client labels stored with each prediction.",
+                examples=[{"app": "scanner"}],
+            ),
+        ] = None,
+        ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML passes the request context
     ) -> PredictResponse:
-        """Classify one or many samples; every answer carries its prediction id."""
-        served = self._served
-        if served is None:
-            reason = self._load_error or "the model is still loading"
+        """Classify one or many samples; every answer carries its prediction id and is stored."""
+        reason = self._not_ready()
+        if reason is not None:
             return _error(503, f"not ready: {reason}")
-        signature = served.stored.card.signature
+        served = self._served
+        assert served is not None
+        request_id = _request_id(ctx)
         try:
-            batch = to_batch(samples, signature, max_samples=self.settings.max_samples_per_request)
+            batch = to_batch(
+                samples, served.stored.card.signature, max_samples=self.settings.max_samples_per_request
+            )
         except InputError as exc:
             return _error(400, str(exc))
         if self._batcher is None:
@@ -142,23 +237,43 @@ class Predictor:
             return _error(503, str(exc))
         out = postprocess(logits)
         names = used.stored.card.signature.class_names
+        ids = [uuid7() for _ in range(len(batch))]
+        if self._log is not None:
+            records = [
+                PredictionRecord(
+                    id=ids[i],
+                    model_name=used.stored.name,
+                    model_version=used.stored.version,
+                    input=batch[i],
+                    scores=out.probabilities[i],
+                    label=names[out.labels[i]],
+                    confidence=float(out.confidences[i]),
+                    request_id=request_id,
+                    tags=tags or {},
+                )
+                for i in range(len(batch))
+            ]
+            try:
+                await self._log.append(records)  # before the answer leaves: what we answer is kept
+            except LogUnavailable as exc:
+                return _error(503, f"prediction not stored, so not answered: {exc}")
         predictions = [
             PredictionPublic(
-                id=uuid7(),
-                label=names[label],
-                confidence=float(confidence),
-                scores=dict(zip(names, map(float, probabilities), strict=True)),
+                id=ids[i],
+                label=names[out.labels[i]],
+                confidence=float(out.confidences[i]),
+                scores=dict(zip(names, out.probabilities[i].tolist(), strict=True)),
                 model_name=used.stored.name,
                 model_version=used.stored.version,
             )
-            for label, confidence, probabilities in zip(
-                out.labels, out.confidences, out.probabilities, strict=True
-            )
+            for i in range(len(batch))
         ]
         metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(
             len(predictions)
         )
-        return PredictResponse(predictions=predictions)
+        if ctx is not None:
+            ctx.response.headers["X-Request-ID"] = request_id
+        return PredictResponse(request_id=request_id, predictions=predictions)
 
     @routes.get("/models", response_model=ModelPublic, responses={503: {"description": "No model loaded"}})
     def models(self) -> Any:
@@ -185,3 +300,64 @@ class Predictor:
                 max_samples_per_request=self.settings.max_samples_per_request,
             ),
         )
+
+    @routes.get(
+        "/predictions/{prediction_id}",
+        response_model=StoredPredictionPublic,
+        responses={404: {"description": "Unknown id"}, 422: {"description": "Not a UUIDv7"}},
+    )
+    async def prediction(self, prediction_id: uuid.UUID) -> Any:
+        """A stored prediction with its input: from Postgres, or from the stream if not yet ingested."""
+        if prediction_id.version != 7:
+            return _error(422, f"{prediction_id} is not a prediction id (UUIDv7)")
+        if self._pool is None and self._log is None:
+            return _error(503, "no prediction store is configured")
+        failures = []
+        if self._pool is not None:
+            try:
+                async with self._pool.connection(timeout=2) as conn:
+                    row = await fetch_prediction(conn=conn, prediction_id=prediction_id)
+                if row is not None:
+                    return self._public(row, ingested=True)
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                failures.append(f"Postgres: {exc}")
+        if self._log is not None:
+            try:
+                record = await self._log.find(prediction_id)
+            except redis.RedisError as exc:
+                failures.append(f"Redis: {exc}")
+            else:
+                if record is not None:
+                    return self._public(StoredPrediction.from_record(record), ingested=False)
+        if failures:
+            return _error(503, "could not look everywhere: " + "; ".join(failures))
+        return _error(404, f"no prediction {prediction_id}")
+
+    def _public(self, row: StoredPrediction, *, ingested: bool) -> StoredPredictionPublic:
+        served = self._served
+        scores: dict[str, float] | list[float] = list(row.scores)
+        if served is not None and served.stored.name == row.model_name:
+            names = served.stored.card.signature.class_names
+            if len(names) == len(row.scores):
+                scores = dict(zip(names, row.scores, strict=True))
+        return StoredPredictionPublic(
+            id=row.id,
+            created_at=row.created_at,
+            model_name=row.model_name,
+            model_version=row.model_version,
+            label=row.label,
+            confidence=row.confidence,
+            scores=scores,
+            input=None if row.input is None else npy_load(row.input).tolist(),
+            request_id=row.request_id,
+            tags=row.tags,
+            ingested=ingested,
+        )
+
+
+def _request_id(ctx: bentoml.Context | None) -> str:
+    if ctx is not None:
+        given = ctx.request.headers.get("x-request-id")
+        if given and len(given) <= 128 and given.isprintable():
+            return given
+    return uuid.uuid4().hex

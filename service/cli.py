@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -76,31 +80,175 @@ def show(tag: str | None) -> None:
     click.echo(json.dumps({"tag": stored.tag, **stored.card.to_metadata()}, indent=2))
 
 
+def _require(url: str | None, name: str) -> str:
+    if url is None:
+        raise click.ClickException(f"{name} is not set; `loop serve` starts embedded servers and sets it")
+    return url
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the database migrations not yet applied (LOOP_DATABASE_URL)."""
+    import psycopg
+
+    from feedback.migrate import migrate as apply
+
+    with psycopg.connect(_require(Settings().database_url, "LOOP_DATABASE_URL")) as conn:
+        applied = apply(conn)
+    click.echo(f"applied {len(applied)} migration(s)" if applied else "the schema is up to date")
+
+
+@main.command()
+def ingest() -> None:
+    """Run an ingest worker: Redis stream -> Postgres, until SIGTERM or Ctrl-C."""
+    import threading
+
+    import prometheus_client
+    import psycopg
+    import redis
+
+    from feedback.ingest import IngestConfig, IngestStats, IngestWorker, lag
+    from feedback.keys import Keys
+    from feedback.migrate import migrate as apply
+
+    settings = Settings()
+    database_url = _require(settings.database_url, "LOOP_DATABASE_URL")
+    redis_url = _require(settings.redis_url, "LOOP_REDIS_URL")
+    with psycopg.connect(database_url) as conn:
+        apply(conn)
+    keys = Keys(settings.redis_prefix)
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=5)
+    counters = {
+        name: prometheus_client.Counter(f"loop_ingest_{name}", doc)
+        for name, doc in {
+            "ingested": "Rows newly stored in Postgres",
+            "duplicates": "Entries whose prediction id was already stored",
+            "dead": "Entries moved to the dead-letter stream",
+            "claimed": "Entries taken over from a dead consumer",
+        }.items()
+    }
+    lag_entries = prometheus_client.Gauge("loop_stream_lag_entries", "Entries not yet acknowledged")
+    lag_seconds = prometheus_client.Gauge("loop_stream_lag_seconds", "Age of the oldest unacknowledged entry")
+    seen = IngestStats()
+
+    def on_stats(stats: IngestStats) -> None:
+        for name, counter in counters.items():
+            counter.inc(getattr(stats, name) - getattr(seen, name))
+            setattr(seen, name, getattr(stats, name))
+        entries, seconds = lag(client, keys)
+        lag_entries.set(entries)
+        lag_seconds.set(seconds)
+
+    if settings.ingest_metrics_port:
+        try:
+            prometheus_client.start_http_server(settings.ingest_metrics_port, addr="127.0.0.1")
+        except OSError as exc:
+            logger.warning("no metrics endpoint: port %d: %s", settings.ingest_metrics_port, exc)
+    worker = IngestWorker(
+        redis_client=client,
+        connect=lambda: psycopg.connect(database_url, autocommit=True, connect_timeout=3),
+        keys=keys,
+        consumer=settings.ingest_consumer or f"{socket.gethostname()}-{os.getpid()}",
+        config=IngestConfig(
+            batch_size=settings.ingest_batch_size, claim_idle_ms=settings.ingest_claim_idle_ms
+        ),
+        on_stats=on_stats,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker.run(stop)
+
+
 @main.command()
 @click.option("--train-if-missing/--no-train", default=True, help="Train the default model if absent.")
 def serve(train_if_missing: bool) -> None:
-    """Run the BentoML service (host, port and workers come from the settings)."""
+    """Run everything: Postgres and Redis (embedded unless configured), the ingest worker and the
+    BentoML service. Ctrl-C stops it all; data stays under var/."""
     settings = Settings()
     if not store.exists(settings.model_ref):
         if not train_if_missing:
             raise click.ClickException(f"{settings.model_ref} is not in the model store; run `loop train`")
         click.get_current_context().invoke(train)
-    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
-    args = [
-        bentoml,
-        "serve",
-        "service.app:Predictor",
-        "--working-dir",
-        str(ROOT),
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.port),
-    ]
-    os.environ["BENTOML_CONFIG_OPTIONS"] = " ".join(
-        filter(
-            None, [os.environ.get("BENTOML_CONFIG_OPTIONS", ""), f"services.loop.workers={settings.workers}"]
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if settings.log_predictions:
+            env["LOOP_DATABASE_URL"] = settings.database_url or _embedded_postgres(settings, stack)
+            env["LOOP_REDIS_URL"] = settings.redis_url or _embedded_redis(settings, stack)
+        bentoml = str(Path(sys.executable).with_name("bentoml"))
+        children = {
+            "service": [
+                bentoml, "serve", "service.app:Predictor", "--working-dir", str(ROOT),
+                "--host", settings.host, "--port", str(settings.port),
+            ],
+        }  # fmt: skip
+        if settings.log_predictions:
+            children["ingest"] = [sys.executable, "-m", "service", "ingest"]
+            # Migrations run before the children start, so neither races the other over them.
+            subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True)
+        env["BENTOML_CONFIG_OPTIONS"] = " ".join(
+            filter(None, [env.get("BENTOML_CONFIG_OPTIONS", ""), f"services.loop.workers={settings.workers}"])
         )
-    )
-    click.echo(f"serving {settings.model_ref} on http://{settings.host}:{settings.port} (OpenAPI page at /)")
-    os.execv(args[0], args)
+        click.echo(
+            f"serving {settings.model_ref} on http://{settings.host}:{settings.port} (OpenAPI page at /)"
+        )
+        code = _supervise(children, env)
+    sys.exit(code)
+
+
+def _embedded_postgres(settings: Settings, stack: contextlib.ExitStack) -> str:
+    from service.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings.var_dir / "postgres", settings.embedded_postgres_port)
+    url = server.start()
+    stack.callback(server.stop)
+    return url
+
+
+def _embedded_redis(settings: Settings, stack: contextlib.ExitStack) -> str:
+    from service.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(settings.var_dir / "redis", settings.embedded_redis_port)
+    url = server.start()
+    stack.callback(server.stop)
+    return url
+
+
+def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
+    """Run the children until Ctrl-C, SIGTERM or one of them exits; then stop the rest."""
+    processes = {
+        name: subprocess.Popen(command, env=env, start_new_session=True) for name, command in commands.items()
+    }
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        while not stopping:
+            for name, process in processes.items():
+                if process.poll() is not None:
+                    logger.error("%s exited with code %s; stopping", name, process.returncode)
+                    code = process.returncode or 1
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        logger.info("stopping")
+        # The service first (no new predictions), then the ingest worker (drains what it holds).
+        for name in ("service", "ingest"):
+            child = processes.get(name)
+            if child is None or child.poll() is not None:
+                continue
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in 30 s; killing it", name)
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code

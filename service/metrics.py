@@ -24,3 +24,16 @@ model_info = bentoml.metrics.Gauge(
     documentation="The model a worker serves (value 1) and its ONNX Runtime provider",
     labelnames=["model_name", "model_version", "provider"],
 )
+log_records = bentoml.metrics.Counter(
+    name="loop_log_records",
+    documentation="Prediction records by what happened to them: appended to Redis, spooled, replayed",
+    labelnames=["event"],
+)
+stream_lag_entries = bentoml.metrics.Gauge(
+    name="loop_stream_lag_entries",
+    documentation="Stream entries not yet acknowledged by the ingest workers",
+)
+stream_lag_seconds = bentoml.metrics.Gauge(
+    name="loop_stream_lag_seconds",
+    documentation="Age of the oldest stream entry not yet acknowledged by the ingest workers",
+)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from pydantic import BaseModel, Field
@@ -25,7 +27,26 @@ class PredictionPublic(BaseModel):
 class PredictResponse(BaseModel):
     """Answers in the order of the request's samples."""
 
+    request_id: str = Field(description="The request's X-Request-ID, or one made up for it.")
     predictions: list[PredictionPublic]
+
+
+class StoredPredictionPublic(BaseModel):
+    """A prediction as the log holds it."""
+
+    id: UUID
+    created_at: datetime
+    model_name: str
+    model_version: str
+    label: str
+    confidence: float
+    scores: dict[str, float] | list[float] = Field(
+        description="By class name when the model is known to this worker, else in class order."
+    )
+    input: Any | None = Field(description="The sample as sent; null once erased on request.")
+    request_id: str
+    tags: dict[str, str]
+    ingested: bool = Field(description="True once in Postgres; false while only in the Redis stream.")
 
 
 class ErrorPublic(BaseModel):

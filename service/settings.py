@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from feedback.prediction_log import LogPolicy
 from models.digits import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
 
@@ -30,7 +31,31 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
-    var_dir: Path = Field(Path("var"), description="Where local state lives (validation split, data).")
+    var_dir: Path = Field(
+        Path("var"), description="Local state: validation split, spool, embedded servers' data."
+    )
+
+    database_url: str | None = Field(
+        None, description="Postgres URL; unset: `loop serve` starts an embedded server under var/."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL; unset: `loop serve` starts an embedded server under var/."
+    )
+    redis_prefix: str = Field("loop", min_length=1, description="Prefix of every Redis key.")
+    log_predictions: bool = Field(True, description="Store every prediction (off only for benchmarks).")
+    log_policy: LogPolicy = Field(
+        LogPolicy.SPOOL, description="When Redis is unreachable: spool to disk, or refuse with 503."
+    )
+    embedded_postgres_port: int = Field(54329, ge=1, le=65535, description="Port of the embedded Postgres.")
+    embedded_redis_port: int = Field(63799, ge=1, le=65535, description="Port of the embedded Redis.")
+    ingest_batch_size: int = Field(2000, ge=1, le=100_000, description="Stream entries per Postgres insert.")
+    ingest_claim_idle_ms: int = Field(
+        30_000, ge=100, description="Pending entries idle this long are taken from a dead consumer."
+    )
+    ingest_consumer: str | None = Field(None, description="Consumer name; unset: host name and process id.")
+    ingest_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none)."
+    )
 
     @property
     def split_path(self) -> Path:
@@ -39,3 +64,7 @@ class Settings(BaseSettings):
     @property
     def model_ref(self) -> str:
         return f"{self.model_name}:{self.model_tag}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.var_dir / "spool"

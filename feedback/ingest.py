@@ -1,0 +1,285 @@
+"""The ingest worker: Redis stream -> Postgres, at least once, stored exactly once.
+
+Each round reads a batch with the consumer group, stores it with one idempotent INSERT, and only
+then acknowledges it. A worker that dies between the two leaves its entries pending; any worker
+of the group claims them (XAUTOCLAIM) once they have been idle for `claim_idle_ms`, and the
+insert skips ids already stored. Entries that cannot be decoded or stored go to the dead-letter
+stream with the reason, so they are neither retried forever nor fatal. Acknowledged entries are
+trimmed from the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from feedback import store
+from feedback.keys import INGEST_GROUP, Keys
+from feedback.records import Fields, MalformedEntry, PredictionRecord, decode
+
+logger = logging.getLogger(__name__)
+
+Entry = tuple[bytes, Fields]
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    batch_size: int = 2000
+    block_ms: int = 500
+    claim_idle_ms: int = 30_000  # a pending entry idle this long belongs to a dead consumer
+    housekeeping_every_s: float = 2.0  # how often to claim abandoned entries and trim the stream
+
+
+@dataclass
+class IngestStats:
+    ingested: int = 0  # rows newly inserted
+    duplicates: int = 0  # entries whose id was already stored
+    dead: int = 0
+    claimed: int = 0
+
+
+def ensure_group(client: redis.Redis, keys: Keys) -> None:
+    try:
+        client.xgroup_create(keys.stream, INGEST_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class IngestWorker:
+    def __init__(
+        self,
+        *,
+        redis_client: redis.Redis,
+        connect: Callable[[], psycopg.Connection],
+        keys: Keys,
+        consumer: str,
+        config: IngestConfig | None = None,
+        on_stats: Callable[[IngestStats], None] | None = None,
+    ) -> None:
+        self.redis = redis_client
+        self.connect = connect
+        self.keys = keys
+        self.consumer = consumer
+        self.config = config or IngestConfig()
+        self.stats = IngestStats()
+        self._on_stats = on_stats
+        self._conn: psycopg.Connection | None = None
+        self._last_housekeeping = 0.0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until `stop` is set; the batch in hand is finished and acknowledged first."""
+        logger.info("ingest worker %s reading %s", self.consumer, self.keys.stream)
+        backoff = 0.1
+        own_pending_done = False
+        while not stop.is_set():
+            try:
+                ensure_group(self.redis, self.keys)
+                if not own_pending_done:
+                    # Entries delivered to this consumer name before a restart come first.
+                    while self._read("0") and not stop.is_set():
+                        pass
+                    own_pending_done = True
+                self.step()
+                backoff = 0.1
+            except REDIS_DOWN as exc:
+                logger.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self.close()
+        logger.info("ingest worker %s stopped: %s", self.consumer, self.stats)
+
+    def step(self) -> int:
+        """One round: housekeeping when due, then one blocking read. Returns entries handled."""
+        handled = 0
+        if time.monotonic() - self._last_housekeeping >= self.config.housekeeping_every_s:
+            handled += self.claim_abandoned()
+            self.trim()
+            self._last_housekeeping = time.monotonic()
+        handled += self._read(">")
+        return handled
+
+    def _read(self, from_id: str) -> int:
+        response: Any = self.redis.xreadgroup(
+            INGEST_GROUP,
+            self.consumer,
+            {self.keys.stream: from_id},
+            count=self.config.batch_size,
+            block=self.config.block_ms if from_id == ">" else None,
+        )
+        entries: list[Entry] = [e for _, batch in response or [] for e in batch if e[1]]
+        if entries:
+            self.handle(entries)
+        return len(entries)
+
+    def claim_abandoned(self) -> int:
+        """Take over entries another consumer read but never acknowledged."""
+        total, cursor = 0, "0-0"
+        while True:
+            result: Any = self.redis.xautoclaim(
+                self.keys.stream,
+                INGEST_GROUP,
+                self.consumer,
+                min_idle_time=self.config.claim_idle_ms,
+                start_id=cursor,
+                count=self.config.batch_size,
+            )
+            cursor, claimed = result[0], [e for e in result[1] if e[1]]
+            if claimed:
+                logger.info("claimed %d abandoned entries", len(claimed))
+                self.stats.claimed += len(claimed)
+                self.handle(claimed)
+                total += len(claimed)
+            # Entries deleted while pending come back as ids only (third element); acknowledge them.
+            deleted = result[2] if len(result) > 2 else []
+            if deleted:
+                self.redis.xack(self.keys.stream, INGEST_GROUP, *deleted)
+            if cursor in (b"0-0", "0-0"):
+                return total
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def handle(self, entries: Sequence[Entry]) -> None:
+        good: list[PredictionRecord] = []
+        dead: list[tuple[Entry, str]] = []
+        for entry in entries:
+            try:
+                good.append(decode(entry[1]))
+            except MalformedEntry as exc:
+                dead.append((entry, str(exc)))
+        dead += self._store(good, entries)
+        pipe = self.redis.pipeline(transaction=False)
+        for (entry_id, fields), reason in dead:
+            pipe.xadd(
+                self.keys.dead_letters,
+                {**fields, b"reason": reason.encode(), b"source_id": entry_id},  # type: ignore[dict-item]
+            )
+        pipe.xack(self.keys.stream, INGEST_GROUP, *(e[0] for e in entries))
+        pipe.execute()
+        if dead:
+            self.stats.dead += len(dead)
+            logger.warning("moved %d entries to %s: %s", len(dead), self.keys.dead_letters, dead[0][1])
+        if self._on_stats is not None:
+            self._on_stats(self.stats)
+
+    def _store(self, records: list[PredictionRecord], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
+        """Insert, retrying while Postgres is down. Returns entries whose rows were refused."""
+        if not records:
+            return []
+        backoff = 0.1
+        while True:
+            try:
+                conn = self._connection()
+                inserted = store.insert_predictions(conn=conn, records=records)
+                self.stats.ingested += inserted
+                self.stats.duplicates += len(records) - inserted
+                return []
+            except psycopg.OperationalError as exc:
+                self._drop_connection()
+                logger.warning("Postgres unavailable (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except psycopg.DataError:
+                # One bad row fails the whole statement: store the rest one by one.
+                return self._store_one_by_one(records, entries)
+
+    def _store_one_by_one(
+        self, records: list[PredictionRecord], entries: Sequence[Entry]
+    ) -> list[tuple[Entry, str]]:
+        by_id = {e[1].get(b"id", b"").decode(errors="replace"): e for e in entries}
+        refused = []
+        conn = self._connection()
+        for record in records:
+            try:
+                inserted = store.insert_predictions(conn=conn, records=[record])
+                self.stats.ingested += inserted
+                self.stats.duplicates += 1 - inserted
+            except psycopg.DataError as exc:
+                refused.append((by_id[str(record.id)], f"refused by Postgres: {exc}".strip()))
+        return refused
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
+
+    # -- stream upkeep -------------------------------------------------------------------------
+
+    def trim(self) -> int:
+        """Delete entries every group has acknowledged. Returns entries removed."""
+        groups: Any = self.redis.xinfo_groups(self.keys.stream)
+        if not groups:
+            return 0
+        floor: tuple[int, int] | None = None
+        for group in groups:
+            name = group["name"]
+            pending: Any = self.redis.xpending(self.keys.stream, name)
+            if pending["pending"]:
+                candidate = _parse_id(pending["min"])
+            else:
+                ms, seq = _parse_id(group["last-delivered-id"])
+                candidate = (ms, seq + 1)
+            floor = candidate if floor is None else min(floor, candidate)
+        assert floor is not None
+        removed = int(self.redis.xtrim(self.keys.stream, minid=f"{floor[0]}-{floor[1]}", approximate=False))
+        return removed
+
+    def close(self) -> None:
+        self._drop_connection()
+
+
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def lag(client: redis.Redis, keys: Keys) -> tuple[int, float]:
+    """Entries not yet acknowledged by the ingest group, and the age in seconds of the oldest."""
+    try:
+        groups: Any = client.xinfo_groups(keys.stream)
+    except ResponseError:  # no stream yet
+        return 0, 0.0
+    group = next((g for g in groups if g["name"] in (INGEST_GROUP, INGEST_GROUP.encode())), None)
+    if group is None:
+        return int(client.xlen(keys.stream)), 0.0
+    pending: Any = client.xpending(keys.stream, INGEST_GROUP)
+    undelivered = int(group.get("lag") or 0)
+    count = int(pending["pending"]) + undelivered
+    if count == 0:
+        return 0, 0.0
+    oldest: Any = (
+        pending["min"]
+        if pending["pending"]
+        else client.xrange(keys.stream, min="(" + _id_text(group), count=1)
+    )
+    oldest_id = oldest if isinstance(oldest, (bytes, str)) else oldest[0][0] if oldest else None
+    if oldest_id is None:
+        return count, 0.0
+    age = time.time() - _parse_id(oldest_id)[0] / 1000
+    return count, max(age, 0.0)
+
+
+def _id_text(group: Any) -> str:
+    value = group["last-delivered-id"]
+    return value.decode() if isinstance(value, bytes) else str(value)

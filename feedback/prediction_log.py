@@ -1,0 +1,224 @@
+"""The request-path half of the prediction log: records go to a Redis stream before the answer.
+
+Concurrent `append` calls are coalesced: while one pipeline is in flight, new records queue, and
+the next pipeline takes them all, so there is about one Redis round trip per burst rather than
+per request. When Redis cannot be reached, records go to the local spool (policy `spool`, the
+default) or the append fails (policy `refuse`, and the service answers 503). A replay task moves
+spooled records into the stream once Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from feedback import spool
+from feedback.ids import uuid7_time_ms
+from feedback.keys import Keys
+from feedback.records import Fields, PredictionRecord, decode, encode
+
+logger = logging.getLogger(__name__)
+
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class LogPolicy(StrEnum):
+    SPOOL = "spool"  # answer anyway; keep the records on local disk until Redis is back
+    REFUSE = "refuse"  # answer 503 rather than serve a prediction that is not in Redis
+
+
+class Destination(StrEnum):
+    REDIS = "redis"
+    SPOOL = "spool"
+
+
+class LogUnavailable(RuntimeError):
+    """Redis is unreachable and the policy is to refuse."""
+
+
+class Event(StrEnum):
+    APPENDED = "appended"
+    SPOOLED = "spooled"
+    REPLAYED = "replayed"
+
+
+@dataclass
+class _Pending:
+    fields: list[Fields]
+    future: asyncio.Future[Destination]
+
+
+class PredictionLog:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        keys: Keys,
+        spool_dir: Path,
+        writer: str,
+        policy: LogPolicy = LogPolicy.SPOOL,
+        retry_after_s: float = 1.0,
+        on_event: Callable[[Event, int], None] | None = None,
+    ) -> None:
+        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
+        self._replay_redis = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
+        self._keys = keys
+        self._policy = policy
+        self._spool = spool.SpoolWriter(spool_dir, writer)
+        self._spool_dir = spool_dir
+        self._retry_after_s = retry_after_s
+        self._on_event = on_event or (lambda event, n: None)
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._down_until = 0.0  # while in the future, skip Redis and spool at once
+        self._closed = False
+
+    @property
+    def redis_available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    async def append(self, records: Sequence[PredictionRecord]) -> Destination:
+        """Return once every record is in the stream or fsync'd to the spool."""
+        if self._closed:
+            raise LogUnavailable("the prediction log is closed")
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="log-flusher")
+        future: asyncio.Future[Destination] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending([encode(r) for r in records], future))
+        self._wakeup.set()
+        return await future
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            taken = list(self._queue)
+            self._queue.clear()
+            fields = [f for p in taken for f in p.fields]
+            try:
+                destination = await self._write(fields)
+            except Exception as exc:
+                for p in taken:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p in taken:
+                if not p.future.done():
+                    p.future.set_result(destination)
+
+    async def _write(self, fields: list[Fields]) -> Destination:
+        if self.redis_available:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for f in fields:
+                    pipe.xadd(self._keys.stream, f)  # type: ignore[arg-type]
+                await pipe.execute()
+                self._on_event(Event.APPENDED, len(fields))
+                return Destination.REDIS
+            except UNREACHABLE as exc:
+                self._down_until = time.monotonic() + self._retry_after_s
+                logger.warning("Redis unreachable (%s); %s", exc, self._policy.value)
+        if self._policy is LogPolicy.REFUSE:
+            raise LogUnavailable("the prediction log (Redis) is unreachable")
+        # Some of a failed pipeline may have reached Redis; spooling all of it can duplicate
+        # entries in the stream, never lose them. The ingest insert is idempotent on the id.
+        await asyncio.to_thread(self._spool.append, fields)
+        self._on_event(Event.SPOOLED, len(fields))
+        return Destination.SPOOL
+
+    async def replay(self) -> int:
+        """Move spooled records into the stream if Redis answers; returns how many moved."""
+        try:
+            await self._redis.ping()
+        except UNREACHABLE:
+            self._down_until = time.monotonic() + self._retry_after_s
+            return 0
+        self._down_until = 0.0
+        if self._spool.pending:
+            await asyncio.to_thread(self._spool.seal)
+        moved = await asyncio.to_thread(self._replay_files)
+        if moved:
+            self._on_event(Event.REPLAYED, moved)
+            logger.info("replayed %d spooled records into %s", moved, self._keys.stream)
+        return moved
+
+    def _replay_files(self) -> int:
+        def send(batch: list[Fields]) -> None:
+            pipe = self._replay_redis.pipeline(transaction=False)
+            for f in batch:
+                pipe.xadd(self._keys.stream, f)  # type: ignore[arg-type]
+            pipe.execute()
+
+        moved = 0
+        for path in spool.replayable(self._spool_dir):
+            try:
+                sent = spool.replay_file(path, send)
+            except UNREACHABLE:
+                return moved  # try again on the next round
+            moved += sent or 0
+        return moved
+
+    async def run_replayer(self, interval_s: float = 1.0) -> None:
+        """Replay forever (a background task of the service)."""
+        while not self._closed:
+            try:
+                await self.replay()
+            except Exception:
+                logger.exception("spool replay failed; retrying")
+            await asyncio.sleep(interval_s)
+
+    async def find(
+        self, prediction_id: uuid.UUID, *, window_s: float = 10.0, scan: int = 10_000
+    ) -> PredictionRecord | None:
+        """Look for a record still in the stream (not yet ingested and trimmed).
+
+        Entries are appended within moments of the prediction, so the search starts at the time
+        the UUIDv7 carries, less `window_s`, and reads at most `scan` entries.
+        """
+        start_ms = max(uuid7_time_ms(prediction_id) - int(window_s * 1000), 0)
+        wanted = str(prediction_id).encode()
+        cursor = f"{start_ms}-0"
+        remaining = scan
+        while remaining > 0:
+            entries: Any = await self._redis.xrange(self._keys.stream, min=cursor, count=min(remaining, 1000))
+            if not entries:
+                return None
+            for _entry_id, fields in entries:
+                if fields.get(b"id") == wanted:
+                    return decode(fields)
+            remaining -= len(entries)
+            cursor = "(" + entries[-1][0].decode()
+        return None
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except UNREACHABLE:
+            return False
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._flusher is not None:
+            self._wakeup.set()
+            await self._flusher
+        self._spool.close()
+        await self._redis.aclose()
+        self._replay_redis.close()

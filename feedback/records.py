@@ -1,0 +1,139 @@
+"""One stored prediction, and its encoding as a Redis stream entry (also used by the spool).
+
+Entry fields use short keys because every prediction is written once per request path:
+`id` (UUIDv7 text), `m` model name, `v` model version, `x` the input as .npy bytes,
+`s` class scores as little-endian float32 bytes, `l` label, `c` confidence, `r` request id,
+`g` client tags as JSON (absent when there are none).
+The prediction time is not a field: it is the UUIDv7's embedded timestamp.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from feedback.ids import uuid7_time_ms
+
+Fields = dict[bytes, bytes]
+
+
+class MalformedEntry(ValueError):
+    """A stream entry that cannot be decoded into a record; the message says why."""
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    id: uuid.UUID
+    model_name: str
+    model_version: str
+    input: NDArray[Any]
+    scores: NDArray[np.float32]
+    label: str
+    confidence: float
+    request_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def created_at(self) -> datetime:
+        return created_at(self.id)
+
+    @property
+    def label_index(self) -> int:
+        return int(np.argmax(self.scores))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def created_at(prediction_id: uuid.UUID) -> datetime:
+    """The creation time a UUIDv7 carries, exact to the millisecond."""
+    return _EPOCH + timedelta(milliseconds=uuid7_time_ms(prediction_id))
+
+
+@lru_cache(maxsize=64)
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
+
+
+def npy_bytes(array: NDArray[Any]) -> bytes:
+    """The .npy file bytes of `array` (C order), without going through np.save per call."""
+    array = np.ascontiguousarray(array)
+    return _npy_header(tuple(array.shape), array.dtype.str) + array.tobytes()
+
+
+def npy_load(data: bytes) -> NDArray[Any]:
+    array: NDArray[Any] = np.load(io.BytesIO(data), allow_pickle=False)
+    return array
+
+
+def encode(record: PredictionRecord) -> Fields:
+    fields: Fields = {
+        b"id": str(record.id).encode(),
+        b"m": record.model_name.encode(),
+        b"v": record.model_version.encode(),
+        b"x": npy_bytes(record.input),
+        b"s": np.asarray(record.scores, dtype="<f4").tobytes(),
+        b"l": record.label.encode(),
+        b"c": repr(float(record.confidence)).encode(),
+        b"r": record.request_id.encode(),
+    }
+    if record.tags:
+        fields[b"g"] = json.dumps(record.tags, separators=(",", ":")).encode()
+    return fields
+
+
+_REQUIRED = (b"id", b"m", b"v", b"x", b"s", b"l", b"c", b"r")
+
+
+def decode(fields: Fields) -> PredictionRecord:
+    """Inverse of `encode`; raises `MalformedEntry` naming the first problem found."""
+    missing = [k.decode() for k in _REQUIRED if k not in fields]
+    if missing:
+        raise MalformedEntry(f"missing fields: {', '.join(missing)}")
+    try:
+        prediction_id = uuid.UUID(fields[b"id"].decode())
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedEntry("id is not a UUID") from None
+    if prediction_id.version != 7:
+        raise MalformedEntry("id is not a version 7 UUID")
+    try:
+        sample = npy_load(fields[b"x"])
+    except (ValueError, OSError, EOFError):
+        raise MalformedEntry("input is not .npy data") from None
+    raw_scores = fields[b"s"]
+    if len(raw_scores) % 4 or not raw_scores:
+        raise MalformedEntry("scores are not float32 bytes")
+    scores = np.frombuffer(raw_scores, dtype="<f4")
+    try:
+        confidence = float(fields[b"c"])
+        tags = json.loads(fields[b"g"]) if b"g" in fields else {}
+        text = {k: fields[k].decode() for k in (b"m", b"v", b"l", b"r")}
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedEntry("confidence, tags or a text field is not valid") from None
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise MalformedEntry("tags are not a JSON object of strings")
+    if not np.isfinite(confidence) or not np.isfinite(scores).all():
+        raise MalformedEntry("confidence or scores are not finite")
+    return PredictionRecord(
+        id=prediction_id,
+        model_name=text[b"m"],
+        model_version=text[b"v"],
+        input=sample,
+        scores=scores,
+        label=text[b"l"],
+        confidence=confidence,
+        request_id=text[b"r"],
+        tags=tags,
+    )
