@@ -73,7 +73,9 @@ class _QuietClientErrors(logging.Filter):
         return True
 
 
-def _error(status: int, message: str) -> Any:
+def _error(status: int, message: str, ctx: bentoml.Context | None = None) -> Any:
+    if ctx is not None:  # BentoML applies the context's status code over the response's
+        ctx.response.status_code = status
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -214,7 +216,7 @@ class Predictor:
         """Classify one or many samples; every answer carries its prediction id and is stored."""
         reason = self._not_ready()
         if reason is not None:
-            return _error(503, f"not ready: {reason}")
+            return _error(503, f"not ready: {reason}", ctx)
         served = self._served
         assert served is not None
         request_id = _request_id(ctx)
@@ -223,7 +225,7 @@ class Predictor:
                 samples, served.stored.card.signature, max_samples=self.settings.max_samples_per_request
             )
         except InputError as exc:
-            return _error(400, str(exc))
+            return _error(400, str(exc), ctx)
         if self._batcher is None:
             self._batcher = AdaptiveBatcher(
                 self._infer,
@@ -234,7 +236,7 @@ class Predictor:
         try:
             logits, used = await self._batcher.submit(batch)
         except (Overloaded, BatcherClosed) as exc:
-            return _error(503, str(exc))
+            return _error(503, str(exc), ctx)
         out = postprocess(logits)
         names = used.stored.card.signature.class_names
         ids = [uuid7() for _ in range(len(batch))]
@@ -256,7 +258,7 @@ class Predictor:
             try:
                 await self._log.append(records)  # before the answer leaves: what we answer is kept
             except LogUnavailable as exc:
-                return _error(503, f"prediction not stored, so not answered: {exc}")
+                return _error(503, f"prediction not stored, so not answered: {exc}", ctx)
         predictions = [
             PredictionPublic(
                 id=ids[i],

@@ -13,9 +13,67 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="loop-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_HOME / "bentoml")
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 
-import pytest  # noqa: E402
+import uuid  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
+import psycopg  # noqa: E402
+import pytest  # noqa: E402
+import redis  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+from feedback.keys import Keys  # noqa: E402
+from feedback.migrate import migrate  # noqa: E402
 from models.pipeline import BuildResult, build_digits_model  # noqa: E402
+
+# The machine's shared servers. Every test gets its own database and its own key prefix on them.
+POSTGRES = os.environ.get("LOOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+REDIS = os.environ.get("LOOP_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@contextmanager
+def fresh_database(server: str = POSTGRES) -> Iterator[str]:
+    """A new, migrated database on `server`; dropped afterwards."""
+    name = f"loop_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = f"{server}/{name}"
+    try:
+        with psycopg.connect(url) as conn:
+            migrate(conn)
+        yield url
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def redis_namespace(url: str = REDIS) -> Iterator[Keys]:
+    """A key prefix no other test uses; its keys are deleted afterwards."""
+    keys = Keys(f"test-{uuid.uuid4().hex[:12]}")
+    try:
+        yield keys
+    finally:
+        client = redis.Redis.from_url(url)
+        try:
+            stale = list(client.scan_iter(match=f"{keys.prefix}:*"))
+            if stale:
+                client.delete(*stale)
+        except redis.ConnectionError:
+            pass  # a throwaway server already gone
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def keys() -> Iterator[Keys]:
+    with redis_namespace() as k:
+        yield k
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +94,25 @@ def trained_model(split_path: Path) -> BuildResult:
 
 
 @pytest.fixture(scope="session")
-def service_env(trained_model: BuildResult, session_home: Path) -> dict[str, str]:
+def model_env(trained_model: BuildResult) -> dict[str, str]:
     """Environment that points a service at the session's trained model."""
     return {
         "LOOP_MODEL_NAME": trained_model.stored.name,
         "LOOP_MODEL_TAG": trained_model.stored.version,
-        "LOOP_VAR_DIR": str(session_home / "var"),
         "LOOP_DEVICE": "auto",
+        "LOOP_INGEST_METRICS_PORT": "0",
+    }
+
+
+@pytest.fixture
+def service_env(
+    model_env: dict[str, str], database_url: str, keys: Keys, tmp_path: Path
+) -> dict[str, str]:
+    """A service on the machine's servers with a database, key prefix and var folder of its own."""
+    return {
+        **model_env,
+        "LOOP_DATABASE_URL": database_url,
+        "LOOP_REDIS_URL": REDIS,
+        "LOOP_REDIS_PREFIX": keys.prefix,
+        "LOOP_VAR_DIR": str(tmp_path / "var"),
     }

@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from models import digits
+from tests.conftest import REDIS, fresh_database, redis_namespace
 from models.pipeline import BuildResult
 
 pytestmark = pytest.mark.api
@@ -33,12 +34,22 @@ def data() -> digits.Digits:
 
 
 @pytest.fixture(scope="module")
-def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+def client(
+    model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
     # BentoML registers its Prometheus metrics once per process, so one app serves the module.
     from service.app import Predictor
 
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**service_env, "LOOP_MAX_SAMPLES_PER_REQUEST": str(MAX_SAMPLES)}.items():
+    with fresh_database() as database_url, redis_namespace() as keys, pytest.MonkeyPatch.context() as mp:
+        env = {
+            **model_env,
+            "LOOP_DATABASE_URL": database_url,
+            "LOOP_REDIS_URL": REDIS,
+            "LOOP_REDIS_PREFIX": keys.prefix,
+            "LOOP_VAR_DIR": str(tmp_path_factory.mktemp("var")),
+            "LOOP_MAX_SAMPLES_PER_REQUEST": str(MAX_SAMPLES),
+        }
+        for key, value in env.items():
             mp.setenv(key, value)
         with TestClient(cast(Any, Predictor).to_asgi()) as c:
             wait_ready(c)
@@ -154,3 +165,59 @@ def test_openapi_documents_the_routes_with_examples(client: TestClient) -> None:
 def test_probes(client: TestClient) -> None:
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_request_id_and_tags_are_echoed_and_stored(client: TestClient, data: digits.Digits) -> None:
+    response = client.post(
+        "/predict",
+        json={"samples": [data.images[9].tolist()], "tags": {"app": "api-test"}},
+        headers={"X-Request-ID": "req-42"},
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-42"
+    assert response.json()["request_id"] == "req-42"
+    prediction_id = response.json()["predictions"][0]["id"]
+    # Not ingested (no worker in this module): it is found in the Redis stream.
+    stored = client.get(f"/predictions/{prediction_id}")
+    assert stored.status_code == 200, stored.text
+    body = stored.json()
+    assert body["ingested"] is False
+    assert body["request_id"] == "req-42"
+    assert body["tags"] == {"app": "api-test"}
+    assert body["input"] == data.images[9].tolist()
+    assert body["label"] == str(data.labels[9])
+
+
+def test_a_request_id_is_made_up_when_none_is_sent(client: TestClient, data: digits.Digits) -> None:
+    first = client.post("/predict", json={"samples": [data.images[0].tolist()]}).json()["request_id"]
+    second = client.post("/predict", json={"samples": [data.images[0].tolist()]}).json()["request_id"]
+    assert first and second and first != second
+
+
+@pytest.mark.parametrize(
+    ("tags", "fragment"),
+    [
+        ({"k": "v" * 257}, "at most 256 characters"),
+        ({"": "v"}, "at least 1 character"),
+        ({f"k{i}": "v" for i in range(17)}, "at most 16 items"),
+        ({"k": 3}, "valid string"),
+        (["not", "a", "dict"], "Input should be an object"),
+    ],
+)
+def test_bad_tags_get_400(client: TestClient, tags: Any, fragment: str) -> None:
+    response = client.post("/predict", json={"samples": [grid(1)], "tags": tags})
+    assert response.status_code == 400
+    assert fragment in response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/predictions/not-a-uuid", 422),
+        ("/predictions/4b2c2f1e-8d1a-4c59-9e2a-2f3b7c1d9e00", 422),  # a UUIDv4 is never a prediction id
+        ("/predictions/01a2024d-76a5-744d-b838-fcab5ce4eb37", 404),
+    ],
+)
+def test_unknown_or_malformed_prediction_ids(client: TestClient, path: str, status: int) -> None:
+    response = client.get(path)
+    assert response.status_code == status, response.text

@@ -1,0 +1,242 @@
+"""The prediction log against real servers, in-process: append, ingest, dead letters, claims,
+and outages of throwaway Postgres and Redis servers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+import redis
+
+from feedback import store
+from feedback.ids import uuid7
+from feedback.ingest import IngestConfig, IngestWorker, ensure_group, lag
+from feedback.keys import INGEST_GROUP, Keys
+from feedback.migrate import available, migrate
+from feedback.prediction_log import Destination, PredictionLog
+from feedback.records import PredictionRecord, encode
+from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from tests.conftest import REDIS
+
+pytestmark = pytest.mark.integration
+
+
+def make_records(n: int) -> list[PredictionRecord]:
+    rng = np.random.default_rng(0)
+    return [
+        PredictionRecord(
+            id=uuid7(),
+            model_name="digits-cnn",
+            model_version="v1",
+            input=rng.uniform(0, 16, size=(8, 8)).astype(np.float32),
+            scores=np.full(10, 0.1, dtype=np.float32),
+            label=str(i % 10),
+            confidence=0.1,
+            request_id=f"req-{i // 10}",
+            tags={"i": str(i)} if i % 3 == 0 else {},
+        )
+        for i in range(n)
+    ]
+
+
+def stored_ids(database_url: str) -> list[object]:
+    with psycopg.connect(database_url) as conn:
+        return list(store.prediction_ids(conn=conn))
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class WorkerThread:
+    def __init__(self, worker: IngestWorker) -> None:
+        self.worker = worker
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=worker.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def start_worker(database_url: str, keys: Keys) -> Iterator[Callable[..., WorkerThread]]:
+    running: list[WorkerThread] = []
+
+    def start(
+        consumer: str = "w1", redis_url: str = REDIS, db: str | None = None, **config: int
+    ) -> WorkerThread:
+        worker = IngestWorker(
+            redis_client=redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2),
+            connect=lambda: psycopg.connect(db or database_url, autocommit=True, connect_timeout=2),
+            keys=keys,
+            consumer=consumer,
+            config=IngestConfig(block_ms=100, housekeeping_every_s=0.2, **config),
+        )
+        running.append(WorkerThread(worker))
+        return running[-1]
+
+    yield start
+    for w in running:
+        w.close()
+
+
+async def append_all(log: PredictionLog, records: list[PredictionRecord], per_request: int = 10) -> set[Destination]:
+    chunks = [records[i : i + per_request] for i in range(0, len(records), per_request)]
+    return set(await asyncio.gather(*(log.append(c) for c in chunks)))
+
+
+def test_migrations_apply_once(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        assert migrate(conn) == []  # the fixture applied them already
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    assert versions == [m.version for m in available()]
+
+
+def test_appended_records_are_ingested_once_and_trimmed(
+    keys: Keys, database_url: str, tmp_path: Path, start_worker: Callable[..., WorkerThread]
+) -> None:
+    records = make_records(3000)
+
+    async def produce() -> set[Destination]:
+        log = PredictionLog(REDIS, keys=keys, spool_dir=tmp_path, writer="w")
+        try:
+            return await append_all(log, records)
+        finally:
+            await log.close()
+
+    assert asyncio.run(produce()) == {Destination.REDIS}
+    client = redis.Redis.from_url(REDIS)
+    assert client.xlen(keys.stream) == 3000
+    worker = start_worker()
+    wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
+    ids = stored_ids(database_url)
+    assert sorted(ids) == sorted(r.id for r in records)  # equal sets, no duplicates
+    assert worker.worker.stats.ingested == 3000
+    wait_for(lambda: client.xlen(keys.stream) == 0, what="acknowledged entries to be trimmed")
+    with psycopg.connect(database_url) as conn:
+        row = store.get_prediction(conn=conn, prediction_id=records[3].id)
+    assert row is not None and row.tags == {"i": "3"} and row.label == "3"
+
+
+def test_redelivered_entries_are_not_stored_twice(
+    keys: Keys, database_url: str, start_worker: Callable[..., WorkerThread]
+) -> None:
+    records = make_records(200)
+    client = redis.Redis.from_url(REDIS)
+    for r in records + records[:50]:  # the spool replay or a retried pipeline can repeat entries
+        client.xadd(keys.stream, encode(r))  # type: ignore[arg-type]
+    worker = start_worker()
+    wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
+    assert sorted(stored_ids(database_url)) == sorted(r.id for r in records)
+    assert worker.worker.stats.duplicates == 50
+
+
+def test_malformed_entries_go_to_dead_letters(
+    keys: Keys, database_url: str, start_worker: Callable[..., WorkerThread]
+) -> None:
+    good = make_records(20)
+    client = redis.Redis.from_url(REDIS)
+    broken = encode(make_records(1)[0])
+    broken[b"x"] = b"garbage"
+    bad_entries: list[dict[bytes, bytes]] = [{b"hello": b"world"}, broken, {b"id": b"not-a-uuid"}]
+    for i, r in enumerate(good):
+        client.xadd(keys.stream, encode(r))  # type: ignore[arg-type]
+        if i < len(bad_entries):
+            client.xadd(keys.stream, bad_entries[i])  # type: ignore[arg-type]
+    start_worker()
+    wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
+    assert sorted(stored_ids(database_url)) == sorted(r.id for r in good)
+    dead = client.xrange(keys.dead_letters)
+    reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
+    assert len(reasons) == 3
+    assert any("missing fields" in r for r in reasons)
+    assert any("not .npy" in r for r in reasons)
+    assert all(b"source_id" in fields for _, fields in dead)
+
+
+def test_entries_of_a_dead_consumer_are_claimed(
+    keys: Keys, database_url: str, start_worker: Callable[..., WorkerThread]
+) -> None:
+    records = make_records(100)
+    client = redis.Redis.from_url(REDIS)
+    for r in records:
+        client.xadd(keys.stream, encode(r))  # type: ignore[arg-type]
+    ensure_group(client, keys)
+    # A consumer reads everything and dies before acknowledging.
+    client.xreadgroup(INGEST_GROUP, "dead-consumer", {keys.stream: ">"}, count=1000)
+    assert client.xpending(keys.stream, INGEST_GROUP)["pending"] == 100
+    worker = start_worker(consumer="heir", claim_idle_ms=300)
+    wait_for(lambda: lag(client, keys)[0] == 0, what="the abandoned entries to be claimed")
+    assert sorted(stored_ids(database_url)) == sorted(r.id for r in records)
+    assert worker.worker.stats.claimed == 100
+
+
+def test_postgres_outage_delays_but_loses_nothing(
+    keys: Keys, tmp_path: Path, start_worker: Callable[..., WorkerThread]
+) -> None:
+    server = EmbeddedPostgres(tmp_path / "pg", free_port())
+    try:
+        url = server.start()
+        with psycopg.connect(url) as conn:
+            migrate(conn)
+        client = redis.Redis.from_url(REDIS)
+        start_worker(db=url)
+        first, second = make_records(500), make_records(500)
+        for r in first:
+            client.xadd(keys.stream, encode(r))  # type: ignore[arg-type]
+        wait_for(lambda: lag(client, keys)[0] == 0, what="the first half")
+        server.stop("immediate")  # as if it crashed
+        for r in second:
+            client.xadd(keys.stream, encode(r))  # type: ignore[arg-type]
+        time.sleep(1.0)
+        assert lag(client, keys)[0] >= 500  # nothing acknowledged while Postgres is down
+        server.start()
+        wait_for(lambda: lag(client, keys)[0] == 0, what="the second half after Postgres returned")
+        assert sorted(stored_ids(url)) == sorted(r.id for r in first + second)
+    finally:
+        server.stop()
+
+
+def test_redis_outage_spools_then_replays_exactly_once(
+    keys: Keys, database_url: str, tmp_path: Path, start_worker: Callable[..., WorkerThread]
+) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", free_port())
+    try:
+        url = server.start()
+        client = redis.Redis.from_url(url)
+        before, during, after = make_records(300), make_records(300), make_records(300)
+
+        async def produce() -> list[set[Destination]]:
+            log = PredictionLog(url, keys=keys, spool_dir=tmp_path / "spool", writer="w", retry_after_s=0.2)
+            try:
+                outcomes = [await append_all(log, before)]
+                server.stop()
+                outcomes.append(await append_all(log, during))
+                server.start()
+                await asyncio.sleep(0.3)
+                assert await log.replay() == 300
+                outcomes.append(await append_all(log, after))
+                return outcomes
+            finally:
+                await log.close()
+
+        outcomes = asyncio.run(produce())
+        assert outcomes == [{Destination.REDIS}, {Destination.SPOOL}, {Destination.REDIS}]
+        assert list((tmp_path / "spool").glob("*.sealed")) == []
+        start_worker(redis_url=url)
+        wait_for(lambda: lag(client, keys)[0] == 0, what="ingest")
+        assert sorted(stored_ids(database_url)) == sorted(r.id for r in before + during + after)
+    finally:
+        server.stop()

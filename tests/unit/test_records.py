@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from feedback.ids import uuid7, uuid7_time_ms
+from feedback.records import MalformedEntry, PredictionRecord, decode, encode, npy_bytes, npy_load
+
+pytestmark = pytest.mark.unit
+
+
+def record(**overrides: object) -> PredictionRecord:
+    fields: dict[str, object] = {
+        "id": uuid7(),
+        "model_name": "digits-cnn",
+        "model_version": "v1",
+        "input": np.arange(64, dtype=np.float32).reshape(8, 8) / 4,
+        "scores": np.linspace(0, 1, 10, dtype=np.float32),
+        "label": "9",
+        "confidence": 0.75,
+        "request_id": "req-1",
+        "tags": {"app": "x"},
+    }
+    fields.update(overrides)
+    return PredictionRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip_keeps_every_field() -> None:
+    original = record()
+    back = decode(encode(original))
+    assert back.id == original.id
+    np.testing.assert_array_equal(back.input, original.input)
+    assert back.input.dtype == np.float32
+    np.testing.assert_array_equal(back.scores, original.scores)
+    assert (back.label, back.confidence, back.request_id, back.tags) == ("9", 0.75, "req-1", {"app": "x"})
+    assert back.label_index == 9
+
+
+def test_created_at_is_the_ids_millisecond() -> None:
+    r = record()
+    assert int(r.created_at.timestamp() * 1000) == uuid7_time_ms(r.id)
+
+
+def test_no_tags_means_no_field() -> None:
+    assert b"g" not in encode(record(tags={}))
+    assert decode(encode(record(tags={}))).tags == {}
+
+
+def test_npy_bytes_match_numpy_save() -> None:
+    import io
+
+    array = np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    assert npy_bytes(array) == buffer.getvalue()
+    np.testing.assert_array_equal(npy_load(npy_bytes(array[1])), array[1])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda f: f.pop(b"x"), "missing fields: x"),
+        (lambda f: f.update({b"id": b"nonsense"}), "not a UUID"),
+        (lambda f: f.update({b"id": str(uuid.uuid4()).encode()}), "not a version 7 UUID"),
+        (lambda f: f.update({b"x": b"not npy"}), "not .npy"),
+        (lambda f: f.update({b"s": b"abc"}), "not float32"),
+        (lambda f: f.update({b"c": b"high"}), "not valid"),
+        (lambda f: f.update({b"c": b"nan"}), "not finite"),
+        (lambda f: f.update({b"g": b"[1, 2]"}), "tags are not"),
+        (lambda f: f.update({b"m": b"\xff\xfe"}), "not valid"),
+    ],
+)
+def test_malformed_entries_say_what_is_wrong(mutate: object, reason: str) -> None:
+    fields = encode(record())
+    mutate(fields)  # type: ignore[operator]
+    with pytest.raises(MalformedEntry, match=reason):
+        decode(fields)
+
+
+def test_pickled_inputs_are_refused() -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    fields = encode(record())
+    fields[b"x"] = buffer.getvalue()
+    with pytest.raises(MalformedEntry, match="not .npy"):
+        decode(fields)
