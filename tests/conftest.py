@@ -105,9 +105,7 @@ def model_env(trained_model: BuildResult) -> dict[str, str]:
 
 
 @pytest.fixture
-def service_env(
-    model_env: dict[str, str], database_url: str, keys: Keys, tmp_path: Path
-) -> dict[str, str]:
+def service_env(model_env: dict[str, str], database_url: str, keys: Keys, tmp_path: Path) -> dict[str, str]:
     """A service on the machine's servers with a database, key prefix and var folder of its own."""
     return {
         **model_env,

@@ -13,8 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from models import digits
-from tests.conftest import REDIS, fresh_database, redis_namespace
 from models.pipeline import BuildResult
+from tests.conftest import REDIS, fresh_database, redis_namespace
 
 pytestmark = pytest.mark.api
 
@@ -34,9 +34,7 @@ def data() -> digits.Digits:
 
 
 @pytest.fixture(scope="module")
-def client(
-    model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TestClient]:
+def client(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     # BentoML registers its Prometheus metrics once per process, so one app serves the module.
     from service.app import Predictor
 

@@ -45,12 +45,52 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped (or killed) as a whole
+        )
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    """kill -9 the process and everything it started."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def start_ingest(
+    service_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `loop ingest` processes; all are stopped at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(**overrides: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **service_env, **overrides}
+        process = _start([sys.executable, "-m", "service", "ingest"], env, tmp_path / "ingest.log")
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            _stop(process)
+
+
 @pytest.fixture
 def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
     """Start `loop serve` (or plain `bentoml serve`) on a free port; waits for /readyz unless told not to."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(wait_ready: bool = True, via_cli: bool = True, **overrides: str) -> RunningService:
+    def start(
+        wait_ready: bool = True, via_cli: bool = True, without: tuple[str, ...] = (), **overrides: str
+    ) -> RunningService:
         port = free_port()
         bentoml = Path(sys.executable).with_name("bentoml")
         command = (
@@ -59,16 +99,10 @@ def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Calla
             else [str(bentoml), "serve", "service.app:Predictor", "--port", str(port), "--host", "127.0.0.1"]
         )
         env = {**os.environ, **service_env, "LOOP_PORT": str(port), "LOOP_HOST": "127.0.0.1", **overrides}
+        for key in without:
+            env.pop(key, None)
         log = tmp_path / f"serve-{port}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stopped as a whole
-            )
+        process = _start(command, env, log)
         started.append(process)
         service = RunningService(url=f"http://127.0.0.1:{port}", process=process, log=log)
         deadline = time.monotonic() + 90

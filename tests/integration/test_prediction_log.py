@@ -92,7 +92,9 @@ def start_worker(database_url: str, keys: Keys) -> Iterator[Callable[..., Worker
         w.close()
 
 
-async def append_all(log: PredictionLog, records: list[PredictionRecord], per_request: int = 10) -> set[Destination]:
+async def append_all(
+    log: PredictionLog, records: list[PredictionRecord], per_request: int = 10
+) -> set[Destination]:
     chunks = [records[i : i + per_request] for i in range(0, len(records), per_request)]
     return set(await asyncio.gather(*(log.append(c) for c in chunks)))
 
