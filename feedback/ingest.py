@@ -264,8 +264,14 @@ def lag(client: redis.Redis, keys: Keys) -> tuple[int, float]:
     if group is None:
         return int(client.xlen(keys.stream)), 0.0
     pending: Any = client.xpending(keys.stream, INGEST_GROUP)
-    undelivered = int(group.get("lag") or 0)
-    count = int(pending["pending"]) + undelivered
+    undelivered = group.get("lag")
+    if undelivered is None:
+        # Redis cannot always tell (after deletions, or a group made at an arbitrary id): look.
+        first_undelivered = client.xrange(keys.stream, min="(" + _id_text(group), count=1)
+        undelivered = (
+            max(int(client.xlen(keys.stream)) - int(pending["pending"]), 1) if first_undelivered else 0
+        )
+    count = int(pending["pending"]) + int(undelivered)
     if count == 0:
         return 0, 0.0
     oldest: Any = (

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -45,7 +47,7 @@ def make_records(n: int) -> list[PredictionRecord]:
     ]
 
 
-def stored_ids(database_url: str) -> list[object]:
+def stored_ids(database_url: str) -> list[uuid.UUID]:
     with psycopg.connect(database_url) as conn:
         return list(store.prediction_ids(conn=conn))
 
@@ -160,7 +162,7 @@ def test_malformed_entries_go_to_dead_letters(
     start_worker()
     wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
     assert sorted(stored_ids(database_url)) == sorted(r.id for r in good)
-    dead = client.xrange(keys.dead_letters)
+    dead: Any = client.xrange(keys.dead_letters)
     reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
     assert len(reasons) == 3
     assert any("missing fields" in r for r in reasons)

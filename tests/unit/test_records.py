@@ -64,7 +64,7 @@ def test_npy_bytes_match_numpy_save() -> None:
         (lambda f: f.pop(b"x"), "missing fields: x"),
         (lambda f: f.update({b"id": b"nonsense"}), "not a UUID"),
         (lambda f: f.update({b"id": str(uuid.uuid4()).encode()}), "not a version 7 UUID"),
-        (lambda f: f.update({b"x": b"not npy"}), "not .npy"),
+        (lambda f: f.update({b"x": b"not npy"}), r"not \.npy"),
         (lambda f: f.update({b"s": b"abc"}), "not float32"),
         (lambda f: f.update({b"c": b"high"}), "not valid"),
         (lambda f: f.update({b"c": b"nan"}), "not finite"),
@@ -86,5 +86,5 @@ def test_pickled_inputs_are_refused() -> None:
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     fields = encode(record())
     fields[b"x"] = buffer.getvalue()
-    with pytest.raises(MalformedEntry, match="not .npy"):
+    with pytest.raises(MalformedEntry, match=r"not \.npy"):
         decode(fields)
