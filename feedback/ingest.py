@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from feedback import store
 from feedback.keys import INGEST_GROUP, Keys
-from feedback.records import Fields, MalformedEntry, PredictionRecord, decode
+from feedback.records import Fields, MalformedEntry, Row, decode_row
 
 logger = logging.getLogger(__name__)
 
@@ -154,11 +154,11 @@ class IngestWorker:
     # -- one batch -------------------------------------------------------------------------------
 
     def handle(self, entries: Sequence[Entry]) -> None:
-        good: list[PredictionRecord] = []
+        good: list[Row] = []
         dead: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
-                good.append(decode(entry[1]))
+                good.append(decode_row(entry[1]))
             except MalformedEntry as exc:
                 dead.append((entry, str(exc)))
         dead += self._store(good, entries)
@@ -176,7 +176,7 @@ class IngestWorker:
         if self._on_stats is not None:
             self._on_stats(self.stats)
 
-    def _store(self, records: list[PredictionRecord], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
+    def _store(self, records: list[Row], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
         """Insert, retrying while Postgres is down. Returns entries whose rows were refused."""
         if not records:
             return []
@@ -184,7 +184,7 @@ class IngestWorker:
         while True:
             try:
                 conn = self._connection()
-                inserted = store.insert_predictions(conn=conn, records=records)
+                inserted = store.insert_rows(conn=conn, rows=records)
                 self.stats.ingested += inserted
                 self.stats.duplicates += len(records) - inserted
                 return []
@@ -197,15 +197,13 @@ class IngestWorker:
                 # One bad row fails the whole statement: store the rest one by one.
                 return self._store_one_by_one(records, entries)
 
-    def _store_one_by_one(
-        self, records: list[PredictionRecord], entries: Sequence[Entry]
-    ) -> list[tuple[Entry, str]]:
+    def _store_one_by_one(self, records: list[Row], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
         by_id = {e[1].get(b"id", b"").decode(errors="replace"): e for e in entries}
         refused = []
         conn = self._connection()
         for record in records:
             try:
-                inserted = store.insert_predictions(conn=conn, records=[record])
+                inserted = store.insert_rows(conn=conn, rows=[record])
                 self.stats.ingested += inserted
                 self.stats.duplicates += 1 - inserted
             except psycopg.DataError as exc:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import struct
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -95,12 +97,59 @@ def encode(record: PredictionRecord) -> Fields:
 
 
 _REQUIRED = (b"id", b"m", b"v", b"x", b"s", b"l", b"c", b"r")
+_REQUIRED_SET = frozenset(_REQUIRED)
 
 
-def decode(fields: Fields) -> PredictionRecord:
-    """Inverse of `encode`; raises `MalformedEntry` naming the first problem found."""
-    missing = [k.decode() for k in _REQUIRED if k not in fields]
-    if missing:
+class Row(NamedTuple):
+    """A decoded entry ready for Postgres: the input stays as its validated .npy bytes.
+
+    A named tuple rather than a frozen dataclass: ingest builds tens of thousands a second.
+    """
+
+    id: uuid.UUID
+    created_at: datetime
+    model_name: str
+    model_version: str
+    label: str
+    label_index: int
+    confidence: float
+    scores: bytes  # little-endian float32, one per class
+    input_npy: bytes
+    request_id: str
+    tags: dict[str, str]
+
+
+@lru_cache(maxsize=256)
+def _npy_layout(header: bytes) -> tuple[int, int] | None:
+    """(header length, payload length) of a plain .npy header, or None if it is not one."""
+    buffer = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version != (1, 0):
+            return None
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer, max_header_size=1024)
+    except ValueError:
+        return None
+    if fortran or dtype.hasobject or dtype.kind not in "iuf":
+        return None
+    return buffer.tell(), int(np.prod(shape)) * dtype.itemsize
+
+
+def _check_npy(data: bytes) -> None:
+    # Version 1.0 headers keep their length in bytes 8-9; the header bytes identify the layout,
+    # so the parse happens once per distinct shape and dtype, not once per entry.
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
+        raise MalformedEntry("input is not .npy data")
+    header_length = 10 + int.from_bytes(data[8:10], "little")
+    layout = _npy_layout(bytes(data[:header_length]))
+    if layout is None or len(data) != layout[0] + layout[1]:
+        raise MalformedEntry("input is not .npy data of numbers")
+
+
+def decode_row(fields: Fields) -> Row:
+    """Validate an entry and turn it into a row; raises `MalformedEntry` naming the first problem."""
+    if not _REQUIRED_SET <= fields.keys():
+        missing = [k.decode() for k in _REQUIRED if k not in fields]
         raise MalformedEntry(f"missing fields: {', '.join(missing)}")
     try:
         prediction_id = uuid.UUID(fields[b"id"].decode())
@@ -108,14 +157,13 @@ def decode(fields: Fields) -> PredictionRecord:
         raise MalformedEntry("id is not a UUID") from None
     if prediction_id.version != 7:
         raise MalformedEntry("id is not a version 7 UUID")
-    try:
-        sample = npy_load(fields[b"x"])
-    except (ValueError, OSError, EOFError):
-        raise MalformedEntry("input is not .npy data") from None
+    data = fields[b"x"]
+    _check_npy(data)
     raw_scores = fields[b"s"]
     if len(raw_scores) % 4 or not raw_scores:
         raise MalformedEntry("scores are not float32 bytes")
-    scores = np.frombuffer(raw_scores, dtype="<f4")
+    # struct and math, not numpy: for ten numbers a row, numpy's per-call cost dominates.
+    scores = struct.unpack(f"<{len(raw_scores) // 4}f", raw_scores)
     try:
         confidence = float(fields[b"c"])
         tags = json.loads(fields[b"g"]) if b"g" in fields else {}
@@ -124,16 +172,34 @@ def decode(fields: Fields) -> PredictionRecord:
         raise MalformedEntry("confidence, tags or a text field is not valid") from None
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
         raise MalformedEntry("tags are not a JSON object of strings")
-    if not np.isfinite(confidence) or not np.isfinite(scores).all():
+    if not math.isfinite(confidence) or not all(map(math.isfinite, scores)):
         raise MalformedEntry("confidence or scores are not finite")
-    return PredictionRecord(
+    return Row(
         id=prediction_id,
+        created_at=created_at(prediction_id),
         model_name=text[b"m"],
         model_version=text[b"v"],
-        input=sample,
-        scores=scores,
         label=text[b"l"],
+        label_index=max(range(len(scores)), key=scores.__getitem__),
         confidence=confidence,
+        scores=raw_scores,
+        input_npy=data,
         request_id=text[b"r"],
         tags=tags,
+    )
+
+
+def decode(fields: Fields) -> PredictionRecord:
+    """Inverse of `encode`; raises `MalformedEntry` naming the first problem found."""
+    row = decode_row(fields)
+    return PredictionRecord(
+        id=row.id,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        input=npy_load(row.input_npy),
+        scores=np.frombuffer(row.scores, dtype="<f4").astype(np.float32),
+        label=row.label,
+        confidence=row.confidence,
+        request_id=row.request_id,
+        tags=row.tags,
     )

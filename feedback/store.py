@@ -2,56 +2,74 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.records import PredictionRecord, created_at, npy_bytes
+from feedback.records import PredictionRecord, Row, created_at, decode_row, encode, npy_bytes
 
-_INSERT = """
-INSERT INTO predictions
-    (id, created_at, model_name, model_version, label, label_index, confidence, scores,
-     input, request_id, tags)
-SELECT id, created_at, model_name, model_version, label, label_index, confidence, scores::real[],
-       input, request_id, tags
-FROM unnest(
-    %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::smallint[], %s::real[],
-    %s::text[], %s::bytea[], %s::text[], %s::jsonb[]
-) AS u(id, created_at, model_name, model_version, label, label_index, confidence, scores,
-       input, request_id, tags)
-ON CONFLICT DO NOTHING
-"""
+_COLUMNS = (
+    "id, created_at, model_name, model_version, label, label_index, confidence, scores,"
+    " input, request_id, tags"
+)
+# The scores column is sent pre-encoded in Postgres's binary real[] format, hence "bytea" here:
+# the server reads a binary COPY field by the column's own type.
+_COLUMN_TYPES = [
+    "uuid", "timestamptz", "text", "text", "text", "int2", "float4", "bytea", "bytea", "text", "jsonb",
+]  # fmt: skip
+_FLOAT4_OID = 700
+
+
+def _float4_array(little_endian: bytes) -> bytes:
+    """Postgres's binary format of a one-dimensional real[] without nulls."""
+    n = len(little_endian) // 4
+    cells = np.empty(n, dtype=[("length", ">i4"), ("value", ">f4")])
+    cells["length"] = 4
+    cells["value"] = np.frombuffer(little_endian, dtype="<f4")
+    return struct.pack(">iiiii", 1, 0, _FLOAT4_OID, n, 1) + cells.tobytes()
+
+
+# A session-private staging table: rows arrive by binary COPY (no per-value text parsing), then
+# one INSERT ... SELECT moves them, skipping ids already stored.
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS predictions_staging"
+    " (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_MOVE = (
+    f"INSERT INTO predictions ({_COLUMNS}) SELECT {_COLUMNS} FROM predictions_staging ON CONFLICT DO NOTHING"
+)
+
+
+def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row]) -> int:
+    """Store rows in one transaction; ids already stored are skipped. Returns rows inserted."""
+    if not rows:
+        return 0
+    with conn.transaction():
+        conn.execute(_STAGING)
+        with conn.cursor() as cursor:
+            with cursor.copy(f"COPY predictions_staging ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(_COLUMN_TYPES)
+                for r in rows:
+                    copy.write_row(
+                        (
+                            r.id, r.created_at, r.model_name, r.model_version, r.label, r.label_index,
+                            r.confidence, _float4_array(r.scores), r.input_npy, r.request_id,
+                            Jsonb(r.tags),
+                        )
+                    )  # fmt: skip
+            return conn.execute(_MOVE).rowcount
 
 
 def insert_predictions(*, conn: psycopg.Connection, records: Sequence[PredictionRecord]) -> int:
-    """Store records in one statement; ids already stored are skipped. Returns rows inserted."""
-    if not records:
-        return 0
-    # real[] per row goes through a text literal: unnest of a 2-D array would flatten it.
-    columns: list[list[Any]] = [[] for _ in range(11)]
-    for r in records:
-        row = (
-            r.id,
-            r.created_at,
-            r.model_name,
-            r.model_version,
-            r.label,
-            r.label_index,
-            r.confidence,
-            "{" + ",".join(repr(float(s)) for s in r.scores) + "}",
-            npy_bytes(r.input),
-            r.request_id,
-            Jsonb(r.tags),
-        )
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-    cursor = conn.execute(_INSERT, columns)
-    return cursor.rowcount
+    """Store records (see `insert_rows`)."""
+    return insert_rows(conn=conn, rows=[decode_row(encode(r)) for r in records])
 
 
 @dataclass(frozen=True)
