@@ -11,11 +11,13 @@ trimmed from the stream.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -40,6 +42,15 @@ class IngestConfig:
     block_ms: int = 500
     claim_idle_ms: int = 30_000  # a pending entry idle this long belongs to a dead consumer
     housekeeping_every_s: float = 2.0  # how often to claim abandoned entries and trim the stream
+
+
+@dataclass
+class _Prepared:
+    """A decoded batch waiting to be stored."""
+
+    entries: Sequence[Entry]
+    rows: list[Row] = field(default_factory=list)
+    dead: list[tuple[Entry, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,34 +89,73 @@ class IngestWorker:
         self._on_stats = on_stats
         self._conn: psycopg.Connection | None = None
         self._last_housekeeping = 0.0
+        self._submit: Callable[[_Prepared], None] = self.commit
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Work until `stop` is set; the batch in hand is finished and acknowledged first."""
+        """Work until `stop` is set; batches in hand are stored and acknowledged first.
+
+        Two stages overlap: this thread reads and decodes the next batch while a writer thread
+        stores and acknowledges the previous one (Postgres's share of the work runs meanwhile).
+        """
         logger.info("ingest worker %s reading %s", self.consumer, self.keys.stream)
-        backoff = 0.1
-        own_pending_done = False
-        while not stop.is_set():
-            try:
-                ensure_group(self.redis, self.keys)
-                if not own_pending_done:
-                    # Entries delivered to this consumer name before a restart come first.
-                    while self._read("0") and not stop.is_set():
-                        pass
-                    own_pending_done = True
-                self.step()
-                backoff = 0.1
-            except REDIS_DOWN as exc:
-                logger.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-        self.close()
+        self._with_retries(stop, self._finish_own_pending)
+        handoff: queue.Queue[_Prepared | None] = queue.Queue(maxsize=1)
+        failure: list[BaseException] = []
+
+        def write() -> None:
+            while (prepared := handoff.get()) is not None:
+                try:
+                    self._with_retries(stop, functools.partial(self.commit, prepared), give_up_on_stop=False)
+                except BaseException as exc:
+                    failure.append(exc)
+                    return
+
+        writer = threading.Thread(target=write, name=f"ingest-writer-{self.consumer}", daemon=True)
+        writer.start()
+        self._submit = handoff.put
+        try:
+            while not stop.is_set() and not failure:
+                self._with_retries(stop, self.step)
+        finally:
+            self._submit = self.commit
+            if writer.is_alive():
+                handoff.put(None)
+                writer.join()
+            self.close()
+        if failure:
+            raise failure[0]
         logger.info("ingest worker %s stopped: %s", self.consumer, self.stats)
+
+    def _finish_own_pending(self) -> None:
+        # Entries delivered to this consumer name before a restart come first, one batch at a time.
+        ensure_group(self.redis, self.keys)
+        while self._read("0"):
+            pass
+
+    def _with_retries(
+        self, stop: threading.Event, action: Callable[[], object], give_up_on_stop: bool = True
+    ) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                action()
+                return
+            except REDIS_DOWN as exc:
+                if give_up_on_stop and stop.is_set():
+                    return
+                logger.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                if not give_up_on_stop and stop.is_set() and backoff >= 5.0:
+                    # Shutting down with Redis gone: the batch stays pending and is claimed later.
+                    return
 
     def step(self) -> int:
         """One round: housekeeping when due, then one blocking read. Returns entries handled."""
         handled = 0
+        ensure_group(self.redis, self.keys)
         if time.monotonic() - self._last_housekeeping >= self.config.housekeeping_every_s:
             handled += self.claim_abandoned()
             self.trim()
@@ -123,7 +173,10 @@ class IngestWorker:
         )
         entries: list[Entry] = [e for _, batch in response or [] for e in batch if e[1]]
         if entries:
-            self.handle(entries)
+            if from_id == ">":
+                self._submit(self.prepare(entries))
+            else:  # re-reading our own pending entries: finish each before reading again
+                self.commit(self.prepare(entries))
         return len(entries)
 
     def claim_abandoned(self) -> int:
@@ -142,7 +195,7 @@ class IngestWorker:
             if claimed:
                 logger.info("claimed %d abandoned entries", len(claimed))
                 self.stats.claimed += len(claimed)
-                self.handle(claimed)
+                self._submit(self.prepare(claimed))
                 total += len(claimed)
             # Entries deleted while pending come back as ids only (third element); acknowledge them.
             deleted = result[2] if len(result) > 2 else []
@@ -154,21 +207,28 @@ class IngestWorker:
     # -- one batch -------------------------------------------------------------------------------
 
     def handle(self, entries: Sequence[Entry]) -> None:
-        good: list[Row] = []
-        dead: list[tuple[Entry, str]] = []
+        """Decode, store and acknowledge one batch."""
+        self.commit(self.prepare(entries))
+
+    def prepare(self, entries: Sequence[Entry]) -> _Prepared:
+        prepared = _Prepared(entries=entries)
         for entry in entries:
             try:
-                good.append(decode_row(entry[1]))
+                prepared.rows.append(decode_row(entry[1]))
             except MalformedEntry as exc:
-                dead.append((entry, str(exc)))
-        dead += self._store(good, entries)
+                prepared.dead.append((entry, str(exc)))
+        return prepared
+
+    def commit(self, prepared: _Prepared) -> None:
+        """Store, then dead-letter and acknowledge: only what is stored (or dead) is acknowledged."""
+        dead = prepared.dead + self._store(prepared.rows, prepared.entries)
         pipe = self.redis.pipeline(transaction=False)
         for (entry_id, fields), reason in dead:
             pipe.xadd(
                 self.keys.dead_letters,
                 {**fields, b"reason": reason.encode(), b"source_id": entry_id},  # type: ignore[dict-item]
             )
-        pipe.xack(self.keys.stream, INGEST_GROUP, *(e[0] for e in entries))
+        pipe.xack(self.keys.stream, INGEST_GROUP, *(e[0] for e in prepared.entries))
         pipe.execute()
         if dead:
             self.stats.dead += len(dead)

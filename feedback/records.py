@@ -148,7 +148,7 @@ def _check_npy(data: bytes) -> None:
 
 def decode_row(fields: Fields) -> Row:
     """Validate an entry and turn it into a row; raises `MalformedEntry` naming the first problem."""
-    if not _REQUIRED_SET <= fields.keys():
+    if not fields.keys() >= _REQUIRED_SET:
         missing = [k.decode() for k in _REQUIRED if k not in fields]
         raise MalformedEntry(f"missing fields: {', '.join(missing)}")
     try:
