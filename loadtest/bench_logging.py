@@ -1,0 +1,125 @@
+"""Serving throughput with prediction logging on and off: same machine, same load, same run.
+
+    python -m loadtest.bench_logging --concurrency 32 --seconds 10 --rounds 2
+
+Starts `loop serve` twice on the configured servers (by default the machine's Postgres and
+Redis, in a fresh database and key prefix): once storing every prediction (with its ingest
+worker running), once not. wrk drives each in turn with single-digit requests; rounds alternate
+on and off so drift hits both. Prints a Markdown table and the on/off ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from loadtest import wrk
+from models import digits
+
+logger = logging.getLogger("bench_logging")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--no-train"],
+            cwd=ROOT,
+            env={**os.environ, **env, "LOOP_PORT": str(port), "LOOP_INGEST_METRICS_PORT": "0"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the service on port {port} did not start; see {log}")
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--log-dir", type=Path, default=Path("var/bench"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+
+    database = f"loop_bench_{uuid.uuid4().hex[:8]}"
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    base = {
+        "LOOP_DATABASE_URL": f"{args.postgres}/{database}",
+        "LOOP_REDIS_URL": args.redis,
+        "LOOP_REDIS_PREFIX": prefix,
+        "LOOP_VAR_DIR": str(args.log_dir / "var"),
+    }
+    body = {"samples": [digits.load().images[0].tolist()]}
+    results: dict[str, list[wrk.WrkResult]] = {"on": [], "off": []}
+    try:
+        for round_ in range(args.rounds):
+            for mode in ("on", "off"):
+                port = 3900 + (mode == "off")
+                env = {**base, "LOOP_LOG_PREDICTIONS": "true" if mode == "on" else "false"}
+                process = start(env, port, args.log_dir / f"serve-{mode}.log")
+                try:
+                    url = f"http://127.0.0.1:{port}/predict"
+                    wrk.run(url, body, connections=args.concurrency, seconds=args.warmup)
+                    result = wrk.run(url, body, connections=args.concurrency, seconds=args.seconds)
+                finally:
+                    stop(process)
+                logger.info("round %d, logging %s: %s", round_ + 1, mode, result)
+                results[mode].append(result)
+    finally:
+        with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+
+    def mean(mode: str, attr: str) -> float:
+        return sum(getattr(r, attr) for r in results[mode]) / len(results[mode])
+
+    print(
+        f"\nconcurrency {args.concurrency}, {args.seconds:g} s per run, {args.rounds} rounds, 1 sample a request\n"
+    )
+    print("| logging | req/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|")
+    for mode in ("on", "off"):
+        errors = sum(r.errors for r in results[mode])
+        row = f"{mean(mode, 'requests_per_s'):,.0f} | {mean(mode, 'p50_ms'):.1f} | {mean(mode, 'p99_ms'):.1f}"
+        print(f"| {mode} | {row} | {errors} |")
+    print(
+        f"\nlogging on / off throughput: {mean('on', 'requests_per_s') / mean('off', 'requests_per_s'):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
