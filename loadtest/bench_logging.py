@@ -105,10 +105,11 @@ def main() -> None:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
 
     def mean(mode: str, attr: str) -> float:
-        return sum(getattr(r, attr) for r in results[mode]) / len(results[mode])
+        return sum(float(getattr(r, attr)) for r in results[mode]) / len(results[mode])
 
     print(
-        f"\nconcurrency {args.concurrency}, {args.seconds:g} s per run, {args.rounds} rounds, 1 sample a request\n"
+        f"\nconcurrency {args.concurrency}, {args.seconds:g} s per run, {args.rounds} rounds,"
+        " 1 sample a request\n"
     )
     print("| logging | req/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|")

@@ -61,7 +61,7 @@ def parse(output: str) -> WrkResult:
 
 
 def run(
-    url: str, body: dict[str, object], *, connections: int, seconds: float, threads: int = 1
+    url: str, body: Mapping[str, object], *, connections: int, seconds: float, threads: int = 1
 ) -> WrkResult:
     """One closed-loop run of `seconds` with `connections` concurrent connections."""
     with tempfile.TemporaryDirectory() as tmp:
