@@ -33,12 +33,16 @@ def uuid7(now_ns: int | None = None) -> uuid.UUID:
                 ms = _last_ms
                 _last_counter = 0
         counter = _last_counter
-    rand = int.from_bytes(os.urandom(8)) & ((1 << 62) - 1)
+    return compose_uuid7(ms, counter, int.from_bytes(os.urandom(8)))
+
+
+def compose_uuid7(ms: int, counter: int, rand: int) -> uuid.UUID:
+    """The UUIDv7 with these fields (12-bit counter, 62 random bits); no clock, no state."""
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76  # version
-    value |= counter << 64
+    value |= (counter & 0xFFF) << 64
     value |= 0b10 << 62  # variant
-    value |= rand
+    value |= rand & ((1 << 62) - 1)
     return uuid.UUID(int=value)
 
 

@@ -134,9 +134,7 @@ class IngestWorker:
         while self._read("0"):
             pass
 
-    def _with_retries(
-        self, stop: threading.Event, action: Callable[[], object], give_up_on_stop: bool = True
-    ) -> None:
+    def _with_retries(self, stop: threading.Event, action: Callable[[], object], give_up_on_stop: bool = True) -> None:
         backoff = 0.1
         while True:
             try:
@@ -326,16 +324,12 @@ def lag(client: redis.Redis, keys: Keys) -> tuple[int, float]:
     if undelivered is None:
         # Redis cannot always tell (after deletions, or a group made at an arbitrary id): look.
         first_undelivered = client.xrange(keys.stream, min="(" + _id_text(group), count=1)
-        undelivered = (
-            max(int(client.xlen(keys.stream)) - int(pending["pending"]), 1) if first_undelivered else 0
-        )
+        undelivered = max(int(client.xlen(keys.stream)) - int(pending["pending"]), 1) if first_undelivered else 0
     count = int(pending["pending"]) + int(undelivered)
     if count == 0:
         return 0, 0.0
     oldest: Any = (
-        pending["min"]
-        if pending["pending"]
-        else client.xrange(keys.stream, min="(" + _id_text(group), count=1)
+        pending["min"] if pending["pending"] else client.xrange(keys.stream, min="(" + _id_text(group), count=1)
     )
     oldest_id = oldest if isinstance(oldest, (bytes, str)) else oldest[0][0] if oldest else None
     if oldest_id is None:

@@ -63,9 +63,7 @@ def created_at(prediction_id: uuid.UUID) -> datetime:
 @lru_cache(maxsize=64)
 def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buffer, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
-    )
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
     return buffer.getvalue()
 
 

@@ -15,10 +15,7 @@ from psycopg.types.json import Jsonb
 
 from feedback.records import PredictionRecord, Row, created_at, decode_row, encode, npy_bytes
 
-_COLUMNS = (
-    "id, created_at, model_name, model_version, label, label_index, confidence, scores,"
-    " input, request_id, tags"
-)
+_COLUMNS = "id, created_at, model_name, model_version, label, label_index, confidence, scores, input, request_id, tags"
 # The scores column is sent pre-encoded in Postgres's binary real[] format, hence "bytea" here:
 # the server reads a binary COPY field by the column's own type.
 _COLUMN_TYPES = [
@@ -39,12 +36,9 @@ def _float4_array(little_endian: bytes) -> bytes:
 # A session-private staging table: rows arrive by binary COPY (no per-value text parsing), then
 # one INSERT ... SELECT moves them, skipping ids already stored.
 _STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS predictions_staging"
-    " (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    "CREATE TEMP TABLE IF NOT EXISTS predictions_staging (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
-_MOVE = (
-    f"INSERT INTO predictions ({_COLUMNS}) SELECT {_COLUMNS} FROM predictions_staging ON CONFLICT DO NOTHING"
-)
+_MOVE = f"INSERT INTO predictions ({_COLUMNS}) SELECT {_COLUMNS} FROM predictions_staging ON CONFLICT DO NOTHING"
 
 
 def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row]) -> int:
@@ -113,9 +107,7 @@ def get_prediction(*, conn: psycopg.Connection, prediction_id: uuid.UUID) -> Sto
     return None if row is None else StoredPrediction(*row)
 
 
-async def fetch_prediction(
-    *, conn: psycopg.AsyncConnection[Any], prediction_id: uuid.UUID
-) -> StoredPrediction | None:
+async def fetch_prediction(*, conn: psycopg.AsyncConnection[Any], prediction_id: uuid.UUID) -> StoredPrediction | None:
     cursor = await conn.execute(GET_PREDICTION, (created_at(prediction_id), prediction_id))
     row = await cursor.fetchone()
     return None if row is None else StoredPrediction(*row)

@@ -52,9 +52,7 @@ def fill(client: redis.Redis, keys: Keys, records: int, chunk: int = 5000) -> No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=IngestConfig.batch_size)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")

@@ -60,9 +60,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=3)
@@ -107,19 +105,14 @@ def main() -> None:
     def mean(mode: str, attr: str) -> float:
         return sum(float(getattr(r, attr)) for r in results[mode]) / len(results[mode])
 
-    print(
-        f"\nconcurrency {args.concurrency}, {args.seconds:g} s per run, {args.rounds} rounds,"
-        " 1 sample a request\n"
-    )
+    print(f"\nconcurrency {args.concurrency}, {args.seconds:g} s per run, {args.rounds} rounds, 1 sample a request\n")
     print("| logging | req/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|")
     for mode in ("on", "off"):
         errors = sum(r.errors for r in results[mode])
         row = f"{mean(mode, 'requests_per_s'):,.0f} | {mean(mode, 'p50_ms'):.1f} | {mean(mode, 'p99_ms'):.1f}"
         print(f"| {mode} | {row} | {errors} |")
-    print(
-        f"\nlogging on / off throughput: {mean('on', 'requests_per_s') / mean('off', 'requests_per_s'):.2f}"
-    )
+    print(f"\nlogging on / off throughput: {mean('on', 'requests_per_s') / mean('off', 'requests_per_s'):.2f}")
 
 
 if __name__ == "__main__":

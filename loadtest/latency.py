@@ -33,9 +33,7 @@ def measure(url: str, requests: int, warmup: int = 20) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url")
     parser.add_argument("-n", "--requests", type=int, default=500)
     args = parser.parse_args()

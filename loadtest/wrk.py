@@ -60,9 +60,7 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(
-    url: str, body: Mapping[str, object], *, connections: int, seconds: float, threads: int = 1
-) -> WrkResult:
+def run(url: str, body: Mapping[str, object], *, connections: int, seconds: float, threads: int = 1) -> WrkResult:
     """One closed-loop run of `seconds` with `connections` concurrent connections."""
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"

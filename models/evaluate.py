@@ -59,9 +59,7 @@ def evaluate(
 ) -> Evaluation:
     predicted = probabilities.argmax(axis=1)
     classes = list(range(len(class_names)))
-    precision, recall, _, support = precision_recall_fscore_support(
-        labels, predicted, labels=classes, zero_division=0
-    )
+    precision, recall, _, support = precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
     per_class = {
         name: ClassFigures(precision=float(p), recall=float(r), support=int(s))
         for name, p, r, s in zip(class_names, precision, recall, support, strict=True)

@@ -74,9 +74,7 @@ def build_digits_model(
     x_val, y_val = data.images[val_idx], data.labels[val_idx]
 
     model = new_digits_model(config.seed)
-    history = train(
-        model, x_train, y_train, config, x_validation=x_val, y_validation=y_val, on_epoch=on_epoch
-    )
+    history = train(model, x_train, y_train, config, x_validation=x_val, y_validation=y_val, on_epoch=on_epoch)
     evaluation = evaluate(softmax(predict_logits(model, x_val)), y_val, digits.CLASS_NAMES)
     logger.info("validation accuracy %.4f, ECE %.4f", evaluation.accuracy, evaluation.ece)
 
@@ -85,9 +83,7 @@ def build_digits_model(
     parity_inputs = [
         x_val,
         x_val[:1],
-        rng.uniform(signature.min_value, signature.max_value, size=(64, *signature.input_shape)).astype(
-            np.float32
-        ),
+        rng.uniform(signature.min_value, signature.max_value, size=(64, *signature.input_shape)).astype(np.float32),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export.export_onnx(

@@ -96,10 +96,7 @@ def _ragged_message(samples: Sequence[Any], expected: tuple[int, ...]) -> str:
         try:
             shape = np.asarray(sample).shape
         except ValueError:
-            return (
-                f"samples[{index}] is ragged: its rows have different lengths;"
-                f" expected shape {list(expected)}"
-            )
+            return f"samples[{index}] is ragged: its rows have different lengths; expected shape {list(expected)}"
         if shape != expected:
             return f"samples[{index}] has shape {list(shape)}; each sample must have shape {list(expected)}"
     return f"samples have inconsistent shapes; each sample must have shape {list(expected)}"

@@ -82,9 +82,7 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     x = torch.from_numpy(x_train)
     y = torch.from_numpy(y_train)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = nn.CrossEntropyLoss()
     history = History()

@@ -18,7 +18,7 @@ import psycopg
 import redis
 from fastapi import FastAPI
 from numpy.typing import NDArray
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from pydantic import Field, StringConstraints, ValidationError
 from starlette.responses import JSONResponse
 
@@ -27,6 +27,8 @@ from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
 from feedback.records import PredictionRecord, npy_load
+from feedback.routes import ModerationContext
+from feedback.routes import router as review_router
 from feedback.store import StoredPrediction, fetch_prediction
 from models import store
 from models.runtime import OnnxModel
@@ -47,6 +49,7 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+routes.include_router(review_router)
 
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 TagValue = Annotated[str, StringConstraints(max_length=256)]
@@ -98,6 +101,7 @@ class Predictor:
         self._log: PredictionLog | None = None
         self._log_error: str | None = None
         self._pool: AsyncConnectionPool | None = None
+        self._review_pool: ConnectionPool | None = None
         self._background: list[asyncio.Task[None]] = []
         if self.settings.log_predictions and self.settings.redis_url is None:
             self._log_error = "LOOP_REDIS_URL is not set (`loop serve` starts an embedded Redis)"
@@ -116,9 +120,9 @@ class Predictor:
             logger.exception("could not load model %s", self.settings.model_ref)
             return
         self._served = Served(stored=stored, runtime=runtime)
-        metrics.model_info.labels(
-            model_name=stored.name, model_version=stored.version, provider=runtime.provider
-        ).set(1)
+        metrics.model_info.labels(model_name=stored.name, model_version=stored.version, provider=runtime.provider).set(
+            1
+        )
         logger.info("serving %s on %s", stored.tag, runtime.provider)
 
     @bentoml.on_startup
@@ -140,6 +144,18 @@ class Predictor:
                 settings.database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
             )
             await self._pool.open(wait=False)  # serving must not wait for Postgres
+            self._review_pool = ConnectionPool(
+                settings.database_url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True}
+            )
+            self._review_pool.open(wait=False)
+            routes.state.moderation = ModerationContext(
+                pool=self._review_pool,
+                lease_seconds=settings.review_lease_seconds,
+                overlap=settings.review_overlap,
+                overlap_share=settings.review_overlap_share,
+                labels=self._class_names,
+                to_input=self._one_sample,
+            )
 
     async def _watch_stream(self, redis_url: str) -> None:
         """Keep the stream-lag gauges current."""
@@ -175,6 +191,8 @@ class Predictor:
             await self._log.close()
         if self._pool is not None:
             await self._pool.close()
+        if self._review_pool is not None:
+            self._review_pool.close()
 
     def _infer(self, batch: NDArray[np.float32]) -> tuple[NDArray[np.float32], Served]:
         served = self._served
@@ -184,6 +202,16 @@ class Predictor:
     def _on_batch(self, size: int, seconds: float) -> None:
         metrics.batch_size.observe(size)
         metrics.inference_seconds.observe(seconds)
+
+    def _class_names(self) -> tuple[str, ...] | None:
+        served = self._served
+        return None if served is None else served.stored.card.signature.class_names
+
+    def _one_sample(self, sample: Any) -> NDArray[Any]:
+        served = self._served
+        if served is None:
+            raise ValueError("no model is loaded yet")
+        return to_batch([sample], served.stored.card.signature, max_samples=1)[0]
 
     def _not_ready(self) -> str | None:
         if self._served is None:
@@ -221,9 +249,7 @@ class Predictor:
         assert served is not None
         request_id = _request_id(ctx)
         try:
-            batch = to_batch(
-                samples, served.stored.card.signature, max_samples=self.settings.max_samples_per_request
-            )
+            batch = to_batch(samples, served.stored.card.signature, max_samples=self.settings.max_samples_per_request)
         except InputError as exc:
             return _error(400, str(exc), ctx)
         if self._batcher is None:
@@ -270,9 +296,7 @@ class Predictor:
             )
             for i in range(len(batch))
         ]
-        metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(
-            len(predictions)
-        )
+        metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(predictions))
         if ctx is not None:
             ctx.response.headers["X-Request-ID"] = request_id
         return PredictResponse(request_id=request_id, predictions=predictions)

@@ -80,10 +80,52 @@ def show(tag: str | None) -> None:
     click.echo(json.dumps({"tag": stored.tag, **stored.card.to_metadata()}, indent=2))
 
 
+def _database_url(settings: Settings) -> str:
+    """The configured database, else the embedded one `loop serve` runs (it must be running)."""
+    return settings.database_url or f"postgresql://postgres@127.0.0.1:{settings.embedded_postgres_port}/loop"
+
+
 def _require(url: str | None, name: str) -> str:
     if url is None:
         raise click.ClickException(f"{name} is not set; `loop serve` starts embedded servers and sets it")
     return url
+
+
+@main.group()
+def users() -> None:
+    """Reviewers and admins (LOOP_DATABASE_URL, else the running embedded database)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["reviewer", "admin"]), default="reviewer", show_default=True)
+def users_add(name: str, role: str) -> None:
+    """Create a user and print its API token (shown this once)."""
+    import psycopg
+
+    from feedback import review_store
+    from feedback.migrate import migrate as apply
+
+    with psycopg.connect(_database_url(Settings()), autocommit=True) as conn:
+        apply(conn)
+        try:
+            user, token = review_store.create_user(conn=conn, name=name, role=review_store.Role(role))
+        except (review_store.Conflict, review_store.Invalid) as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"created {user.role.value} {user.name!r}; token (shown once):", err=True)
+    click.echo(token)
+
+
+@users.command("list")
+def users_list() -> None:
+    """List users."""
+    import psycopg
+
+    from feedback import review_store
+
+    with psycopg.connect(_database_url(Settings())) as conn:
+        for user in review_store.list_users(conn=conn):
+            click.echo(f"{user.id}\t{user.name}\t{user.role.value}")
 
 
 @main.command()
@@ -149,9 +191,7 @@ def ingest() -> None:
         connect=lambda: psycopg.connect(database_url, autocommit=True, connect_timeout=3),
         keys=keys,
         consumer=settings.ingest_consumer or f"{socket.gethostname()}-{os.getpid()}",
-        config=IngestConfig(
-            batch_size=settings.ingest_batch_size, claim_idle_ms=settings.ingest_claim_idle_ms
-        ),
+        config=IngestConfig(batch_size=settings.ingest_batch_size, claim_idle_ms=settings.ingest_claim_idle_ms),
         on_stats=on_stats,
     )
     stop = threading.Event()
@@ -189,9 +229,7 @@ def serve(train_if_missing: bool) -> None:
         env["BENTOML_CONFIG_OPTIONS"] = " ".join(
             filter(None, [env.get("BENTOML_CONFIG_OPTIONS", ""), f"services.loop.workers={settings.workers}"])
         )
-        click.echo(
-            f"serving {settings.model_ref} on http://{settings.host}:{settings.port} (OpenAPI page at /)"
-        )
+        click.echo(f"serving {settings.model_ref} on http://{settings.host}:{settings.port} (OpenAPI page at /)")
         code = _supervise(children, env)
     sys.exit(code)
 
@@ -216,9 +254,7 @@ def _embedded_redis(settings: Settings, stack: contextlib.ExitStack) -> str:
 
 def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
     """Run the children until Ctrl-C, SIGTERM or one of them exits; then stop the rest."""
-    processes = {
-        name: subprocess.Popen(command, env=env, start_new_session=True) for name, command in commands.items()
-    }
+    processes = {name: subprocess.Popen(command, env=env, start_new_session=True) for name, command in commands.items()}
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -77,9 +77,7 @@ class EmbeddedPostgres:
             **kwargs,
         )
         if result.returncode != 0:
-            raise RuntimeError(
-                f"{tool} failed ({result.returncode}): {result.stderr.strip() or result.stdout}"
-            )
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr.strip() or result.stdout}")
 
     def start(self) -> str:
         """Initialise the cluster if new, start it, create the database; returns its URL."""
@@ -102,14 +100,10 @@ class EmbeddedPostgres:
             options,
             "start",
         )
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
-        ) as conn:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
             if not exists:
-                conn.execute(
-                    psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(self.database))
-                )
+                conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(self.database)))
         logger.info("embedded Postgres on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
         return self.url
 
@@ -169,9 +163,7 @@ class EmbeddedRedis:
                 break
             except redis.exceptions.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"redis-server did not start; see {self.data_dir / 'redis.log'}"
-                    ) from None
+                    raise RuntimeError(f"redis-server did not start; see {self.data_dir / 'redis.log'}") from None
                 time.sleep(0.05)
             except redis.exceptions.BusyLoadingError:
                 time.sleep(0.05)

@@ -72,9 +72,7 @@ class ModelPublic(BaseModel):
 
     name: str
     version: str
-    provider: str = Field(
-        description="ONNX Runtime execution provider in use.", examples=["CPUExecutionProvider"]
-    )
+    provider: str = Field(description="ONNX Runtime execution provider in use.", examples=["CPUExecutionProvider"])
     providers: list[str] = Field(description="Providers of the session, in priority order.")
     fallback_reason: str | None = Field(description="Why CUDA is not in use, when it was wanted.")
     signature: SignaturePublic

@@ -31,9 +31,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
-    var_dir: Path = Field(
-        Path("var"), description="Local state: validation split, spool, embedded servers' data."
-    )
+    var_dir: Path = Field(Path("var"), description="Local state: validation split, spool, embedded servers' data.")
 
     database_url: str | None = Field(
         None, description="Postgres URL; unset: `loop serve` starts an embedded server under var/."
@@ -53,9 +51,12 @@ class Settings(BaseSettings):
         30_000, ge=100, description="Pending entries idle this long are taken from a dead consumer."
     )
     ingest_consumer: str | None = Field(None, description="Consumer name; unset: host name and process id.")
-    ingest_metrics_port: int = Field(
-        9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none)."
+    review_lease_seconds: float = Field(300.0, ge=1, le=3600, description="How long a claimed item stays yours.")
+    review_overlap: int = Field(2, ge=1, le=10, description="Reviews wanted for items in the overlap share.")
+    review_overlap_share: float = Field(
+        0.1, ge=0, le=1, description="Share of items (chosen by id) that ask for `review_overlap` reviews."
     )
+    ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none).")
 
     @property
     def split_path(self) -> Path:

@@ -121,9 +121,7 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
 
 
 @pytest.mark.parametrize(("case", "body", "fragment"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
-def test_bad_input_gets_400_naming_the_problem(
-    client: TestClient, case: str, body: bytes, fragment: str
-) -> None:
+def test_bad_input_gets_400_naming_the_problem(client: TestClient, case: str, body: bytes, fragment: str) -> None:
     response = post_raw(client, body)
     assert response.status_code == 400, f"{case}: {response.status_code} {response.text}"
     assert fragment in response.text, response.text

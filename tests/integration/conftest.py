@@ -64,9 +64,7 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def start_ingest(
-    service_env: dict[str, str], tmp_path: Path
-) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+def start_ingest(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start `loop ingest` processes; all are stopped at the end."""
     started: list[subprocess.Popen[bytes]] = []
 

@@ -226,9 +226,7 @@ def test_embedded_servers_start_stop_and_keep_data(
     service.process.send_signal(signal.SIGINT)  # Ctrl-C
     assert service.process.wait(timeout=60) == 0, service.logs()
     data_dir = str(tmp_path / "embedded-var")
-    leftovers = subprocess.run(
-        ["pgrep", "-f", data_dir], capture_output=True, text=True, check=False
-    ).stdout.split()
+    leftovers = subprocess.run(["pgrep", "-f", data_dir], capture_output=True, text=True, check=False).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == [], "a server outlived Ctrl-C"
 
     again = start_service(without=without, **env)

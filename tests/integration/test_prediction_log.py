@@ -76,9 +76,7 @@ class WorkerThread:
 def start_worker(database_url: str, keys: Keys) -> Iterator[Callable[..., WorkerThread]]:
     running: list[WorkerThread] = []
 
-    def start(
-        consumer: str = "w1", redis_url: str = REDIS, db: str | None = None, **config: int
-    ) -> WorkerThread:
+    def start(consumer: str = "w1", redis_url: str = REDIS, db: str | None = None, **config: int) -> WorkerThread:
         worker = IngestWorker(
             redis_client=redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2),
             connect=lambda: psycopg.connect(db or database_url, autocommit=True, connect_timeout=2),
@@ -94,9 +92,7 @@ def start_worker(database_url: str, keys: Keys) -> Iterator[Callable[..., Worker
         w.close()
 
 
-async def append_all(
-    log: PredictionLog, records: list[PredictionRecord], per_request: int = 10
-) -> set[Destination]:
+async def append_all(log: PredictionLog, records: list[PredictionRecord], per_request: int = 10) -> set[Destination]:
     chunks = [records[i : i + per_request] for i in range(0, len(records), per_request)]
     return set(await asyncio.gather(*(log.append(c) for c in chunks)))
 

@@ -42,9 +42,7 @@ async def test_concurrent_requests_share_model_calls_and_get_their_own_rows() ->
     batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=64, max_latency_s=5)
     sizes = [1, 3, 2, 5] * 10
     starts = np.cumsum([0, *sizes[:-1]])
-    results = await asyncio.gather(
-        *(batcher.submit(rows(int(s), n)) for s, n in zip(starts, sizes, strict=True))
-    )
+    results = await asyncio.gather(*(batcher.submit(rows(int(s), n)) for s, n in zip(starts, sizes, strict=True)))
     await batcher.close()
     for (out, _), s, n in zip(results, starts, sizes, strict=True):
         np.testing.assert_array_equal(out, rows(int(s), n) * 2)

@@ -1,0 +1,367 @@
+"""The reviewers' HTTP API, mounted by the service under /review.
+
+Every route needs `Authorization: Bearer <token>` (401 without a valid one); admin-only routes
+answer 403 to reviewers. The service puts a `ModerationContext` in `app.state.moderation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import psycopg
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import ConnectionPool, PoolTimeout
+from pydantic import BaseModel, Field, StringConstraints
+
+from feedback import review_store as rs
+from feedback.moderation import Opinion, Status, Verdict, agreement
+from feedback.records import npy_bytes
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+
+
+@dataclass
+class ModerationContext:
+    pool: ConnectionPool
+    lease_seconds: float = 300.0
+    overlap: int = 2
+    overlap_share: float = 0.0
+    # The served model's class names and a check of one sample's input, when a model is loaded.
+    labels: Callable[[], Sequence[str] | None] = lambda: None
+    to_input: Callable[[Any], Any] | None = None
+
+
+router = APIRouter(prefix="/review", tags=["review"])
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _context(request: Request) -> ModerationContext:
+    context: ModerationContext | None = getattr(request.app.state, "moderation", None)
+    if context is None:
+        raise HTTPException(503, "moderation needs a database (LOOP_DATABASE_URL)")
+    return context
+
+
+@contextlib.contextmanager
+def _connection(context: ModerationContext) -> Iterator[psycopg.Connection]:
+    try:
+        with context.pool.connection(timeout=5) as conn:
+            yield conn
+    except rs.Conflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    except rs.NotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except rs.Invalid as exc:
+        raise HTTPException(422, str(exc)) from None
+    except psycopg.DataError as exc:  # a value Postgres cannot hold, e.g. text with a NUL byte
+        raise HTTPException(422, f"invalid value: {exc}") from None
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise HTTPException(503, f"database unavailable: {exc}") from None
+
+
+Context = Annotated[ModerationContext, Depends(_context)]
+
+
+def _user(context: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> rs.User:
+    if credentials is None or credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 512:
+        raise HTTPException(401, "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
+    with _connection(context) as conn:
+        user = rs.authenticate(conn=conn, token=credentials.credentials)
+    if user is None:
+        raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+def _admin(user: Annotated[rs.User, Depends(_user)]) -> rs.User:
+    if user.role is not rs.Role.ADMIN:
+        raise HTTPException(403, "this needs the admin role")
+    return user
+
+
+Reviewer = Annotated[rs.User, Depends(_user)]
+Admin = Annotated[rs.User, Depends(_admin)]
+
+
+# -- schemas ------------------------------------------------------------------------------------
+
+
+class UserPublic(BaseModel):
+    id: int
+    name: str
+    role: rs.Role
+
+
+class UserCreate(BaseModel):
+    name: Name
+    role: rs.Role = rs.Role.REVIEWER
+
+
+class UserCreated(UserPublic):
+    token: str = Field(description="Shown once; only its hash is stored.")
+
+
+class ItemPublic(BaseModel):
+    id: uuid.UUID
+    created_at: datetime
+    model_name: str
+    model_version: str
+    label: str = Field(description="The model's label.")
+    confidence: float
+    source: str = Field(description="'model', or 'reviewer' for an added sample.")
+    status: Status
+    reviewed_label: str | None = Field(description="The current label, once reviewed.")
+    revision: int | None = Field(description="The latest annotation revision of the item.")
+    input_erased: bool
+
+
+class ItemPage(BaseModel):
+    items: list[ItemPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+
+class ClaimIn(BaseModel):
+    count: int = Field(10, ge=1, le=100)
+    strategy: rs.Strategy = rs.Strategy.OLDEST
+    lease_seconds: float | None = Field(None, ge=1, le=3600, description="Default: the service's setting.")
+
+
+class ClaimedPublic(BaseModel):
+    id: uuid.UUID
+    created_at: datetime
+    model_name: str
+    model_version: str
+    label: str
+    confidence: float
+    input: Any = Field(description="The sample, as sent to the model.")
+    lease_expires_at: datetime
+    required_reviews: int
+
+
+class VerdictCreate(BaseModel):
+    prediction_id: uuid.UUID
+    verdict: Literal["correct", "wrong", "discard", "unsure"]
+    label: Name | None = Field(None, description="The right label; only with 'wrong'.")
+    reason: Reason | None = Field(None, description="Required with 'discard'.")
+
+
+class VerdictsIn(BaseModel):
+    verdicts: list[VerdictCreate] = Field(min_length=1, max_length=100)
+
+
+class ItemStatePublic(BaseModel):
+    prediction_id: uuid.UUID
+    status: Status
+    label: str | None
+    revision: int
+
+
+class SampleCreate(BaseModel):
+    input: list[Any] = Field(description="One sample of the served model's input shape.")
+    label: Name
+    reason: Reason | None = None
+
+
+class ResolveIn(BaseModel):
+    label: Name | None = Field(description="The final label; null discards the item.")
+    reason: Reason
+
+
+class EraseIn(BaseModel):
+    reason: Reason = Field(description="E.g. the data-removal request's reference.")
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+
+@router.get("/me", response_model=UserPublic)
+def me(user: Reviewer) -> UserPublic:
+    """Who the token belongs to."""
+    return UserPublic(id=user.id, name=user.name, role=user.role)
+
+
+@router.get("/items", response_model=ItemPage)
+def list_items(  # noqa: PLR0917  (each query parameter is an argument, as FastAPI reads them)
+    context: Context,
+    user: Reviewer,
+    created_from: Annotated[datetime | None, Query(alias="from")] = None,
+    created_to: Annotated[datetime | None, Query(alias="to")] = None,
+    model_name: Annotated[str | None, Query(max_length=200)] = None,
+    model_version: Annotated[str | None, Query(max_length=200)] = None,
+    label: Annotated[str | None, Query(max_length=200, description="The model's label.")] = None,
+    reviewed_label: Annotated[str | None, Query(max_length=200)] = None,
+    min_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
+    status: Status | None = None,
+    reviewer: Annotated[str | None, Query(max_length=64)] = None,
+    sort: rs.SortKey = rs.SortKey.TIME,
+    order: Literal["asc", "desc"] = "asc",
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> ItemPage:
+    """Predictions and added samples, filtered, in a stable keyset order."""
+    filters = rs.ItemFilter(
+        created_from=created_from,
+        created_to=created_to,
+        model_name=model_name,
+        model_version=model_version,
+        label=label,
+        reviewed_label=reviewed_label,
+        min_confidence=min_confidence,
+        max_confidence=max_confidence,
+        status=status,
+        reviewer=reviewer,
+        sort=sort,
+        descending=order == "desc",
+    )
+    with _connection(context) as conn:
+        page = rs.list_items(conn=conn, filters=filters, limit=limit, cursor=cursor)
+    return ItemPage(items=[ItemPublic(**asdict(i)) for i in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/counts")
+def counts(
+    context: Context,
+    user: Reviewer,
+    created_from: Annotated[datetime | None, Query(alias="from")] = None,
+    created_to: Annotated[datetime | None, Query(alias="to")] = None,
+) -> dict[str, Any]:
+    """Moderated and unmoderated per model version and day, verdicts, accuracy as judged."""
+    with _connection(context) as conn:
+        return rs.counts(conn=conn, created_from=created_from, created_to=created_to)
+
+
+@router.post("/claim", response_model=list[ClaimedPublic])
+def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic]:
+    """Lease a page of items to review; nobody else gets them unless they need more reviews."""
+    from feedback.records import npy_load
+
+    with _connection(context) as conn:
+        claimed = rs.claim(
+            conn=conn,
+            user=user,
+            count=body.count,
+            strategy=body.strategy,
+            lease_seconds=body.lease_seconds or context.lease_seconds,
+            overlap=context.overlap,
+            overlap_share=context.overlap_share,
+        )
+    return [
+        ClaimedPublic(
+            id=c.prediction_id,
+            created_at=c.created_at,
+            model_name=c.model_name,
+            model_version=c.model_version,
+            label=c.label,
+            confidence=c.confidence,
+            input=npy_load(c.input).tolist(),
+            lease_expires_at=c.expires_at,
+            required_reviews=c.required_reviews,
+        )
+        for c in claimed
+    ]
+
+
+@router.post("/verdicts", response_model=list[ItemStatePublic])
+def verdicts(context: Context, user: Reviewer, body: VerdictsIn) -> list[ItemStatePublic]:
+    """Verdicts on items you hold, all or none (409 if any lease is missing or expired)."""
+    items = [
+        rs.VerdictIn(prediction_id=v.prediction_id, verdict=Verdict(v.verdict), label=v.label, reason=v.reason)
+        for v in body.verdicts
+    ]
+    with _connection(context) as conn:
+        states = rs.record_verdicts(conn=conn, user=user, verdicts=items, labels=context.labels())
+    return [ItemStatePublic(**asdict(s)) for s in states]
+
+
+@router.post("/samples", response_model=ItemStatePublic, status_code=201)
+def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStatePublic:
+    """Add a sample the model missed, with its label; it enters the pool as reviewed."""
+    labels = context.labels()
+    if labels is not None and body.label not in labels:
+        raise HTTPException(422, f"unknown label {body.label!r}; labels are {', '.join(labels)}")
+    if context.to_input is None:
+        raise HTTPException(503, "no model is loaded to check the sample's shape against")
+    try:
+        sample = context.to_input(body.input)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    with _connection(context) as conn:
+        state = rs.add_sample(conn=conn, user=user, input_npy=npy_bytes(sample), label=body.label, reason=body.reason)
+    return ItemStatePublic(**asdict(state))
+
+
+@router.get("/items/{prediction_id}/history")
+def item_history(context: Context, user: Reviewer, prediction_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Every annotation revision of an item, oldest first."""
+    _check_v7(prediction_id)
+    with _connection(context) as conn:
+        return rs.history(conn=conn, prediction_id=prediction_id)
+
+
+@router.post("/items/{prediction_id}/resolve", response_model=ItemStatePublic)
+def resolve(context: Context, user: Admin, prediction_id: uuid.UUID, body: ResolveIn) -> ItemStatePublic:
+    """Settle an item (a dispute, usually) with a final label, or discard it (admin)."""
+    _check_v7(prediction_id)
+    with _connection(context) as conn:
+        state = rs.resolve(conn=conn, user=user, prediction_id=prediction_id, label=body.label, reason=body.reason)
+    return ItemStatePublic(**asdict(state))
+
+
+@router.post("/items/{prediction_id}/erase", status_code=204)
+def erase(context: Context, user: Admin, prediction_id: uuid.UUID, body: EraseIn) -> None:
+    """Erase an item's input for a data-removal request; the audit trail keeps the erasure (admin)."""
+    _check_v7(prediction_id)
+    with _connection(context) as conn:
+        rs.erase_input(conn=conn, user=user, prediction_id=prediction_id, reason=body.reason)
+
+
+@router.get("/agreement")
+def agreement_figures(context: Context, user: Reviewer) -> dict[str, Any]:
+    """Cohen's kappa per reviewer pair, Fleiss' kappa, disagreements, per-reviewer figures."""
+    with _connection(context) as conn:
+        rows = rs.opinions(conn=conn)
+        finals = rs.final_labels(conn=conn, ids=list({r[0] for r in rows}))
+    report = agreement(
+        [Opinion(str(r[0]), r[1], r[2], r[3], Verdict(r[4]), r[5]) for r in rows],
+        {str(k): v for k, v in finals.items()},
+    )
+    return asdict(report)
+
+
+@router.get("/audit")
+def audit(
+    context: Context,
+    user: Admin,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(ge=1)] = None,
+) -> list[dict[str, Any]]:
+    """The audit log, newest first (admin)."""
+    with _connection(context) as conn:
+        return rs.audit_log(conn=conn, limit=limit, before=before)
+
+
+@router.get("/users", response_model=list[UserPublic])
+def users(context: Context, user: Admin) -> list[UserPublic]:
+    """Every user (admin)."""
+    with _connection(context) as conn:
+        return [UserPublic(id=u.id, name=u.name, role=u.role) for u in rs.list_users(conn=conn)]
+
+
+@router.post("/users", response_model=UserCreated, status_code=201)
+def create_user(context: Context, user: Admin, body: UserCreate) -> UserCreated:
+    """Create a reviewer or admin; the token is in this answer only (admin)."""
+    with _connection(context) as conn:
+        created, token = rs.create_user(conn=conn, name=body.name, role=body.role, actor=user)
+    return UserCreated(id=created.id, name=created.name, role=created.role, token=token)
+
+
+def _check_v7(prediction_id: uuid.UUID) -> None:
+    if prediction_id.version != 7:
+        raise HTTPException(422, f"{prediction_id} is not an item id (UUIDv7)")

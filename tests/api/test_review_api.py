@@ -1,0 +1,412 @@
+"""The reviewers' API in-process (FastAPI app with the review router) on a database of its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from fastapi import FastAPI
+from psycopg_pool import ConnectionPool
+from starlette.testclient import TestClient
+
+from feedback import review_store as rs
+from feedback import store
+from feedback.ids import compose_uuid7
+from feedback.records import PredictionRecord, decode_row, encode
+from feedback.routes import ModerationContext, router
+
+pytestmark = pytest.mark.api
+
+LABELS = tuple(str(i) for i in range(10))
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def seed(
+    database_url: str, n: int, *, start: datetime = T0, step_s: float = 60, seed_: int = 0
+) -> list[dict[str, Any]]:
+    """n predictions, one every `step_s` seconds from `start`, with varied labels, models, confidences."""
+    rng = np.random.default_rng(seed_)
+    rows, truth = [], []
+    for i in range(n):
+        at = start + timedelta(seconds=i * step_s)
+        pid = compose_uuid7(int(at.timestamp() * 1000), 0, int(rng.integers(0, 2**62)))
+        label = str(rng.integers(0, 10))
+        confidence = float(np.float32(rng.uniform(0.3, 1.0)))
+        model = ("digits-cnn", "v1" if i % 3 else "v2")
+        record = PredictionRecord(
+            id=pid, model_name=model[0], model_version=model[1],
+            input=rng.integers(0, 17, size=(8, 8)).astype(np.float32),
+            scores=np.full(10, 0.05, np.float32), label=label, confidence=confidence, request_id=f"r{i}",
+        )  # fmt: skip
+        rows.append(decode_row(encode(record)))
+        truth.append({"id": str(pid), "created_at": record.created_at, "model_version": model[1], "label": label,
+                      "confidence": confidence})  # fmt: skip
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        store.insert_rows(conn=conn, rows=rows)
+    return truth
+
+
+@pytest.fixture
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    with ConnectionPool(database_url, min_size=1, max_size=10, kwargs={"autocommit": True}) as p:
+        yield p
+
+
+@pytest.fixture
+def context(pool: ConnectionPool) -> ModerationContext:
+    return ModerationContext(pool=pool, lease_seconds=60, overlap=2, overlap_share=0.0, labels=lambda: LABELS)
+
+
+@pytest.fixture
+def client(context: ModerationContext) -> Iterator[TestClient]:
+    app = FastAPI()
+    app.include_router(router)
+    app.state.moderation = context
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def make_user(pool: ConnectionPool, name: str, role: rs.Role = rs.Role.REVIEWER) -> tuple[rs.User, dict[str, str]]:
+    with pool.connection() as conn:
+        user, token = rs.create_user(conn=conn, name=name, role=role)
+    return user, {"Authorization": f"Bearer {token}"}
+
+
+def table_sizes(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url) as conn:
+        return {
+            t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
+            for t in ("predictions", "annotations", "review_state", "leases", "users")
+        }
+
+
+# -- claiming and leases --------------------------------------------------------------------------
+
+
+def test_eight_concurrent_reviewers_never_exceed_an_items_overlap(database_url: str, pool: ConnectionPool) -> None:
+    seed(database_url, 240)
+    reviewers = [make_user(pool, f"r{i}")[0] for i in range(8)]
+    handed: list[tuple[uuid.UUID, int, int]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(reviewers))
+
+    def work(user: rs.User) -> None:
+        barrier.wait()
+        while True:
+            with pool.connection() as conn:
+                claimed = rs.claim(
+                    conn=conn, user=user, count=7, strategy=rs.Strategy.OLDEST, lease_seconds=120,
+                    overlap=2, overlap_share=0.3,
+                )  # fmt: skip
+            if not claimed:
+                return
+            with lock:
+                handed.extend((c.prediction_id, user.id, c.required_reviews) for c in claimed)
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in reviewers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_item = Counter(item for item, _, _ in handed)
+    required = {item: req for item, _, req in handed}
+    assert len(per_item) == 240  # every item was handed out
+    assert all(per_item[i] == required[i] for i in per_item), "an item went to more (or fewer) reviewers than it needs"
+    assert len({(i, u) for i, u, _ in handed}) == len(handed)  # nobody got the same item twice
+    overlapped = sum(1 for r in required.values() if r == 2)
+    assert 0.15 * 240 < overlapped < 0.45 * 240
+
+
+def test_expired_leases_return_items_and_late_verdicts_get_409(client: TestClient, pool: ConnectionPool,
+                                                               database_url: str) -> None:  # fmt: skip
+    seed(database_url, 3)
+    _, ann = make_user(pool, "ann")
+    _, bob = make_user(pool, "bob")
+    claimed = client.post("/review/claim", json={"count": 3, "lease_seconds": 1}, headers=ann).json()
+    assert len(claimed) == 3
+    assert client.post("/review/claim", json={"count": 3}, headers=bob).json() == []  # all leased
+    time.sleep(1.2)
+    late = client.post("/review/verdicts", headers=ann,
+                       json={"verdicts": [{"prediction_id": claimed[0]["id"], "verdict": "correct"}]})  # fmt: skip
+    assert late.status_code == 409
+    again = client.post("/review/claim", json={"count": 3}, headers=bob).json()
+    assert sorted(c["id"] for c in again) == sorted(c["id"] for c in claimed)
+
+
+def test_verdict_on_an_item_not_held_is_409_and_changes_nothing(client: TestClient, pool: ConnectionPool,
+                                                                database_url: str) -> None:  # fmt: skip
+    truth = seed(database_url, 2)
+    _, ann = make_user(pool, "ann")
+    before = table_sizes(database_url)
+    held = client.post("/review/claim", json={"count": 1}, headers=ann).json()[0]["id"]
+    other = next(t["id"] for t in truth if t["id"] != held)
+    response = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": held, "verdict": "correct"}, {"prediction_id": other, "verdict": "correct"}]})  # fmt: skip
+    assert response.status_code == 409
+    after = table_sizes(database_url)
+    assert after["annotations"] == before["annotations"]  # all or nothing
+
+
+# -- verdicts, disputes, history --------------------------------------------------------------------
+
+
+def test_verdicts_corrections_disputes_and_append_only_history(
+    client: TestClient, pool: ConnectionPool, database_url: str, context: ModerationContext
+) -> None:
+    context.overlap_share = 1.0  # every item asks for two reviews
+    truth = {t["id"]: t for t in seed(database_url, 2)}
+    _, ann = make_user(pool, "ann")
+    _, bob = make_user(pool, "bob")
+    _, boss = make_user(pool, "boss", rs.Role.ADMIN)
+    first, second = sorted(truth)
+    wrong = "0" if truth[first]["label"] != "0" else "1"
+    for headers in (ann, bob):
+        assert len(client.post("/review/claim", json={"count": 2}, headers=headers).json()) == 2
+    ok = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": first, "verdict": "correct"},
+        {"prediction_id": second, "verdict": "discard", "reason": "blurred"}]})  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    assert [s["status"] for s in ok.json()] == ["unreviewed", "unreviewed"]  # one of two reviews
+    ok = client.post("/review/verdicts", headers=bob, json={"verdicts": [
+        {"prediction_id": first, "verdict": "wrong", "label": wrong},
+        {"prediction_id": second, "verdict": "discard", "reason": "empty"}]})  # fmt: skip
+    assert [s["status"] for s in ok.json()] == ["disputed", "discarded"]
+    disputed = client.get("/review/items", params={"status": "disputed"}, headers=ann).json()["items"]
+    assert [i["id"] for i in disputed] == [first]
+    assert client.post(f"/review/items/{first}/resolve", json={"label": wrong, "reason": "looked"},
+                       headers=ann).status_code == 403  # fmt: skip
+    resolved = client.post(f"/review/items/{first}/resolve", json={"label": wrong, "reason": "looked"}, headers=boss)
+    assert resolved.json()["status"] == "reviewed" and resolved.json()["label"] == wrong
+    history = client.get(f"/review/items/{first}/history", headers=ann).json()
+    assert [(h["actor"], h["verdict"]) for h in history] == [("ann", "correct"), ("bob", "wrong"), ("boss", "resolve")]
+    with psycopg.connect(database_url) as conn, pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+        conn.execute("UPDATE annotations SET label = 'x'")
+    agreement = client.get("/review/agreement", headers=ann).json()
+    assert agreement["pairs"][0]["items"] == 2
+    assert [d["item"] for d in agreement["disagreements"]] == [first]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status"),
+    [
+        ({"verdict": "wrong"}, 422),  # no label
+        ({"verdict": "wrong", "label": "cat"}, 422),  # not a class of the model
+        ({"verdict": "correct", "label": "3"}, 422),  # only 'wrong' takes a label
+        ({"verdict": "discard"}, 422),  # no reason
+        ({"verdict": "approve"}, 422),
+    ],
+)
+def test_bad_verdicts_are_refused(client: TestClient, pool: ConnectionPool, database_url: str,
+                                  verdict: dict[str, str], status: int) -> None:  # fmt: skip
+    seed(database_url, 1)
+    _, ann = make_user(pool, "ann")
+    item = client.post("/review/claim", json={"count": 1}, headers=ann).json()[0]["id"]
+    response = client.post("/review/verdicts", headers=ann, json={"verdicts": [{"prediction_id": item, **verdict}]})
+    assert response.status_code == status, response.text
+
+
+def test_added_samples_and_erased_inputs(client: TestClient, pool: ConnectionPool, database_url: str,
+                                         context: ModerationContext) -> None:  # fmt: skip
+    context.to_input = lambda sample: np.asarray(sample, dtype=np.float32)
+    truth = seed(database_url, 1)
+    _, ann = make_user(pool, "ann")
+    _, boss = make_user(pool, "boss", rs.Role.ADMIN)
+    added = client.post("/review/samples", json={"input": [[1.0] * 8] * 8, "label": "7"}, headers=ann)
+    assert added.status_code == 201 and added.json()["status"] == "reviewed" and added.json()["label"] == "7"
+    assert client.post("/review/samples", json={"input": [[1.0] * 8] * 8, "label": "cat"},
+                       headers=ann).status_code == 422  # fmt: skip
+    item = truth[0]["id"]
+    assert client.post(f"/review/items/{item}/erase", json={"reason": "request 12"}, headers=ann).status_code == 403
+    assert client.post(f"/review/items/{item}/erase", json={"reason": "request 12"}, headers=boss).status_code == 204
+    listed = {i["id"]: i for i in client.get("/review/items", headers=ann).json()["items"]}
+    assert listed[item]["input_erased"] is True
+    assert listed[added.json()["prediction_id"]]["source"] == "reviewer"
+    audit = client.get("/review/audit", headers=boss).json()
+    assert [a["action"] for a in audit[:2]] == ["input.erase", "sample.add"]
+    assert client.post("/review/claim", json={"count": 5}, headers=ann).json() == []  # erased: nothing to review
+
+
+# -- authorization ----------------------------------------------------------------------------------
+
+ITEM = "01a2024d-76a5-744d-b838-fcab5ce4eb37"
+ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
+    ("GET", "/review/me", None, "reviewer"),
+    ("GET", "/review/items", None, "reviewer"),
+    ("GET", "/review/counts", None, "reviewer"),
+    ("POST", "/review/claim", {"count": 1}, "reviewer"),
+    ("POST", "/review/verdicts", {"verdicts": [{"prediction_id": ITEM, "verdict": "correct"}]}, "reviewer"),
+    ("POST", "/review/samples", {"input": [[0] * 8] * 8, "label": "1"}, "reviewer"),
+    ("GET", f"/review/items/{ITEM}/history", None, "reviewer"),
+    ("GET", "/review/agreement", None, "reviewer"),
+    ("POST", f"/review/items/{ITEM}/resolve", {"label": "1", "reason": "x"}, "admin"),
+    ("POST", f"/review/items/{ITEM}/erase", {"reason": "x"}, "admin"),
+    ("GET", "/review/audit", None, "admin"),
+    ("GET", "/review/users", None, "admin"),
+    ("POST", "/review/users", {"name": "carol"}, "admin"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "needs"), ROUTES, ids=[f"{r[0]} {r[1]}" for r in ROUTES])
+def test_authorization_matrix(client: TestClient, pool: ConnectionPool, context: ModerationContext, method: str,
+                              path: str, body: dict[str, Any] | None, needs: str) -> None:  # fmt: skip
+    context.to_input = lambda sample: np.asarray(sample, dtype=np.float32)
+    _, reviewer = make_user(pool, "rev")
+    _, admin = make_user(pool, "adm", rs.Role.ADMIN)
+    callers: dict[str, dict[str, str]] = {
+        "none": {}, "bad": {"Authorization": "Bearer not-a-token"}, "basic": {"Authorization": "Basic YTpi"},
+        "reviewer": reviewer, "admin": admin,
+    }  # fmt: skip
+    for who, headers in callers.items():
+        status = client.request(method, path, json=body, headers=headers).status_code
+        if who in ("none", "bad", "basic"):
+            assert status == 401, (who, status)
+        elif who == "reviewer" and needs == "admin":
+            assert status == 403, (who, status)
+        else:
+            # Allowed: the answer is about the request (e.g. 404 unknown item, 409 no lease), never 401/403/5xx.
+            assert status not in (401, 403) and status < 500, (who, status)
+
+
+# -- filters and pagination -------------------------------------------------------------------------
+
+
+def all_pages(client: TestClient, headers: dict[str, str], **params: Any) -> list[dict[str, Any]]:
+    items, cursor = [], None
+    while True:
+        response = client.get("/review/items", params={**params, "limit": 13, **({"cursor": cursor} if cursor else {})},
+                              headers=headers)  # fmt: skip
+        assert response.status_code == 200, response.text
+        page = response.json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+
+
+def test_filters_match_a_brute_force_query(client: TestClient, pool: ConnectionPool, database_url: str) -> None:
+    truth = seed(database_url, 120)
+    ann_user, ann = make_user(pool, "ann")
+    claimed = client.post("/review/claim", json={"count": 40, "strategy": "least_confident"}, headers=ann).json()
+    lowest = sorted(truth, key=lambda t: (t["confidence"], t["created_at"]))[:40]
+    assert [c["id"] for c in claimed] == [t["id"] for t in lowest]
+    verdicts = [{"prediction_id": c["id"], "verdict": "correct"} for c in claimed[:25]] + [
+        {"prediction_id": c["id"], "verdict": "wrong", "label": "0" if c["label"] != "0" else "1"} for c in claimed[25:]
+    ]
+    assert client.post("/review/verdicts", json={"verdicts": verdicts}, headers=ann).status_code == 200
+    reviewed = {v["prediction_id"]: v.get("label") or next(c["label"] for c in claimed if c["id"] == v["prediction_id"])
+                for v in verdicts}  # fmt: skip
+    mid = T0 + timedelta(minutes=50)
+    cases: list[tuple[dict[str, Any], Any]] = [
+        ({"from": mid.isoformat()}, lambda t: t["created_at"] >= mid),
+        ({"to": mid.isoformat()}, lambda t: t["created_at"] < mid),
+        ({"model_version": "v2"}, lambda t: t["model_version"] == "v2"),
+        ({"model_name": "digits-cnn"}, lambda t: True),
+        ({"model_name": "other"}, lambda t: False),
+        ({"label": "4"}, lambda t: t["label"] == "4"),
+        ({"min_confidence": 0.5}, lambda t: t["confidence"] >= 0.5),
+        ({"max_confidence": 0.6}, lambda t: t["confidence"] <= 0.6),
+        ({"status": "reviewed"}, lambda t: t["id"] in reviewed),
+        ({"status": "unreviewed"}, lambda t: t["id"] not in reviewed),
+        ({"reviewed_label": "0"}, lambda t: reviewed.get(t["id"]) == "0"),
+        ({"reviewer": "ann"}, lambda t: t["id"] in reviewed),
+        ({"reviewer": "nobody"}, lambda t: False),
+        ({"model_version": "v1", "min_confidence": 0.4, "max_confidence": 0.9, "from": mid.isoformat()},
+         lambda t: t["model_version"] == "v1" and 0.4 <= t["confidence"] <= 0.9 and t["created_at"] >= mid),
+        ({"status": "reviewed", "label": "2", "to": mid.isoformat()},
+         lambda t: t["id"] in reviewed and t["label"] == "2" and t["created_at"] < mid),
+    ]  # fmt: skip
+    for params, keep in cases:
+        for sort, order in (("time", "asc"), ("confidence", "desc")):
+            got = all_pages(client, ann, sort=sort, order=order, **params)
+            ids = [g["id"] for g in got]
+            expected = [t for t in truth if keep(t)]
+            key = (lambda t: (t["created_at"], t["id"])) if sort == "time" else (
+                lambda t: (t["confidence"], t["created_at"], t["id"]))  # fmt: skip
+            expected.sort(key=key, reverse=order == "desc")
+            assert ids == [t["id"] for t in expected], (params, sort)
+    assert ann_user.name == "ann"
+
+
+def test_pagination_visits_every_row_once_while_predictions_arrive(client: TestClient, pool: ConnectionPool,
+                                                                   database_url: str) -> None:  # fmt: skip
+    truth = seed(database_url, 60)
+    _, ann = make_user(pool, "ann")
+    for order in ("asc", "desc"):
+        seen: list[str] = []
+        cursor = None
+        batch = 0
+        while True:
+            params: dict[str, Any] = {"limit": 7, "order": order, **({"cursor": cursor} if cursor else {})}
+            page = client.get("/review/items", params=params, headers=ann).json()
+            seen += [i["id"] for i in page["items"]]
+            cursor = page["next_cursor"]
+            batch += 1
+            # New predictions keep arriving, later than everything already there.
+            seed(database_url, 3, start=T0 + timedelta(days=1, hours=batch), seed_=batch)
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen))
+        assert {t["id"] for t in truth} <= set(seen)
+
+
+HOSTILE = [
+    {"label": "'; DROP TABLE predictions; --"},
+    {"model_name": "x' OR '1'='1"},
+    {"reviewer": "ann' --"},
+    {"min_confidence": "1e309"},
+    {"min_confidence": "NaN"},
+    {"max_confidence": "-5"},
+    {"limit": "100000000000000000000"},
+    {"limit": "-1"},
+    {"from": "yesterday"},
+    {"status": "everything"},
+    {"sort": "id; DELETE FROM users"},
+    {"cursor": "not-base64!"},
+    {"cursor": "W251bGwsICIyMDI2IiwgIngiXQ=="},
+    {"order": "sideways"},
+    {"label": "\x00"},
+    {"model_version": "a" * 5000},
+]
+
+
+@pytest.mark.parametrize("params", HOSTILE, ids=[str(h)[:40] for h in HOSTILE])
+def test_hostile_filters_get_422_or_nothing_and_change_nothing(
+    client: TestClient, pool: ConnectionPool, database_url: str, params: dict[str, str]
+) -> None:
+    seed(database_url, 5)
+    _, ann = make_user(pool, "ann")
+    before = table_sizes(database_url)
+    response = client.get("/review/items", params=params, headers=ann)
+    assert response.status_code in (200, 422), response.text
+    if response.status_code == 200:
+        assert response.json()["items"] == []
+    assert table_sizes(database_url) == before
+
+
+def test_counts(client: TestClient, pool: ConnectionPool, database_url: str) -> None:
+    truth = seed(database_url, 30, step_s=3600)  # 30 hours: two days
+    _, ann = make_user(pool, "ann")
+    claimed = client.post("/review/claim", json={"count": 4}, headers=ann).json()
+    wrong = "0" if claimed[3]["label"] != "0" else "1"
+    verdicts = [{"prediction_id": c["id"], "verdict": "correct"} for c in claimed[:2]] + [
+        {"prediction_id": claimed[2]["id"], "verdict": "discard", "reason": "noise"},
+        {"prediction_id": claimed[3]["id"], "verdict": "wrong", "label": wrong},
+    ]
+    client.post("/review/verdicts", json={"verdicts": verdicts}, headers=ann)
+    body = client.get("/review/counts", headers=ann).json()
+    assert body["moderated"] == 4 and body["unmoderated"] == 26
+    assert body["verdicts"] == {"correct": 2, "corrected": 1, "discarded": 1, "disputed": 0}
+    assert body["accuracy_by_reviewers"] == pytest.approx(2 / 3)
+    days = {(r["model_version"], r["day"]) for r in body["per_model_day"]}
+    expected_days = {(t["model_version"], t["created_at"].date().isoformat()) for t in truth}
+    assert days == expected_days
+    windowed = client.get("/review/counts", params={"from": (T0 + timedelta(hours=24)).isoformat()}, headers=ann)
+    assert windowed.json()["moderated"] + windowed.json()["unmoderated"] == 6
