@@ -12,6 +12,10 @@ CREATE TABLE users (
 ALTER TABLE predictions ADD COLUMN source text NOT NULL DEFAULT 'model'
     CHECK (source IN ('model', 'reviewer'));
 
+-- Claims and lists by confidence walk this index in exactly their order (ties by time, then id).
+DROP INDEX predictions_confidence;
+CREATE INDEX predictions_confidence ON predictions (confidence, created_at, id);
+
 -- Append-only annotation history. `id` is the global revision (the dataset watermark).
 CREATE TABLE annotations (
     id              bigserial   PRIMARY KEY,

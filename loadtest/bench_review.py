@@ -1,0 +1,130 @@
+"""Moderation latency with a large store: claim + verdict, and a filtered page of the item list.
+
+    python -m loadtest.bench_review --predictions 1000000 --rounds 300
+
+Fills a fresh database with synthetic predictions (binary COPY, as the ingest worker writes
+them), then times, through the same functions the HTTP routes call: claiming 10 items and giving
+10 verdicts (one transaction each), and listing a filtered page of 50. Prints p50/p99 in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from feedback import review_store as rs
+from feedback import store
+from feedback.ids import compose_uuid7
+from feedback.migrate import migrate
+from feedback.moderation import Status, Verdict
+from feedback.records import Row, npy_bytes
+
+logger = logging.getLogger("bench_review")
+
+
+def fill(conn: psycopg.Connection, n: int, chunk: int = 20_000) -> None:
+    rng = np.random.default_rng(0)
+    inputs = [npy_bytes(rng.integers(0, 17, size=(8, 8)).astype(np.float32)) for _ in range(64)]
+    scores = np.full(10, 0.1, dtype="<f4").tobytes()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    step_ms = 30 * 24 * 3600 * 1000 // n  # a month of traffic
+    for begin in range(0, n, chunk):
+        rows = []
+        for i in range(begin, min(begin + chunk, n)):
+            ms = int(start.timestamp() * 1000) + i * step_ms
+            pid = compose_uuid7(ms, 0, int(rng.integers(0, 2**62)))
+            rows.append(
+                Row(
+                    id=pid,
+                    created_at=start + timedelta(milliseconds=i * step_ms),
+                    model_name="digits-cnn",
+                    model_version=f"v{i * 4 // n + 1}",
+                    label=str(i % 10),
+                    label_index=i % 10,
+                    confidence=float(rng.uniform(0.2, 1.0)),
+                    scores=scores,
+                    input_npy=inputs[i % 64],
+                    request_id=f"bench-{i}",
+                    tags={},
+                )
+            )
+        store.insert_rows(conn=conn, rows=rows)
+        logger.info("stored %d / %d", min(begin + chunk, n), n)
+    conn.execute("ANALYZE")
+
+
+def percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"p50 {statistics.median(ordered):.1f} ms, p99 {p99:.1f} ms (n={len(ordered)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictions", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--keep", action="store_true", help="Keep the database (its name is printed).")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    database = f"loop_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    try:
+        with psycopg.connect(f"{args.postgres}/{database}", autocommit=True) as conn:
+            migrate(conn)
+            started = time.perf_counter()
+            fill(conn, args.predictions)
+            logger.info("filled in %.0f s", time.perf_counter() - started)
+            user, _ = rs.create_user(conn=conn, name="bench", role=rs.Role.REVIEWER)
+            results: dict[str, list[float]] = {"claim+verdict (oldest)": [], "claim+verdict (least confident)": []}
+            for i in range(args.rounds):
+                strategy = rs.Strategy.OLDEST if i % 2 == 0 else rs.Strategy.LEAST_CONFIDENT
+                t0 = time.perf_counter()
+                claimed = rs.claim(conn=conn, user=user, count=10, strategy=strategy, lease_seconds=300)
+                verdicts = [
+                    rs.VerdictIn(c.prediction_id, Verdict.CORRECT if j % 3 else Verdict.WRONG, None if j % 3 else "0")
+                    for j, c in enumerate(claimed)
+                ]
+                rs.record_verdicts(conn=conn, user=user, verdicts=verdicts)
+                name = "claim+verdict (oldest)" if strategy is rs.Strategy.OLDEST else "claim+verdict (least confident)"
+                results[name].append((time.perf_counter() - t0) * 1000)
+            filters = [
+                rs.ItemFilter(model_version="v2", min_confidence=0.5, max_confidence=0.9),
+                rs.ItemFilter(status=Status.REVIEWED, sort=rs.SortKey.CONFIDENCE),
+                rs.ItemFilter(label="3", status=Status.UNREVIEWED, descending=True),
+                rs.ItemFilter(
+                    created_from=datetime(2026, 1, 10, tzinfo=UTC), created_to=datetime(2026, 1, 12, tzinfo=UTC)
+                ),
+                rs.ItemFilter(reviewer="bench"),
+            ]
+            results["filtered list page (50)"] = []
+            for i in range(args.rounds):
+                f = filters[i % len(filters)]
+                t0 = time.perf_counter()
+                page = rs.list_items(conn=conn, filters=f, limit=50, cursor=None)
+                if page.next_cursor:
+                    rs.list_items(conn=conn, filters=f, limit=50, cursor=page.next_cursor)
+                results["filtered list page (50)"].append((time.perf_counter() - t0) * 1000 / 2)
+        print(f"\n{args.predictions:,} predictions stored; {args.rounds} rounds each\n")
+        for name, samples in results.items():
+            print(f"{name}: {percentiles(samples)}")
+    finally:
+        if args.keep:
+            print(f"kept database {database}")
+        else:
+            with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+
+
+if __name__ == "__main__":
+    main()
