@@ -168,10 +168,12 @@ def claim(
         # 1. Lock candidates. SKIP LOCKED: rows another claimer is taking are passed over.
         locked = conn.execute(
             sql.SQL(
-                "SELECT p.id FROM predictions p LEFT JOIN review_state s ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
+                "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input,"
+                " {required} FROM predictions p LEFT JOIN review_state s"
+                " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
                 " WHERE p.created_at >= %(start)s AND {eligible} ORDER BY {order} LIMIT %(count)s"
                 " FOR UPDATE OF p SKIP LOCKED"
-            ).format(eligible=_ELIGIBLE, order=order),
+            ).format(eligible=_ELIGIBLE, order=order, required=_REQUIRED),
             params,
         ).fetchall()
         if not locked and strategy is Strategy.RANDOM and params["start"].year > 1970:
@@ -185,12 +187,15 @@ def claim(
         # 2. Re-check under the locks with a fresh snapshot: a claimer that held one of these rows
         # a moment ago has committed by now, and its lease is visible to this statement.
         params["ids"] = [r[0] for r in locked]
+        params["created"] = [r[1] for r in locked]
         rows = conn.execute(
             sql.SQL(
                 """WITH chosen AS (
                     SELECT p.id, p.created_at, coalesce(s.required_reviews, {required}) AS required
-                    FROM predictions p LEFT JOIN review_state s ON s.item_created_at = p.created_at AND s.prediction_id = p.id
-                    WHERE p.id = ANY(%(ids)s) AND {eligible}
+                    FROM predictions p LEFT JOIN review_state s
+                        ON s.item_created_at = p.created_at AND s.prediction_id = p.id
+                    WHERE (p.created_at, p.id) IN (SELECT * FROM unnest(%(created)s::timestamptz[], %(ids)s::uuid[]))
+                      AND {eligible}
                 ), state AS (
                     INSERT INTO review_state (prediction_id, item_created_at, required_reviews)
                     SELECT id, created_at, required FROM chosen ON CONFLICT (prediction_id) DO NOTHING
@@ -205,13 +210,7 @@ def claim(
         expiry = {r[0]: r[1] for r in rows}
         if not expiry:
             return []
-        items = conn.execute(
-            sql.SQL(
-                "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input,"
-                " {required} FROM predictions p WHERE p.id = ANY(%(ids)s) ORDER BY {order}"
-            ).format(required=_REQUIRED, order=order),
-            {**params, "ids": list(expiry)},
-        ).fetchall()
+        items = [row for row in locked if row[0] in expiry]  # in claim order
         _audit(conn, user, "claim", None, items=[str(i) for i in expiry], strategy=strategy.value)
     return [
         Claimed(
@@ -243,43 +242,52 @@ class ItemState:
 
 def _refresh_state(conn: psycopg.Connection, prediction_id: uuid.UUID) -> ItemState:
     """Recompute an item's state from its whole annotation history (the only way it changes)."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT p.label, p.created_at, coalesce(s.required_reviews, {required})"
-            " FROM predictions p LEFT JOIN review_state s ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
-            " WHERE p.created_at = %(created)s AND p.id = %(id)s"
-        ).format(required=_REQUIRED),
-        {"id": prediction_id, "created": uuid_created_at(prediction_id), "overlap": 1, "overlap_per_10k": 0},
-    ).fetchone()
-    if row is None:
-        raise NotFound(f"no item {prediction_id}")
-    predicted, item_created, required = row
-    history = [
-        Annotation(revision=r[0], actor_id=r[1], verdict=Verdict(r[2]), label=r[3])
+    return _refresh_states(conn, [prediction_id])[0]
+
+
+def _refresh_states(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> list[ItemState]:
+    """Recompute the states of several items, in three statements whatever their number."""
+    keys = {"ids": list(ids), "created": [uuid_created_at(i) for i in ids], "overlap": 1, "overlap_per_10k": 0}
+    items = {
+        r[0]: r[1:]
         for r in conn.execute(
-            "SELECT id, actor_id, verdict, label FROM annotations WHERE prediction_id = %s ORDER BY id",
-            (prediction_id,),
+            sql.SQL(
+                "SELECT p.id, p.label, p.created_at, coalesce(s.required_reviews, {required})"
+                " FROM predictions p LEFT JOIN review_state s"
+                " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
+                " WHERE (p.created_at, p.id) IN (SELECT * FROM unnest(%(created)s::timestamptz[], %(ids)s::uuid[]))"
+            ).format(required=_REQUIRED),
+            keys,
         )
-    ]
-    decision = decide(history, predicted=predicted, required=int(required))
-    revision = history[-1].revision if history else 0
-    conn.execute(
-        """INSERT INTO review_state (prediction_id, item_created_at, required_reviews, status, label, revision,
-                                     reviewers)
-           VALUES (%s, %s, %s, %s, %s, %s, %s)
-           ON CONFLICT (prediction_id) DO UPDATE SET status = EXCLUDED.status, label = EXCLUDED.label,
-               revision = EXCLUDED.revision, reviewers = EXCLUDED.reviewers""",
-        (
-            prediction_id,
-            item_created,
-            required,
-            decision.status.value,
-            decision.label,
-            revision,
-            decision.reviewers,
-        ),
-    )
-    return ItemState(prediction_id, decision.status, decision.label, revision)
+    }
+    missing = [str(i) for i in ids if i not in items]
+    if missing:
+        raise NotFound(f"no item {', '.join(missing)}")
+    histories: dict[uuid.UUID, list[Annotation]] = {i: [] for i in ids}
+    for r in conn.execute(
+        "SELECT prediction_id, id, actor_id, verdict, label FROM annotations WHERE prediction_id = ANY(%s) ORDER BY id",
+        (list(ids),),
+    ):
+        histories[r[0]].append(Annotation(revision=r[1], actor_id=r[2], verdict=Verdict(r[3]), label=r[4]))
+    states, rows = [], []
+    for i in ids:
+        predicted, item_created, required = items[i]
+        decision = decide(histories[i], predicted=predicted, required=int(required))
+        revision = histories[i][-1].revision if histories[i] else 0
+        states.append(ItemState(i, decision.status, decision.label, revision))
+        rows.append(
+            (i, item_created, int(required), decision.status.value, decision.label, revision, decision.reviewers)
+        )
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            """INSERT INTO review_state (prediction_id, item_created_at, required_reviews, status, label, revision,
+                                         reviewers)
+               VALUES (%s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (prediction_id) DO UPDATE SET status = EXCLUDED.status, label = EXCLUDED.label,
+                   revision = EXCLUDED.revision, reviewers = EXCLUDED.reviewers""",
+            rows,
+        )
+    return states
 
 
 def _annotate(
@@ -308,28 +316,47 @@ def record_verdicts(
     labels: Sequence[str] | None = None,
 ) -> list[ItemState]:
     """Record verdicts on items the user holds, all or none. A verdict consumes its lease."""
-    states = []
+    for v in verdicts:
+        if v.verdict not in (Verdict.CORRECT, Verdict.WRONG, Verdict.DISCARD, Verdict.UNSURE):
+            raise Invalid(f"{v.verdict.value!r} is not a reviewer's verdict")
+        if v.verdict is Verdict.WRONG and not v.label:
+            raise Invalid(f"{v.prediction_id}: 'wrong' needs the right label")
+        if v.verdict is not Verdict.WRONG and v.label is not None:
+            raise Invalid(f"{v.prediction_id}: only 'wrong' takes a label")
+        if v.verdict is Verdict.DISCARD and not v.reason:
+            raise Invalid(f"{v.prediction_id}: 'discard' needs a reason")
+        if v.label is not None and labels is not None and v.label not in labels:
+            raise Invalid(f"{v.prediction_id}: unknown label {v.label!r}; labels are {', '.join(labels)}")
+    ids = [v.prediction_id for v in verdicts]
+    if len(set(ids)) != len(ids):
+        raise Invalid("an item appears twice in one call")
     with conn.transaction():
-        for v in verdicts:
-            if v.verdict not in (Verdict.CORRECT, Verdict.WRONG, Verdict.DISCARD, Verdict.UNSURE):
-                raise Invalid(f"{v.verdict.value!r} is not a reviewer's verdict")
-            if v.verdict is Verdict.WRONG and not v.label:
-                raise Invalid(f"{v.prediction_id}: 'wrong' needs the right label")
-            if v.verdict is not Verdict.WRONG and v.label is not None:
-                raise Invalid(f"{v.prediction_id}: only 'wrong' takes a label")
-            if v.verdict is Verdict.DISCARD and not v.reason:
-                raise Invalid(f"{v.prediction_id}: 'discard' needs a reason")
-            if v.label is not None and labels is not None and v.label not in labels:
-                raise Invalid(f"{v.prediction_id}: unknown label {v.label!r}; labels are {', '.join(labels)}")
-            held = conn.execute(
-                "DELETE FROM leases WHERE prediction_id = %s AND user_id = %s AND expires_at > now() RETURNING 1",
-                (v.prediction_id, user.id),
-            ).fetchone()
-            if held is None:
-                raise Conflict(f"{v.prediction_id}: you hold no live lease on this item (claim it first)")
-            _annotate(conn, user, v.prediction_id, verdict=v.verdict, label=v.label, reason=v.reason)
-            states.append(_refresh_state(conn, v.prediction_id))
-        _audit(conn, user, "verdicts", None, items=[str(v.prediction_id) for v in verdicts])
+        held = {
+            r[0]
+            for r in conn.execute(
+                "DELETE FROM leases WHERE user_id = %s AND expires_at > now() AND prediction_id = ANY(%s)"
+                " RETURNING prediction_id",
+                (user.id, ids),
+            )
+        }
+        not_held = [str(i) for i in ids if i not in held]
+        if not_held:
+            raise Conflict(f"you hold no live lease on {', '.join(not_held)} (claim first)")
+        conn.execute(
+            "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason)"
+            " SELECT i, c, %s, v, l, r FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])"
+            " AS u(i, c, v, l, r)",
+            (
+                user.id,
+                ids,
+                [uuid_created_at(i) for i in ids],
+                [v.verdict.value for v in verdicts],
+                [v.label for v in verdicts],
+                [v.reason for v in verdicts],
+            ),
+        )
+        states = _refresh_states(conn, ids)
+        _audit(conn, user, "verdicts", None, items=[str(i) for i in ids])
     return states
 
 
@@ -518,7 +545,8 @@ def list_items(*, conn: psycopg.Connection, filters: ItemFilter, limit: int, cur
         sql.SQL(
             "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.source,"
             " coalesce(s.status, 'unreviewed'), s.label, s.revision, p.input IS NULL"
-            " FROM predictions p LEFT JOIN review_state s ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
+            " FROM predictions p LEFT JOIN review_state s"
+            " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
             " WHERE {where} ORDER BY {order} LIMIT %(limit)s"
         ).format(where=where, order=order),
         params,
@@ -541,7 +569,8 @@ def counts(*, conn: psycopg.Connection, created_from: datetime | None, created_t
         sql.SQL(
             "SELECT p.model_name, p.model_version, date_trunc('day', p.created_at)::date AS day, count(*),"
             " count(*) FILTER (WHERE coalesce(s.status, 'unreviewed') <> 'unreviewed')"
-            " FROM predictions p LEFT JOIN review_state s ON s.item_created_at = p.created_at AND s.prediction_id = p.id WHERE {where}"
+            " FROM predictions p LEFT JOIN review_state s"
+            " ON s.item_created_at = p.created_at AND s.prediction_id = p.id WHERE {where}"
             " GROUP BY 1, 2, 3 ORDER BY 3, 1, 2"
         ).format(where=where),
         params,
@@ -552,7 +581,8 @@ def counts(*, conn: psycopg.Connection, created_from: datetime | None, created_t
             " count(*) FILTER (WHERE s.status = 'reviewed' AND s.label <> p.label),"
             " count(*) FILTER (WHERE s.status = 'discarded'),"
             " count(*) FILTER (WHERE s.status = 'disputed')"
-            " FROM predictions p JOIN review_state s ON s.item_created_at = p.created_at AND s.prediction_id = p.id WHERE {where}"
+            " FROM predictions p JOIN review_state s"
+            " ON s.item_created_at = p.created_at AND s.prediction_id = p.id WHERE {where}"
         ).format(where=where),
         params,
     ).fetchone()

@@ -86,20 +86,26 @@ def main() -> None:
             fill(conn, args.predictions)
             logger.info("filled in %.0f s", time.perf_counter() - started)
             user, _ = rs.create_user(conn=conn, name="bench", role=rs.Role.REVIEWER)
-            results: dict[str, list[float]] = {"claim+verdict (oldest)": [], "claim+verdict (least confident)": []}
+            results: dict[str, list[float]] = {}
             for i in range(args.rounds):
                 strategy = rs.Strategy.OLDEST if i % 2 == 0 else rs.Strategy.LEAST_CONFIDENT
                 t0 = time.perf_counter()
                 claimed = rs.claim(conn=conn, user=user, count=10, strategy=strategy, lease_seconds=300)
+                t1 = time.perf_counter()
                 verdicts = [
                     rs.VerdictIn(c.prediction_id, Verdict.CORRECT if j % 3 else Verdict.WRONG, None if j % 3 else "0")
                     for j, c in enumerate(claimed)
                 ]
                 rs.record_verdicts(conn=conn, user=user, verdicts=verdicts)
-                name = "claim+verdict (oldest)" if strategy is rs.Strategy.OLDEST else "claim+verdict (least confident)"
-                results[name].append((time.perf_counter() - t0) * 1000)
+                t2 = time.perf_counter()
+                for name, ms in (
+                    (f"claim 10 ({strategy.value})", (t1 - t0) * 1000),
+                    ("verdicts on 10", (t2 - t1) * 1000),
+                    (f"claim 10 + verdicts on 10 ({strategy.value})", (t2 - t0) * 1000),
+                ):
+                    results.setdefault(name, []).append(ms)
             filters = [
-                rs.ItemFilter(model_version="v2", min_confidence=0.5, max_confidence=0.9),
+                rs.ItemFilter(model_name="digits-cnn", model_version="v2", min_confidence=0.5, max_confidence=0.9),
                 rs.ItemFilter(status=Status.REVIEWED, sort=rs.SortKey.CONFIDENCE),
                 rs.ItemFilter(label="3", status=Status.UNREVIEWED, descending=True),
                 rs.ItemFilter(
@@ -110,11 +116,14 @@ def main() -> None:
             results["filtered list page (50)"] = []
             for i in range(args.rounds):
                 f = filters[i % len(filters)]
-                t0 = time.perf_counter()
-                page = rs.list_items(conn=conn, filters=f, limit=50, cursor=None)
-                if page.next_cursor:
-                    rs.list_items(conn=conn, filters=f, limit=50, cursor=page.next_cursor)
-                results["filtered list page (50)"].append((time.perf_counter() - t0) * 1000 / 2)
+                cursor = None
+                for _ in range(2):  # a first page, then the next one
+                    t0 = time.perf_counter()
+                    page = rs.list_items(conn=conn, filters=f, limit=50, cursor=cursor)
+                    results["filtered list page (50)"].append((time.perf_counter() - t0) * 1000)
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        break
         print(f"\n{args.predictions:,} predictions stored; {args.rounds} rounds each\n")
         for name, samples in results.items():
             print(f"{name}: {percentiles(samples)}")

@@ -34,11 +34,20 @@ def data() -> digits.Digits:
 
 
 @pytest.fixture(scope="module")
-def client(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def module_database() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(
+    model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, module_database: str
+) -> Iterator[TestClient]:
     # BentoML registers its Prometheus metrics once per process, so one app serves the module.
     from service.app import Predictor
 
-    with fresh_database() as database_url, redis_namespace() as keys, pytest.MonkeyPatch.context() as mp:
+    database_url = module_database
+    with redis_namespace() as keys, pytest.MonkeyPatch.context() as mp:
         env = {
             **model_env,
             "LOOP_DATABASE_URL": database_url,
@@ -217,3 +226,25 @@ def test_bad_tags_get_400(client: TestClient, tags: Any, fragment: str) -> None:
 def test_unknown_or_malformed_prediction_ids(client: TestClient, path: str, status: int) -> None:
     response = client.get(path)
     assert response.status_code == status, response.text
+
+
+def test_the_review_api_is_mounted_with_the_served_models_labels(
+    client: TestClient, module_database: str, data: digits.Digits
+) -> None:
+    import psycopg
+
+    from feedback import review_store
+
+    assert client.get("/review/me").status_code == 401
+    with psycopg.connect(module_database, autocommit=True) as conn:
+        _, token = review_store.create_user(conn=conn, name="mounted", role=review_store.Role.REVIEWER)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/review/me", headers=headers).json()["name"] == "mounted"
+    # The served model's signature checks added samples and labels.
+    sample = data.images[3].tolist()
+    assert client.post("/review/samples", json={"input": sample, "label": "3"}, headers=headers).status_code == 201
+    assert client.post("/review/samples", json={"input": sample, "label": "x"}, headers=headers).status_code == 422
+    bad = client.post("/review/samples", json={"input": [[1.0] * 8] * 7, "label": "3"}, headers=headers)
+    assert bad.status_code == 422 and "shape" in bad.text
+    paths = client.get("/docs.json").json()["paths"]
+    assert "/review/claim" in paths and "/review/items" in paths
