@@ -72,3 +72,9 @@ CREATE TABLE audit_log (
     details  jsonb       NOT NULL DEFAULT '{}'::jsonb
 );
 CREATE INDEX audit_log_at ON audit_log (at);
+
+-- The current label of every item that has one: what a training set is compiled from.
+CREATE VIEW current_labels AS
+    SELECT s.prediction_id, s.item_created_at, s.label, s.revision
+    FROM review_state s
+    WHERE s.status = 'reviewed';

@@ -189,6 +189,9 @@ def test_verdicts_corrections_disputes_and_append_only_history(
     assert [(h["actor"], h["verdict"]) for h in history] == [("ann", "correct"), ("bob", "wrong"), ("boss", "resolve")]
     with psycopg.connect(database_url) as conn, pytest.raises(psycopg.errors.RaiseException, match="append-only"):
         conn.execute("UPDATE annotations SET label = 'x'")
+    with psycopg.connect(database_url) as conn:
+        current = dict(conn.execute("SELECT prediction_id::text, label FROM current_labels").fetchall())
+    assert current == {first: wrong}  # the discarded item has no current label
     agreement = client.get("/review/agreement", headers=ann).json()
     assert agreement["pairs"][0]["items"] == 2
     assert [d["item"] for d in agreement["disagreements"]] == [first]
