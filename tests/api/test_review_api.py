@@ -190,7 +190,7 @@ def test_verdicts_corrections_disputes_and_append_only_history(
     with psycopg.connect(database_url) as conn, pytest.raises(psycopg.errors.RaiseException, match="append-only"):
         conn.execute("UPDATE annotations SET label = 'x'")
     with psycopg.connect(database_url) as conn:
-        current = dict(conn.execute("SELECT prediction_id::text, label FROM current_labels").fetchall())
+        current: dict[str, str] = dict(conn.execute("SELECT prediction_id::text, label FROM current_labels").fetchall())
     assert current == {first: wrong}  # the discarded item has no current label
     agreement = client.get("/review/agreement", headers=ann).json()
     assert agreement["pairs"][0]["items"] == 2
