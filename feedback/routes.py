@@ -11,10 +11,12 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import BaseModel, Field, StringConstraints
@@ -178,6 +180,12 @@ class EraseIn(BaseModel):
 
 
 # -- routes -------------------------------------------------------------------------------------
+
+
+@router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+def ui() -> HTMLResponse:
+    """The reviewers' web page: a client of the routes below (it holds no data itself)."""
+    return HTMLResponse(resources.files("feedback").joinpath("static/review.html").read_text())
 
 
 @router.get("/me", response_model=UserPublic)

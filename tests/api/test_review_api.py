@@ -413,3 +413,24 @@ def test_counts(client: TestClient, pool: ConnectionPool, database_url: str) -> 
     assert days == expected_days
     windowed = client.get("/review/counts", params={"from": (T0 + timedelta(hours=24)).isoformat()}, headers=ann)
     assert windowed.json()["moderated"] + windowed.json()["unmoderated"] == 6
+
+
+def test_the_review_page_is_served_and_its_script_parses(client: TestClient, tmp_path: Any) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    response = client.get("/review/ui")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    for route in ("/review/claim", "/review/verdicts", "/review/counts", "/models"):
+        assert route in page
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page's script is not syntax-checked")
+    (script,) = re.findall(r"<script>(.*?)</script>", page, re.S)
+    path = tmp_path / "review.js"
+    path.write_text(script)
+    checked = subprocess.run([node, "--check", str(path)], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
