@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import redis
 from psycopg import sql
 
 from loadtest import wrk
@@ -101,6 +102,10 @@ def main() -> None:
     finally:
         with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+        client = redis.Redis.from_url(args.redis)
+        stale = list(client.scan_iter(match=f"{prefix}:*"))
+        if stale:
+            client.delete(*stale)
 
     def mean(mode: str, attr: str) -> float:
         return sum(float(getattr(r, attr)) for r in results[mode]) / len(results[mode])
