@@ -191,7 +191,11 @@ def ingest() -> None:
         connect=lambda: psycopg.connect(database_url, autocommit=True, connect_timeout=3),
         keys=keys,
         consumer=settings.ingest_consumer or f"{socket.gethostname()}-{os.getpid()}",
-        config=IngestConfig(batch_size=settings.ingest_batch_size, claim_idle_ms=settings.ingest_claim_idle_ms),
+        config=IngestConfig(
+            batch_size=settings.ingest_batch_size,
+            claim_idle_ms=settings.ingest_claim_idle_ms,
+            linger_ms=settings.ingest_linger_ms,
+        ),
         on_stats=on_stats,
     )
     stop = threading.Event()

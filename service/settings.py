@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     ingest_claim_idle_ms: int = Field(
         30_000, ge=100, description="Pending entries idle this long are taken from a dead consumer."
     )
+    ingest_linger_ms: int = Field(
+        100, ge=0, le=10_000, description="After a short batch, wait this long before the next read."
+    )
     ingest_consumer: str | None = Field(None, description="Consumer name; unset: host name and process id.")
     review_lease_seconds: float = Field(300.0, ge=1, le=3600, description="How long a claimed item stays yours.")
     review_overlap: int = Field(2, ge=1, le=10, description="Reviews wanted for items in the overlap share.")
