@@ -1,0 +1,127 @@
+"""Locust users of the service: predicting clients, reviewers and a rare admin.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:3000 \
+        --reviewer-token TOKEN --admin-token TOKEN --predict-weight 10 --review-weight 2 --admin-weight 1
+
+Without tokens only predicting users run. `--ids-file` collects every prediction id received
+(one per line) so a run can be checked against what was stored (`python -m loadtest.run_locust`).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+from locust import HttpUser, between, events, task
+from locust.argument_parser import LocustArgumentParser
+from locust.env import Environment
+
+from models import digits
+
+_DATA = digits.load()
+_SAMPLES = [image.tolist() for image in _DATA.images[:500]]
+_LABELS = [str(label) for label in range(10)]
+_ids_lock = threading.Lock()
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: LocustArgumentParser) -> None:
+    parser.add_argument("--reviewer-token", default="", help="Bearer token of a reviewer")
+    parser.add_argument("--admin-token", default="", help="Bearer token of an admin")
+    parser.add_argument("--predict-weight", type=int, default=10)
+    parser.add_argument("--review-weight", type=int, default=2)
+    parser.add_argument("--admin-weight", type=int, default=1)
+    parser.add_argument("--ids-file", default="", help="Append every prediction id received here")
+
+
+@events.init.add_listener
+def _weights(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    if options is None:
+        return
+    PredictingUser.weight = options.predict_weight
+    ReviewingUser.weight = options.review_weight if options.reviewer_token else 0
+    AdminUser.weight = options.admin_weight if options.admin_token else 0
+
+
+class PredictingUser(HttpUser):
+    """A client of `POST /predict`: mostly single digits, sometimes a batch of them."""
+
+    wait_time = between(0.0, 0.05)
+    weight = 10
+
+    def _predict(self, count: int, name: str) -> None:
+        body = {"samples": random.sample(_SAMPLES, count), "tags": {"source": "locust"}}
+        with self.client.post("/predict", json=body, name=name, catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"{response.status_code}: {response.text[:200]}")
+                return
+            ids = [p["id"] for p in response.json()["predictions"]]
+            if len(ids) != count:
+                response.failure(f"{len(ids)} answers for {count} samples")
+                return
+            path = self.environment.parsed_options.ids_file if self.environment.parsed_options else ""
+            if path:
+                with _ids_lock, open(path, "a") as out:
+                    out.write("\n".join(ids) + "\n")
+
+    @task(8)
+    def one(self) -> None:
+        self._predict(1, "/predict [1]")
+
+    @task(2)
+    def several(self) -> None:
+        self._predict(8, "/predict [8]")
+
+
+class _Authenticated(HttpUser):
+    abstract = True
+    token_option = ""
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        token = getattr(options, self.token_option, "") if options else ""
+        self.client.headers["Authorization"] = f"Bearer {token}"
+
+
+class ReviewingUser(_Authenticated):
+    """A reviewer: claims a page, gives verdicts, looks at lists and counts."""
+
+    wait_time = between(0.05, 0.2)
+    weight = 2
+    token_option = "reviewer_token"
+
+    @task(4)
+    def review_a_page(self) -> None:
+        claimed = self.client.post("/review/claim", json={"count": 5, "strategy": "least_confident"}).json()
+        verdicts = []
+        for item in claimed:
+            if random.random() < 0.8:
+                verdicts.append({"prediction_id": item["id"], "verdict": "correct"})
+            else:
+                wrong = random.choice([label for label in _LABELS if label != item["label"]])
+                verdicts.append({"prediction_id": item["id"], "verdict": "wrong", "label": wrong})
+        if verdicts:
+            self.client.post("/review/verdicts", json={"verdicts": verdicts})
+
+    @task(2)
+    def list_items(self) -> None:
+        self.client.get("/review/items", params={"status": "unreviewed", "max_confidence": 0.99, "limit": 20})
+
+    @task(1)
+    def counts(self) -> None:
+        self.client.get("/review/counts")
+
+
+class AdminUser(_Authenticated):
+    """An admin, now and then: agreement figures and the audit log."""
+
+    wait_time = between(0.5, 1.0)
+    weight = 1
+    token_option = "admin_token"
+
+    @task
+    def look_around(self) -> None:
+        self.client.get("/review/agreement")
+        self.client.get("/review/audit", params={"limit": 20})
