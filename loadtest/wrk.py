@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ class WrkResult:
     p99_ms: float
     errors: int  # socket errors plus non-2xx answers
     requests: int
+    client_cpu: float = 0.0  # wrk's CPU seconds per wall second (1.0 = one core busy)
 
 
 def ensure_wrk() -> str:
@@ -65,6 +69,8 @@ def run(url: str, body: Mapping[str, object], *, connections: int, seconds: floa
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(_LUA % json.dumps(body))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
         output = subprocess.run(
             [
                 ensure_wrk(),
@@ -80,4 +86,7 @@ def run(url: str, body: Mapping[str, object], *, connections: int, seconds: floa
             text=True,
             check=True,
         ).stdout
-    return parse(output)
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return dataclasses.replace(parse(output), client_cpu=cpu / wall)

@@ -1,0 +1,251 @@
+"""One run, one machine, one model, one load generator: our service against the alternatives.
+
+    python -m loadtest.bench_servers --concurrency 1,8,32,64 --seconds 10
+
+Measures, after a warm-up, at each concurrency (closed loop, wrk, single-digit JSON requests):
+throughput, p50, p99 and errors of
+- ours: `loop serve` batched and unbatched (`LOOP_MAX_BATCH_SIZE=1`), prediction logging on
+  (with its ingest worker) and off;
+- bare BentoML: the same model behind `@bentoml.api(batchable=True)`, no logging;
+and the ceiling: ONNX Runtime in-process (one thread) at batch sizes 1, 32 and 128.
+Writes results.json, results.md (table and ratios) and PNG plots of throughput and p99 against
+concurrency to `--out`. wrk runs with one thread; its CPU use is reported beside each point, so the
+share of the two cores the load generator took is visible.
+
+Peers installed from the registry (LitServe, MOSEC, ...) are not in this harness yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psycopg
+import redis
+from psycopg import sql
+
+from loadtest import wrk
+from models import digits, store
+from models.runtime import DevicePreference, OnnxModel
+
+logger = logging.getLogger("bench_servers")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Point:
+    target: str
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    client_cpu: float
+
+
+def ceiling(model_tag: str, seconds: float) -> dict[int, float]:
+    """Samples per second of ONNX Runtime in-process, one intra-op thread, by batch size."""
+    model = OnnxModel(store.get(model_tag).onnx_path, device=DevicePreference.CPU, intra_op_threads=1)
+    images = digits.load().images
+    out = {}
+    for batch in (1, 32, 128):
+        x = np.ascontiguousarray(np.resize(images, (batch, 8, 8)), dtype=np.float32)
+        for _ in range(50):
+            model.run(x)
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            model.run(x)
+            runs += 1
+        out[batch] = runs * batch / (time.perf_counter() - started)
+    return out
+
+
+def serve(target: Target, port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [part.replace("{port}", str(port)) for part in target.command],
+            cwd=ROOT,
+            env={**os.environ, **target.env, "LOOP_PORT": str(port)},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{target.name} did not start; see {log}")
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def plot(points: list[Point], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in sorted({p.target for p in points}):
+        mine = sorted((p for p in points if p.target == name), key=lambda p: p.concurrency)
+        xs = [p.concurrency for p in mine]
+        left.plot(xs, [p.requests_per_s for p in mine], marker="o", label=name)
+        right.plot(xs, [p.p99_ms for p in mine], marker="o", label=name)
+    for axis, title in ((left, "throughput (req/s)"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent connections")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput_p99.png", dpi=120)
+
+
+def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: list[int]) -> str:
+    by = {(p.target, p.concurrency): p for p in points}
+    names = sorted({p.target for p in points})
+    lines = ["| target | " + " | ".join(f"c={c} req/s (p50 / p99 ms)" for c in concurrencies) + " |"]
+    lines.append("|---" * (len(concurrencies) + 1) + "|")
+    for name in names:
+        cells = []
+        for c in concurrencies:
+            p = by.get((name, c))
+            cells.append("-" if p is None else f"{p.requests_per_s:,.0f} ({p.p50_ms:.1f} / {p.p99_ms:.1f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ceiling_text = ", ".join(f"batch {b}: {v:,.0f} samples/s" for b, v in ceilings.items())
+    lines += ["", f"Ceiling, ONNX Runtime in-process (1 thread): {ceiling_text}.", "", "Ratios (throughput):", ""]
+
+    def ratio(a: str, b: str, c: int) -> str:
+        pa, pb = by.get((a, c)), by.get((b, c))
+        return (
+            "-"
+            if pa is None or pb is None or pb.requests_per_s == 0
+            else f"{pa.requests_per_s / pb.requests_per_s:.2f}"
+        )
+
+    for c in concurrencies:
+        lines.append(
+            f"- c={c}: ours / bare BentoML {ratio('ours batched, log on', 'bare bentoml batchable', c)}; "
+            f"batched / unbatched {ratio('ours batched, log on', 'ours unbatched, log on', c)}; "
+            f"logging on / off {ratio('ours batched, log on', 'ours batched, log off', c)}"
+        )
+    cpu = max((p.client_cpu for p in points), default=0.0)
+    lines += ["", f"wrk used at most {cpu:.2f} of a core (one thread) at any point; the server had the rest."]
+    return "\n".join(lines)
+
+
+def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out: Path) -> list[Target]:
+    name, _, version = model.partition(":")
+    loop = [sys.executable, "-m", "service", "serve", "--no-train"]
+    common = {
+        "LOOP_MODEL_NAME": name,
+        "LOOP_MODEL_TAG": version or "latest",
+        "LOOP_DATABASE_URL": database_url,
+        "LOOP_REDIS_URL": redis_url,
+        "LOOP_REDIS_PREFIX": prefix,
+        "LOOP_VAR_DIR": str(out / "var"),
+        "LOOP_INGEST_METRICS_PORT": "0",
+    }
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    return [
+        Target("ours batched, log on", loop, {**common, "LOOP_LOG_PREDICTIONS": "true"}),
+        Target("ours batched, log off", loop, {**common, "LOOP_LOG_PREDICTIONS": "false"}),
+        Target("ours unbatched, log on", loop, {**common, "LOOP_MAX_BATCH_SIZE": "1"}),
+        Target(
+            "bare bentoml batchable",
+            [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
+            {"LOOP_MODEL_TAG": model},
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=5)
+    parser.add_argument("--model", default="digits-cnn:latest")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    out = args.out or Path("var/bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    database = f"loop_bench_{uuid.uuid4().hex[:8]}"
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    targets = make_targets(args.model, f"{args.postgres}/{database}", args.redis, prefix, out)
+    body = {"samples": [digits.load().images[0].tolist()]}
+    points: list[Point] = []
+    try:
+        ceilings = ceiling(args.model, seconds=min(args.seconds, 5))
+        logger.info("ceiling: %s", ceilings)
+        for i, target in enumerate(targets):
+            port = 3990 + i
+            process = serve(target, port, out / f"{i}.log")
+            try:
+                url = f"http://127.0.0.1:{port}/predict"
+                for c in concurrencies:
+                    wrk.run(url, body, connections=c, seconds=args.warmup)
+                    r = wrk.run(url, body, connections=c, seconds=args.seconds)
+                    points.append(Point(target.name, c, r.requests_per_s, r.p50_ms, r.p99_ms, r.errors, r.client_cpu))
+                    logger.info("%s c=%d: %s", target.name, c, r)
+            finally:
+                stop(process)
+    finally:
+        with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+        client = redis.Redis.from_url(args.redis)
+        stale = list(client.scan_iter(match=f"{prefix}:*"))
+        if stale:
+            client.delete(*stale)
+
+    (out / "results.json").write_text(
+        json.dumps({"ceiling": ceilings, "points": [asdict(p) for p in points]}, indent=2)
+    )
+    report = markdown(points, ceilings, concurrencies)
+    (out / "results.md").write_text(report + "\n")
+    plot(points, out)
+    print(report)
+    print(f"\nresults, plots and server logs in {out}")
+
+
+if __name__ == "__main__":
+    main()
