@@ -12,7 +12,9 @@ Writes results.json, results.md (table and ratios) and PNG plots of throughput a
 concurrency to `--out`. wrk runs with one thread; its CPU use is reported beside each point, so the
 share of the two cores the load generator took is visible.
 
-Peers installed from the registry (LitServe, MOSEC, ...) are not in this harness yet.
+- peers from the package registry, the same model, no logging: LitServe (Python front end,
+  the closest in design to ours) and MOSEC (Rust front end, the fastest we know of); install them
+  with `pip install -e '.[bench]'`. Both batch up to 64 with a 5 ms wait, as measured before.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Target:
     name: str
     command: list[str]
     env: dict[str, str]
+    path: str = "/predict"  # where predictions are posted
+    ready: str = "/readyz"  # answers 200 once the server can take them
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def serve(target: Target, port: int, log: Path) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 120
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{target.ready}", timeout=1).status_code == 200:
                 return process
         except httpx.TransportError:
             pass
@@ -158,7 +162,9 @@ def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: lis
 
     for c in concurrencies:
         lines.append(
-            f"- c={c}: ours / bare BentoML {ratio('ours batched, log on', 'bare bentoml batchable', c)}; "
+            f"- c={c}: ours / MOSEC {ratio('ours batched, log on', 'mosec (batch 64, 5 ms)', c)}; "
+            f"ours / LitServe {ratio('ours batched, log on', 'litserve (batch 64, 5 ms)', c)}; "
+            f"ours / bare BentoML {ratio('ours batched, log on', 'bare bentoml batchable', c)}; "
             f"batched / unbatched {ratio('ours batched, log on', 'ours unbatched, log on', c)}; "
             f"logging on / off {ratio('ours batched, log on', 'ours batched, log off', c)}"
         )
@@ -188,6 +194,18 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
             "bare bentoml batchable",
             [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
+        ),
+        Target(
+            "litserve (batch 64, 5 ms)",
+            [sys.executable, "-m", "loadtest.peers.litserve_peer", "--port", "{port}"],
+            {"LOOP_MODEL_TAG": model},
+        ),
+        Target(
+            "mosec (batch 64, 5 ms)",
+            [sys.executable, "-m", "loadtest.peers.mosec_peer", "--port", "{port}"],
+            {"LOOP_MODEL_TAG": model},
+            path="/inference",
+            ready="/",
         ),
     ]
 
@@ -221,7 +239,7 @@ def main() -> None:
             port = 3990 + i
             process = serve(target, port, out / f"{i}.log")
             try:
-                url = f"http://127.0.0.1:{port}/predict"
+                url = f"http://127.0.0.1:{port}{target.path}"
                 for c in concurrencies:
                     wrk.run(url, body, connections=c, seconds=args.warmup)
                     r = wrk.run(url, body, connections=c, seconds=args.seconds)
