@@ -12,52 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import psycopg
 import redis
 from psycopg import sql
 
-from loadtest import wrk
+from loadtest import servers, wrk
 from models import digits
 
 logger = logging.getLogger("bench_logging")
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--no-train"],
-            cwd=ROOT,
-            env={**os.environ, **env, "LOOP_PORT": str(port), "LOOP_INGEST_METRICS_PORT": "0"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the service on port {port} did not start; see {log}")
-        time.sleep(0.2)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def main() -> None:
@@ -90,13 +56,18 @@ def main() -> None:
             for mode in ("on", "off"):
                 port = 3900 + (mode == "off")
                 env = {**base, "LOOP_LOG_PREDICTIONS": "true" if mode == "on" else "false"}
-                process = start(env, port, args.log_dir / f"serve-{mode}.log")
+                process = servers.start(
+                    [sys.executable, "-m", "service", "serve", "--no-train"],
+                    {**env, "LOOP_PORT": str(port), "LOOP_INGEST_METRICS_PORT": "0"},
+                    ready_url=f"http://127.0.0.1:{port}/readyz",
+                    log=args.log_dir / f"serve-{mode}.log",
+                )
                 try:
                     url = f"http://127.0.0.1:{port}/predict"
                     wrk.run(url, body, connections=args.concurrency, seconds=args.warmup)
                     result = wrk.run(url, body, connections=args.concurrency, seconds=args.seconds)
                 finally:
-                    stop(process)
+                    servers.stop(process)
                 logger.info("round %d, logging %s: %s", round_ + 1, mode, result)
                 results[mode].append(result)
     finally:

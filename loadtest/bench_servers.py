@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -32,18 +29,16 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
 import psycopg
 import redis
 from psycopg import sql
 
-from loadtest import wrk
+from loadtest import servers, wrk
 from models import digits, store
 from models.runtime import DevicePreference, OnnxModel
 
 logger = logging.getLogger("bench_servers")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -81,38 +76,6 @@ def ceiling(model_tag: str, seconds: float) -> dict[int, float]:
             runs += 1
         out[batch] = runs * batch / (time.perf_counter() - started)
     return out
-
-
-def serve(target: Target, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            [part.replace("{port}", str(port)) for part in target.command],
-            cwd=ROOT,
-            env={**os.environ, **target.env, "LOOP_PORT": str(port)},
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{target.ready}", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{target.name} did not start; see {log}")
-        time.sleep(0.2)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def plot(points: list[Point], out: Path) -> None:
@@ -237,7 +200,12 @@ def main() -> None:
         logger.info("ceiling: %s", ceilings)
         for i, target in enumerate(targets):
             port = 3990 + i
-            process = serve(target, port, out / f"{i}.log")
+            process = servers.start(
+                [part.replace("{port}", str(port)) for part in target.command],
+                {**target.env, "LOOP_PORT": str(port)},
+                ready_url=f"http://127.0.0.1:{port}{target.ready}",
+                log=out / f"{i}.log",
+            )
             try:
                 url = f"http://127.0.0.1:{port}{target.path}"
                 for c in concurrencies:
@@ -246,7 +214,7 @@ def main() -> None:
                     points.append(Point(target.name, c, r.requests_per_s, r.p50_ms, r.p99_ms, r.errors, r.client_cpu))
                     logger.info("%s c=%d: %s", target.name, c, r)
             finally:
-                stop(process)
+                servers.stop(process)
     finally:
         with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
