@@ -1,7 +1,7 @@
 """Locust users of the service: predicting clients, reviewers and a rare admin.
 
     locust -f loadtest/locustfile.py --host http://127.0.0.1:3000 \
-        --reviewer-token TOKEN --admin-token TOKEN --predict-weight 10 --review-weight 2 --admin-weight 1
+        --reviewer-token=TOKEN --admin-token=TOKEN --predict-weight 10 --review-weight 2 --admin-weight 1
 
 Without tokens only predicting users run. `--ids-file` collects every prediction id received
 (one per line) so a run can be checked against what was stored (`python -m loadtest.run_locust`).

@@ -1,7 +1,7 @@
 """A headless locust run that stops by itself, then checks that every prediction answered is stored.
 
     python -m loadtest.run_locust --host http://127.0.0.1:3000 --users 20 --spawn-rate 5 --run-time 30s \
-        --reviewer-token TOKEN --admin-token TOKEN
+        --reviewer-token=TOKEN --admin-token=TOKEN
 
 Writes locust's CSV files and HTML report under `--out` (default var/locust/<time>/), then asks
 `GET /predictions/{id}` for every id received until each is in Postgres (`ingested`), and exits
@@ -67,7 +67,8 @@ def main() -> None:
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
         "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
         "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary",
-        "--reviewer-token", args.reviewer_token, "--admin-token", args.admin_token,
+        # `=` keeps a token that starts with "-" from reading as an option.
+        f"--reviewer-token={args.reviewer_token}", f"--admin-token={args.admin_token}",
         "--predict-weight", str(args.predict_weight), "--review-weight", str(args.review_weight),
         "--admin-weight", str(args.admin_weight), "--ids-file", str(ids_file),
     ]  # fmt: skip

@@ -31,7 +31,7 @@ def test_a_short_locust_run_has_no_failures_and_stores_every_prediction(
     out = tmp_path / "locust"
     command = [
         sys.executable, "-m", "loadtest.run_locust", "--host", service.url, "--users", "6",
-        "--spawn-rate", "6", "--run-time", "6s", "--reviewer-token", reviewer, "--admin-token", admin,
+        "--spawn-rate", "6", "--run-time", "6s", f"--reviewer-token={reviewer}", f"--admin-token={admin}",
         "--review-weight", "2", "--admin-weight", "1", "--out", str(out), "--store-timeout", "60",
     ]  # fmt: skip
     run = subprocess.run(
