@@ -52,7 +52,11 @@ def test_a_short_locust_run_has_no_failures_and_stores_every_prediction(
     ids = (out / "ids.txt").read_text().split()
     with psycopg.connect(database_url) as conn:
         stored = {str(row[0]) for row in conn.execute("SELECT id FROM predictions WHERE source = 'model'")}
-    assert set(ids) == stored and len(ids) == len(set(ids))
+    assert len(ids) == len(set(ids))
+    assert set(ids) <= stored  # every prediction a client received is stored
+    # Requests cut off when the run ends were answered and stored but never read by locust:
+    # at most one request (of up to 8 samples) per user.
+    assert len(stored - set(ids)) <= 6 * 8
     with psycopg.connect(database_url) as conn:
         verdicts = conn.execute("SELECT count(*) FROM annotations").fetchone()
     assert verdicts is not None and verdicts[0] > 0  # reviewers reviewed
