@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -256,9 +257,27 @@ def _embedded_redis(settings: Settings, stack: contextlib.ExitStack) -> str:
     return url
 
 
+def _death_signal() -> Callable[[], None] | None:
+    """A function for a child to run before exec: get SIGTERM when `loop serve` dies, however it
+    dies, so the service and ingest worker are never orphaned (Linux only). libc is resolved here,
+    in the parent, so that the child does no more than one system call between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
     """Run the children until Ctrl-C, SIGTERM or one of them exits; then stop the rest."""
-    processes = {name: subprocess.Popen(command, env=env, start_new_session=True) for name, command in commands.items()}
+    die_with_parent = _death_signal()
+    processes = {
+        # preexec_fn runs one prctl call, resolved before the fork (see _death_signal).
+        name: subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
+        for name, command in commands.items()
+    }
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,15 +36,31 @@ class RunningService:
         return self.log.read_text(errors="replace")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+def _family(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The process's descendants: `loop serve` starts its children in sessions of their own."""
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    family = _family(process)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    # Whatever outlived its parent is stopped too: a test leaves no process behind.
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -59,8 +77,13 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
 
 def kill(process: subprocess.Popen[bytes]) -> None:
     """kill -9 the process and everything it started."""
+    family = _family(process)
     os.killpg(process.pid, signal.SIGKILL)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     process.wait(timeout=10)
+    psutil.wait_procs(family, timeout=10)
 
 
 @pytest.fixture
