@@ -13,7 +13,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.records import PredictionRecord, Row, created_at, decode_row, encode, npy_bytes
+from feedback.records import PredictionRecord, Row, created_at, npy_bytes
 
 _COLUMNS = "id, created_at, model_name, model_version, label, label_index, confidence, scores, input, request_id, tags"
 # The scores column is sent pre-encoded in Postgres's binary real[] format, hence "bytea" here:
@@ -59,11 +59,6 @@ def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row]) -> int:
                         )
                     )  # fmt: skip
             return conn.execute(_MOVE).rowcount
-
-
-def insert_predictions(*, conn: psycopg.Connection, records: Sequence[PredictionRecord]) -> int:
-    """Store records (see `insert_rows`)."""
-    return insert_rows(conn=conn, rows=[decode_row(encode(r)) for r in records])
 
 
 @dataclass(frozen=True)

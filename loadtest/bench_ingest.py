@@ -13,18 +13,17 @@ import argparse
 import logging
 import threading
 import time
-import uuid
 
 import numpy as np
 import psycopg
 import redis
-from psycopg import sql
 
 from feedback.ids import uuid7
 from feedback.ingest import IngestConfig, IngestWorker, lag
 from feedback.keys import Keys
 from feedback.migrate import migrate
 from feedback.records import PredictionRecord, encode
+from loadtest import scratch
 
 logger = logging.getLogger("bench_ingest")
 
@@ -60,12 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
-    database = f"loop_bench_{uuid.uuid4().hex[:8]}"
+    keys = Keys(scratch.new_prefix())
     client = redis.Redis.from_url(args.redis)
-    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    url = f"{args.postgres}/{database}"
+    database, url = scratch.create_database(args.postgres)
     try:
         with psycopg.connect(url) as conn:
             migrate(conn)
@@ -99,9 +95,8 @@ def main() -> None:
             f"(one worker, batch {args.batch_size}); {bytes_per_row:.0f} bytes per stored prediction"
         )
     finally:
-        client.delete(keys.stream, keys.dead_letters)
-        with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+        scratch.delete_keys(args.redis, keys.prefix)
+        scratch.drop_database(args.postgres, database)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import uuid
 from pathlib import Path
 
-import psycopg
-import redis
-from psycopg import sql
-
-from loadtest import servers, wrk
+from loadtest import scratch, servers, wrk
 from models import digits
 
 logger = logging.getLogger("bench_logging")
@@ -39,12 +34,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.log_dir.mkdir(parents=True, exist_ok=True)
 
-    database = f"loop_bench_{uuid.uuid4().hex[:8]}"
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    database, database_url = scratch.create_database(args.postgres)
+    prefix = scratch.new_prefix()
     base = {
-        "LOOP_DATABASE_URL": f"{args.postgres}/{database}",
+        "LOOP_DATABASE_URL": database_url,
         "LOOP_REDIS_URL": args.redis,
         "LOOP_REDIS_PREFIX": prefix,
         "LOOP_VAR_DIR": str(args.log_dir / "var"),
@@ -71,12 +64,8 @@ def main() -> None:
                 logger.info("round %d, logging %s: %s", round_ + 1, mode, result)
                 results[mode].append(result)
     finally:
-        with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
-        client = redis.Redis.from_url(args.redis)
-        stale = list(client.scan_iter(match=f"{prefix}:*"))
-        if stale:
-            client.delete(*stale)
+        scratch.drop_database(args.postgres, database)
+        scratch.delete_keys(args.redis, prefix)
 
     def mean(mode: str, attr: str) -> float:
         return sum(float(getattr(r, attr)) for r in results[mode]) / len(results[mode])

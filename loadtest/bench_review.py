@@ -13,12 +13,10 @@ import argparse
 import logging
 import statistics
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg
-from psycopg import sql
 
 from feedback import review_store as rs
 from feedback import store
@@ -26,6 +24,7 @@ from feedback.ids import compose_uuid7
 from feedback.migrate import migrate
 from feedback.moderation import Status, Verdict
 from feedback.records import Row, npy_bytes
+from loadtest import scratch
 
 logger = logging.getLogger("bench_review")
 
@@ -79,11 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    database = f"loop_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    database, database_url = scratch.create_database(args.postgres)
     try:
-        with psycopg.connect(f"{args.postgres}/{database}", autocommit=True) as conn:
+        with psycopg.connect(database_url, autocommit=True) as conn:
             migrate(conn)
             started = time.perf_counter()
             fill(conn, args.predictions)
@@ -137,8 +134,7 @@ def main() -> None:
         if args.keep:
             print(f"kept database {database}")
         else:
-            with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+            scratch.drop_database(args.postgres, database)
 
 
 if __name__ == "__main__":

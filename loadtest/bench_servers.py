@@ -24,17 +24,13 @@ import json
 import logging
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import psycopg
-import redis
-from psycopg import sql
 
-from loadtest import servers, wrk
+from loadtest import scratch, servers, wrk
 from models import digits, store
 from models.runtime import DevicePreference, OnnxModel
 
@@ -188,11 +184,9 @@ def main() -> None:
     out = args.out or Path("var/bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
-    database = f"loop_bench_{uuid.uuid4().hex[:8]}"
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    targets = make_targets(args.model, f"{args.postgres}/{database}", args.redis, prefix, out)
+    database, database_url = scratch.create_database(args.postgres)
+    prefix = scratch.new_prefix()
+    targets = make_targets(args.model, database_url, args.redis, prefix, out)
     body = {"samples": [digits.load().images[0].tolist()]}
     points: list[Point] = []
     try:
@@ -216,12 +210,8 @@ def main() -> None:
             finally:
                 servers.stop(process)
     finally:
-        with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
-        client = redis.Redis.from_url(args.redis)
-        stale = list(client.scan_iter(match=f"{prefix}:*"))
-        if stale:
-            client.delete(*stale)
+        scratch.drop_database(args.postgres, database)
+        scratch.delete_keys(args.redis, prefix)
 
     (out / "results.json").write_text(
         json.dumps({"ceiling": ceilings, "points": [asdict(p) for p in points]}, indent=2)
