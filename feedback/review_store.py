@@ -61,7 +61,7 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _audit(conn: psycopg.Connection, actor: User | None, action: str, target: str | None, **details: Any) -> None:
+def audit(conn: psycopg.Connection, actor: User | None, action: str, target: str | None, **details: Any) -> None:
     conn.execute(
         "INSERT INTO audit_log (actor_id, action, target, details) VALUES (%s, %s, %s, %s)",
         (actor.id if actor else None, action, target, Jsonb(details)),
@@ -86,7 +86,7 @@ def create_user(*, conn: psycopg.Connection, name: str, role: Role, actor: User 
             raise Invalid("a user name has 1 to 64 characters") from None
         assert row is not None
         user = User(id=int(row[0]), name=name, role=role)
-        _audit(conn, actor, "user.create", name, role=role.value)
+        audit(conn, actor, "user.create", name, role=role.value)
     return user, token
 
 
@@ -211,7 +211,7 @@ def claim(
         if not expiry:
             return []
         items = [row for row in locked if row[0] in expiry]  # in claim order
-        _audit(conn, user, "claim", None, items=[str(i) for i in expiry], strategy=strategy.value)
+        audit(conn, user, "claim", None, items=[str(i) for i in expiry], strategy=strategy.value)
     return [
         Claimed(
             prediction_id=row[0], created_at=row[1], model_name=row[2], model_version=row[3], label=row[4],
@@ -356,7 +356,7 @@ def record_verdicts(
             ),
         )
         states = _refresh_states(conn, ids)
-        _audit(conn, user, "verdicts", None, items=[str(i) for i in ids])
+        audit(conn, user, "verdicts", None, items=[str(i) for i in ids])
     return states
 
 
@@ -372,7 +372,7 @@ def add_sample(*, conn: psycopg.Connection, user: User, input_npy: bytes, label:
         )
         _annotate(conn, user, prediction_id, verdict=Verdict.ADDED, label=label, reason=reason)
         state = _refresh_state(conn, prediction_id)
-        _audit(conn, user, "sample.add", str(prediction_id), label=label)
+        audit(conn, user, "sample.add", str(prediction_id), label=label)
     return state
 
 
@@ -384,7 +384,7 @@ def resolve(
         _exists(conn, prediction_id)
         _annotate(conn, user, prediction_id, verdict=Verdict.RESOLVE, label=label, reason=reason)
         state = _refresh_state(conn, prediction_id)
-        _audit(conn, user, "resolve", str(prediction_id), label=label, reason=reason)
+        audit(conn, user, "resolve", str(prediction_id), label=label, reason=reason)
     return state
 
 
@@ -397,7 +397,7 @@ def erase_input(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUI
             (uuid_created_at(prediction_id), prediction_id),
         )
         _annotate(conn, user, prediction_id, verdict=Verdict.ERASE, label=None, reason=reason)
-        _audit(conn, user, "input.erase", str(prediction_id), reason=reason)
+        audit(conn, user, "input.erase", str(prediction_id), reason=reason)
 
 
 def _exists(conn: psycopg.Connection, prediction_id: uuid.UUID) -> None:

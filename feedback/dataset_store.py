@@ -1,0 +1,357 @@
+"""All SQL of the data loop: labelled items at a watermark, dataset versions, evaluations, promotions.
+
+Functions take a connection and keyword arguments; queries are parameterised, always.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from feedback.moderation import Annotation, Status, Verdict, decide
+from feedback.review_store import User, audit
+
+
+class Kind(StrEnum):
+    TRAINING = "training"  # compiled from current labels (and the original data) for retraining
+    VALIDATION = "validation"  # frozen; changed only by an explicit admin action
+
+
+class Decision(StrEnum):
+    PROMOTED = "promoted"  # the gate found the candidate better than the champion
+    REJECTED = "rejected"  # kept as a candidate; `reason` says why
+    FORCED = "forced"  # an admin made it champion regardless of the gate
+
+
+@dataclass(frozen=True)
+class LabelledItem:
+    """A reviewed item's label as of a watermark, with its input (.npy bytes)."""
+
+    id: uuid.UUID
+    source: str  # 'model' or 'reviewer'
+    label: str
+    revision: int
+    input_npy: bytes
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    id: str
+    kind: Kind
+    model_name: str
+    uri: str
+    watermark: int | None
+    validation_id: str | None
+    parent_id: str | None
+    rows: int
+    per_class: dict[str, int]
+    manifest: dict[str, Any]
+    created_by: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Promotion:
+    id: int
+    model_name: str
+    model_version: str
+    decision: Decision
+    reason: str
+    validation_id: str | None
+    dataset_id: str | None
+    accuracy: float | None
+    champion_version: str | None
+    champion_accuracy: float | None
+    run_id: str | None
+    actor: str | None
+    at: datetime
+
+
+# -- labelled items -------------------------------------------------------------------------------
+
+
+def settled_watermark(*, conn: psycopg.Connection) -> int:
+    """The highest annotation revision below which nothing can still appear.
+
+    Revisions come from a sequence, so a transaction may commit revision 11 while 10 is still in
+    flight; a compile at 11 would then miss 10 and differ from a later compile at 11. The short
+    SHARE lock waits for writers in flight, so every revision up to the one returned is committed.
+    """
+    with conn.transaction():
+        conn.execute("LOCK TABLE annotations IN SHARE MODE")
+        row = conn.execute("SELECT coalesce(max(id), 0) FROM annotations").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def count_labelled(*, conn: psycopg.Connection, watermark: int) -> int:
+    """An upper bound of the items `labelled_items` yields (for progress output)."""
+    row = conn.execute(
+        "SELECT count(*) FROM review_state WHERE (status = 'reviewed' AND revision <= %(w)s) OR revision > %(w)s",
+        {"w": watermark},
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+_SETTLED = """
+    SELECT s.prediction_id, p.source, s.label, s.revision, p.input
+    FROM review_state s
+    JOIN predictions p ON p.created_at = s.item_created_at AND p.id = s.prediction_id
+    WHERE s.status = 'reviewed' AND s.revision <= %(w)s AND p.input IS NOT NULL
+    ORDER BY s.prediction_id
+"""
+
+# Items annotated again after the watermark: their state at the watermark is decided anew from the
+# annotations up to it, with the same rules that made the projection.
+_CHANGED_SINCE = """
+    SELECT s.prediction_id, p.source, p.label, s.required_reviews, p.input,
+           h.revisions, h.actors, h.verdicts, h.labels
+    FROM review_state s
+    JOIN predictions p ON p.created_at = s.item_created_at AND p.id = s.prediction_id
+    CROSS JOIN LATERAL (
+        SELECT array_agg(a.id ORDER BY a.id) AS revisions, array_agg(a.actor_id ORDER BY a.id) AS actors,
+               array_agg(a.verdict ORDER BY a.id) AS verdicts, array_agg(a.label ORDER BY a.id) AS labels
+        FROM annotations a WHERE a.prediction_id = s.prediction_id AND a.id <= %(w)s
+    ) h
+    WHERE s.revision > %(w)s AND p.input IS NOT NULL AND h.revisions IS NOT NULL
+    ORDER BY s.prediction_id
+"""
+
+
+def labelled_items(*, conn: psycopg.Connection, watermark: int, chunk: int = 20_000) -> Iterator[LabelledItem]:
+    """Every item with a current label as of `watermark` and an input, in id order, streamed.
+
+    Call inside a REPEATABLE READ transaction: both cursors then read one snapshot.
+    """
+    settled = _rows(conn, _SETTLED, watermark, chunk)
+    changed = _rows(conn, _CHANGED_SINCE, watermark, chunk)
+    a, b = next(settled, None), next(changed, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a[0] < b[0]):
+            assert a is not None
+            yield LabelledItem(id=a[0], source=a[1], label=a[2], revision=int(a[3]), input_npy=a[4])
+            a = next(settled, None)
+            continue
+        history = [
+            Annotation(revision=int(r), actor_id=int(u), verdict=Verdict(v), label=lab)
+            for r, u, v, lab in zip(b[5], b[6], b[7], b[8], strict=True)
+        ]
+        decision = decide(history, predicted=b[2], required=int(b[3]))
+        if decision.status is Status.REVIEWED and decision.label is not None:
+            yield LabelledItem(
+                id=b[0], source=b[1], label=decision.label, revision=history[-1].revision, input_npy=b[4]
+            )
+        b = next(changed, None)
+
+
+def _rows(conn: psycopg.Connection, query: str, watermark: int, chunk: int) -> Iterator[tuple[Any, ...]]:
+    with conn.cursor(name=f"labelled_{uuid.uuid4().hex[:8]}", binary=True) as cursor:
+        cursor.itersize = chunk
+        cursor.execute(query, {"w": watermark})
+        yield from cursor
+
+
+# -- versions -------------------------------------------------------------------------------------
+
+_VERSION_COLUMNS = """v.id, v.kind, v.model_name, v.uri, v.watermark, v.validation_id, v.parent_id, v.rows,
+    v.per_class, v.manifest, u.name, v.created_at"""
+
+
+def record_version(*, conn: psycopg.Connection, version: DatasetVersion, actor: User | None) -> DatasetVersion:
+    """Register a compiled version; the same id compiled again keeps its first registration."""
+    with conn.transaction():
+        inserted = conn.execute(
+            """INSERT INTO dataset_versions (id, kind, model_name, uri, watermark, validation_id, parent_id, rows,
+                   per_class, manifest, created_by)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id""",
+            (
+                version.id,
+                version.kind.value,
+                version.model_name,
+                version.uri,
+                version.watermark,
+                version.validation_id,
+                version.parent_id,
+                version.rows,
+                Jsonb(version.per_class),
+                Jsonb(version.manifest),
+                actor.id if actor else None,
+            ),
+        ).fetchone()
+        if inserted is not None:
+            audit(conn, actor, f"{version.kind.value}.compile", version.id, rows=version.rows, uri=version.uri)
+    found = get_version(conn=conn, version_id=version.id)
+    assert found is not None
+    return found
+
+
+def get_version(*, conn: psycopg.Connection, version_id: str) -> DatasetVersion | None:
+    row = conn.execute(
+        f"SELECT {_VERSION_COLUMNS} FROM dataset_versions v LEFT JOIN users u ON u.id = v.created_by WHERE v.id = %s",
+        (version_id,),
+    ).fetchone()
+    return None if row is None else _version(row)
+
+
+def list_versions(*, conn: psycopg.Connection, model_name: str, kind: Kind | None = None) -> list[DatasetVersion]:
+    rows = conn.execute(
+        f"SELECT {_VERSION_COLUMNS} FROM dataset_versions v LEFT JOIN users u ON u.id = v.created_by"
+        " WHERE v.model_name = %s AND (%s::text IS NULL OR v.kind = %s) ORDER BY v.created_at, v.id",
+        (model_name, kind, kind),
+    ).fetchall()
+    return [_version(r) for r in rows]
+
+
+def current_validation(*, conn: psycopg.Connection, model_name: str) -> DatasetVersion | None:
+    """The newest validation version of the model: the one every comparison uses."""
+    versions = list_versions(conn=conn, model_name=model_name, kind=Kind.VALIDATION)
+    return versions[-1] if versions else None
+
+
+def _version(row: tuple[Any, ...]) -> DatasetVersion:
+    return DatasetVersion(
+        id=row[0],
+        kind=Kind(row[1]),
+        model_name=row[2],
+        uri=row[3],
+        watermark=row[4],
+        validation_id=row[5],
+        parent_id=row[6],
+        rows=int(row[7]),
+        per_class={k: int(v) for k, v in row[8].items()},
+        manifest=row[9],
+        created_by=row[10],
+        created_at=row[11],
+    )
+
+
+# -- evaluations ----------------------------------------------------------------------------------
+
+
+def record_evaluation(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    model_version: str,
+    validation_id: str,
+    accuracy: float,
+    figures: dict[str, Any],
+) -> None:
+    conn.execute(
+        """INSERT INTO evaluations (model_name, model_version, validation_id, accuracy, figures)
+           VALUES (%s, %s, %s, %s, %s)
+           ON CONFLICT (model_name, model_version, validation_id)
+           DO UPDATE SET accuracy = EXCLUDED.accuracy, figures = EXCLUDED.figures, evaluated_at = now()""",
+        (model_name, model_version, validation_id, accuracy, Jsonb(figures)),
+    )
+
+
+def get_evaluation(
+    *, conn: psycopg.Connection, model_name: str, model_version: str, validation_id: str
+) -> float | None:
+    row = conn.execute(
+        "SELECT accuracy FROM evaluations WHERE model_name = %s AND model_version = %s AND validation_id = %s",
+        (model_name, model_version, validation_id),
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
+def evaluated_models(*, conn: psycopg.Connection, validation_id: str) -> list[tuple[str, str]]:
+    """(model name, version) of every model evaluated on a validation version."""
+    rows = conn.execute(
+        "SELECT model_name, model_version FROM evaluations WHERE validation_id = %s ORDER BY model_name, model_version",
+        (validation_id,),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+# -- promotions -----------------------------------------------------------------------------------
+
+
+def record_promotion(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    model_version: str,
+    decision: Decision,
+    reason: str,
+    validation_id: str | None = None,
+    dataset_id: str | None = None,
+    accuracy: float | None = None,
+    champion_version: str | None = None,
+    champion_accuracy: float | None = None,
+    margin: float | None = None,
+    run_id: str | None = None,
+    actor: User | None = None,
+) -> Promotion:
+    with conn.transaction():
+        row = conn.execute(
+            """INSERT INTO promotions (model_name, model_version, decision, reason, validation_id, dataset_id,
+                   accuracy, champion_version, champion_accuracy, margin, run_id, actor_id)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+            (
+                model_name,
+                model_version,
+                decision.value,
+                reason,
+                validation_id,
+                dataset_id,
+                accuracy,
+                champion_version,
+                champion_accuracy,
+                margin,
+                run_id,
+                actor.id if actor else None,
+            ),
+        ).fetchone()
+        assert row is not None
+        audit(conn, actor, f"model.{decision.value}", f"{model_name}:{model_version}", reason=reason)
+    found = _promotions(conn, "p.id = %s", (int(row[0]),))
+    return found[0]
+
+
+def champion(*, conn: psycopg.Connection, model_name: str) -> Promotion | None:
+    """The latest promotion (by the gate or forced) of the model, or None before the first."""
+    found = _promotions(
+        conn, "p.model_name = %s AND p.decision IN ('promoted', 'forced') ORDER BY p.id DESC LIMIT 1", (model_name,)
+    )
+    return found[0] if found else None
+
+
+def promotions(*, conn: psycopg.Connection, model_name: str) -> list[Promotion]:
+    return _promotions(conn, "p.model_name = %s ORDER BY p.id", (model_name,))
+
+
+def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> list[Promotion]:
+    rows = conn.execute(
+        "SELECT p.id, p.model_name, p.model_version, p.decision, p.reason, p.validation_id, p.dataset_id, p.accuracy,"
+        " p.champion_version, p.champion_accuracy, p.run_id, u.name, p.at"
+        f" FROM promotions p LEFT JOIN users u ON u.id = p.actor_id WHERE {where}",
+        params,
+    ).fetchall()
+    return [
+        Promotion(
+            id=int(r[0]),
+            model_name=r[1],
+            model_version=r[2],
+            decision=Decision(r[3]),
+            reason=r[4],
+            validation_id=r[5],
+            dataset_id=r[6],
+            accuracy=r[7],
+            champion_version=r[8],
+            champion_accuracy=r[9],
+            run_id=r[10],
+            actor=r[11],
+            at=r[12],
+        )
+        for r in rows
+    ]
