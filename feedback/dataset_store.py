@@ -25,6 +25,7 @@ class Kind(StrEnum):
 
 
 class Decision(StrEnum):
+    BASELINE = "baseline"  # the model served before the first gate decision, taken as champion
     PROMOTED = "promoted"  # the gate found the candidate better than the champion
     REJECTED = "rejected"  # kept as a candidate; `reason` says why
     FORCED = "forced"  # an admin made it champion regardless of the gate
@@ -319,9 +320,11 @@ def record_promotion(
 
 
 def champion(*, conn: psycopg.Connection, model_name: str) -> Promotion | None:
-    """The latest promotion (by the gate or forced) of the model, or None before the first."""
+    """The model's latest baseline, promotion or forced promotion; None before the first."""
     found = _promotions(
-        conn, "p.model_name = %s AND p.decision IN ('promoted', 'forced') ORDER BY p.id DESC LIMIT 1", (model_name,)
+        conn,
+        "p.model_name = %s AND p.decision IN ('baseline', 'promoted', 'forced') ORDER BY p.id DESC LIMIT 1",
+        (model_name,),
     )
     return found[0] if found else None
 

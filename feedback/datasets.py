@@ -294,7 +294,7 @@ def read_version(uri: str) -> Loaded:
     inputs = table.column("input").combine_chunks().flatten().to_numpy().reshape(len(table), *shape)
     return Loaded(
         item_ids=table.column("item_id").to_pylist(),
-        inputs=inputs.astype(np.float32, copy=False),
+        inputs=np.array(inputs, dtype=np.float32),  # a writable copy: Arrow's buffers are read-only
         labels=table.column("label_index").to_numpy().astype(np.int64),
         manifest=manifest,
     )

@@ -20,3 +20,12 @@ class Keys:
     def dead_letters(self) -> str:
         """Entries the ingest worker could not decode or store, with the reason."""
         return f"{self.prefix}:predictions:dead"
+
+    @property
+    def promotions(self) -> str:
+        """Pub/sub channel: a JSON message {model_name, model_version} per new champion."""
+        return f"{self.prefix}:promotions"
+
+    def champion(self, model_name: str) -> str:
+        """The champion's version of a model: what a worker that missed a message reloads to."""
+        return f"{self.prefix}:champion:{model_name}"

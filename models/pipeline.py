@@ -10,13 +10,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from models import digits, export, store
 from models.evaluate import Evaluation, evaluate
 from models.network import DigitsCNN
 from models.provenance import code_version
+from models.runtime import DevicePreference, OnnxModel
 from models.signature import Signature, softmax
 from models.train import (
     EpochMetrics,
@@ -39,6 +42,7 @@ class BuildResult:
     evaluation: Evaluation
     history: History
     parity_max_abs_diff: float
+    validation_probabilities: NDArray[np.float32]
 
 
 def digits_signature() -> Signature:
@@ -70,19 +74,46 @@ def build_digits_model(
     split = digits.load_or_create_split(split_path, data, seed=config.seed)
     train_idx = np.asarray(split.train_indices)
     val_idx = np.asarray(split.validation_indices)
-    x_train, y_train = data.images[train_idx], data.labels[train_idx]
-    x_val, y_val = data.images[val_idx], data.labels[val_idx]
+    return train_and_store(
+        name=name,
+        x_train=data.images[train_idx],
+        y_train=data.labels[train_idx],
+        x_validation=data.images[val_idx],
+        y_validation=data.labels[val_idx],
+        dataset_id=split.dataset_id,
+        validation_id=split.split_id,
+        config=config,
+        on_epoch=on_epoch,
+    )
 
+
+def train_and_store(
+    *,
+    name: str,
+    x_train: NDArray[np.float32],
+    y_train: NDArray[np.int64],
+    x_validation: NDArray[np.float32],
+    y_validation: NDArray[np.int64],
+    dataset_id: str,
+    validation_id: str,
+    config: TrainConfig,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> BuildResult:
+    """Train a fresh digits network, evaluate it, export it, check parity, save it: in that order."""
     model = new_digits_model(config.seed)
-    history = train(model, x_train, y_train, config, x_validation=x_val, y_validation=y_val, on_epoch=on_epoch)
-    evaluation = evaluate(softmax(predict_logits(model, x_val)), y_val, digits.CLASS_NAMES)
+    history = train(
+        model, x_train, y_train, config, x_validation=x_validation, y_validation=y_validation, on_epoch=on_epoch
+    )
+    probabilities = softmax(predict_logits(model, x_validation))
+    evaluation = evaluate(probabilities, y_validation, digits.CLASS_NAMES)
     logger.info("validation accuracy %.4f, ECE %.4f", evaluation.accuracy, evaluation.ece)
 
     signature = digits_signature()
     rng = np.random.default_rng(config.seed)
     parity_inputs = [
-        x_val,
-        x_val[:1],
+        x_validation,
+        x_validation[:1],
         rng.uniform(signature.min_value, signature.max_value, size=(64, *signature.input_shape)).astype(np.float32),
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,15 +128,31 @@ def build_digits_model(
         card = store.ModelCard(
             signature=signature,
             metrics=evaluation.summary(),
-            dataset_id=split.dataset_id,
-            validation_id=split.split_id,
+            dataset_id=dataset_id,
+            validation_id=validation_id,
             opset=export.OPSET,
             code_version=code_version(),
             parity_max_abs_diff=parity,
-            extra={"train": config.to_dict(), "per_class": _per_class(evaluation)},
+            extra={"train": config.to_dict(), "per_class": _per_class(evaluation), **(extra or {})},
         )
         stored = store.save(name, onnx_path, card)
-    return BuildResult(stored=stored, evaluation=evaluation, history=history, parity_max_abs_diff=parity)
+    return BuildResult(
+        stored=stored,
+        evaluation=evaluation,
+        history=history,
+        parity_max_abs_diff=parity,
+        validation_probabilities=probabilities,
+    )
+
+
+def evaluate_stored(
+    stored: store.StoredModel, x: NDArray[np.float32], y: NDArray[np.int64], *, batch_size: int = 512
+) -> tuple[Evaluation, NDArray[np.float32]]:
+    """Evaluate a stored model's ONNX graph (what is served) on labelled data, on the CPU."""
+    runtime = OnnxModel(stored.onnx_path, device=DevicePreference.CPU)
+    logits = np.concatenate([runtime.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    probabilities = softmax(logits)
+    return evaluate(probabilities, y, stored.card.signature.class_names), probabilities
 
 
 def _per_class(evaluation: Evaluation) -> dict[str, dict[str, float]]:

@@ -32,12 +32,12 @@ CREATE TABLE evaluations (
 );
 
 -- Every gate decision and forced promotion, in order. The champion is the model of the latest
--- 'promoted' or 'forced' row; nothing here is ever edited.
+-- 'baseline', 'promoted' or 'forced' row; nothing here is ever edited.
 CREATE TABLE promotions (
     id                 bigserial   PRIMARY KEY,
     model_name         text        NOT NULL,
     model_version      text        NOT NULL,
-    decision           text        NOT NULL CHECK (decision IN ('promoted', 'rejected', 'forced')),
+    decision           text        NOT NULL CHECK (decision IN ('baseline', 'promoted', 'rejected', 'forced')),
     reason             text        NOT NULL,
     validation_id      text        REFERENCES dataset_versions (id),
     dataset_id         text        REFERENCES dataset_versions (id),

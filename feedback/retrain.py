@@ -1,0 +1,322 @@
+"""Retrain → evaluate → gate → promote, every run logged to MLflow; promotions announced on Redis.
+
+The champion of a model is the latest baseline, promotion or forced promotion recorded in
+Postgres. Before the first gate decision the newest model in the store is taken as the baseline.
+A candidate becomes champion only if its accuracy on the current validation version beats the
+champion's on that same version by more than the margin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import redis
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from numpy.typing import NDArray
+
+from feedback import dataset_store
+from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
+from feedback.datasets import read_version, verify
+from feedback.keys import Keys
+from feedback.review_store import Invalid, User
+from models import plots, store
+from models.evaluate import Evaluation
+from models.pipeline import BuildResult, evaluate_stored, train_and_store
+from models.provenance import code_version
+from models.train import EpochMetrics, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where experiments are logged: an MLflow tracking URI and the folder (URI) for artifacts."""
+
+    tracking_uri: str
+    artifact_uri: str
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def experiment_id(self, client: MlflowClient, model_name: str) -> str:
+        found = client.get_experiment_by_name(model_name)
+        if found is not None:
+            return str(found.experiment_id)
+        return str(client.create_experiment(model_name, artifact_location=f"{self.artifact_uri}/{model_name}"))
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    build: BuildResult
+    run_id: str
+    evaluation: Evaluation
+    promotion: Promotion
+
+
+# -- the gate -------------------------------------------------------------------------------------
+
+
+def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool, str]:
+    """Whether a candidate with `candidate` accuracy replaces a champion with `champion`, and why."""
+    if champion is None:
+        return True, "no champion yet"
+    gain = candidate - champion
+    if gain > margin + 1e-9:  # accuracies are ratios of counts: 0.9 - 0.85 must not beat 0.05
+        return True, f"accuracy {candidate:.4f} beats the champion's {champion:.4f} by {gain:+.4f} (margin {margin})"
+    return False, f"accuracy {candidate:.4f} does not beat the champion's {champion:.4f} by more than {margin}"
+
+
+def announce(client: redis.Redis, keys: Keys, model_name: str, model_version: str) -> None:
+    """Tell every service worker: the key for those that start or missed it, the message for the rest."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set(keys.champion(model_name), model_version)
+    pipe.publish(keys.promotions, json.dumps({"model_name": model_name, "model_version": model_version}))
+    pipe.execute()
+    logger.info("announced %s:%s as champion on %s", model_name, model_version, keys.promotions)
+
+
+def evaluation_on(conn: psycopg.Connection, model_name: str, model_version: str, validation: DatasetVersion) -> float:
+    """A stored model's accuracy on a validation version, evaluated (and recorded) when not yet known."""
+    known = dataset_store.get_evaluation(
+        conn=conn, model_name=model_name, model_version=model_version, validation_id=validation.id
+    )
+    if known is not None:
+        return known
+    loaded = read_version(validation.uri)
+    evaluation, _ = evaluate_stored(store.get(f"{model_name}:{model_version}"), loaded.inputs, loaded.labels)
+    _record(conn, model_name, model_version, validation.id, evaluation)
+    return evaluation.accuracy
+
+
+def _record(
+    conn: psycopg.Connection, model_name: str, model_version: str, validation_id: str, evaluation: Evaluation
+) -> None:
+    dataset_store.record_evaluation(
+        conn=conn,
+        model_name=model_name,
+        model_version=model_version,
+        validation_id=validation_id,
+        accuracy=evaluation.accuracy,
+        figures={
+            "ece": evaluation.ece,
+            "per_class": {k: vars(v) for k, v in evaluation.per_class.items()},
+            "confusion": evaluation.confusion,
+            "samples": evaluation.samples,
+        },
+    )
+
+
+def champion_or_baseline(conn: psycopg.Connection, model_name: str, validation: DatasetVersion) -> Promotion | None:
+    """The recorded champion; before the first decision, the newest model in the store as baseline."""
+    current = dataset_store.champion(conn=conn, model_name=model_name)
+    if current is not None or not store.exists(f"{model_name}:latest"):
+        return current
+    baseline = store.get(f"{model_name}:latest")
+    accuracy = evaluation_on(conn, model_name, baseline.version, validation)
+    return dataset_store.record_promotion(
+        conn=conn,
+        model_name=model_name,
+        model_version=baseline.version,
+        decision=Decision.BASELINE,
+        reason="the newest model in the store before the first gate decision",
+        validation_id=validation.id,
+        accuracy=accuracy,
+    )
+
+
+def reevaluate(conn: psycopg.Connection, *, old: DatasetVersion, new: DatasetVersion) -> list[tuple[str, str, float]]:
+    """Evaluate every model that was compared on validation version `old` on `new` as well."""
+    done = []
+    for model_name, model_version in dataset_store.evaluated_models(conn=conn, validation_id=old.id):
+        if not store.exists(f"{model_name}:{model_version}"):
+            logger.warning("%s:%s is no longer in the model store; not re-evaluated", model_name, model_version)
+            continue
+        done.append((model_name, model_version, evaluation_on(conn, model_name, model_version, new)))
+    return done
+
+
+def promote(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    model_version: str,
+    reason: str,
+    actor: User,
+    announcer: Callable[[str, str], None] | None = None,
+) -> Promotion:
+    """Make a stored model champion whatever the gate says: an admin's action, recorded as such."""
+    if not reason.strip():
+        raise Invalid("a forced promotion needs a reason")
+    stored = store.get(f"{model_name}:{model_version}")  # ModelNotFound if it is not there
+    promotion = dataset_store.record_promotion(
+        conn=conn, model_name=model_name, model_version=stored.version, decision=Decision.FORCED, reason=reason,
+        actor=actor,
+    )  # fmt: skip
+    if announcer is not None:
+        announcer(model_name, stored.version)
+    return promotion
+
+
+# -- retraining -----------------------------------------------------------------------------------
+
+
+def retrain(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    dataset: DatasetVersion,
+    tracking: Tracking,
+    config: TrainConfig | None = None,
+    margin: float = 0.0,
+    announcer: Callable[[str, str], None] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> RetrainResult:
+    """Train on `dataset`, evaluate on the current validation version, log the run, gate, promote."""
+    config = config or TrainConfig()
+    if dataset.kind is not Kind.TRAINING:
+        raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; retrain takes a training version")
+    if dataset.model_name != model_name:
+        raise Invalid(f"{dataset.id} was compiled for {dataset.model_name}, not {model_name}")
+    validation = dataset_store.current_validation(conn=conn, model_name=model_name)
+    if validation is None:
+        raise Invalid(f"{model_name} has no validation version")
+    verify(dataset.uri, dataset.id)
+    train_rows, val_rows = read_version(dataset.uri), read_version(validation.uri)
+    # Items can be relabelled in a later validation version, never added: the hold-out still holds.
+    if set(train_rows.item_ids) & set(val_rows.item_ids):
+        raise Invalid(f"{dataset.id} shares items with validation version {validation.id}")
+    champion = champion_or_baseline(conn, model_name, validation)
+
+    client = tracking.client()
+    run = client.create_run(
+        tracking.experiment_id(client, model_name),
+        run_name=f"{model_name} on {dataset.id[:8]}",
+        tags={"dataset_id": dataset.id, "validation_id": validation.id, "code_version": code_version()},
+    )
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in _params(config, dataset, validation).items()])
+
+        def log_epoch(m: EpochMetrics) -> None:
+            values = {
+                "train_loss": m.train_loss,
+                "train_error": m.train_error,
+                "validation_loss": m.validation_loss,
+                "validation_error": m.validation_error,
+            }
+            now = _millis()
+            client.log_batch(
+                run_id, metrics=[Metric(k, float(v), now, m.epoch) for k, v in values.items() if v is not None]
+            )
+            if on_epoch is not None:
+                on_epoch(m)
+
+        build = train_and_store(
+            name=model_name,
+            x_train=train_rows.inputs,
+            y_train=train_rows.labels,
+            x_validation=val_rows.inputs,
+            y_validation=val_rows.labels,
+            dataset_id=dataset.id,
+            validation_id=validation.id,
+            config=config,
+            on_epoch=log_epoch,
+            extra={"mlflow_run_id": run_id},
+        )
+        version = build.stored.version
+        evaluation, probabilities = evaluate_stored(build.stored, val_rows.inputs, val_rows.labels)
+        _record(conn, model_name, version, validation.id, evaluation)
+        champion_accuracy = (
+            None if champion is None else evaluation_on(conn, model_name, champion.model_version, validation)
+        )
+        promoted, reason = gate(evaluation.accuracy, champion_accuracy, margin)
+        promotion = dataset_store.record_promotion(
+            conn=conn,
+            model_name=model_name,
+            model_version=version,
+            decision=Decision.PROMOTED if promoted else Decision.REJECTED,
+            reason=reason,
+            validation_id=validation.id,
+            dataset_id=dataset.id,
+            accuracy=evaluation.accuracy,
+            champion_version=None if champion is None else champion.model_version,
+            champion_accuracy=champion_accuracy,
+            margin=margin,
+            run_id=run_id,
+        )
+        _log_outcome(
+            client,
+            run_id,
+            build=build,
+            evaluation=evaluation,
+            probabilities=probabilities,
+            labels=val_rows.labels,
+            promotion=promotion,
+        )
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    logger.info("%s:%s %s: %s", model_name, version, promotion.decision.value, reason)
+    if promoted and announcer is not None:
+        announcer(model_name, version)
+    return RetrainResult(build=build, run_id=run_id, evaluation=evaluation, promotion=promotion)
+
+
+def _params(config: TrainConfig, dataset: DatasetVersion, validation: DatasetVersion) -> dict[str, Any]:
+    return {
+        **config.to_dict(),
+        "dataset_id": dataset.id,
+        "dataset_rows": dataset.rows,
+        "dataset_watermark": dataset.watermark,
+        "validation_id": validation.id,
+        "validation_rows": validation.rows,
+        "code_version": code_version(),
+    }
+
+
+def _log_outcome(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    build: BuildResult,
+    evaluation: Evaluation,
+    probabilities: NDArray[np.float32],
+    labels: NDArray[np.int64],
+    promotion: Promotion,
+) -> None:
+    now = _millis()
+    figures = {"accuracy": evaluation.accuracy, "ece": evaluation.ece, "parity_max_abs_diff": build.parity_max_abs_diff}
+    for name, f in evaluation.per_class.items():
+        figures[f"recall_{name}"] = f.recall
+        figures[f"precision_{name}"] = f.precision
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items()])
+    for key, value in {
+        "model_version": build.stored.version,
+        "decision": promotion.decision.value,
+        "decision_reason": promotion.reason,
+        "champion_version": promotion.champion_version or "",
+    }.items():
+        client.set_tag(run_id, key, value)
+    class_names = build.stored.card.signature.class_names
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        plots.save_png(plots.learning_curves(build.history), folder / "learning_curves.png")
+        plots.save_png(plots.confusion_matrix_figure(evaluation.confusion, class_names), folder / "confusion.png")
+        plots.save_png(plots.reliability_diagram(probabilities, labels), folder / "reliability.png")
+        (folder / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2, default=str))
+        client.log_artifacts(run_id, str(folder))
+
+
+def _millis() -> int:
+    return int(time.time() * 1000)

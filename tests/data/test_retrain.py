@@ -1,0 +1,154 @@
+"""Retrain → evaluate → gate → promote on a planted case, with MLflow runs on a store of its own."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from feedback import dataset_store
+from feedback import review_store as rs
+from feedback.dataset_store import Decision
+from feedback.datasets import (
+    LabelFix,
+    LabelSchema,
+    Originals,
+    compile_training,
+    digits_originals,
+    fix_validation,
+    freeze_validation,
+)
+from feedback.records import npy_bytes
+from feedback.retrain import Tracking, gate, promote, reevaluate, retrain
+from models import digits, store
+from models.train import TrainConfig
+
+pytestmark = pytest.mark.data
+
+SCHEMA = LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
+RARE = "3"
+FAST = TrainConfig(epochs=12)
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def tracking(tmp_path: Path) -> Tracking:
+    return Tracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_uri=(tmp_path / "runs").as_uri())
+
+
+def add_rows(conn: psycopg.Connection, user: rs.User, originals: Originals, label: str, start: int, count: int) -> None:
+    rows = [i for i, lab in enumerate(originals.train_labels) if lab == label][start : start + count]
+    assert len(rows) == count
+    for i in rows:
+        rs.add_sample(conn=conn, user=user, input_npy=npy_bytes(originals.train_inputs[i]), label=label, reason=None)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "margin", "promoted"),
+    [(0.9, None, 0.0, True), (0.9, 0.8, 0.0, True), (0.9, 0.9, 0.0, False), (0.9, 0.85, 0.05, False),
+     (0.91, 0.85, 0.05, True), (0.7, 0.8, 0.0, False)],
+)  # fmt: skip
+def test_gate(candidate: float, champion: float | None, margin: float, promoted: bool) -> None:
+    assert gate(candidate, champion, margin)[0] is promoted
+
+
+def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is_refused(
+    conn: psycopg.Connection, split_path: Path, tmp_path: Path, tracking: Tracking
+) -> None:
+    name = f"planted-{uuid.uuid4().hex[:8]}"
+    root = str(tmp_path / "datasets")
+    originals = digits_originals(split_path)
+    admin = rs.create_user(conn=conn, name="admin", role=rs.Role.ADMIN)[0]
+    validation = freeze_validation(conn=conn, model_name=name, originals=originals, schema=SCHEMA, root_url=root)
+    for label in SCHEMA.class_names:
+        add_rows(conn, admin, originals, label, 0, 2 if label == RARE else 25)
+    few = compile_training(
+        conn=conn, model_name=name, schema=SCHEMA, originals=None, validation=validation, root_url=root
+    )
+    announced: list[tuple[str, str]] = []
+
+    def announcer(model_name: str, version: str) -> None:
+        announced.append((model_name, version))
+
+    first = retrain(
+        conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer
+    )
+    assert first.promotion.decision is Decision.PROMOTED and first.promotion.reason == "no champion yet"
+    assert announced == [(name, first.build.stored.version)]
+
+    add_rows(conn, admin, originals, RARE, 2, 25)  # reviewers correct the rare class
+    more = compile_training(
+        conn=conn, model_name=name, schema=SCHEMA, originals=None, validation=validation, root_url=root
+    )
+    assert more.per_class[RARE] == few.per_class[RARE] + 25
+    second = retrain(
+        conn=conn, model_name=name, dataset=more, tracking=tracking, config=FAST, announcer=announcer
+    )
+    assert second.evaluation.per_class[RARE].recall > first.evaluation.per_class[RARE].recall
+    assert second.evaluation.accuracy >= first.evaluation.accuracy
+    assert second.promotion.decision is Decision.PROMOTED, second.promotion.reason
+    assert second.promotion.champion_version == first.build.stored.version
+    assert announced[-1] == (name, second.build.stored.version)
+
+    # The same protocol on the smaller set again gives the first model back: not better, refused.
+    worse = retrain(conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer)
+    assert worse.promotion.decision is Decision.REJECTED
+    assert "does not beat" in worse.promotion.reason
+    assert worse.evaluation.accuracy == pytest.approx(first.evaluation.accuracy)
+    assert len(announced) == 2
+    champion = dataset_store.champion(conn=conn, model_name=name)
+    assert champion is not None and champion.model_version == second.build.stored.version
+    assert store.exists(f"{name}:{worse.build.stored.version}")  # kept as a candidate
+
+    # Every run is in MLflow with its ids, per-epoch curves and plots.
+    client = tracking.client()
+    run = client.get_run(second.run_id)
+    assert run.data.params["dataset_id"] == more.id
+    assert run.data.params["validation_id"] == validation.id
+    assert run.data.tags["decision"] == "promoted"
+    assert run.data.metrics["accuracy"] == pytest.approx(second.evaluation.accuracy)
+    history = client.get_metric_history(second.run_id, "validation_error")
+    assert [m.step for m in history] == list(range(1, FAST.epochs + 1))
+    assert history[-1].value == pytest.approx(second.build.history.epochs[-1].validation_error)
+    artifacts = {a.path for a in client.list_artifacts(second.run_id)}
+    assert {"learning_curves.png", "confusion.png", "reliability.png", "evaluation.json"} <= artifacts
+    stored = store.get(f"{name}:{second.build.stored.version}")
+    assert stored.card.extra["mlflow_run_id"] == second.run_id
+    assert stored.card.dataset_id == more.id
+
+    # A validation fix: a new version, and every model compared on the old one is evaluated on it.
+    item = originals.validation_ids[0]
+    other = "1" if originals.validation_labels[0] != "1" else "2"
+    fixed = fix_validation(
+        conn=conn, model_name=name, fixes=[LabelFix(item, other, "mislabelled")], schema=SCHEMA, root_url=root,
+        actor=admin,
+    )  # fmt: skip
+    again = reevaluate(conn, old=validation, new=fixed)
+    versions = {r.build.stored.version for r in (first, second, worse)}
+    assert {v for _, v, _ in again} == versions
+    assert {
+        v: acc for v, acc in ((v, a) for _, v, a in again)
+    } == {
+        v: dataset_store.get_evaluation(conn=conn, model_name=name, model_version=v, validation_id=fixed.id)
+        for _, v, _ in again
+    }
+
+    # Forcing the refused candidate is an admin's recorded action.
+    with pytest.raises(rs.Invalid, match="needs a reason"):
+        promote(conn=conn, model_name=name, model_version=worse.build.stored.version, reason=" ", actor=admin)
+    forced = promote(
+        conn=conn, model_name=name, model_version=worse.build.stored.version, reason="rollback drill", actor=admin,
+        announcer=announcer,
+    )  # fmt: skip
+    assert (forced.decision, forced.actor) == (Decision.FORCED, "admin")
+    assert announced[-1] == (name, worse.build.stored.version)
+    decisions = [p.decision for p in dataset_store.promotions(conn=conn, model_name=name)]
+    assert decisions == [Decision.PROMOTED, Decision.PROMOTED, Decision.REJECTED, Decision.FORCED]
