@@ -22,7 +22,7 @@ from feedback.datasets import (
     freeze_validation,
 )
 from feedback.records import npy_bytes
-from feedback.retrain import Tracking, gate, promote, reevaluate, retrain
+from feedback.retrain import RetrainResult, Tracking, gate, promote, reevaluate, retrain
 from models import digits, store
 from models.train import TrainConfig
 
@@ -60,6 +60,24 @@ def test_gate(candidate: float, champion: float | None, margin: float, promoted:
     assert gate(candidate, champion, margin)[0] is promoted
 
 
+def assert_logged(tracking: Tracking, result: RetrainResult, *, dataset_id: str, validation_id: str) -> None:
+    """The run is in MLflow with its ids, per-epoch curves and plots, and the stored model names it."""
+    client = tracking.client()
+    run = client.get_run(result.run_id)
+    assert run.data.params["dataset_id"] == dataset_id
+    assert run.data.params["validation_id"] == validation_id
+    assert run.data.tags["decision"] == result.promotion.decision.value
+    assert run.data.metrics["accuracy"] == pytest.approx(result.evaluation.accuracy)
+    history = client.get_metric_history(result.run_id, "validation_error")
+    assert [m.step for m in history] == list(range(1, FAST.epochs + 1))
+    assert history[-1].value == pytest.approx(result.build.history.epochs[-1].validation_error)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"learning_curves.png", "confusion.png", "reliability.png", "evaluation.json"} <= artifacts
+    stored = store.get(result.build.stored.tag)
+    assert stored.card.extra["mlflow_run_id"] == result.run_id
+    assert stored.card.dataset_id == dataset_id
+
+
 def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is_refused(
     conn: psycopg.Connection, split_path: Path, tmp_path: Path, tracking: Tracking
 ) -> None:
@@ -78,9 +96,7 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
     def announcer(model_name: str, version: str) -> None:
         announced.append((model_name, version))
 
-    first = retrain(
-        conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer
-    )
+    first = retrain(conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer)
     assert first.promotion.decision is Decision.PROMOTED and first.promotion.reason == "no champion yet"
     assert announced == [(name, first.build.stored.version)]
 
@@ -89,9 +105,7 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
         conn=conn, model_name=name, schema=SCHEMA, originals=None, validation=validation, root_url=root
     )
     assert more.per_class[RARE] == few.per_class[RARE] + 25
-    second = retrain(
-        conn=conn, model_name=name, dataset=more, tracking=tracking, config=FAST, announcer=announcer
-    )
+    second = retrain(conn=conn, model_name=name, dataset=more, tracking=tracking, config=FAST, announcer=announcer)
     assert second.evaluation.per_class[RARE].recall > first.evaluation.per_class[RARE].recall
     assert second.evaluation.accuracy >= first.evaluation.accuracy
     assert second.promotion.decision is Decision.PROMOTED, second.promotion.reason
@@ -108,21 +122,7 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
     assert champion is not None and champion.model_version == second.build.stored.version
     assert store.exists(f"{name}:{worse.build.stored.version}")  # kept as a candidate
 
-    # Every run is in MLflow with its ids, per-epoch curves and plots.
-    client = tracking.client()
-    run = client.get_run(second.run_id)
-    assert run.data.params["dataset_id"] == more.id
-    assert run.data.params["validation_id"] == validation.id
-    assert run.data.tags["decision"] == "promoted"
-    assert run.data.metrics["accuracy"] == pytest.approx(second.evaluation.accuracy)
-    history = client.get_metric_history(second.run_id, "validation_error")
-    assert [m.step for m in history] == list(range(1, FAST.epochs + 1))
-    assert history[-1].value == pytest.approx(second.build.history.epochs[-1].validation_error)
-    artifacts = {a.path for a in client.list_artifacts(second.run_id)}
-    assert {"learning_curves.png", "confusion.png", "reliability.png", "evaluation.json"} <= artifacts
-    stored = store.get(f"{name}:{second.build.stored.version}")
-    assert stored.card.extra["mlflow_run_id"] == second.run_id
-    assert stored.card.dataset_id == more.id
+    assert_logged(tracking, second, dataset_id=more.id, validation_id=validation.id)
 
     # A validation fix: a new version, and every model compared on the old one is evaluated on it.
     item = originals.validation_ids[0]
@@ -134,9 +134,7 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
     again = reevaluate(conn, old=validation, new=fixed)
     versions = {r.build.stored.version for r in (first, second, worse)}
     assert {v for _, v, _ in again} == versions
-    assert {
-        v: acc for v, acc in ((v, a) for _, v, a in again)
-    } == {
+    assert {v: acc for v, acc in ((v, a) for _, v, a in again)} == {
         v: dataset_store.get_evaluation(conn=conn, model_name=name, model_version=v, validation_id=fixed.id)
         for _, v, _ in again
     }
