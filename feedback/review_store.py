@@ -95,6 +95,11 @@ def authenticate(*, conn: psycopg.Connection, token: str) -> User | None:
     return None if row is None else User(id=int(row[0]), name=row[1], role=Role(row[2]))
 
 
+def get_user(*, conn: psycopg.Connection, name: str) -> User | None:
+    row = conn.execute("SELECT id, name, role FROM users WHERE name = %s", (name,)).fetchone()
+    return None if row is None else User(id=int(row[0]), name=row[1], role=Role(row[2]))
+
+
 def list_users(*, conn: psycopg.Connection) -> list[User]:
     rows = conn.execute("SELECT id, name, role FROM users ORDER BY id").fetchall()
     return [User(id=int(r[0]), name=r[1], role=Role(r[2])) for r in rows]

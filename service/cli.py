@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from models import store
+from service import cli_loop
 from service.settings import Settings
 
 logger = logging.getLogger("loop")
@@ -82,8 +83,7 @@ def show(tag: str | None) -> None:
 
 
 def _database_url(settings: Settings) -> str:
-    """The configured database, else the embedded one `loop serve` runs (it must be running)."""
-    return settings.database_url or f"postgresql://postgres@127.0.0.1:{settings.embedded_postgres_port}/loop"
+    return cli_loop.database_url(settings)
 
 
 def _require(url: str | None, name: str) -> str:
@@ -311,3 +311,7 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return code
+
+
+for _command in cli_loop.COMMANDS:
+    main.add_command(_command)

@@ -18,7 +18,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOOP_", env_file=".env", extra="ignore")
 
     model_name: str = Field(DEFAULT_MODEL_NAME, description="Model to serve, by name in the BentoML store.")
-    model_tag: str = Field("latest", description="Version of that model; 'latest' is the newest.")
+    model_tag: str = Field(
+        "champion",
+        description="Version of that model: 'champion' follows promotions (before the first, the newest); "
+        "'latest' is the newest; anything else pins a version.",
+    )
     device: DevicePreference = Field(
         DevicePreference.AUTO, description="auto: CUDA if it starts, else CPU; cpu; cuda (fail without it)."
     )
@@ -59,6 +63,15 @@ class Settings(BaseSettings):
     review_overlap_share: float = Field(
         0.1, ge=0, le=1, description="Share of items (chosen by id) that ask for `review_overlap` reviews."
     )
+    datasets_url: str | None = Field(
+        None, description="Where dataset versions are written (a folder or any fsspec URL); unset: var/datasets."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; unset: a SQLite store var/mlflow.db, artifacts under var/mlartifacts."
+    )
+    promotion_margin: float = Field(
+        0.0, ge=0, le=1, description="A candidate must beat the champion's validation accuracy by more than this."
+    )
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none).")
 
     @property
@@ -66,8 +79,25 @@ class Settings(BaseSettings):
         return self.var_dir / "validation" / f"{self.model_name}-split.json"
 
     @property
+    def follows_champion(self) -> bool:
+        return self.model_tag == "champion"
+
+    @property
     def model_ref(self) -> str:
-        return f"{self.model_name}:{self.model_tag}"
+        """The store reference to load when no champion is known: 'champion' falls back to the newest."""
+        return f"{self.model_name}:{'latest' if self.follows_champion else self.model_tag}"
+
+    @property
+    def datasets_root(self) -> str:
+        return self.datasets_url or str((self.var_dir / "datasets").resolve())
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.var_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_uri(self) -> str:
+        return (self.var_dir / "mlartifacts").resolve().as_uri()
 
     @property
     def spool_dir(self) -> Path:
