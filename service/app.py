@@ -4,6 +4,7 @@ BentoML's probes and metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -22,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from pydantic import Field, StringConstraints, ValidationError
 from starlette.responses import JSONResponse
 
-from feedback import ingest
+from feedback import dataset_store, ingest
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
@@ -47,6 +48,9 @@ from service.schemas import (
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model load before a 503
+CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 routes.include_router(review_router)
@@ -76,6 +80,18 @@ class _QuietClientErrors(logging.Filter):
         return True
 
 
+def _log_to_stderr(*names: str) -> None:
+    """BentoML configures only its own loggers: ours (swaps, fallbacks, spool replays) must show too."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+    for name in names:
+        named = logging.getLogger(name)
+        if not named.handlers:
+            named.addHandler(handler)
+            named.setLevel(logging.INFO)
+            named.propagate = False
+
+
 def _error(status: int, message: str, ctx: bentoml.Context | None = None) -> Any:
     if ctx is not None:  # BentoML applies the context's status code over the response's
         ctx.response.status_code = status
@@ -94,6 +110,7 @@ class Predictor:
     def __init__(self) -> None:
         self.settings = Settings()
         logging.getLogger("bentoml._internal.server.http_app").addFilter(_QuietClientErrors())
+        _log_to_stderr("service", "feedback", "models")
         self.keys = Keys(self.settings.redis_prefix)
         self._served: Served | None = None
         self._load_error: str | None = None
@@ -105,25 +122,107 @@ class Predictor:
         self._background: list[asyncio.Task[None]] = []
         if self.settings.log_predictions and self.settings.redis_url is None:
             self._log_error = "LOOP_REDIS_URL is not set (`loop serve` starts an embedded Redis)"
+        self.worker = f"{socket.gethostname()}-{os.getpid()}"
+        self._swap_lock = threading.Lock()
+        self._loaded = threading.Event()
         # Loading runs beside the server so that /livez answers at once and /readyz tells the truth.
         self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
         self._loader.start()
 
     def _load(self) -> None:
+        ref = self._resolve()
         try:
-            stored = store.get(self.settings.model_ref)
+            self._swap(ref)
+        except Exception as exc:
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("could not load model %s", ref)
+        finally:
+            self._loaded.set()
+
+    def _resolve(self) -> str:
+        """The store reference to serve: the champion (Postgres, else Redis) when following it."""
+        settings = self.settings
+        if not settings.follows_champion:
+            return settings.model_ref
+        version = None
+        if settings.database_url is not None:
+            try:
+                with psycopg.connect(settings.database_url, connect_timeout=3) as conn:
+                    found = dataset_store.champion(conn=conn, model_name=settings.model_name)
+                version = found.model_version if found is not None else None
+            except psycopg.Error as exc:
+                logger.warning("champion not read from Postgres: %s", exc)
+        if version is None and settings.redis_url is not None:
+            try:
+                client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+                with client:
+                    raw = client.get(self.keys.champion(settings.model_name))
+                version = raw.decode() if isinstance(raw, bytes) else None
+            except redis.RedisError as exc:
+                logger.warning("champion not read from Redis: %s", exc)
+        return f"{settings.model_name}:{version}" if version else settings.model_ref
+
+    def _swap(self, ref: str) -> bool:
+        """Load `ref` and serve it from the next batch on; batches in flight finish on the old session."""
+        with self._swap_lock:
+            current = self._served
+            stored = store.get(ref)
+            if current is not None and (current.stored.name, current.stored.version) == (stored.name, stored.version):
+                return False
             runtime = OnnxModel(
                 stored.onnx_path, device=self.settings.device, intra_op_threads=self.settings.ort_threads
             )
-        except Exception as exc:
-            self._load_error = f"{type(exc).__name__}: {exc}"
-            logger.exception("could not load model %s", self.settings.model_ref)
-            return
-        self._served = Served(stored=stored, runtime=runtime)
-        metrics.model_info.labels(model_name=stored.name, model_version=stored.version, provider=runtime.provider).set(
-            1
-        )
-        logger.info("serving %s on %s", stored.tag, runtime.provider)
+            self._served = Served(stored=stored, runtime=runtime)
+            self._load_error = None
+        for served, value in ((current, 0), (self._served, 1)):
+            if served is not None:
+                info = {"model_name": served.stored.name, "model_version": served.stored.version}
+                metrics.model_info.labels(**info, provider=served.runtime.provider).set(value)
+        if current is None:
+            logger.info("serving %s on %s", stored.tag, runtime.provider)
+        else:
+            logger.info("swapped %s for %s on %s", current.stored.tag, stored.tag, runtime.provider)
+        return True
+
+    async def _follow_champion(self, redis_url: str) -> None:
+        """Swap to each new champion: at once on a promotion message, and on a periodic check that
+        catches messages missed while disconnected."""
+        import redis.asyncio as aioredis
+
+        while True:
+            client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.keys.promotions)
+                    await self._recheck()
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=CHAMPION_CHECK_S)
+                        if message is None:
+                            await self._recheck()
+                            continue
+                        try:
+                            announced = json.loads(message["data"])
+                            name, version = announced["model_name"], announced["model_version"]
+                        except (ValueError, KeyError, TypeError):
+                            logger.warning("ignored a malformed promotion message: %r", message["data"])
+                            continue
+                        if name == self.settings.model_name:
+                            await self._reload(f"{name}:{version}")
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("promotion channel unavailable (%s); retrying", exc)
+                await asyncio.sleep(2.0)
+            finally:
+                await client.aclose()
+
+    async def _recheck(self) -> None:
+        if self._served is not None:
+            await self._reload(await asyncio.to_thread(self._resolve))
+
+    async def _reload(self, ref: str) -> None:
+        try:
+            await asyncio.to_thread(self._swap, ref)
+        except Exception:
+            logger.exception("could not swap to %s; still serving the model loaded before", ref)
 
     @bentoml.on_startup
     async def startup(self) -> None:
@@ -133,12 +232,14 @@ class Predictor:
                 settings.redis_url,
                 keys=self.keys,
                 spool_dir=settings.spool_dir,
-                writer=f"{socket.gethostname()}-{os.getpid()}",
+                writer=self.worker,
                 policy=settings.log_policy,
                 on_event=_count_log_event,
             )
             self._background.append(asyncio.create_task(self._log.run_replayer(), name="spool-replay"))
             self._background.append(asyncio.create_task(self._watch_stream(settings.redis_url)))
+        if settings.follows_champion and settings.redis_url is not None:
+            self._background.append(asyncio.create_task(self._follow_champion(settings.redis_url), name="champion"))
         if settings.database_url is not None:
             self._pool = AsyncConnectionPool(
                 settings.database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
@@ -242,6 +343,10 @@ class Predictor:
         ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML passes the request context
     ) -> PredictResponse:
         """Classify one or many samples; every answer carries its prediction id and is stored."""
+        if self._served is None and self._load_error is None:
+            # Workers start one by one behind one port: a request that reaches one still loading
+            # waits for it (briefly) rather than failing while its neighbours already answer.
+            await asyncio.to_thread(self._loaded.wait, STARTUP_WAIT_S)
         reason = self._not_ready()
         if reason is not None:
             return _error(503, f"not ready: {reason}", ctx)
@@ -299,6 +404,7 @@ class Predictor:
         metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(predictions))
         if ctx is not None:
             ctx.response.headers["X-Request-ID"] = request_id
+            ctx.response.headers["X-Loop-Worker"] = self.worker
         return PredictResponse(request_id=request_id, predictions=predictions)
 
     @routes.get("/models", response_model=ModelPublic, responses={503: {"description": "No model loaded"}})

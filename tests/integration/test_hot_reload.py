@@ -1,0 +1,113 @@
+"""A promotion swaps every worker to the new model under continuous traffic, failing no request."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from itertools import groupby
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from feedback import dataset_store
+from feedback.dataset_store import Decision
+from feedback.keys import Keys
+from feedback.retrain import announce
+from models import digits, store
+from models.pipeline import BuildResult
+from tests.conftest import REDIS
+from tests.integration.conftest import RunningService
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = 6
+WORKERS = 2
+
+
+def test_promotion_swaps_every_worker_once_without_failing_a_request(
+    start_service: Callable[..., RunningService], trained_model: BuildResult, database_url: str, keys: Keys
+) -> None:
+    name = f"reload-{uuid.uuid4().hex[:8]}"
+    old = store.save(name, trained_model.stored.onnx_path, trained_model.stored.card)
+    new = store.save(name, trained_model.stored.onnx_path, trained_model.stored.card)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # The champion, not the newest version, is what a worker loads on start.
+        dataset_store.record_promotion(
+            conn=conn, model_name=name, model_version=old.version, decision=Decision.FORCED, reason="test"
+        )
+    service = start_service(
+        via_cli=False,
+        LOOP_MODEL_NAME=name,
+        LOOP_MODEL_TAG="champion",
+        BENTOML_CONFIG_OPTIONS=f"services.loop.workers={WORKERS}",
+    )
+    assert httpx.get(f"{service.url}/models").json()["version"] == old.version
+
+    sample = digits.load().images[0].tolist()
+    answers: list[tuple[str, str, str]] = []  # (worker, prediction id, model version)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            # A new connection now and then: the kernel spreads connections, not requests, over workers.
+            with httpx.Client(base_url=service.url, timeout=30) as http:
+                for _ in range(10):
+                    try:
+                        response = http.post("/predict", json={"samples": [sample]})
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+                        continue
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code}: {response.text}")
+                        continue
+                    (p,) = response.json()["predictions"]
+                    answers.append((response.headers["x-loop-worker"], p["id"], p["model_version"]))
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: len({w for w, _, _ in answers}) == WORKERS and len(answers) > 200, "traffic on every worker")
+        client_ = redis.Redis.from_url(REDIS)
+        with psycopg.connect(database_url, autocommit=True) as conn, client_:
+            dataset_store.record_promotion(
+                conn=conn, model_name=name, model_version=new.version, decision=Decision.PROMOTED, reason="test"
+            )
+            announce(client_, keys, name, new.version)
+        promoted_at = len(answers)
+
+        def every_worker_swapped() -> bool:
+            later = answers[promoted_at:]
+            return {w for w, _, v in later if v == new.version} == {w for w, _, _ in answers}
+
+        _wait(every_worker_swapped, "every worker answering with the new version")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+    assert failures == []
+    by_worker: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for worker, prediction_id, version in answers:
+        by_worker[worker].append((prediction_id, version))
+    assert len(by_worker) == WORKERS
+    for worker, seen in by_worker.items():
+        # Ids of one worker increase with time: in id order, its versions go old → new exactly once.
+        runs = [version for version, _ in groupby(v for _, v in sorted(seen))]
+        assert runs == [old.version, new.version], f"{worker}: {runs}"
+    assert httpx.get(f"{service.url}/models").json()["version"] == new.version
+    assert f"swapped {old.tag} for {new.tag}" in service.logs()
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
