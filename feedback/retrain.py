@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import psycopg
-import redis
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from numpy.typing import NDArray
@@ -27,7 +26,6 @@ from numpy.typing import NDArray
 from feedback import dataset_store
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from feedback.datasets import read_version, verify
-from feedback.keys import Keys
 from feedback.review_store import Invalid, User
 from models import plots, store
 from models.evaluate import Evaluation
@@ -74,15 +72,6 @@ def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool,
     if gain > margin + 1e-9:  # accuracies are ratios of counts: 0.9 - 0.85 must not beat 0.05
         return True, f"accuracy {candidate:.4f} beats the champion's {champion:.4f} by {gain:+.4f} (margin {margin})"
     return False, f"accuracy {candidate:.4f} does not beat the champion's {champion:.4f} by more than {margin}"
-
-
-def announce(client: redis.Redis, keys: Keys, model_name: str, model_version: str) -> None:
-    """Tell every service worker: the key for those that start or missed it, the message for the rest."""
-    pipe = client.pipeline(transaction=True)
-    pipe.set(keys.champion(model_name), model_version)
-    pipe.publish(keys.promotions, json.dumps({"model_name": model_name, "model_version": model_version}))
-    pipe.execute()
-    logger.info("announced %s:%s as champion on %s", model_name, model_version, keys.promotions)
 
 
 def evaluation_on(conn: psycopg.Connection, model_name: str, model_version: str, validation: DatasetVersion) -> float:

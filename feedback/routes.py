@@ -52,7 +52,7 @@ def _context(request: Request) -> ModerationContext:
 
 
 @contextlib.contextmanager
-def _connection(context: ModerationContext) -> Iterator[psycopg.Connection]:
+def db_connection(context: ModerationContext) -> Iterator[psycopg.Connection]:
     try:
         with context.pool.connection(timeout=5) as conn:
             yield conn
@@ -74,7 +74,7 @@ Context = Annotated[ModerationContext, Depends(_context)]
 def _user(context: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> rs.User:
     if credentials is None or credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 512:
         raise HTTPException(401, "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         user = rs.authenticate(conn=conn, token=credentials.credentials)
     if user is None:
         raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
@@ -228,7 +228,7 @@ def list_items(  # noqa: PLR0917  (each query parameter is an argument, as FastA
         sort=sort,
         descending=order == "desc",
     )
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         page = rs.list_items(conn=conn, filters=filters, limit=limit, cursor=cursor)
     return ItemPage(items=[ItemPublic(**asdict(i)) for i in page.items], next_cursor=page.next_cursor)
 
@@ -241,7 +241,7 @@ def counts(
     created_to: Annotated[datetime | None, Query(alias="to")] = None,
 ) -> dict[str, Any]:
     """Moderated and unmoderated per model version and day, verdicts, accuracy as judged."""
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         return rs.counts(conn=conn, created_from=created_from, created_to=created_to)
 
 
@@ -250,7 +250,7 @@ def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic
     """Lease a page of items to review; nobody else gets them unless they need more reviews."""
     from feedback.records import npy_load
 
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         claimed = rs.claim(
             conn=conn,
             user=user,
@@ -283,7 +283,7 @@ def verdicts(context: Context, user: Reviewer, body: VerdictsIn) -> list[ItemSta
         rs.VerdictIn(prediction_id=v.prediction_id, verdict=Verdict(v.verdict), label=v.label, reason=v.reason)
         for v in body.verdicts
     ]
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         states = rs.record_verdicts(conn=conn, user=user, verdicts=items, labels=context.labels())
     return [ItemStatePublic(**asdict(s)) for s in states]
 
@@ -300,7 +300,7 @@ def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStat
         sample = context.to_input(body.input)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         state = rs.add_sample(conn=conn, user=user, input_npy=npy_bytes(sample), label=body.label, reason=body.reason)
     return ItemStatePublic(**asdict(state))
 
@@ -309,7 +309,7 @@ def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStat
 def item_history(context: Context, user: Reviewer, prediction_id: uuid.UUID) -> list[dict[str, Any]]:
     """Every annotation revision of an item, oldest first."""
     _check_v7(prediction_id)
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         return rs.history(conn=conn, prediction_id=prediction_id)
 
 
@@ -317,7 +317,7 @@ def item_history(context: Context, user: Reviewer, prediction_id: uuid.UUID) -> 
 def resolve(context: Context, user: Admin, prediction_id: uuid.UUID, body: ResolveIn) -> ItemStatePublic:
     """Settle an item (a dispute, usually) with a final label, or discard it (admin)."""
     _check_v7(prediction_id)
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         state = rs.resolve(conn=conn, user=user, prediction_id=prediction_id, label=body.label, reason=body.reason)
     return ItemStatePublic(**asdict(state))
 
@@ -326,14 +326,14 @@ def resolve(context: Context, user: Admin, prediction_id: uuid.UUID, body: Resol
 def erase(context: Context, user: Admin, prediction_id: uuid.UUID, body: EraseIn) -> None:
     """Erase an item's input for a data-removal request; the audit trail keeps the erasure (admin)."""
     _check_v7(prediction_id)
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         rs.erase_input(conn=conn, user=user, prediction_id=prediction_id, reason=body.reason)
 
 
 @router.get("/agreement")
 def agreement_figures(context: Context, user: Reviewer) -> dict[str, Any]:
     """Cohen's kappa per reviewer pair, Fleiss' kappa, disagreements, per-reviewer figures."""
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         rows = rs.opinions(conn=conn)
         finals = rs.final_labels(conn=conn, ids=list({r[0] for r in rows}))
     report = agreement(
@@ -351,21 +351,21 @@ def audit(
     before: Annotated[int | None, Query(ge=1)] = None,
 ) -> list[dict[str, Any]]:
     """The audit log, newest first (admin)."""
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         return rs.audit_log(conn=conn, limit=limit, before=before)
 
 
 @router.get("/users", response_model=list[UserPublic])
 def users(context: Context, user: Admin) -> list[UserPublic]:
     """Every user (admin)."""
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         return [UserPublic(id=u.id, name=u.name, role=u.role) for u in rs.list_users(conn=conn)]
 
 
 @router.post("/users", response_model=UserCreated, status_code=201)
 def create_user(context: Context, user: Admin, body: UserCreate) -> UserCreated:
     """Create a reviewer or admin; the token is in this answer only (admin)."""
-    with _connection(context) as conn:
+    with db_connection(context) as conn:
         created, token = rs.create_user(conn=conn, name=body.name, role=body.role, actor=user)
     return UserCreated(id=created.id, name=created.name, role=created.role, token=token)
 

@@ -13,6 +13,8 @@ from numpy.typing import NDArray
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from models.signature import Signature
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "digits-cnn"
@@ -130,3 +132,13 @@ def load_or_create_split(path: Path, data: Digits, *, seed: int) -> Split:
         path,
     )
     return split
+
+
+def digits_signature() -> Signature:
+    return Signature(
+        input_shape=INPUT_SHAPE,
+        class_names=CLASS_NAMES,
+        dtype="float32",
+        min_value=0.0,
+        max_value=PIXEL_MAX,
+    )

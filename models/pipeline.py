@@ -16,11 +16,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models import digits, export, store
+from models.digits import digits_signature
 from models.evaluate import Evaluation, evaluate
 from models.network import DigitsCNN
 from models.provenance import code_version
 from models.runtime import DevicePreference, OnnxModel
-from models.signature import Signature, softmax
+from models.signature import softmax
 from models.train import (
     EpochMetrics,
     History,
@@ -43,16 +44,6 @@ class BuildResult:
     history: History
     parity_max_abs_diff: float
     validation_probabilities: NDArray[np.float32]
-
-
-def digits_signature() -> Signature:
-    return Signature(
-        input_shape=digits.INPUT_SHAPE,
-        class_names=digits.CLASS_NAMES,
-        dtype="float32",
-        min_value=0.0,
-        max_value=digits.PIXEL_MAX,
-    )
 
 
 def new_digits_model(seed: int) -> Normalised:

@@ -24,6 +24,10 @@ from pydantic import Field, StringConstraints, ValidationError
 from starlette.responses import JSONResponse
 
 from feedback import dataset_store, ingest
+from feedback.admin_routes import DataLoopContext
+from feedback.admin_routes import router as admin_router
+from feedback.champion import announce
+from feedback.datasets import LabelSchema, digits_originals
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
@@ -32,6 +36,7 @@ from feedback.routes import ModerationContext
 from feedback.routes import router as review_router
 from feedback.store import StoredPrediction, fetch_prediction
 from models import store
+from models.digits import digits_signature
 from models.runtime import OnnxModel
 from models.signature import InputError, postprocess, to_batch
 from service import metrics
@@ -54,6 +59,7 @@ CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides 
 
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 routes.include_router(review_router)
+routes.include_router(admin_router)
 
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 TagValue = Annotated[str, StringConstraints(max_length=256)]
@@ -257,6 +263,18 @@ class Predictor:
                 labels=self._class_names,
                 to_input=self._one_sample,
             )
+            routes.state.data_loop = DataLoopContext(
+                model_name=settings.model_name,
+                schema=_label_schema(),
+                originals=lambda: digits_originals(settings.split_path),
+                datasets_root=settings.datasets_root,
+                announcer=self._announce if settings.redis_url is not None else None,
+            )
+
+    def _announce(self, model_name: str, version: str) -> None:
+        assert self.settings.redis_url is not None
+        with redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5) as client:
+            announce(client, self.keys, model_name, version)
 
     async def _watch_stream(self, redis_url: str) -> None:
         """Keep the stream-lag gauges current."""
@@ -485,6 +503,11 @@ class Predictor:
             tags=row.tags,
             ingested=ingested,
         )
+
+
+def _label_schema() -> LabelSchema:
+    signature = digits_signature()
+    return LabelSchema(class_names=signature.class_names, input_shape=signature.input_shape)
 
 
 def _request_id(ctx: bentoml.Context | None) -> str:

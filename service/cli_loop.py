@@ -65,7 +65,7 @@ def _clean_errors() -> Iterator[None]:
 
 def _schema(settings: Settings) -> LabelSchema:
     from feedback.datasets import LabelSchema
-    from models.pipeline import digits_signature
+    from models.digits import digits_signature
 
     signature = digits_signature()
     return LabelSchema(class_names=signature.class_names, input_shape=signature.input_shape)
@@ -106,7 +106,7 @@ def _announcer(settings: Settings) -> Any:
     import redis
 
     from feedback.keys import Keys
-    from feedback.retrain import announce
+    from feedback.champion import announce
 
     def announcer(model_name: str, version: str) -> None:
         client = redis.Redis.from_url(redis_url(settings), socket_connect_timeout=2, socket_timeout=5)

@@ -17,7 +17,7 @@ import redis
 from feedback import dataset_store
 from feedback.dataset_store import Decision
 from feedback.keys import Keys
-from feedback.retrain import announce
+from feedback.champion import announce
 from models import digits, store
 from models.pipeline import BuildResult
 from tests.conftest import REDIS

@@ -1,0 +1,197 @@
+"""Admins' HTTP API for the data loop, mounted by the service under /admin.
+
+Compile training versions, read versions, fix validation labels (a new validation version, every
+model compared on the old one re-evaluated), force a promotion. Every route needs an admin token.
+The service puts a `DataLoopContext` in `app.state.data_loop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from feedback import dataset_store
+from feedback import datasets as ds
+from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
+from feedback.routes import Admin, Context, Name, Reason, db_connection
+from models.store import ModelNotFound
+
+
+@dataclass
+class DataLoopContext:
+    model_name: str
+    schema: ds.LabelSchema
+    originals: Callable[[], ds.Originals]
+    datasets_root: str
+    announcer: Callable[[str, str], None] | None = None
+
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def _loop(request: Request) -> DataLoopContext:
+    context: DataLoopContext | None = getattr(request.app.state, "data_loop", None)
+    if context is None:
+        raise HTTPException(503, "the data loop needs a database (LOOP_DATABASE_URL)")
+    return context
+
+
+Loop = Annotated[DataLoopContext, Depends(_loop)]
+
+
+class DatasetVersionPublic(BaseModel):
+    id: str = Field(description="DVC's directory hash of the version's files (`dvc add` records `<id>.dir`).")
+    kind: Kind
+    model_name: str
+    uri: str
+    watermark: int | None = Field(description="Highest annotation revision included (training versions).")
+    validation_id: str | None = Field(description="The validation version held out of this training version.")
+    parent_id: str | None = Field(description="The validation version this one fixes.")
+    rows: int
+    per_class: dict[str, int]
+    created_by: str | None
+    created_at: datetime
+    manifest: dict[str, Any]
+
+    @classmethod
+    def of(cls, v: DatasetVersion) -> DatasetVersionPublic:
+        return cls(
+            id=v.id, kind=v.kind, model_name=v.model_name, uri=v.uri, watermark=v.watermark,
+            validation_id=v.validation_id, parent_id=v.parent_id, rows=v.rows, per_class=v.per_class,
+            created_by=v.created_by, created_at=v.created_at, manifest=v.manifest,
+        )  # fmt: skip
+
+
+class CompileIn(BaseModel):
+    watermark: int | None = Field(None, ge=0, description="Highest annotation revision; default: all settled.")
+    include_original: bool = Field(True, description="Include the data the model was first trained on.")
+
+
+class LabelFixIn(BaseModel):
+    item_id: Annotated[str, Field(min_length=1, max_length=128)]
+    label: Name
+
+
+class ValidationFixIn(BaseModel):
+    fixes: list[LabelFixIn] = Field(min_length=1, max_length=1000)
+    reason: Reason
+
+
+class Reevaluated(BaseModel):
+    model_name: str
+    model_version: str
+    accuracy: float
+
+
+class ValidationFixed(BaseModel):
+    version: DatasetVersionPublic
+    reevaluated: list[Reevaluated]
+
+
+class PromoteIn(BaseModel):
+    reason: Reason
+
+
+class PromotionPublic(BaseModel):
+    id: int
+    model_name: str
+    model_version: str
+    decision: Decision
+    reason: str
+    validation_id: str | None
+    dataset_id: str | None
+    accuracy: float | None
+    champion_version: str | None
+    champion_accuracy: float | None
+    run_id: str | None
+    actor: str | None
+    at: datetime
+
+    @classmethod
+    def of(cls, p: Promotion) -> PromotionPublic:
+        return cls(**{name: getattr(p, name) for name in cls.model_fields})
+
+
+@router.post("/datasets", response_model=DatasetVersionPublic, status_code=201)
+def compile_dataset(body: CompileIn, context: Context, loop: Loop, admin: Admin) -> Any:
+    """Compile a training version from the current labels (the same labels give the same id)."""
+    with db_connection(context) as conn:
+        originals = loop.originals()
+        validation = ds.freeze_validation(
+            conn=conn, model_name=loop.model_name, originals=originals, schema=loop.schema,
+            root_url=loop.datasets_root, actor=admin,
+        )  # fmt: skip
+        version = ds.compile_training(
+            conn=conn, model_name=loop.model_name, schema=loop.schema,
+            originals=originals if body.include_original else None, validation=validation,
+            root_url=loop.datasets_root, watermark=body.watermark, actor=admin,
+        )  # fmt: skip
+    return DatasetVersionPublic.of(version)
+
+
+@router.get("/datasets", response_model=list[DatasetVersionPublic])
+def list_datasets(context: Context, loop: Loop, admin: Admin, kind: Kind | None = None) -> Any:
+    """Training and validation versions of the served model, oldest first."""
+    with db_connection(context) as conn:
+        versions = dataset_store.list_versions(conn=conn, model_name=loop.model_name, kind=kind)
+    return [DatasetVersionPublic.of(v) for v in versions]
+
+
+@router.get("/datasets/{version_id}", response_model=DatasetVersionPublic)
+def get_dataset(version_id: str, context: Context, admin: Admin) -> Any:
+    """One version with its manifest."""
+    with db_connection(context) as conn:
+        version = dataset_store.get_version(conn=conn, version_id=version_id)
+    if version is None:
+        raise HTTPException(404, f"no dataset version {version_id}")
+    return DatasetVersionPublic.of(version)
+
+
+@router.post("/validation/fixes", response_model=ValidationFixed, status_code=201)
+def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, admin: Admin) -> Any:
+    """Fix validation labels: a new validation version; models compared on the old one are re-evaluated."""
+    from feedback.retrain import reevaluate  # torch and MLflow load only when an admin needs them
+
+    fixes = [ds.LabelFix(item_id=f.item_id, label=f.label, reason=body.reason) for f in body.fixes]
+    with db_connection(context) as conn:
+        old = dataset_store.current_validation(conn=conn, model_name=loop.model_name)
+        new = ds.fix_validation(
+            conn=conn, model_name=loop.model_name, fixes=fixes, schema=loop.schema, root_url=loop.datasets_root,
+            actor=admin,
+        )  # fmt: skip
+        assert old is not None  # fix_validation refuses when there is none
+        again = reevaluate(conn, old=old, new=new)
+    return ValidationFixed(
+        version=DatasetVersionPublic.of(new),
+        reevaluated=[Reevaluated(model_name=n, model_version=v, accuracy=a) for n, v, a in again],
+    )
+
+
+@router.post("/models/{version}/promote", response_model=PromotionPublic)
+def force_promotion(version: str, body: PromoteIn, context: Context, loop: Loop, admin: Admin) -> Any:
+    """Make a stored version of the served model champion regardless of the gate (recorded, announced)."""
+    from feedback.retrain import promote
+
+    with db_connection(context) as conn:
+        try:
+            promotion = promote(
+                conn=conn, model_name=loop.model_name, model_version=version, reason=body.reason, actor=admin,
+                announcer=loop.announcer,
+            )  # fmt: skip
+        except ModelNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+    return PromotionPublic.of(promotion)
+
+
+@router.get("/promotions", response_model=list[PromotionPublic])
+def list_promotions(context: Context, loop: Loop, admin: Admin) -> Any:
+    """Every gate decision and forced promotion of the served model, oldest first; the last
+    baseline, promoted or forced one is the champion."""
+    with db_connection(context) as conn:
+        found = dataset_store.promotions(conn=conn, model_name=loop.model_name)
+    return [PromotionPublic.of(p) for p in found]
