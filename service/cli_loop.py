@@ -105,8 +105,8 @@ def _tracking(settings: Settings) -> Tracking:
 def _announcer(settings: Settings) -> Any:
     import redis
 
-    from feedback.keys import Keys
     from feedback.champion import announce
+    from feedback.keys import Keys
 
     def announcer(model_name: str, version: str) -> None:
         client = redis.Redis.from_url(redis_url(settings), socket_connect_timeout=2, socket_timeout=5)

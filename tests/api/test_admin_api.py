@@ -120,4 +120,5 @@ def digits_item(client: TestClient, headers: dict[str, str], validation_id: str)
     """A validation item whose label is not '0'."""
     manifest = client.get(f"/admin/datasets/{validation_id}", headers=headers).json()
     table = pq.read_table(Path(manifest["uri"]) / manifest["manifest"]["files"][0], columns=["item_id", "label"])
-    return next(i for i, lab in zip(table["item_id"].to_pylist(), table["label"].to_pylist(), strict=True) if lab != "0")
+    labels = zip(table["item_id"].to_pylist(), table["label"].to_pylist(), strict=True)
+    return next(item for item, label in labels if label != "0")

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from feedback import dataset_store
+from feedback.champion import announce
 from feedback.dataset_store import Decision
 from feedback.keys import Keys
-from feedback.champion import announce
 from models import digits, store
 from models.pipeline import BuildResult
 from tests.conftest import REDIS
