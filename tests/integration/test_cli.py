@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from feedback import review_store
+from feedback.keys import Keys
+from models.pipeline import BuildResult
+from tests.conftest import REDIS
 
 pytestmark = pytest.mark.integration
 
 
-def loop(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LOOP_DATABASE_URL": database_url}
+def loop(*args: str, database_url: str, **env_: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LOOP_DATABASE_URL": database_url, **env_}
     return subprocess.run(
-        [sys.executable, "-m", "service", *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        [sys.executable, "-m", "service", *args], capture_output=True, text=True, env=env, timeout=180, check=False
     )
 
 
@@ -40,3 +45,41 @@ def test_users_add_prints_a_working_token_once(database_url: str) -> None:
 def test_migrate_is_idempotent(database_url: str) -> None:
     result = loop("migrate", database_url=database_url)
     assert result.returncode == 0 and "up to date" in result.stdout
+
+
+def test_compile_retrain_and_report_from_the_command_line(
+    database_url: str, keys: Keys, tmp_path: Path, trained_model: BuildResult
+) -> None:
+    env = {
+        "LOOP_VAR_DIR": str(tmp_path / "var"),
+        "LOOP_REDIS_URL": REDIS,
+        "LOOP_REDIS_PREFIX": keys.prefix,
+        "LOOP_MODEL_NAME": f"cli-{keys.prefix}",
+    }
+    wrong_model = loop("datasets", "compile", database_url=database_url, **env)
+    assert wrong_model.returncode == 1 and "--no-original" in wrong_model.stderr
+
+    env["LOOP_MODEL_NAME"] = trained_model.stored.name
+    assert loop("users", "add", "root", "--role", "admin", database_url=database_url).returncode == 0
+    assert "'nobody' is not an admin" in loop("datasets", "compile", "--admin", "nobody", database_url=database_url,
+                                             **env).stderr  # fmt: skip
+    compiled = loop("datasets", "compile", "--admin", "root", database_url=database_url, **env)
+    assert compiled.returncode == 0, compiled.stderr
+    version = re.search(r"training version ([0-9a-f]{32}): 1437 rows", compiled.stdout)
+    assert version is not None, compiled.stdout
+    assert "compiling" in compiled.stderr  # the progress bar
+
+    missing = loop("retrain", "--dataset", "0" * 32, database_url=database_url, **env)
+    assert missing.returncode == 1 and "no dataset version" in missing.stderr
+    trained = loop("retrain", "--dataset", version.group(1), "--epochs", "2", database_url=database_url, **env)
+    assert trained.returncode == 0, trained.stderr
+    assert re.search(r"(promoted|rejected): accuracy", trained.stdout), trained.stdout
+    champion = loop("champion", database_url=database_url, **env)
+    assert "baseline" in champion.stdout  # the session's model, taken as champion before the first decision
+    bad_fix = loop("validation", "fix", "--item", "nonsense", "--reason", "r", "--admin", "root",
+                   database_url=database_url, **env)  # fmt: skip
+    assert bad_fix.returncode == 2 and "ITEM=LABEL" in bad_fix.stderr
+    report = loop("experiments", "--out", str(tmp_path / "report"), database_url=database_url, **env)
+    assert report.returncode == 0, report.stderr
+    assert version.group(1)[:12] in report.stdout
+    assert (tmp_path / "report" / "validation_error.png").read_bytes().startswith(b"\x89PNG")
