@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from feedback import dataset_store
 from feedback import datasets as ds
+from feedback.champion import promote, reevaluate
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from feedback.routes import Admin, Context, Name, Reason, db_connection
 from models.store import ModelNotFound
@@ -155,8 +156,6 @@ def get_dataset(version_id: str, context: Context, admin: Admin) -> Any:
 @router.post("/validation/fixes", response_model=ValidationFixed, status_code=201)
 def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, admin: Admin) -> Any:
     """Fix validation labels: a new validation version; models compared on the old one are re-evaluated."""
-    from feedback.retrain import reevaluate  # torch and MLflow load only when an admin needs them
-
     fixes = [ds.LabelFix(item_id=f.item_id, label=f.label, reason=body.reason) for f in body.fixes]
     with db_connection(context) as conn:
         old = dataset_store.current_validation(conn=conn, model_name=loop.model_name)
@@ -175,8 +174,6 @@ def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, admin: A
 @router.post("/models/{version}/promote", response_model=PromotionPublic)
 def force_promotion(version: str, body: PromoteIn, context: Context, loop: Loop, admin: Admin) -> Any:
     """Make a stored version of the served model champion regardless of the gate (recorded, announced)."""
-    from feedback.retrain import promote
-
     with db_connection(context) as conn:
         try:
             promotion = promote(

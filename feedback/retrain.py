@@ -1,9 +1,6 @@
 """Retrain → evaluate → gate → promote, every run logged to MLflow; promotions announced on Redis.
 
-The champion of a model is the latest baseline, promotion or forced promotion recorded in
-Postgres. Before the first gate decision the newest model in the store is taken as the baseline.
-A candidate becomes champion only if its accuracy on the current validation version beats the
-champion's on that same version by more than the margin.
+The gate and the champion's bookkeeping live in `feedback.champion`; this module trains.
 """
 
 from __future__ import annotations
@@ -24,12 +21,13 @@ from mlflow.tracking import MlflowClient
 from numpy.typing import NDArray
 
 from feedback import dataset_store
+from feedback.champion import champion_or_baseline, evaluation_on, gate, record_evaluation
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from feedback.datasets import read_version, verify
-from feedback.review_store import Invalid, User
-from models import plots, store
-from models.evaluate import Evaluation
-from models.pipeline import BuildResult, evaluate_stored, train_and_store
+from feedback.review_store import Invalid
+from models import plots
+from models.evaluate import Evaluation, evaluate_stored
+from models.pipeline import BuildResult, train_and_store
 from models.provenance import code_version
 from models.train import EpochMetrics, TrainConfig
 
@@ -59,101 +57,6 @@ class RetrainResult:
     run_id: str
     evaluation: Evaluation
     promotion: Promotion
-
-
-# -- the gate -------------------------------------------------------------------------------------
-
-
-def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool, str]:
-    """Whether a candidate with `candidate` accuracy replaces a champion with `champion`, and why."""
-    if champion is None:
-        return True, "no champion yet"
-    gain = candidate - champion
-    if gain > margin + 1e-9:  # accuracies are ratios of counts: 0.9 - 0.85 must not beat 0.05
-        return True, f"accuracy {candidate:.4f} beats the champion's {champion:.4f} by {gain:+.4f} (margin {margin})"
-    return False, f"accuracy {candidate:.4f} does not beat the champion's {champion:.4f} by more than {margin}"
-
-
-def evaluation_on(conn: psycopg.Connection, model_name: str, model_version: str, validation: DatasetVersion) -> float:
-    """A stored model's accuracy on a validation version, evaluated (and recorded) when not yet known."""
-    known = dataset_store.get_evaluation(
-        conn=conn, model_name=model_name, model_version=model_version, validation_id=validation.id
-    )
-    if known is not None:
-        return known
-    loaded = read_version(validation.uri)
-    evaluation, _ = evaluate_stored(store.get(f"{model_name}:{model_version}"), loaded.inputs, loaded.labels)
-    _record(conn, model_name, model_version, validation.id, evaluation)
-    return evaluation.accuracy
-
-
-def _record(
-    conn: psycopg.Connection, model_name: str, model_version: str, validation_id: str, evaluation: Evaluation
-) -> None:
-    dataset_store.record_evaluation(
-        conn=conn,
-        model_name=model_name,
-        model_version=model_version,
-        validation_id=validation_id,
-        accuracy=evaluation.accuracy,
-        figures={
-            "ece": evaluation.ece,
-            "per_class": {k: vars(v) for k, v in evaluation.per_class.items()},
-            "confusion": evaluation.confusion,
-            "samples": evaluation.samples,
-        },
-    )
-
-
-def champion_or_baseline(conn: psycopg.Connection, model_name: str, validation: DatasetVersion) -> Promotion | None:
-    """The recorded champion; before the first decision, the newest model in the store as baseline."""
-    current = dataset_store.champion(conn=conn, model_name=model_name)
-    if current is not None or not store.exists(f"{model_name}:latest"):
-        return current
-    baseline = store.get(f"{model_name}:latest")
-    accuracy = evaluation_on(conn, model_name, baseline.version, validation)
-    return dataset_store.record_promotion(
-        conn=conn,
-        model_name=model_name,
-        model_version=baseline.version,
-        decision=Decision.BASELINE,
-        reason="the newest model in the store before the first gate decision",
-        validation_id=validation.id,
-        accuracy=accuracy,
-    )
-
-
-def reevaluate(conn: psycopg.Connection, *, old: DatasetVersion, new: DatasetVersion) -> list[tuple[str, str, float]]:
-    """Evaluate every model that was compared on validation version `old` on `new` as well."""
-    done = []
-    for model_name, model_version in dataset_store.evaluated_models(conn=conn, validation_id=old.id):
-        if not store.exists(f"{model_name}:{model_version}"):
-            logger.warning("%s:%s is no longer in the model store; not re-evaluated", model_name, model_version)
-            continue
-        done.append((model_name, model_version, evaluation_on(conn, model_name, model_version, new)))
-    return done
-
-
-def promote(
-    *,
-    conn: psycopg.Connection,
-    model_name: str,
-    model_version: str,
-    reason: str,
-    actor: User,
-    announcer: Callable[[str, str], None] | None = None,
-) -> Promotion:
-    """Make a stored model champion whatever the gate says: an admin's action, recorded as such."""
-    if not reason.strip():
-        raise Invalid("a forced promotion needs a reason")
-    stored = store.get(f"{model_name}:{model_version}")  # ModelNotFound if it is not there
-    promotion = dataset_store.record_promotion(
-        conn=conn, model_name=model_name, model_version=stored.version, decision=Decision.FORCED, reason=reason,
-        actor=actor,
-    )  # fmt: skip
-    if announcer is not None:
-        announcer(model_name, stored.version)
-    return promotion
 
 
 # -- retraining -----------------------------------------------------------------------------------
@@ -224,7 +127,7 @@ def retrain(
         )
         version = build.stored.version
         evaluation, probabilities = evaluate_stored(build.stored, val_rows.inputs, val_rows.labels)
-        _record(conn, model_name, version, validation.id, evaluation)
+        record_evaluation(conn, model_name, version, validation.id, evaluation)
         champion_accuracy = (
             None if champion is None else evaluation_on(conn, model_name, champion.model_version, validation)
         )

@@ -10,6 +10,10 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from models.runtime import DevicePreference, OnnxModel
+from models.signature import softmax
+from models.store import StoredModel
+
 
 @dataclass(frozen=True)
 class ClassFigures:
@@ -71,3 +75,13 @@ def evaluate(
         confusion=confusion_matrix(labels, predicted, labels=classes).tolist(),
         samples=len(labels),
     )
+
+
+def evaluate_stored(
+    stored: StoredModel, x: NDArray[np.float32], y: NDArray[np.int64], *, batch_size: int = 512
+) -> tuple[Evaluation, NDArray[np.float32]]:
+    """Evaluate a stored model's ONNX graph (what is served) on labelled data, on the CPU."""
+    runtime = OnnxModel(stored.onnx_path, device=DevicePreference.CPU)
+    logits = np.concatenate([runtime.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    probabilities = softmax(logits)
+    return evaluate(probabilities, y, stored.card.signature.class_names), probabilities

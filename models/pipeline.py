@@ -20,7 +20,6 @@ from models.digits import digits_signature
 from models.evaluate import Evaluation, evaluate
 from models.network import DigitsCNN
 from models.provenance import code_version
-from models.runtime import DevicePreference, OnnxModel
 from models.signature import softmax
 from models.train import (
     EpochMetrics,
@@ -134,16 +133,6 @@ def train_and_store(
         parity_max_abs_diff=parity,
         validation_probabilities=probabilities,
     )
-
-
-def evaluate_stored(
-    stored: store.StoredModel, x: NDArray[np.float32], y: NDArray[np.int64], *, batch_size: int = 512
-) -> tuple[Evaluation, NDArray[np.float32]]:
-    """Evaluate a stored model's ONNX graph (what is served) on labelled data, on the CPU."""
-    runtime = OnnxModel(stored.onnx_path, device=DevicePreference.CPU)
-    logits = np.concatenate([runtime.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    probabilities = softmax(logits)
-    return evaluate(probabilities, y, stored.card.signature.class_names), probabilities
 
 
 def _per_class(evaluation: Evaluation) -> dict[str, dict[str, float]]:

@@ -224,7 +224,7 @@ def validation_fix(items: tuple[str, ...], reason: str, admin_name: str) -> None
     """Fix labels: a new validation version; every model compared on the old one is re-evaluated."""
     from feedback import dataset_store
     from feedback import datasets as ds
-    from feedback.retrain import reevaluate
+    from feedback.champion import reevaluate
 
     fixes = []
     for item in items:
@@ -293,13 +293,13 @@ def retrain(dataset_id: str, epochs: int | None, seed: int | None, margin: float
 @click.option("--admin", "admin_name", required=True, help="The admin taking the decision.")
 def promote(version: str, reason: str, admin_name: str) -> None:
     """Make a stored model version champion regardless of the gate (recorded, announced)."""
-    from feedback import retrain as loop
+    from feedback.champion import promote as force
 
     settings = Settings()
     with _connection(settings) as conn, _clean_errors():
         actor = _admin(conn, admin_name, required=True)
         assert actor is not None
-        promotion = loop.promote(
+        promotion = force(
             conn=conn, model_name=settings.model_name, model_version=version, reason=reason, actor=actor,
             announcer=_announcer(settings),
         )  # fmt: skip

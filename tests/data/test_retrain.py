@@ -11,6 +11,7 @@ import pytest
 
 from feedback import dataset_store
 from feedback import review_store as rs
+from feedback.champion import gate, promote, reevaluate
 from feedback.dataset_store import Decision
 from feedback.datasets import (
     LabelFix,
@@ -22,7 +23,7 @@ from feedback.datasets import (
     freeze_validation,
 )
 from feedback.records import npy_bytes
-from feedback.retrain import RetrainResult, Tracking, gate, promote, reevaluate, retrain
+from feedback.retrain import RetrainResult, Tracking, retrain
 from models import digits, store
 from models.train import TrainConfig
 
