@@ -15,6 +15,10 @@ share of the two cores the load generator took is visible.
 - peers from the package registry, the same model, no logging: LitServe (Python front end,
   the closest in design to ours) and MOSEC (Rust front end, the fastest we know of); install them
   with `pip install -e '.[bench]'`. Both batch up to 64 with a 5 ms wait, as measured before.
+
+Then, open loop (`--rates`): each target at fixed request rates (loadtest.openloop), latency from
+each request's due time. `--model digits-wide` runs the compute-bound model instead (built with
+random weights on first use), where batching pays.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest import scratch, servers, wrk
+from loadtest import openloop, scratch, servers, wrk
 from models import digits, store
 from models.runtime import DevicePreference, OnnxModel
 
@@ -44,6 +48,17 @@ class Target:
     env: dict[str, str]
     path: str = "/predict"  # where predictions are posted
     ready: str = "/readyz"  # answers 200 once the server can take them
+
+
+@dataclass(frozen=True)
+class OpenPoint:
+    target: str
+    rate: float
+    answered_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    client_cpu: float
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,25 @@ def plot(points: list[Point], out: Path) -> None:
     left.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "throughput_p99.png", dpi=120)
+
+
+def open_markdown(points: list[OpenPoint], rates: list[float]) -> str:
+    by = {(p.target, p.rate): p for p in points}
+    lines = [
+        "Open loop (fixed request rate; latency from each request's due time):",
+        "",
+        "| target | " + " | ".join(f"{r:,.0f} req/s: answered/s (p50 / p99 ms, errors)" for r in rates) + " |",
+        "|---" * (len(rates) + 1) + "|",
+    ]
+    for name in sorted({p.target for p in points}):
+        cells = []
+        for r in rates:
+            p = by.get((name, r))
+            cells.append("-" if p is None else f"{p.answered_per_s:,.0f} ({p.p50_ms:.1f} / {p.p99_ms:.1f}, {p.errors})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cpu = max((p.client_cpu for p in points), default=0.0)
+    lines += ["", f"The open-loop generator used at most {cpu:.2f} of a core."]
+    return "\n".join(lines)
 
 
 def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: list[int]) -> str:
@@ -149,6 +183,7 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
         Target("ours batched, log on", loop, {**common, "LOOP_LOG_PREDICTIONS": "true"}),
         Target("ours batched, log off", loop, {**common, "LOOP_LOG_PREDICTIONS": "false"}),
         Target("ours unbatched, log on", loop, {**common, "LOOP_MAX_BATCH_SIZE": "1"}),
+        Target("ours batched, log on, 2 workers", loop, {**common, "LOOP_WORKERS": "2"}),
         Target(
             "bare bentoml batchable",
             [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
@@ -169,12 +204,51 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
     ]
 
 
+def measure(
+    target: Target,
+    port: int,
+    *,
+    concurrencies: list[int],
+    rates: list[float],
+    seconds: float,
+    warmup: float,
+    log: Path,
+) -> tuple[list[Point], list[OpenPoint]]:
+    """Start the target, sweep concurrencies (closed loop) then rates (open loop), stop it."""
+    body = {"samples": [digits.load().images[0].tolist()]}
+    points, open_points = [], []
+    process = servers.start(
+        [part.replace("{port}", str(port)) for part in target.command],
+        {**target.env, "LOOP_PORT": str(port)},
+        ready_url=f"http://127.0.0.1:{port}{target.ready}",
+        log=log,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}{target.path}"
+        for c in concurrencies:
+            wrk.run(url, body, connections=c, seconds=warmup)
+            r = wrk.run(url, body, connections=c, seconds=seconds)
+            points.append(Point(target.name, c, r.requests_per_s, r.p50_ms, r.p99_ms, r.errors, r.client_cpu))
+            logger.info("%s c=%d: %s", target.name, c, r)
+        for rate in rates:
+            o = openloop.run(url, body, rate=rate, seconds=seconds)
+            open_points.append(
+                OpenPoint(target.name, rate, o.answered_per_s, o.p50_ms, o.p99_ms, o.errors, o.client_cpu)
+            )
+            logger.info("%s rate=%.0f: %s", target.name, rate, o)
+    finally:
+        servers.stop(process)
+    return points, open_points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=5)
-    parser.add_argument("--model", default="digits-cnn:latest")
+    parser.add_argument("--model", default="digits-cnn:latest", help="or digits-wide: compute-bound")
+    parser.add_argument("--rates", default="250,500,1000", help="open-loop request rates ('' for none)")
+    parser.add_argument("--only", default="", help="comma-separated target names to run (default: all)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--out", type=Path, default=None)
@@ -186,37 +260,45 @@ def main() -> None:
 
     database, database_url = scratch.create_database(args.postgres)
     prefix = scratch.new_prefix()
+    if args.model.startswith("digits-wide") and not store.exists(args.model):
+        from models.pipeline import build_wide_model
+
+        build_wide_model(name=args.model.partition(":")[0])
+    rates = [float(r) for r in args.rates.split(",") if r]
     targets = make_targets(args.model, database_url, args.redis, prefix, out)
-    body = {"samples": [digits.load().images[0].tolist()]}
+    if args.only:
+        wanted = set(args.only.split(","))
+        targets = [t for t in targets if t.name in wanted]
     points: list[Point] = []
+    open_points: list[OpenPoint] = []
     try:
         ceilings = ceiling(args.model, seconds=min(args.seconds, 5))
         logger.info("ceiling: %s", ceilings)
         for i, target in enumerate(targets):
-            port = 3990 + i
-            process = servers.start(
-                [part.replace("{port}", str(port)) for part in target.command],
-                {**target.env, "LOOP_PORT": str(port)},
-                ready_url=f"http://127.0.0.1:{port}{target.ready}",
-                log=out / f"{i}.log",
-            )
-            try:
-                url = f"http://127.0.0.1:{port}{target.path}"
-                for c in concurrencies:
-                    wrk.run(url, body, connections=c, seconds=args.warmup)
-                    r = wrk.run(url, body, connections=c, seconds=args.seconds)
-                    points.append(Point(target.name, c, r.requests_per_s, r.p50_ms, r.p99_ms, r.errors, r.client_cpu))
-                    logger.info("%s c=%d: %s", target.name, c, r)
-            finally:
-                servers.stop(process)
+            closed, opened = measure(
+                target, 3990 + i, concurrencies=concurrencies, rates=rates, seconds=args.seconds,
+                warmup=args.warmup, log=out / f"{i}.log",
+            )  # fmt: skip
+            points += closed
+            open_points += opened
     finally:
         scratch.drop_database(args.postgres, database)
         scratch.delete_keys(args.redis, prefix)
 
     (out / "results.json").write_text(
-        json.dumps({"ceiling": ceilings, "points": [asdict(p) for p in points]}, indent=2)
+        json.dumps(
+            {
+                "model": args.model,
+                "ceiling": ceilings,
+                "points": [asdict(p) for p in points],
+                "open_loop": [asdict(p) for p in open_points],
+            },
+            indent=2,
+        )
     )
-    report = markdown(points, ceilings, concurrencies)
+    report = f"Model: {args.model}\n\n" + markdown(points, ceilings, concurrencies)
+    if open_points:
+        report += "\n\n" + open_markdown(open_points, rates)
     (out / "results.md").write_text(report + "\n")
     plot(points, out)
     print(report)

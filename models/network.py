@@ -29,3 +29,25 @@ class DigitsCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.features(x))
         return logits
+
+
+class WideMLP(nn.Module):
+    """A compute-bound network for benchmarks: three 2048-wide layers, about 8.5 M parameters.
+
+    At batch 1 every call streams all 34 MB of weights for one sample; a batch reuses them, so
+    this is where batching pays, unlike the small CNN whose cost is all overhead.
+    """
+
+    def __init__(self, inputs: int = 64, width: int = 2048, depth: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        size = inputs
+        for _ in range(depth):
+            layers += [nn.Linear(size, width), nn.ReLU()]
+            size = width
+        layers.append(nn.Linear(size, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.layers(x)
+        return logits

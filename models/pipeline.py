@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from models import digits, export, store
 from models.digits import digits_signature
 from models.evaluate import Evaluation, evaluate
-from models.network import DigitsCNN
+from models.network import DigitsCNN, WideMLP
 from models.provenance import code_version
 from models.signature import softmax
 from models.train import (
@@ -140,3 +140,34 @@ def _per_class(evaluation: Evaluation) -> dict[str, dict[str, float]]:
         name: {"precision": f.precision, "recall": f.recall, "support": float(f.support)}
         for name, f in evaluation.per_class.items()
     }
+
+
+def build_wide_model(*, name: str = "digits-wide", seed: int = 0) -> store.StoredModel:
+    """The benchmark's compute-bound model: `WideMLP` with seeded random weights (never trained),
+    the digits signature, exported and parity-checked like any other model."""
+    signature = digits_signature()
+    seed_everything(seed)
+    model = Normalised(WideMLP(inputs=int(np.prod(signature.input_shape)), num_classes=len(signature.class_names)),
+                       scale=signature.max_value).eval()  # fmt: skip
+    rng = np.random.default_rng(seed)
+    inputs = [rng.uniform(0, signature.max_value, size=(n, *signature.input_shape)).astype(np.float32) for n in (1, 64)]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export.export_onnx(
+            model,
+            Path(tmp) / store.ONNX_FILE,
+            sample_shape=signature.input_shape,
+            input_name=signature.input_name,
+            output_name=signature.output_name,
+        )
+        parity = export.check_parity(model, onnx_path, inputs)
+        card = store.ModelCard(
+            signature=signature,
+            metrics={},
+            dataset_id="none: random weights",
+            validation_id="none",
+            opset=export.OPSET,
+            code_version=code_version(),
+            parity_max_abs_diff=parity,
+            extra={"purpose": "benchmark: compute-bound, untrained", "seed": seed},
+        )
+        return store.save(name, onnx_path, card)
