@@ -4,12 +4,14 @@ BentoML's probes and metrics."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
 import socket
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -21,7 +23,8 @@ from fastapi import FastAPI
 from numpy.typing import NDArray
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from pydantic import Field, StringConstraints, ValidationError
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from feedback import dataset_store, ingest
 from feedback.admin_routes import DataLoopContext
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model load before a 503
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
+NPY_MAX_BYTES = 4 * 2**20  # /predict/npy bodies; the sample count is limited as for /predict
 
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 routes.include_router(review_router)
@@ -64,6 +68,14 @@ routes.include_router(admin_router)
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 TagValue = Annotated[str, StringConstraints(max_length=256)]
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request not answered with predictions: the status and why."""
+
+    status: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -361,20 +373,54 @@ class Predictor:
         ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML passes the request context
     ) -> PredictResponse:
         """Classify one or many samples; every answer carries its prediction id and is stored."""
+        request_id = _request_id(ctx)
+        answer = await self._classify(samples, tags or {}, request_id)
+        if isinstance(answer, Refusal):
+            return _error(answer.status, answer.message, ctx)
+        if ctx is not None:
+            ctx.response.headers["X-Request-ID"] = request_id
+            ctx.response.headers["X-Loop-Worker"] = self.worker
+        return answer
+
+    @routes.post(
+        "/predict/npy",
+        response_model=PredictResponse,
+        responses={400: {"description": "Not an .npy array of samples"}, 503: {"description": "Not ready"}},
+        openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}},
+    )
+    async def predict_npy(self, request: Request) -> Any:
+        """Classify samples sent as one .npy array (N x input shape, or one sample): no JSON to parse."""
+        request_id = _request_id_of(request.headers)
+        body = await request.body()
+        if len(body) > NPY_MAX_BYTES:
+            return _error(413, f"body of {len(body)} bytes is over the limit of {NPY_MAX_BYTES}")
+        try:
+            array = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            return _error(400, f"the body is not an .npy array: {exc}")
+        served = self._served
+        if served is not None and array.shape == served.stored.card.signature.input_shape:
+            array = array[np.newaxis]  # one sample
+        answer = await self._classify(array, {}, request_id)
+        if isinstance(answer, Refusal):
+            return _error(answer.status, answer.message)
+        headers = {"X-Request-ID": request_id, "X-Loop-Worker": self.worker}
+        return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
+
+    async def _classify(self, samples: Any, tags: dict[str, str], request_id: str) -> PredictResponse | Refusal:
         if self._served is None and self._load_error is None:
             # Workers start one by one behind one port: a request that reaches one still loading
             # waits for it (briefly) rather than failing while its neighbours already answer.
             await asyncio.to_thread(self._loaded.wait, STARTUP_WAIT_S)
         reason = self._not_ready()
         if reason is not None:
-            return _error(503, f"not ready: {reason}", ctx)
+            return Refusal(503, f"not ready: {reason}")
         served = self._served
         assert served is not None
-        request_id = _request_id(ctx)
         try:
             batch = to_batch(samples, served.stored.card.signature, max_samples=self.settings.max_samples_per_request)
         except InputError as exc:
-            return _error(400, str(exc), ctx)
+            return Refusal(400, str(exc))
         if self._batcher is None:
             self._batcher = AdaptiveBatcher(
                 self._infer,
@@ -385,7 +431,7 @@ class Predictor:
         try:
             logits, used = await self._batcher.submit(batch)
         except (Overloaded, BatcherClosed) as exc:
-            return _error(503, str(exc), ctx)
+            return Refusal(503, str(exc))
         out = postprocess(logits)
         names = used.stored.card.signature.class_names
         ids = [uuid7() for _ in range(len(batch))]
@@ -400,14 +446,14 @@ class Predictor:
                     label=names[out.labels[i]],
                     confidence=float(out.confidences[i]),
                     request_id=request_id,
-                    tags=tags or {},
+                    tags=tags,
                 )
                 for i in range(len(batch))
             ]
             try:
                 await self._log.append(records)  # before the answer leaves: what we answer is kept
             except LogUnavailable as exc:
-                return _error(503, f"prediction not stored, so not answered: {exc}", ctx)
+                return Refusal(503, f"prediction not stored, so not answered: {exc}")
         predictions = [
             PredictionPublic(
                 id=ids[i],
@@ -420,9 +466,6 @@ class Predictor:
             for i in range(len(batch))
         ]
         metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(predictions))
-        if ctx is not None:
-            ctx.response.headers["X-Request-ID"] = request_id
-            ctx.response.headers["X-Loop-Worker"] = self.worker
         return PredictResponse(request_id=request_id, predictions=predictions)
 
     @routes.get("/models", response_model=ModelPublic, responses={503: {"description": "No model loaded"}})
@@ -511,8 +554,11 @@ def _label_schema() -> LabelSchema:
 
 
 def _request_id(ctx: bentoml.Context | None) -> str:
-    if ctx is not None:
-        given = ctx.request.headers.get("x-request-id")
-        if given and len(given) <= 128 and given.isprintable():
-            return given
+    return _request_id_of(ctx.request.headers if ctx is not None else {})
+
+
+def _request_id_of(headers: Mapping[str, str]) -> str:
+    given = headers.get("x-request-id")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
     return uuid.uuid4().hex

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
@@ -248,3 +249,44 @@ def test_the_review_api_is_mounted_with_the_served_models_labels(
     assert bad.status_code == 422 and "shape" in bad.text
     paths = client.get("/docs.json").json()["paths"]
     assert "/review/claim" in paths and "/review/items" in paths
+
+
+def npy(array: Any) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=True)
+    return out.getvalue()
+
+
+def test_npy_bodies_are_answered_like_json(client: TestClient, data: digits.Digits) -> None:
+    images = data.images[:5]
+    as_json = client.post("/predict", json={"samples": images.tolist()}).json()["predictions"]
+    batch = client.post("/predict/npy", content=npy(images), headers={"content-type": "application/octet-stream"})
+    assert batch.status_code == 200, batch.text
+    assert batch.headers["x-loop-worker"] and batch.headers["x-request-id"]
+    answers = batch.json()["predictions"]
+    assert [p["label"] for p in answers] == [p["label"] for p in as_json]
+    for got, want in zip(answers, as_json, strict=True):
+        assert got["scores"] == pytest.approx(want["scores"])
+    one = client.post("/predict/npy", content=npy(images[0]), headers={"x-request-id": "npy-1"})
+    assert one.status_code == 200 and one.json()["request_id"] == "npy-1"
+    assert [p["label"] for p in one.json()["predictions"]] == [as_json[0]["label"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"not npy at all", 400, "not an .npy array"),
+        (b"", 400, "not an .npy array"),
+        (npy(np.array([{"a": 1}], dtype=object)), 400, "not an .npy array"),
+        (npy(np.zeros((2, 7, 8), np.float32)), 400, "shape [8, 8]"),
+        (npy(np.full((1, 8, 8), 99, np.float32)), 400, "outside the range"),
+        (npy(np.full((1, 8, 8), np.nan, np.float32)), 400, "non-finite"),
+        (npy(np.zeros((300, 8, 8), np.float32)), 400, "too many samples"),
+        (npy(np.array(["a"] * 64).reshape(1, 8, 8)), 400, "only numbers"),
+        (b"\x93NUMPY" + b"\x00" * (5 * 2**20), 413, "over the limit"),
+    ],
+)
+def test_bad_npy_bodies_get_4xx_naming_the_problem(client: TestClient, body: bytes, status: int, fragment: str) -> None:
+    response = client.post("/predict/npy", content=body)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
