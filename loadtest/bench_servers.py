@@ -24,6 +24,7 @@ random weights on first use), where batching pays.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -47,6 +48,7 @@ class Target:
     command: list[str]
     env: dict[str, str]
     path: str = "/predict"  # where predictions are posted
+    npy: bool = False  # the body as one .npy array (application/octet-stream) instead of JSON
     ready: str = "/readyz"  # answers 200 once the server can take them
 
 
@@ -184,6 +186,7 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
         Target("ours batched, log off", loop, {**common, "LOOP_LOG_PREDICTIONS": "false"}),
         Target("ours unbatched, log on", loop, {**common, "LOOP_MAX_BATCH_SIZE": "1"}),
         Target("ours batched, log on, 2 workers", loop, {**common, "LOOP_WORKERS": "2"}),
+        Target("ours batched, log on, npy body", loop, common, path="/predict/npy", npy=True),
         Target(
             "bare bentoml batchable",
             [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
@@ -215,7 +218,12 @@ def measure(
     log: Path,
 ) -> tuple[list[Point], list[OpenPoint]]:
     """Start the target, sweep concurrencies (closed loop) then rates (open loop), stop it."""
-    body = {"samples": [digits.load().images[0].tolist()]}
+    image = digits.load().images[:1]
+    body: dict[str, object] | bytes = {"samples": image.tolist()}
+    if target.npy:
+        buffer = io.BytesIO()
+        np.save(buffer, image)
+        body = buffer.getvalue()
     points, open_points = [], []
     process = servers.start(
         [part.replace("{port}", str(port)) for part in target.command],

@@ -35,13 +35,15 @@ class OpenLoopResult:
     client_cpu: float  # the generator's CPU seconds per wall second
 
 
-async def _run(url: str, body: bytes, rate: float, seconds: float, max_connections: int) -> OpenLoopResult:
+async def _run(
+    url: str, body: bytes, *, content_type: str, rate: float, seconds: float, max_connections: int
+) -> OpenLoopResult:
     latencies: list[float] = []
     errors = 0
     lag = 0.0
     connector = aiohttp.TCPConnector(limit=max_connections)
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": content_type}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
 
         async def one(due: float) -> None:
@@ -83,13 +85,17 @@ async def _run(url: str, body: bytes, rate: float, seconds: float, max_connectio
 
 
 def run(url: str, payload: object, *, rate: float, seconds: float, max_connections: int = 256) -> OpenLoopResult:
-    """Send `rate` requests per second for `seconds` (JSON `payload`), on one event loop."""
+    """Send `rate` requests per second for `seconds`, on one event loop: `payload` as JSON, or as
+    application/octet-stream when it is bytes."""
     if rate <= 0 or seconds <= 0:
         raise ValueError("rate and seconds must be positive")
-    body = json.dumps(payload).encode()
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    content_type = "application/octet-stream" if isinstance(payload, bytes) else "application/json"
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    result = asyncio.run(_run(url, body, rate, seconds, max_connections))
+    result = asyncio.run(
+        _run(url, body, content_type=content_type, rate=rate, seconds=seconds, max_connections=max_connections)
+    )
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / (time.perf_counter() - started)
     return OpenLoopResult(**{**result.__dict__, "client_cpu": cpu})

@@ -16,8 +16,10 @@ from pathlib import Path
 
 _LUA = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[%s]==]
+wrk.headers["Content-Type"] = "%s"
+local f = assert(io.open("%s", "rb"))
+wrk.body = f:read("*a")
+f:close()
 """
 
 
@@ -64,11 +66,19 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(url: str, body: Mapping[str, object], *, connections: int, seconds: float, threads: int = 1) -> WrkResult:
-    """One closed-loop run of `seconds` with `connections` concurrent connections."""
+def run(
+    url: str, body: Mapping[str, object] | bytes, *, connections: int, seconds: float, threads: int = 1
+) -> WrkResult:
+    """One closed-loop run of `seconds` with `connections` concurrent connections.
+
+    `body` is sent as JSON, or as application/octet-stream when it is bytes.
+    """
     with tempfile.TemporaryDirectory() as tmp:
+        payload = Path(tmp) / "body"
+        payload.write_bytes(body if isinstance(body, bytes) else json.dumps(body).encode())
+        content_type = "application/octet-stream" if isinstance(body, bytes) else "application/json"
         script = Path(tmp) / "post.lua"
-        script.write_text(_LUA % json.dumps(body))
+        script.write_text(_LUA % (content_type, payload))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         output = subprocess.run(
