@@ -65,6 +65,19 @@ def redis_namespace(url: str = REDIS) -> Iterator[Keys]:
 
 
 @pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder other users can traverse, for an embedded Postgres that runs as its own system user
+    when the tests run as root. pytest keeps its own tmp root at mode 0700 and resets it whenever
+    another pytest session starts, so such data cannot live under `tmp_path`."""
+    folder = Path(tempfile.mkdtemp(prefix="loop-test-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 def database_url() -> Iterator[str]:
     with fresh_database() as url:
         yield url

@@ -178,9 +178,9 @@ def test_kill_9_of_the_service_after_it_answered(
 def test_postgres_outage_during_traffic(
     start_service: Callable[..., RunningService],
     start_ingest: Callable[..., subprocess.Popen[bytes]],
-    tmp_path: Path,
+    shared_tmp: Path,
 ) -> None:
-    postgres = EmbeddedPostgres(tmp_path / "pg", free_port())
+    postgres = EmbeddedPostgres(shared_tmp / "pg", free_port())
     try:
         url = postgres.start()
         with psycopg.connect(url) as conn:
@@ -201,10 +201,10 @@ def test_postgres_outage_during_traffic(
 
 
 def test_embedded_servers_start_stop_and_keep_data(
-    start_service: Callable[..., RunningService], tmp_path: Path
+    start_service: Callable[..., RunningService], shared_tmp: Path
 ) -> None:
     env = {
-        "LOOP_VAR_DIR": str(tmp_path / "embedded-var"),
+        "LOOP_VAR_DIR": str(shared_tmp / "embedded-var"),
         "LOOP_EMBEDDED_POSTGRES_PORT": str(free_port()),
         "LOOP_EMBEDDED_REDIS_PORT": str(free_port()),
     }
@@ -225,7 +225,7 @@ def test_embedded_servers_start_stop_and_keep_data(
 
     service.process.send_signal(signal.SIGINT)  # Ctrl-C
     assert service.process.wait(timeout=60) == 0, service.logs()
-    data_dir = str(tmp_path / "embedded-var")
+    data_dir = str(shared_tmp / "embedded-var")
     leftovers = subprocess.run(["pgrep", "-f", data_dir], capture_output=True, text=True, check=False).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == [], "a server outlived Ctrl-C"
 

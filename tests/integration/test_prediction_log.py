@@ -184,9 +184,9 @@ def test_entries_of_a_dead_consumer_are_claimed(
 
 
 def test_postgres_outage_delays_but_loses_nothing(
-    keys: Keys, tmp_path: Path, start_worker: Callable[..., WorkerThread]
+    keys: Keys, shared_tmp: Path, start_worker: Callable[..., WorkerThread]
 ) -> None:
-    server = EmbeddedPostgres(tmp_path / "pg", free_port())
+    server = EmbeddedPostgres(shared_tmp / "pg", free_port())
     try:
         url = server.start()
         with psycopg.connect(url) as conn:
