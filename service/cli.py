@@ -234,7 +234,8 @@ def serve(train_if_missing: bool) -> None:
         env["BENTOML_CONFIG_OPTIONS"] = " ".join(
             filter(None, [env.get("BENTOML_CONFIG_OPTIONS", ""), f"services.loop.workers={settings.workers}"])
         )
-        click.echo(f"serving {settings.model_ref} on http://{settings.host}:{settings.port} (OpenAPI page at /)")
+        what = f"{settings.model_name} (the champion)" if settings.follows_champion else settings.model_ref
+        click.echo(f"serving {what} on http://{settings.host}:{settings.port} (OpenAPI page at /)")
         code = _supervise(children, env)
     sys.exit(code)
 
