@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--model", default="digits-cnn:latest", help="or digits-wide: compute-bound")
     parser.add_argument("--rates", default="250,500,1000", help="open-loop request rates ('' for none)")
-    parser.add_argument("--only", default="", help="comma-separated target names to run (default: all)")
+    parser.add_argument("--only", default="", help="target names to run, separated by ; (default: all)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--out", type=Path, default=None)
@@ -275,7 +275,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",") if r]
     targets = make_targets(args.model, database_url, args.redis, prefix, out)
     if args.only:
-        wanted = set(args.only.split(","))
+        wanted = set(args.only.split(";"))
         targets = [t for t in targets if t.name in wanted]
     points: list[Point] = []
     open_points: list[OpenPoint] = []
