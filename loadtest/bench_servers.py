@@ -61,6 +61,7 @@ class OpenPoint:
     p99_ms: float
     errors: int
     client_cpu: float
+    send_lag_ms: float  # the generator's own worst lateness: a stall of the whole machine shows here
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,9 @@ def open_markdown(points: list[OpenPoint], rates: list[float]) -> str:
     lines = [
         "Open loop (fixed request rate; latency from each request's due time):",
         "",
-        "| target | " + " | ".join(f"{r:,.0f} req/s: answered/s (p50 / p99 ms, errors)" for r in rates) + " |",
+        "| target | "
+        + " | ".join(f"{r:,.0f} req/s: answered/s (p50 / p99 ms, errors; send lag ms)" for r in rates)
+        + " |",
         "|---" * (len(rates) + 1) + "|",
     ]
     for name in sorted({p.target for p in points}):
@@ -129,7 +132,11 @@ def open_markdown(points: list[OpenPoint], rates: list[float]) -> str:
             cells.append("-" if p is None else f"{p.answered_per_s:,.0f} ({p.p50_ms:.1f} / {p.p99_ms:.1f}, {p.errors})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cpu = max((p.client_cpu for p in points), default=0.0)
-    lines += ["", f"The open-loop generator used at most {cpu:.2f} of a core."]
+    lines += [
+        "",
+        f"The open-loop generator used at most {cpu:.2f} of a core. Send lag is how late the generator itself"
+        " sent its latest request: where it is large, the whole machine stalled, not only the server.",
+    ]
     return "\n".join(lines)
 
 
