@@ -248,7 +248,9 @@ def measure(
         for rate in rates:
             o = openloop.run(url, body, rate=rate, seconds=seconds)
             open_points.append(
-                OpenPoint(target.name, rate, o.answered_per_s, o.p50_ms, o.p99_ms, o.errors, o.client_cpu)
+                OpenPoint(
+                    target.name, rate, o.answered_per_s, o.p50_ms, o.p99_ms, o.errors, o.client_cpu, o.max_send_lag_ms
+                )
             )
             logger.info("%s rate=%.0f: %s", target.name, rate, o)
     finally:
