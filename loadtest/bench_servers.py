@@ -129,7 +129,11 @@ def open_markdown(points: list[OpenPoint], rates: list[float]) -> str:
         cells = []
         for r in rates:
             p = by.get((name, r))
-            cells.append("-" if p is None else f"{p.answered_per_s:,.0f} ({p.p50_ms:.1f} / {p.p99_ms:.1f}, {p.errors})")
+            cells.append(
+                "-"
+                if p is None
+                else f"{p.answered_per_s:,.0f} ({p.p50_ms:.1f} / {p.p99_ms:.1f}, {p.errors}; {p.send_lag_ms:.0f})"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cpu = max((p.client_cpu for p in points), default=0.0)
     lines += [

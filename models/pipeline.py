@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from models import digits, export, store
@@ -20,7 +21,7 @@ from models.digits import digits_signature
 from models.evaluate import Evaluation, evaluate
 from models.network import DigitsCNN, WideMLP
 from models.provenance import code_version
-from models.signature import softmax
+from models.signature import Signature, softmax
 from models.train import (
     EpochMetrics,
     History,
@@ -106,26 +107,17 @@ def train_and_store(
         x_validation[:1],
         rng.uniform(signature.min_value, signature.max_value, size=(64, *signature.input_shape)).astype(np.float32),
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export.export_onnx(
-            model,
-            Path(tmp) / store.ONNX_FILE,
-            sample_shape=signature.input_shape,
-            input_name=signature.input_name,
-            output_name=signature.output_name,
-        )
-        parity = export.check_parity(model, onnx_path, parity_inputs)
-        card = store.ModelCard(
-            signature=signature,
-            metrics=evaluation.summary(),
-            dataset_id=dataset_id,
-            validation_id=validation_id,
-            opset=export.OPSET,
-            code_version=code_version(),
-            parity_max_abs_diff=parity,
-            extra={"train": config.to_dict(), "per_class": _per_class(evaluation), **(extra or {})},
-        )
-        stored = store.save(name, onnx_path, card)
+    stored = export_and_store(
+        model,
+        name=name,
+        signature=signature,
+        parity_inputs=parity_inputs,
+        metrics=evaluation.summary(),
+        dataset_id=dataset_id,
+        validation_id=validation_id,
+        extra={"train": config.to_dict(), "per_class": _per_class(evaluation), **(extra or {})},
+    )
+    parity = stored.card.parity_max_abs_diff
     return BuildResult(
         stored=stored,
         evaluation=evaluation,
@@ -151,6 +143,31 @@ def build_wide_model(*, name: str = "digits-wide", seed: int = 0) -> store.Store
                        scale=signature.max_value).eval()  # fmt: skip
     rng = np.random.default_rng(seed)
     inputs = [rng.uniform(0, signature.max_value, size=(n, *signature.input_shape)).astype(np.float32) for n in (1, 64)]
+    return export_and_store(
+        model,
+        name=name,
+        signature=signature,
+        parity_inputs=inputs,
+        metrics={},
+        dataset_id="none: random weights",
+        validation_id="none",
+        extra={"purpose": "benchmark: compute-bound, untrained", "seed": seed},
+    )
+
+
+def export_and_store(
+    model: torch.nn.Module,
+    *,
+    name: str,
+    signature: Signature,
+    parity_inputs: list[NDArray[np.float32]],
+    metrics: dict[str, float],
+    dataset_id: str,
+    validation_id: str,
+    extra: dict[str, Any],
+) -> store.StoredModel:
+    """Export to ONNX, check it against PyTorch on `parity_inputs` (raises past the tolerance),
+    and save it to the store with its card: nothing is stored that failed parity."""
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export.export_onnx(
             model,
@@ -159,15 +176,15 @@ def build_wide_model(*, name: str = "digits-wide", seed: int = 0) -> store.Store
             input_name=signature.input_name,
             output_name=signature.output_name,
         )
-        parity = export.check_parity(model, onnx_path, inputs)
+        parity = export.check_parity(model, onnx_path, parity_inputs)
         card = store.ModelCard(
             signature=signature,
-            metrics={},
-            dataset_id="none: random weights",
-            validation_id="none",
+            metrics=metrics,
+            dataset_id=dataset_id,
+            validation_id=validation_id,
             opset=export.OPSET,
             code_version=code_version(),
             parity_max_abs_diff=parity,
-            extra={"purpose": "benchmark: compute-bound, untrained", "seed": seed},
+            extra=extra,
         )
         return store.save(name, onnx_path, card)
