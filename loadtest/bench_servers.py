@@ -166,9 +166,16 @@ def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: lis
             else f"{pa.requests_per_s / pb.requests_per_s:.2f}"
         )
 
+    best_ceiling = max(ceilings.values(), default=0.0)
+
+    def of_ceiling(c: int) -> str:
+        p = by.get(("ours batched, log on", c))
+        return "-" if p is None or not best_ceiling else f"{p.requests_per_s / best_ceiling:.3f}"
+
     for c in concurrencies:
         lines.append(
-            f"- c={c}: ours / MOSEC {ratio('ours batched, log on', 'mosec (batch 64, 5 ms)', c)}; "
+            f"- c={c}: ours / ceiling (best batch) {of_ceiling(c)}; "
+            f"ours / MOSEC {ratio('ours batched, log on', 'mosec (batch 64, 5 ms)', c)}; "
             f"ours / LitServe {ratio('ours batched, log on', 'litserve (batch 64, 5 ms)', c)}; "
             f"ours / bare BentoML {ratio('ours batched, log on', 'bare bentoml batchable', c)}; "
             f"batched / unbatched {ratio('ours batched, log on', 'ours unbatched, log on', c)}; "
