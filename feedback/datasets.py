@@ -261,7 +261,13 @@ def _write_version(
             for path in scratch.rglob("*"):
                 if path.is_file():
                     path.chmod(0o444)  # a version is never rewritten
-            os.replace(scratch, target)
+            try:
+                os.replace(scratch, target)
+            except OSError:
+                # Another compile of the same labels published the same id first: same bytes.
+                if not Path(target, MANIFEST).exists():
+                    raise
+                logger.info("version %s was published concurrently at %s", version_id, target)
         else:
             fs.put(str(scratch), target, recursive=True)
         uri = str(Path(target).resolve()) if local else fs.unstrip_protocol(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import psycopg
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import NDArray
 
 from feedback import dataset_store
@@ -254,3 +256,48 @@ def test_a_watermark_beyond_the_settled_revisions_is_refused(
             watermark=0,
         )  # fmt: skip
     assert list((tmp_path / "ds").glob(".compiling-*")) == []
+
+
+def test_concurrent_compiles_of_the_same_labels_publish_one_version(
+    database_url: str,
+    conn: psycopg.Connection,
+    admin: rs.User,
+    originals: Originals,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = str(tmp_path / "ds")
+    validation = freeze_validation(conn=conn, model_name="m", originals=originals, schema=SCHEMA, root_url=root)
+    add(conn, admin, 1, "1")
+    # Both compiles look for the version before either publishes it: both find it absent.
+    both_looked = threading.Barrier(2, timeout=30)
+    original = LocalFileSystem.exists
+
+    def look_then_wait(self: LocalFileSystem, path: str, **kwargs: object) -> bool:
+        found: bool = original(self, path, **kwargs)
+        both_looked.wait()
+        return found
+
+    monkeypatch.setattr(LocalFileSystem, "exists", look_then_wait)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def compile_once() -> None:
+        try:
+            with psycopg.connect(database_url, autocommit=True) as own:
+                version = compile_training(
+                    conn=own, model_name="m", schema=SCHEMA, originals=originals, validation=validation,
+                    root_url=root,
+                )  # fmt: skip
+            ids.append(version.id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=compile_once) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(ids) == 2 and len(set(ids)) == 1
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == sorted({ids[0], validation.id})
