@@ -36,6 +36,7 @@ from feedback.records import npy_bytes, npy_load
 from feedback.review_store import Invalid, User
 from models import digits
 from models.provenance import code_version
+from models.signature import Signature
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class LabelSchema:
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
     dtype: str = "float32"
+
+    @classmethod
+    def of(cls, signature: Signature) -> LabelSchema:
+        """The labels and input a model's signature declares."""
+        return cls(class_names=signature.class_names, input_shape=signature.input_shape, dtype=signature.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names), "input_shape": list(self.input_shape), "dtype": self.dtype}
@@ -102,9 +108,9 @@ def digits_originals(split_path: Path, *, seed: int = 0) -> Originals:
 # -- DVC's directory hash -------------------------------------------------------------------------
 
 
-def md5_file(path: Path, block: int = 1 << 20) -> str:
+def _md5(fs: fsspec.AbstractFileSystem, path: str, block: int = 1 << 20) -> str:
     digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
+    with fs.open(path, "rb") as f:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
@@ -120,9 +126,14 @@ def dvc_dir_hash(files: Mapping[str, str]) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest()
 
 
+def tree_hash(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """DVC's directory hash of every file below `root` on any fsspec filesystem, read in blocks."""
+    prefix = root.rstrip("/") + "/"
+    return dvc_dir_hash({path[len(prefix) :]: _md5(fs, path) for path in fs.find(root)})
+
+
 def dir_hash(root: Path) -> str:
-    files = {p.relative_to(root).as_posix(): md5_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
-    return dvc_dir_hash(files)
+    return tree_hash(LocalFileSystem(), root.resolve().as_posix())
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -309,12 +320,7 @@ def read_version(uri: str) -> Loaded:
 def verify(uri: str, version_id: str) -> None:
     """Raise if the files at `uri` no longer hash to `version_id`."""
     fs, root = fsspec.core.url_to_fs(uri)
-    files = {}
-    for path in sorted(fs.find(root)):
-        rel = path[len(root.rstrip("/")) + 1 :]
-        digest = hashlib.md5(fs.cat_file(path), usedforsecurity=False).hexdigest()
-        files[rel] = digest
-    actual = dvc_dir_hash(files)
+    actual = tree_hash(fs, root)
     if actual != version_id:
         raise ValueError(f"version {version_id} at {uri} hashes to {actual}: its files were changed")
 

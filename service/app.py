@@ -282,7 +282,7 @@ class Predictor:
             )
             routes.state.data_loop = DataLoopContext(
                 model_name=settings.model_name,
-                schema=_label_schema(),
+                schema=LabelSchema.of(digits_signature()),
                 originals=lambda: digits_originals(settings.split_path),
                 datasets_root=settings.datasets_root,
                 announcer=self._announce if settings.redis_url is not None else None,
@@ -551,11 +551,6 @@ class Predictor:
             tags=row.tags,
             ingested=ingested,
         )
-
-
-def _label_schema() -> LabelSchema:
-    signature = digits_signature()
-    return LabelSchema(class_names=signature.class_names, input_shape=signature.input_shape)
 
 
 def _request_id(ctx: bentoml.Context | None) -> str:

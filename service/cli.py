@@ -82,10 +82,6 @@ def show(tag: str | None) -> None:
     click.echo(json.dumps({"tag": stored.tag, **stored.card.to_metadata()}, indent=2))
 
 
-def _database_url(settings: Settings) -> str:
-    return cli_loop.database_url(settings)
-
-
 def _require(url: str | None, name: str) -> str:
     if url is None:
         raise click.ClickException(f"{name} is not set; `loop serve` starts embedded servers and sets it")
@@ -107,7 +103,7 @@ def users_add(name: str, role: str) -> None:
     from feedback import review_store
     from feedback.migrate import migrate as apply
 
-    with psycopg.connect(_database_url(Settings()), autocommit=True) as conn:
+    with psycopg.connect(cli_loop.database_url(Settings()), autocommit=True) as conn:
         apply(conn)
         try:
             user, token = review_store.create_user(conn=conn, name=name, role=review_store.Role(role))
@@ -124,7 +120,7 @@ def users_list() -> None:
 
     from feedback import review_store
 
-    with psycopg.connect(_database_url(Settings())) as conn:
+    with psycopg.connect(cli_loop.database_url(Settings())) as conn:
         for user in review_store.list_users(conn=conn):
             click.echo(f"{user.id}\t{user.name}\t{user.role.value}")
 

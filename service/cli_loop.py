@@ -63,12 +63,11 @@ def _clean_errors() -> Iterator[None]:
         raise click.ClickException(str(exc).strip("'\"")) from None
 
 
-def _schema(settings: Settings) -> LabelSchema:
+def _schema() -> LabelSchema:
     from feedback.datasets import LabelSchema
     from models.digits import digits_signature
 
-    signature = digits_signature()
-    return LabelSchema(class_names=signature.class_names, input_shape=signature.input_shape)
+    return LabelSchema.of(digits_signature())
 
 
 def _originals(settings: Settings) -> Originals:
@@ -146,7 +145,7 @@ def datasets_compile(watermark: int | None, original: bool, admin_name: str | No
         actor = _admin(conn, admin_name, required=False)
         originals = _originals(settings)  # the validation set is frozen from the original split
         validation = ds.freeze_validation(
-            conn=conn, model_name=settings.model_name, originals=originals, schema=_schema(settings),
+            conn=conn, model_name=settings.model_name, originals=originals, schema=_schema(),
             root_url=settings.datasets_root, actor=actor,
         )  # fmt: skip
         with contextlib.ExitStack() as stack:
@@ -159,7 +158,7 @@ def datasets_compile(watermark: int | None, original: bool, admin_name: str | No
                 bar[0].update(done - bar[0].pos)
 
             version = ds.compile_training(
-                conn=conn, model_name=settings.model_name, schema=_schema(settings),
+                conn=conn, model_name=settings.model_name, schema=_schema(),
                 originals=originals if original else None, validation=validation, root_url=settings.datasets_root,
                 watermark=watermark, actor=actor, progress=progress,
             )  # fmt: skip
@@ -238,7 +237,7 @@ def validation_fix(items: tuple[str, ...], reason: str, admin_name: str) -> None
         assert actor is not None
         old = dataset_store.current_validation(conn=conn, model_name=settings.model_name)
         new = ds.fix_validation(
-            conn=conn, model_name=settings.model_name, fixes=fixes, schema=_schema(settings),
+            conn=conn, model_name=settings.model_name, fixes=fixes, schema=_schema(),
             root_url=settings.datasets_root, actor=actor,
         )  # fmt: skip
         assert old is not None
