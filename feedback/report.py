@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from feedback.retrain import Tracking
+from feedback.tracking import Tracking
 from models import plots
 
 logger = logging.getLogger(__name__)

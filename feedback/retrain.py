@@ -25,6 +25,7 @@ from feedback.champion import champion_or_baseline, evaluation_on, gate, record_
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from feedback.datasets import read_version, verify
 from feedback.review_store import Invalid
+from feedback.tracking import Tracking
 from models import plots
 from models.evaluate import Evaluation, evaluate_stored
 from models.pipeline import BuildResult, train_and_store
@@ -32,23 +33,6 @@ from models.provenance import code_version
 from models.train import EpochMetrics, TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Tracking:
-    """Where experiments are logged: an MLflow tracking URI and the folder (URI) for artifacts."""
-
-    tracking_uri: str
-    artifact_uri: str
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.tracking_uri)
-
-    def experiment_id(self, client: MlflowClient, model_name: str) -> str:
-        found = client.get_experiment_by_name(model_name)
-        if found is not None:
-            return str(found.experiment_id)
-        return str(client.create_experiment(model_name, artifact_location=f"{self.artifact_uri}/{model_name}"))
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from numpy.typing import NDArray
 
-from models.train import History
+if TYPE_CHECKING:  # the type only: plotting a report must not load torch
+    from models.train import History
 
 # Log axes cannot show an error of exactly 0 (a perfect epoch), so errors are clipped up to this floor.
 ERROR_FLOOR = 1e-4

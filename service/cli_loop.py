@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import psycopg
 
     from feedback.datasets import LabelSchema, Originals
-    from feedback.retrain import Tracking
     from feedback.review_store import User
+    from feedback.tracking import Tracking
 
 
 def database_url(settings: Settings) -> str:
@@ -95,7 +95,7 @@ def _admin(conn: psycopg.Connection, name: str | None, *, required: bool) -> Use
 
 
 def _tracking(settings: Settings) -> Tracking:
-    from feedback.retrain import Tracking
+    from feedback.tracking import Tracking
 
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     return Tracking(tracking_uri=settings.tracking_uri, artifact_uri=settings.artifact_uri)

@@ -23,7 +23,8 @@ from feedback.datasets import (
     freeze_validation,
 )
 from feedback.records import npy_bytes
-from feedback.retrain import RetrainResult, Tracking, retrain
+from feedback.retrain import RetrainResult, retrain
+from feedback.tracking import Tracking
 from models import digits, store
 from models.train import TrainConfig
 
