@@ -18,7 +18,7 @@ import redis
 
 from feedback import dataset_store
 from feedback.dataset_store import DatasetVersion, Decision, Promotion
-from feedback.datasets import read_version
+from feedback.datasets import Loaded, read_version
 from feedback.keys import Keys
 from feedback.review_store import Invalid, User
 from models import store
@@ -49,14 +49,23 @@ def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool,
     return False, f"accuracy {candidate:.4f} does not beat the champion's {champion:.4f} by more than {margin}"
 
 
-def evaluation_on(conn: psycopg.Connection, model_name: str, model_version: str, validation: DatasetVersion) -> float:
-    """A stored model's accuracy on a validation version, evaluated (and recorded) when not yet known."""
+def evaluation_on(
+    conn: psycopg.Connection,
+    model_name: str,
+    model_version: str,
+    validation: DatasetVersion,
+    *,
+    rows: Loaded | None = None,
+) -> float:
+    """A stored model's accuracy on a validation version, evaluated (and recorded) when not yet known.
+
+    `rows` are the validation version's rows when the caller has read them already."""
     known = dataset_store.get_evaluation(
         conn=conn, model_name=model_name, model_version=model_version, validation_id=validation.id
     )
     if known is not None:
         return known
-    loaded = read_version(validation.uri)
+    loaded = rows if rows is not None else read_version(validation.uri)
     evaluation, _ = evaluate_stored(store.get(f"{model_name}:{model_version}"), loaded.inputs, loaded.labels)
     record_evaluation(conn, model_name, model_version, validation.id, evaluation)
     return evaluation.accuracy
@@ -80,13 +89,15 @@ def record_evaluation(
     )
 
 
-def champion_or_baseline(conn: psycopg.Connection, model_name: str, validation: DatasetVersion) -> Promotion | None:
+def champion_or_baseline(
+    conn: psycopg.Connection, model_name: str, validation: DatasetVersion, *, rows: Loaded | None = None
+) -> Promotion | None:
     """The recorded champion; before the first decision, the newest model in the store as baseline."""
     current = dataset_store.champion(conn=conn, model_name=model_name)
     if current is not None or not store.exists(f"{model_name}:latest"):
         return current
     baseline = store.get(f"{model_name}:latest")
-    accuracy = evaluation_on(conn, model_name, baseline.version, validation)
+    accuracy = evaluation_on(conn, model_name, baseline.version, validation, rows=rows)
     return dataset_store.record_promotion(
         conn=conn,
         model_name=model_name,
@@ -100,12 +111,14 @@ def champion_or_baseline(conn: psycopg.Connection, model_name: str, validation: 
 
 def reevaluate(conn: psycopg.Connection, *, old: DatasetVersion, new: DatasetVersion) -> list[tuple[str, str, float]]:
     """Evaluate every model that was compared on validation version `old` on `new` as well."""
-    done = []
-    for model_name, model_version in dataset_store.evaluated_models(conn=conn, validation_id=old.id):
+    done: list[tuple[str, str, float]] = []
+    models = dataset_store.evaluated_models(conn=conn, validation_id=old.id)
+    rows = read_version(new.uri) if models else None  # read once for all of them
+    for model_name, model_version in models:
         if not store.exists(f"{model_name}:{model_version}"):
             logger.warning("%s:%s is no longer in the model store; not re-evaluated", model_name, model_version)
             continue
-        done.append((model_name, model_version, evaluation_on(conn, model_name, model_version, new)))
+        done.append((model_name, model_version, evaluation_on(conn, model_name, model_version, new, rows=rows)))
     return done
 
 

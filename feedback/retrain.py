@@ -71,7 +71,7 @@ def retrain(
     # Items can be relabelled in a later validation version, never added: the hold-out still holds.
     if set(train_rows.item_ids) & set(val_rows.item_ids):
         raise Invalid(f"{dataset.id} shares items with validation version {validation.id}")
-    champion = champion_or_baseline(conn, model_name, validation)
+    champion = champion_or_baseline(conn, model_name, validation, rows=val_rows)
 
     client = tracking.client()
     run = client.create_run(
@@ -113,7 +113,9 @@ def retrain(
         evaluation, probabilities = evaluate_stored(build.stored, val_rows.inputs, val_rows.labels)
         record_evaluation(conn, model_name, version, validation.id, evaluation)
         champion_accuracy = (
-            None if champion is None else evaluation_on(conn, model_name, champion.model_version, validation)
+            None
+            if champion is None
+            else evaluation_on(conn, model_name, champion.model_version, validation, rows=val_rows)
         )
         promoted, reason = gate(evaluation.accuracy, champion_accuracy, margin)
         promotion = dataset_store.record_promotion(
