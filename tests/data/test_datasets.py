@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +33,6 @@ from models import digits
 pytestmark = pytest.mark.data
 
 SCHEMA = LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
-
-
-@pytest.fixture
-def conn(database_url: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(database_url, autocommit=True) as c:
-        yield c
 
 
 @pytest.fixture

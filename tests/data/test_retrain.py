@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.data
 SCHEMA = LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
 RARE = "3"
 FAST = TrainConfig(epochs=12)
-
-
-@pytest.fixture
-def conn(database_url: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(database_url, autocommit=True) as c:
-        yield c
 
 
 @pytest.fixture
