@@ -238,7 +238,13 @@ class Written:
 
 
 def _write_version(
-    rows: Iterable[_Chunk], *, schema: LabelSchema, manifest: dict[str, Any], root_url: str, progress: Progress | None
+    rows: Iterable[_Chunk],
+    *,
+    schema: LabelSchema,
+    manifest: dict[str, Any],
+    root_url: str,
+    progress: Progress | None,
+    expected: int = 0,
 ) -> Written:
     """Write the rows and manifest to a scratch folder, hash it, and publish it as `<root>/<id>/`."""
     fs, root = fsspec.core.url_to_fs(root_url)
@@ -248,7 +254,6 @@ def _write_version(
     scratch = Path(tempfile.mkdtemp(prefix=".compiling-", dir=scratch_parent))
     try:
         writer = _PartWriter(scratch, schema)
-        expected = int(manifest.get("rows_expected", 0))
         try:
             for chunk in rows:
                 writer.write(chunk)
@@ -258,7 +263,6 @@ def _write_version(
             writer.close()
         if writer.rows == 0:
             raise Invalid("no rows to write: nothing is labelled and no original data is included")
-        manifest.pop("rows_expected", None)
         manifest["rows"] = writer.rows
         manifest["per_class"] = {name: writer.per_class.get(name, 0) for name in schema.class_names}
         manifest["per_source"] = dict(sorted(writer.per_source.items()))
@@ -494,14 +498,15 @@ def compile_training(
         expected = dataset_store.count_labelled(conn=conn, watermark=watermark)
         if originals is not None:
             expected += len(originals.train_ids)
-        manifest["rows_expected"] = expected
         sources: list[Iterator[_Row]] = [_labelled(conn, watermark)]
         if originals is not None:
             sources.append(_original(originals))
         merged = heapq.merge(*sources, key=lambda row: row[0])
         rows = _chunks(merged, schema=schema, held_ids=held_out_ids, held_inputs=held_out_inputs, skipped=skipped)
         manifest["skipped"] = skipped  # filled in while the rows are written
-        written = _write_version(rows, schema=schema, manifest=manifest, root_url=root_url, progress=progress)
+        written = _write_version(
+            rows, schema=schema, manifest=manifest, root_url=root_url, progress=progress, expected=expected
+        )
     logger.info(
         "compiled training version %s: %d rows at watermark %d (skipped: %s)",
         written.id,
