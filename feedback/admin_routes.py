@@ -19,8 +19,8 @@ from feedback import dataset_store
 from feedback import datasets as ds
 from feedback.champion import promote, reevaluate
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
-from feedback.routes import Admin, Context, Name, Reason, db_connection
-from models.store import ModelNotFound
+from feedback.routes import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
+from models.store import InvalidModelTag, ModelNotFound
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DataLoopContext:
     announcer: Callable[[str, str], None] | None = None
 
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=GuardedRoute)
 
 
 def _loop(request: Request) -> DataLoopContext:
@@ -68,17 +68,17 @@ class DatasetVersionPublic(BaseModel):
         )  # fmt: skip
 
 
-class CompileIn(BaseModel):
+class CompileIn(RequestBody):
     watermark: int | None = Field(None, ge=0, description="Highest annotation revision; default: all settled.")
     include_original: bool = Field(True, description="Include the data the model was first trained on.")
 
 
-class LabelFixIn(BaseModel):
+class LabelFixIn(RequestBody):
     item_id: Annotated[str, Field(min_length=1, max_length=128)]
     label: Name
 
 
-class ValidationFixIn(BaseModel):
+class ValidationFixIn(RequestBody):
     fixes: list[LabelFixIn] = Field(min_length=1, max_length=1000)
     reason: Reason
 
@@ -94,7 +94,7 @@ class ValidationFixed(BaseModel):
     reevaluated: list[Reevaluated]
 
 
-class PromoteIn(BaseModel):
+class PromoteIn(RequestBody):
     reason: Reason
 
 
@@ -182,6 +182,8 @@ def force_promotion(version: str, body: PromoteIn, context: Context, loop: Loop,
             )  # fmt: skip
         except ModelNotFound as exc:
             raise HTTPException(404, str(exc)) from None
+        except InvalidModelTag as exc:
+            raise HTTPException(422, str(exc)) from None
     return PromotionPublic.of(promotion)
 
 

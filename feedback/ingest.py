@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from feedback import store
+from feedback.dead_letters import dead_fields
 from feedback.keys import INGEST_GROUP, Keys
 from feedback.records import Fields, MalformedEntry, Row, decode_row
 
@@ -228,15 +229,16 @@ class IngestWorker:
         dead = prepared.dead + self._store(prepared.rows, prepared.entries)
         pipe = self.redis.pipeline(transaction=False)
         for (entry_id, fields), reason in dead:
-            pipe.xadd(
-                self.keys.dead_letters,
-                {**fields, b"reason": reason.encode(), b"source_id": entry_id},  # type: ignore[dict-item]
-            )
+            pipe.xadd(self.keys.dead_letters, dead_fields(fields, entry_id=entry_id, reason=reason))  # type: ignore[arg-type]
         pipe.xack(self.keys.stream, INGEST_GROUP, *(e[0] for e in prepared.entries))
         pipe.execute()
         if dead:
             self.stats.dead += len(dead)
-            logger.warning("moved %d entries to %s: %s", len(dead), self.keys.dead_letters, dead[0][1])
+            # A client may have been answered for each of these: someone must look (`loop dead-letters`).
+            logger.error(
+                "moved %d prediction entries to %s, not stored: %s (inspect and replay with `loop dead-letters`)",
+                len(dead), self.keys.dead_letters, dead[0][1],
+            )  # fmt: skip
         if self._on_stats is not None:
             self._on_stats(self.stats)
 

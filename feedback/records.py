@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +51,23 @@ class PredictionRecord:
     @property
     def label_index(self) -> int:
         return int(np.argmax(self.scores))
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable_text(text: str) -> str | None:
+    """Why Postgres would refuse `text` in a text or jsonb column, or None if it would store it.
+
+    Postgres holds no U+0000 in text, and UTF-8 has no lone surrogates (which JSON's \\uD800
+    escapes can carry). Checked at the door: an answered prediction must be storable.
+    """
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    char = found.group()
+    what = "the NUL character U+0000" if char == "\x00" else f"the lone surrogate U+{ord(char):04X}"
+    return f"contains {what} at position {found.start()}, which cannot be stored"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import re
 import secrets
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,8 +74,34 @@ def audit(conn: psycopg.Connection, actor: User | None, action: str, target: str
 # -- users --------------------------------------------------------------------------------------
 
 
+_USER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
+
+
+def user_name(raw: str) -> str:
+    """The canonical form of a user name, or `Invalid` saying why there is none.
+
+    Names appear in histories and agreement reports, so two must never look alike: the name is
+    NFKC-normalised (fullwidth and other compatibility forms become plain letters) and
+    lower-cased, then must be 1 to 64 ASCII letters, digits, '.', '_' or '-', starting and
+    ending with a letter or digit.
+    """
+    name = _folded(raw)
+    if not _USER_NAME.fullmatch(name):
+        raise Invalid(
+            f"user name {raw!r} is not allowed: use 1 to 64 letters a-z, digits, '.', '_' or '-',"
+            " starting and ending with a letter or digit"
+        )
+    return name
+
+
+def _folded(raw: str) -> str:
+    return unicodedata.normalize("NFKC", raw).strip().lower()
+
+
 def create_user(*, conn: psycopg.Connection, name: str, role: Role, actor: User | None = None) -> tuple[User, str]:
-    """Create a user; returns it with its token, which is shown this once and never stored."""
+    """Create a user under the canonical form of `name` (see `user_name`); returns it with its
+    token, which is shown this once and never stored."""
+    name = user_name(name)
     token = secrets.token_urlsafe(32)
     with conn.transaction():
         try:
@@ -96,7 +125,7 @@ def authenticate(*, conn: psycopg.Connection, token: str) -> User | None:
 
 
 def get_user(*, conn: psycopg.Connection, name: str) -> User | None:
-    row = conn.execute("SELECT id, name, role FROM users WHERE name = %s", (name,)).fetchone()
+    row = conn.execute("SELECT id, name, role FROM users WHERE name = %s", (_folded(name),)).fetchone()
     return None if row is None else User(id=int(row[0]), name=row[1], role=Role(row[2]))
 
 
@@ -476,15 +505,23 @@ def encode_cursor(item: Item, sort: SortKey) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float | None, datetime, uuid.UUID]:
+    refused = Invalid("cursor is not one this API gave out")
     try:
         confidence, created, item_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return (
-            None if confidence is None else float(confidence),
-            datetime.fromisoformat(created),
-            uuid.UUID(item_id),
-        )
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise Invalid("cursor is not one this API gave out") from None
+    except (ValueError, TypeError):  # not base64, not JSON, not three items
+        raise refused from None
+    # A cursor is client input: check each part's type before using it.
+    if not (confidence is None or (type(confidence) in (int, float) and math.isfinite(confidence))):
+        raise refused
+    if not isinstance(created, str) or not isinstance(item_id, str):
+        raise refused
+    try:
+        when, key = datetime.fromisoformat(created), uuid.UUID(item_id)
+    except ValueError:
+        raise refused from None
+    if when.tzinfo is None:
+        raise refused
+    return None if confidence is None else float(confidence), when, key
 
 
 def _where(f: ItemFilter) -> tuple[list[sql.Composable], dict[str, Any]]:

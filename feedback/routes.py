@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib import resources
@@ -16,10 +16,14 @@ from typing import Annotated, Any, Literal
 
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool, PoolTimeout
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
 
 from feedback import review_store as rs
 from feedback.moderation import Opinion, Status, Verdict, agreement
@@ -40,7 +44,6 @@ class ModerationContext:
     to_input: Callable[[Any], Any] | None = None
 
 
-router = APIRouter(prefix="/review", tags=["review"])
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -71,7 +74,7 @@ def db_connection(context: ModerationContext) -> Iterator[psycopg.Connection]:
 Context = Annotated[ModerationContext, Depends(_context)]
 
 
-def _user(context: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> rs.User:
+def _authenticate(context: ModerationContext, credentials: HTTPAuthorizationCredentials | None) -> rs.User:
     if credentials is None or credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 512:
         raise HTTPException(401, "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
     with db_connection(context) as conn:
@@ -79,6 +82,15 @@ def _user(context: Context, credentials: Annotated[HTTPAuthorizationCredentials 
     if user is None:
         raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
     return user
+
+
+def _user(
+    request: Request,
+    context: Context,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> rs.User:
+    known: rs.User | None = getattr(request.state, "user", None)  # checked by `GuardedRoute`
+    return known if known is not None else _authenticate(context, credentials)
 
 
 def _admin(user: Annotated[rs.User, Depends(_user)]) -> rs.User:
@@ -91,7 +103,58 @@ Reviewer = Annotated[rs.User, Depends(_user)]
 Admin = Annotated[rs.User, Depends(_admin)]
 
 
+class GuardedRoute(APIRoute):
+    """A route that checks its caller before FastAPI reads the body, and answers a body that
+    fails validation with 422 without echoing it.
+
+    FastAPI parses a JSON body before it resolves dependencies, so a stranger's junk would get a
+    422 (after the whole body was parsed) instead of a 401, and a reviewer's junk sent to an admin
+    route a 422 instead of a 403. The role a route needs is read off its own dependencies. FastAPI's
+    own 422 echoes the input, which fails to render when it holds a NaN (a 500) and may be huge.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        needs = _role_needed(self.dependant)
+
+        async def guarded(request: Request) -> Response:
+            if needs is not None:
+                credentials = await _bearer(request)
+                user = await run_in_threadpool(_authenticate, _context(request), credentials)
+                if needs is rs.Role.ADMIN:
+                    _admin(user)
+                request.state.user = user
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+                return JSONResponse({"detail": errors}, status_code=422)
+
+        return guarded
+
+
+def _role_needed(dependant: Dependant) -> rs.Role | None:
+    calls = set()
+    pending = [dependant]
+    while pending:
+        current = pending.pop()
+        calls.add(current.call)
+        pending.extend(current.dependencies)
+    if _admin in calls:
+        return rs.Role.ADMIN
+    return rs.Role.REVIEWER if _user in calls else None
+
+
+router = APIRouter(prefix="/review", tags=["review"], route_class=GuardedRoute)
+
+
 # -- schemas ------------------------------------------------------------------------------------
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: NaN and infinity are refused like any other invalid number."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class UserPublic(BaseModel):
@@ -100,7 +163,7 @@ class UserPublic(BaseModel):
     role: rs.Role
 
 
-class UserCreate(BaseModel):
+class UserCreate(RequestBody):
     name: Name
     role: rs.Role = rs.Role.REVIEWER
 
@@ -128,7 +191,7 @@ class ItemPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
 
 
-class ClaimIn(BaseModel):
+class ClaimIn(RequestBody):
     count: int = Field(10, ge=1, le=100)
     strategy: rs.Strategy = rs.Strategy.OLDEST
     lease_seconds: float | None = Field(None, ge=1, le=3600, description="Default: the service's setting.")
@@ -146,14 +209,14 @@ class ClaimedPublic(BaseModel):
     required_reviews: int
 
 
-class VerdictCreate(BaseModel):
+class VerdictCreate(RequestBody):
     prediction_id: uuid.UUID
     verdict: Literal["correct", "wrong", "discard", "unsure"]
     label: Name | None = Field(None, description="The right label; only with 'wrong'.")
     reason: Reason | None = Field(None, description="Required with 'discard'.")
 
 
-class VerdictsIn(BaseModel):
+class VerdictsIn(RequestBody):
     verdicts: list[VerdictCreate] = Field(min_length=1, max_length=100)
 
 
@@ -164,18 +227,18 @@ class ItemStatePublic(BaseModel):
     revision: int
 
 
-class SampleCreate(BaseModel):
+class SampleCreate(RequestBody):
     input: list[Any] = Field(description="One sample of the served model's input shape.")
     label: Name
     reason: Reason | None = None
 
 
-class ResolveIn(BaseModel):
+class ResolveIn(RequestBody):
     label: Name | None = Field(description="The final label; null discards the item.")
     reason: Reason
 
 
-class EraseIn(BaseModel):
+class EraseIn(RequestBody):
     reason: Reason = Field(description="E.g. the data-removal request's reference.")
 
 

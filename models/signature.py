@@ -6,7 +6,10 @@ the model it actually serves rather than against constants compiled into the ser
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import itertools
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,7 +55,8 @@ class Signature:
 def to_batch(samples: Sequence[Any], signature: Signature, *, max_samples: int) -> NDArray[Any]:
     """Turn decoded JSON samples into one contiguous batch, or raise `InputError` saying why.
 
-    Checks, in order: count, numeric type, shape, finiteness, range.
+    Checks, in order: count, numeric type, shape, finiteness, range. Values are checked as sent,
+    before the cast to the model's dtype, so rounding can neither let a value in nor push one out.
     """
     if len(samples) == 0:
         raise InputError("samples is empty: send at least one sample")
@@ -64,6 +68,8 @@ def to_batch(samples: Sequence[Any], signature: Signature, *, max_samples: int) 
         raw = np.asarray(samples)
     except ValueError:
         raise InputError(_ragged_message(samples, signature.input_shape)) from None
+    if raw.dtype.kind == "O":
+        raw = _big_integers(raw)
     if raw.dtype.kind not in "iuf":
         raise InputError(
             "samples must contain only numbers"
@@ -77,18 +83,80 @@ def to_batch(samples: Sequence[Any], signature: Signature, *, max_samples: int) 
             f"each sample must have shape {list(expected)}, got {list(raw.shape[1:])}"
             f" (samples has shape {list(raw.shape)})"
         )
-    batch = raw.astype(signature.dtype, copy=False)
-    finite = np.isfinite(batch)
-    if not finite.all():
-        index = int(np.argwhere(~finite.reshape(len(batch), -1).all(axis=1))[0][0])
-        raise InputError(f"samples[{index}] contains a non-finite value (NaN or infinity)")
+    if isinstance(samples, list):
+        # numpy turns true/false among numbers into 1/0 without a word.
+        index = _first_with_bool(samples, raw.ndim)
+        if index is not None:
+            raise InputError(f"samples[{index}] contains true/false: samples must contain only numbers")
+    if raw.dtype.kind == "f":
+        finite = np.isfinite(raw)
+        if not finite.all():
+            index = int(np.argwhere(~finite.reshape(len(raw), -1).all(axis=1))[0][0])
+            raise InputError(f"samples[{index}] contains a non-finite value (NaN or infinity)")
     low, high = signature.min_value, signature.max_value
-    out_of_range = (batch < low) | (batch > high)
+    out_of_range = (raw < low) | (raw > high)
     if out_of_range.any():
-        index = int(np.argwhere(out_of_range.reshape(len(batch), -1).any(axis=1))[0][0])
-        bad = batch[index][out_of_range[index]][0]
-        raise InputError(f"samples[{index}] has value {bad:g} outside the range [{low:g}, {high:g}]")
-    return np.ascontiguousarray(batch)
+        index = int(np.argwhere(out_of_range.reshape(len(raw), -1).any(axis=1))[0][0])
+        bad = raw[index][out_of_range[index]][0]
+        raise InputError(f"samples[{index}] has value {bad:.10g} outside the range [{low:g}, {high:g}]")
+    return np.ascontiguousarray(raw.astype(signature.dtype, copy=False))
+
+
+def _big_integers(raw: NDArray[Any]) -> NDArray[Any]:
+    """Integers beyond 64 bits make an object array: as floats they reach the range check."""
+    leaves = raw.ravel().tolist()
+    if not leaves or not all(type(v) is int for v in leaves):
+        return raw
+    try:
+        return raw.astype(np.float64)
+    except OverflowError:
+        raise InputError("samples contain an integer too large for any number type") from None
+
+
+def _first_with_bool(samples: list[Any], depth: int) -> int | None:
+    """Index of the first sample holding a JSON true or false, if any."""
+    if bool not in set(map(type, _leaves(samples, depth))):
+        return None
+    return next(i for i, sample in enumerate(samples) if bool in set(map(type, _leaves([sample], depth))))
+
+
+def _leaves(nested: list[Any], depth: int) -> Iterable[Any]:
+    level: Iterable[Any] = nested
+    for _ in range(depth - 1):
+        level = itertools.chain.from_iterable(level)
+    return level
+
+
+def read_npy(data: bytes) -> NDArray[Any]:
+    """The array held by one `.npy` file's bytes, or `InputError` saying why it is not one.
+
+    The header is read and checked against the payload's length before anything is allocated,
+    so a header that declares a huge shape over a short body costs nothing.
+    """
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise InputError("the body is a zip archive (.npz?): send one .npy array")
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+    except ValueError as exc:
+        raise InputError(f"the body is not an .npy array: {exc}") from None
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise InputError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    try:
+        shape, fortran, dtype = readers[version](buffer)
+    except ValueError as exc:
+        raise InputError(f"the body is not an .npy array: {exc}") from None
+    if dtype.hasobject:  # Python objects: only a pickle could carry them
+        raise InputError(f"the body is not an .npy array of numbers (its dtype is {dtype.str})")
+    if len(shape) == 0:
+        raise InputError("the array is 0-d (a single number): send one sample or an array of samples")
+    count = math.prod(shape)
+    declared, sent = count * dtype.itemsize, len(data) - buffer.tell()
+    if declared != sent:
+        raise InputError(f"the header declares shape {list(shape)} ({declared} bytes) but {sent} bytes follow it")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _ragged_message(samples: Sequence[Any], expected: tuple[int, ...]) -> str:

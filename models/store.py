@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 
 from models.signature import Signature
 
@@ -20,6 +20,10 @@ ONNX_FILE = "model.onnx"
 
 class ModelNotFound(LookupError):
     """No model with that name and tag is in the store."""
+
+
+class InvalidModelTag(ValueError):
+    """Not a BentoML tag (`name[:version]`, letters, digits, '-', '_' and '.'): no model has it."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,10 @@ def get(tag: str) -> StoredModel:
         entry = bentoml.models.get(tag)
     except NotFound:
         raise ModelNotFound(f"model {tag!r} is not in the BentoML model store") from None
+    except BentoMLException:  # BentoML's answer to a malformed tag
+        raise InvalidModelTag(
+            f"{tag!r} is not a model tag: name[:version] of letters, digits, '-', '_' and '.'"
+        ) from None
     onnx_path = Path(entry.path_of(ONNX_FILE))
     if not onnx_path.exists():
         raise ModelNotFound(f"model {tag!r} has no {ONNX_FILE}; it was not saved by this project")
@@ -102,6 +110,6 @@ def get(tag: str) -> StoredModel:
 def exists(tag: str) -> bool:
     try:
         get(tag)
-    except ModelNotFound:
+    except (ModelNotFound, InvalidModelTag):
         return False
     return True

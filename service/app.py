@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import bentoml
 import numpy as np
@@ -23,11 +22,11 @@ import redis
 from fastapi import FastAPI
 from numpy.typing import NDArray
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
-from pydantic import Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, Field, StringConstraints, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from feedback import dataset_store, ingest
+from feedback import dataset_store, dead_letters, ingest
 from feedback.admin_routes import DataLoopContext
 from feedback.admin_routes import router as admin_router
 from feedback.champion import announce
@@ -35,16 +34,17 @@ from feedback.datasets import LabelSchema, digits_originals
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
-from feedback.records import PredictionRecord, npy_load
+from feedback.records import PredictionRecord, npy_load, unstorable_text
 from feedback.routes import ModerationContext
 from feedback.routes import router as review_router
 from feedback.store import StoredPrediction, fetch_prediction
 from models import store
 from models.digits import digits_signature
 from models.runtime import OnnxModel
-from models.signature import InputError, postprocess, to_batch
+from models.signature import InputError, postprocess, read_npy, to_batch
 from service import metrics
 from service.batching import AdaptiveBatcher, BatcherClosed, Overloaded
+from service.limits import RequestLimits, use_bounded_heads
 from service.schemas import (
     EXAMPLE_DIGIT,
     BatchingPublic,
@@ -60,14 +60,21 @@ logger = logging.getLogger(__name__)
 
 STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model load before a 503
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
-NPY_MAX_BYTES = 4 * 2**20  # /predict/npy bodies; the sample count is limited as for /predict
 
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 routes.include_router(review_router)
 routes.include_router(admin_router)
 
-TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-TagValue = Annotated[str, StringConstraints(max_length=256)]
+
+def _storable(text: str) -> str:
+    problem = unstorable_text(text)
+    if problem is not None:
+        raise ValueError(f"the tag {problem}")
+    return text
+
+
+TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_storable)]
+TagValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_storable)]
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
@@ -294,7 +301,7 @@ class Predictor:
             announce(client, self.keys, model_name, version)
 
     async def _watch_stream(self, redis_url: str) -> None:
-        """Keep the stream-lag gauges current."""
+        """Keep the stream-lag and dead-letter gauges current."""
         client = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2)
         try:
             while True:
@@ -302,6 +309,7 @@ class Predictor:
                     entries, seconds = await asyncio.to_thread(ingest.lag, client, self.keys)
                     metrics.stream_lag_entries.set(entries)
                     metrics.stream_lag_seconds.set(seconds)
+                    metrics.dead_letters.set(await asyncio.to_thread(dead_letters.count, client, self.keys))
                 except redis.RedisError:
                     pass
                 await asyncio.sleep(2.0)
@@ -396,13 +404,11 @@ class Predictor:
     async def predict_npy(self, request: Request) -> Any:
         """Classify samples sent as one .npy array (N x input shape, or one sample): no JSON to parse."""
         request_id = _request_id_of(request.headers)
-        body = await request.body()
-        if len(body) > NPY_MAX_BYTES:
-            return _error(413, f"body of {len(body)} bytes is over the limit of {NPY_MAX_BYTES}")
+        body = await request.body()  # bounded by `RequestLimits` before it is read
         try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            return _error(400, f"the body is not an .npy array: {exc}")
+            array = read_npy(body)
+        except InputError as exc:
+            return _error(400, str(exc))
         served = self._served
         if served is not None and array.shape == served.stored.card.signature.input_shape:
             array = array[np.newaxis]  # one sample
@@ -562,3 +568,9 @@ def _request_id_of(headers: Mapping[str, str]) -> str:
     if given and len(given) <= 128 and given.isprintable():
         return given
     return uuid.uuid4().hex
+
+
+# Every request is bounded before it is parsed: bodies by `RequestLimits`, request heads by the
+# HTTP protocol the worker's uvicorn picks (this module is imported before its server is set up).
+cast(Any, Predictor).add_asgi_middleware(RequestLimits, limits=lambda: Settings().body_limits)  # a Service at run time
+use_bounded_heads()

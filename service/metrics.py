@@ -37,3 +37,7 @@ stream_lag_seconds = bentoml.metrics.Gauge(
     name="loop_stream_lag_seconds",
     documentation="Age of the oldest stream entry not yet acknowledged by the ingest workers",
 )
+dead_letters = bentoml.metrics.Gauge(
+    name="loop_dead_letters",
+    documentation="Prediction entries the ingest workers could not store (alert on > 0; see `loop dead-letters`)",
+)

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from feedback.prediction_log import LogPolicy
 from models.digits import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
+from service.limits import BodyLimits
 
 
 class Settings(BaseSettings):
@@ -32,6 +33,12 @@ class Settings(BaseSettings):
         1000.0, gt=0, description="A request queued longer than this is answered 503 instead of run."
     )
     max_samples_per_request: int = Field(256, ge=1, le=65536, description="Most samples in one request.")
+    max_body_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Largest request body on the prediction routes (larger: 413 unread)."
+    )
+    max_other_body_bytes: int = Field(
+        2**20, ge=1024, description="Largest request body on the review and admin routes (larger: 413 unread)."
+    )
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
@@ -98,6 +105,10 @@ class Settings(BaseSettings):
     @property
     def artifact_uri(self) -> str:
         return (self.var_dir / "mlartifacts").resolve().as_uri()
+
+    @property
+    def body_limits(self) -> BodyLimits:
+        return BodyLimits(predict=self.max_body_bytes, other=self.max_other_body_bytes)
 
     @property
     def spool_dir(self) -> Path:

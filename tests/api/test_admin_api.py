@@ -122,3 +122,34 @@ def digits_item(client: TestClient, headers: dict[str, str], validation_id: str)
     table = pq.read_table(Path(manifest["uri"]) / manifest["manifest"]["files"][0], columns=["item_id", "label"])
     labels = zip(table["item_id"].to_pylist(), table["label"].to_pylist(), strict=True)
     return str(next(item for item, label in labels if label != "0"))
+
+
+@pytest.mark.parametrize("version", ["a:b", "%00", "%ff", "a" * 300, "bad%20tag"])
+def test_promoting_a_version_that_is_no_tag_gets_422(
+    setup: tuple[TestClient, ConnectionPool, list[tuple[str, str]]], version: str
+) -> None:
+    client, pool, announced = setup
+    admin = token(pool, "admin", rs.Role.ADMIN)
+    response = client.post(f"/admin/models/{version}/promote", json={"reason": "try"}, headers=admin)
+    assert response.status_code == 422, response.text
+    assert "is not a model tag" in response.json()["detail"]
+    assert client.get("/admin/promotions", headers=admin).json() == [] and announced == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/admin/datasets", b'{"watermark": NaN}'),
+        ("/admin/datasets", b'{"include_original": Infinity}'),
+        ("/admin/validation/fixes", b'{"fixes": [{"item_id": "1", "label": "2"}], "reason": NaN}'),
+        ("/admin/models/v1/promote", b'{"reason": -Infinity}'),
+    ],
+)
+def test_non_finite_numbers_in_an_admin_body_get_422(
+    setup: tuple[TestClient, ConnectionPool, list[tuple[str, str]]], path: str, body: bytes
+) -> None:
+    client, pool, _ = setup
+    admin = token(pool, "admin", rs.Role.ADMIN)
+    response = client.post(path, content=body, headers={**admin, "content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "NaN" not in response.text and "Infinity" not in response.text

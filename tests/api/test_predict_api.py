@@ -10,9 +10,15 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
+import psycopg
 import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+from feedback.ingest import IngestWorker, ensure_group
+from feedback.keys import INGEST_GROUP, Keys
 from models import digits
 from models.pipeline import BuildResult
 from tests.conftest import REDIS, fresh_database, redis_namespace
@@ -41,14 +47,21 @@ def module_database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def module_keys() -> Iterator[Keys]:
+    with redis_namespace() as keys:
+        yield keys
+
+
+@pytest.fixture(scope="module")
 def client(
-    model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, module_database: str
+    model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, module_database: str, module_keys: Keys
 ) -> Iterator[TestClient]:
     # BentoML registers its Prometheus metrics once per process, so one app serves the module.
     from service.app import Predictor
 
     database_url = module_database
-    with redis_namespace() as keys, pytest.MonkeyPatch.context() as mp:
+    keys = module_keys
+    with pytest.MonkeyPatch.context() as mp:
         env = {
             **model_env,
             "LOOP_DATABASE_URL": database_url,
@@ -257,6 +270,12 @@ def npy(array: Any) -> bytes:
     return out.getvalue()
 
 
+def npz(array: Any) -> bytes:
+    out = io.BytesIO()
+    np.savez(out, a=array)
+    return out.getvalue()
+
+
 def test_npy_bodies_are_answered_like_json(client: TestClient, data: digits.Digits) -> None:
     images = data.images[:5]
     as_json = client.post("/predict", json={"samples": images.tolist()}).json()["predictions"]
@@ -284,9 +303,130 @@ def test_npy_bodies_are_answered_like_json(client: TestClient, data: digits.Digi
         (npy(np.zeros((300, 8, 8), np.float32)), 400, "too many samples"),
         (npy(np.array(["a"] * 64).reshape(1, 8, 8)), 400, "only numbers"),
         (b"\x93NUMPY" + b"\x00" * (5 * 2**20), 413, "over the limit"),
+        (npy(np.float32(3)), 400, "0-d"),
+        (npz(np.zeros((1, 8, 8))), 400, "zip archive"),
+        (npy(np.zeros((1, 8, 8), np.float32)).replace(b"(1, 8, 8)", b"(100000000, 8, 8)")[:300], 400, "declares shape"),
     ],
 )
 def test_bad_npy_bodies_get_4xx_naming_the_problem(client: TestClient, body: bytes, status: int, fragment: str) -> None:
     response = client.post("/predict/npy", content=body)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
+
+
+# -- answered means kept: what would be refused downstream is refused at the door ------------------
+
+
+def stream_length(keys: Keys) -> int:
+    with redis.Redis.from_url(REDIS) as r:
+        return int(r.xlen(keys.stream))
+
+
+def ingest_everything(keys: Keys, database_url: str) -> None:
+    """Run the ingest worker over the module's stream until it is drained."""
+    with redis.Redis.from_url(REDIS) as r:
+        ensure_group(r, keys)
+        worker = IngestWorker(
+            redis_client=r, connect=lambda: psycopg.connect(database_url, autocommit=True), keys=keys, consumer="t"
+        )
+        try:
+            while entries := r.xreadgroup(INGEST_GROUP, "t", {keys.stream: ">"}, count=1000):
+                worker.handle(entries[0][1])
+        finally:
+            worker.close()
+
+
+def stored_ids(database_url: str, ids: list[str]) -> set[str]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT id::text FROM predictions WHERE id = ANY(%s::uuid[])", (ids,)).fetchall()
+    return {r[0] for r in rows}
+
+
+UNSTORABLE_TAGS: list[tuple[str, bytes, str]] = [
+    ("NUL in a value", b'{"a": "x\\u0000y"}', "U+0000"),
+    ("NUL in a key", b'{"a\\u0000": "x"}', "U+0000"),
+    ("lone surrogate in a value", b'{"a": "x\\ud800"}', "Invalid JSON"),
+    ("lone low surrogate in a key", b'{"\\udc00": "x"}', "Invalid JSON"),
+]
+
+
+@pytest.mark.parametrize(("case", "tags", "fragment"), UNSTORABLE_TAGS, ids=[c[0] for c in UNSTORABLE_TAGS])
+def test_tags_postgres_would_refuse_get_400_and_nothing_is_stored(
+    client: TestClient, module_keys: Keys, case: str, tags: bytes, fragment: str
+) -> None:
+    before = stream_length(module_keys)
+    body = b'{"samples": [' + json.dumps(grid(1)).encode() + b'], "tags": ' + tags + b"}"
+    response = post_raw(client, body)
+    assert response.status_code == 400, f"{case}: {response.status_code} {response.text}"
+    assert fragment in response.text
+    assert stream_length(module_keys) == before
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=b0undary"])
+def test_a_form_body_gets_415(client: TestClient, module_keys: Keys, content_type: str) -> None:
+    before = stream_length(module_keys)
+    body = b'--b0undary\r\nContent-Disposition: form-data; name="samples"\r\n\r\n[]\r\n--b0undary--\r\n'
+    response = client.post("/predict", content=body, headers={"content-type": content_type})
+    assert response.status_code == 415, response.text
+    assert "application/json" in response.json()["error"]
+    assert stream_length(module_keys) == before
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed(client: TestClient, module_keys: Keys) -> None:
+    before = stream_length(module_keys)
+    body = b'{"samples": [' + b",".join([json.dumps(grid(1)).encode()] * 40_000) + b"]}"  # 8 MB of valid JSON
+    response = post_raw(client, body)
+    assert response.status_code == 413, response.text
+    # Refused on its Content-Length, by the limits in front of the app: the route never saw it.
+    assert f"the body of {len(body)} bytes is over the limit of 4194304 bytes" in response.json()["error"]
+    assert stream_length(module_keys) == before
+
+
+@pytest.mark.parametrize(
+    ("sample", "fragment"),
+    [
+        ([*grid(1)[:3], [1, 1, 1, True, 1, 1, 1, 1], *grid(1)[4:]], "contains true/false"),
+        (grid(16.00000001), "value 16.00000001 outside the range [0, 16]"),
+        (grid(1e308), "value 1e+308 outside the range [0, 16]"),
+    ],
+)
+def test_values_are_checked_as_sent_on_predict_and_added_samples(
+    client: TestClient, module_database: str, module_keys: Keys, sample: Any, fragment: str
+) -> None:
+    from feedback import review_store
+
+    before = stream_length(module_keys)
+    response = client.post("/predict", json={"samples": [sample]})
+    assert response.status_code == 400 and fragment in response.text, response.text
+    assert stream_length(module_keys) == before
+    with psycopg.connect(module_database, autocommit=True) as conn:
+        _, token = review_store.create_user(conn=conn, name=f"v{uuid.uuid4().hex[:8]}", role=review_store.Role.REVIEWER)
+    added = client.post(
+        "/review/samples", json={"input": sample, "label": "3"}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert added.status_code == 422 and fragment in added.text, added.text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tags=st.dictionaries(
+        st.text(st.characters(codec=None), min_size=0, max_size=70),
+        st.text(st.characters(codec=None), max_size=300),
+        max_size=18,
+    )
+)
+def test_every_prediction_answered_200_is_stored_whatever_the_tags(
+    client: TestClient, module_database: str, module_keys: Keys, tags: dict[str, str]
+) -> None:
+    # json.dumps writes lone surrogates as \\uD800 escapes, as a hostile client would.
+    body = json.dumps({"samples": [grid(2)], "tags": tags}).encode()
+    response = post_raw(client, body)
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert "tags" in response.text or "Invalid JSON" in response.text, response.text
+        return
+    (answer,) = response.json()["predictions"]
+    ingest_everything(module_keys, module_database)
+    assert stored_ids(module_database, [answer["id"]]) == {answer["id"]}, f"answered, never stored: tags={tags!r}"
+    with redis.Redis.from_url(REDIS) as r:
+        assert r.xlen(module_keys.dead_letters) == 0

@@ -434,3 +434,90 @@ def test_the_review_page_is_served_and_its_script_parses(client: TestClient, tmp
     path.write_text(script)
     checked = subprocess.run([node, "--check", str(path)], capture_output=True, text=True, check=False)
     assert checked.returncode == 0, checked.stderr
+
+
+# -- hostile bodies: the caller first, never a 500 ---------------------------------------------------
+
+BODY_ROUTES = [r for r in ROUTES if r[2] is not None]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "needs"), BODY_ROUTES, ids=[r[1] for r in BODY_ROUTES])
+@pytest.mark.parametrize("junk", [b"{not json", b"[]", b'"text"'])
+def test_junk_bodies_meet_the_callers_check_before_validation(
+    client: TestClient, pool: ConnectionPool, method: str, path: str, body: Any, needs: str, junk: bytes
+) -> None:
+    _, reviewer = make_user(pool, "rev")
+    _, admin = make_user(pool, "adm", rs.Role.ADMIN)
+    json_type = {"content-type": "application/json"}
+    assert client.request(method, path, content=junk, headers=json_type).status_code == 401
+    assert (
+        client.request(method, path, content=junk, headers={**json_type, "Authorization": "Bearer x"}).status_code
+        == 401
+    )
+    as_reviewer = client.request(method, path, content=junk, headers={**json_type, **reviewer}).status_code
+    assert as_reviewer == (403 if needs == "admin" else 422)
+    assert client.request(method, path, content=junk, headers={**json_type, **admin}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "role"),
+    [
+        ("/review/claim", b'{"count": 1, "lease_seconds": NaN}', rs.Role.REVIEWER),
+        ("/review/claim", b'{"count": Infinity}', rs.Role.REVIEWER),
+        ("/review/verdicts", b'{"verdicts": NaN}', rs.Role.REVIEWER),
+        ("/review/verdicts", b'{"verdicts": [{"prediction_id": -Infinity, "verdict": "correct"}]}', rs.Role.REVIEWER),
+        ("/review/samples", b'{"input": NaN, "label": "1"}', rs.Role.REVIEWER),
+        ("/review/users", b'{"name": NaN}', rs.Role.ADMIN),
+    ],
+)
+def test_non_finite_numbers_in_a_body_get_422_not_500(
+    client: TestClient, pool: ConnectionPool, path: str, body: bytes, role: rs.Role
+) -> None:
+    _, headers = make_user(pool, "caller", role)
+    response = client.post(path, content=body, headers={**headers, "content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["msg"]
+    assert "NaN" not in response.text and "Infinity" not in response.text  # the input is not echoed
+
+
+def _cursor(key: Any) -> str:
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "W251bGwsIjIwMjAtMDEtMDFUMDA6MDA6MDArMDA6MDAiLDVd",  # [null, "2020-01-01T00:00:00+00:00", 5]
+        _cursor([None, 5, "01a2024d-76a5-744d-b838-fcab5ce4eb37"]),
+        _cursor([None, "2020-01-01T00:00:00", "01a2024d-76a5-744d-b838-fcab5ce4eb37"]),  # no time zone
+        _cursor(["high", "2020-01-01T00:00:00+00:00", "01a2024d-76a5-744d-b838-fcab5ce4eb37"]),
+        _cursor([True, "2020-01-01T00:00:00+00:00", "01a2024d-76a5-744d-b838-fcab5ce4eb37"]),
+        _cursor({"a": 1, "b": 2, "c": 3}),
+        _cursor("abc"),
+        _cursor(7),
+        "not base64 at all!",
+    ],
+)
+def test_a_forged_cursor_gets_422(client: TestClient, pool: ConnectionPool, cursor: str) -> None:
+    _, headers = make_user(pool, "rev")
+    response = client.get("/review/items", params={"cursor": cursor}, headers=headers)
+    assert response.status_code == 422, response.text
+    assert "cursor is not one this API gave out" in response.text
+
+
+def test_user_names_are_normalised_so_none_looks_like_another(client: TestClient, pool: ConnectionPool) -> None:
+    _, admin = make_user(pool, "adm", rs.Role.ADMIN)
+    assert client.post("/review/users", json={"name": "r1"}, headers=admin).status_code == 201
+    for look_alike in ("\uff52\uff11", "R1", " r1 "):  # fullwidth r and 1
+        response = client.post("/review/users", json={"name": look_alike}, headers=admin)
+        assert response.status_code == 409, (look_alike, response.text)
+    created = client.post("/review/users", json={"name": "\uff23arol.Smith"}, headers=admin)
+    assert created.status_code == 201 and created.json()["name"] == "carol.smith"
+    for bad in ("   ", "", "a b", "-x", "x-", "r\u0430", "a\x00b", "x" * 65):
+        response = client.post("/review/users", json={"name": bad}, headers=admin)
+        assert response.status_code == 422, (bad, response.text)
+    names = [u["name"] for u in client.get("/review/users", headers=admin).json()]
+    assert sorted(names) == ["adm", "carol.smith", "r1"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from feedback.ids import uuid7, uuid7_time_ms
-from feedback.records import MalformedEntry, PredictionRecord, decode, encode, npy_bytes, npy_load
+from feedback.records import MalformedEntry, PredictionRecord, decode, encode, npy_bytes, npy_load, unstorable_text
 
 pytestmark = pytest.mark.unit
 
@@ -88,3 +88,18 @@ def test_pickled_inputs_are_refused() -> None:
     fields[b"x"] = buffer.getvalue()
     with pytest.raises(MalformedEntry, match=r"not \.npy"):
         decode(fields)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("x\x00y", "the NUL character U+0000 at position 1"),
+        ("\ud800", "the lone surrogate U+D800 at position 0"),
+        ("ok\udfff", "the lone surrogate U+DFFF at position 2"),
+        ("plain", None),
+        ("\x01\x1f\u2028 tabs\tand emoji \U0001f600", None),  # storable, if odd
+    ],
+)
+def test_text_postgres_cannot_store_is_named(text: str, problem: str | None) -> None:
+    found = unstorable_text(text)
+    assert (found is None) if problem is None else (found is not None and problem in found)

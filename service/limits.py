@@ -1,0 +1,197 @@
+"""Bounds on what a request may make the service read, enforced before anything is parsed.
+
+`RequestLimits` is ASGI middleware in front of every route (BentoML's and the mounted ones): a
+body declared over its route's limit is answered 413 before a byte of it is read; a chunked body
+is read up to the limit and no further. Form bodies sent to the JSON prediction route are refused
+with 415 (BentoML would try to parse them as forms).
+
+`BoundedHeadProtocol` is uvicorn's h11 protocol with one bound for the request line and headers,
+whether they arrive in one piece or many: over it, the answer is 431, and the rest of what the
+client sends is read and dropped for a moment before the connection closes, so the client sees
+the answer rather than a connection reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from starlette.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_HEAD_BYTES = 32 * 1024  # request line and headers together
+DRAIN_BYTES = 8 * 2**20  # after a 431, read and drop at most this much of the rest
+DRAIN_SECONDS = 2.0  # ... for at most this long, then close
+JSON_ROUTES = ("/predict",)  # BentoML's JSON APIs: a form body there is a mistake
+FORM_TYPES = ("multipart/", "application/x-www-form-urlencoded")
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """Most bytes a request body may have: prediction routes carry samples, the rest small JSON."""
+
+    predict: int
+    other: int
+
+    def for_path(self, path: str) -> int:
+        return self.predict if path == "/predict" or path.startswith("/predict/") else self.other
+
+
+def _refusal(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"})
+
+
+class RequestLimits:
+    """ASGI middleware: 413 for bodies over their route's limit, 415 for forms on JSON routes."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits | Callable[[], BodyLimits]) -> None:
+        self.app = app
+        self._limits = limits
+
+    @property
+    def limits(self) -> BodyLimits:
+        if callable(self._limits):  # read once, on the first request (settings live in the worker)
+            self._limits = self._limits()
+        return self._limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").decode("latin-1").strip().lower()
+        if path in JSON_ROUTES and content_type.startswith(FORM_TYPES):
+            media_type = content_type.split(";")[0]
+            message = f"{path} takes a JSON body (application/json), not {media_type}"
+            await _refusal(415, message)(scope, receive, send)
+            return
+        limit = self.limits.for_path(path)
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            # The HTTP parser has already checked that it is a number and that the body matches it.
+            size = int(declared)
+            if size > limit:
+                message = f"the body of {size} bytes is over the limit of {limit} bytes for {path}"
+                await _refusal(413, message)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            await self.app(scope, receive, send)  # no body
+            return
+        body = await _read_at_most(receive, limit)
+        if body is None:
+            await _refusal(413, f"the body is over the limit of {limit} bytes for {path}")(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_at_most(receive: Receive, limit: int) -> bytes | None:
+    """A chunked body, or None once it passes `limit` bytes (or the client goes away)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()  # only a disconnect comes after the body
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class _BoundedConnection(h11.Connection):
+    """An h11 server connection that refuses request heads over `MAX_HEAD_BYTES`, however they arrive.
+
+    h11 itself bounds only a head still incomplete after a read; one that arrives whole is checked here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+    def next_event(self) -> Any:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+            if size > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        return event
+
+
+class BoundedHeadProtocol(H11Protocol):
+    """uvicorn's h11 protocol answering 431 to request heads over `MAX_HEAD_BYTES`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _BoundedConnection()
+        self._drain_left: int | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._drain_left is None:
+            super().data_received(data)
+            return
+        self._drain_left -= len(data)
+        if self._drain_left <= 0:
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn calls this from inside its `except h11.RemoteProtocolError`: the error is at hand.
+        error = sys.exc_info()[1]
+        status = getattr(error, "error_status_hint", 400)
+        if status != 431:
+            super().send_400_response(msg)
+            return
+        logger.info("refused a request head over %d bytes from %s", MAX_HEAD_BYTES, self.client)
+        body = f'{{"error": "the request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"}}'.encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=431, headers=headers, reason=b"Request Header Fields Too Large"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event) or b"")
+        # Closing now would reset a connection the client is still writing to, and the reset can
+        # overtake the answer: read and drop the rest for a moment first.
+        self._drain_left = DRAIN_BYTES
+        asyncio.get_running_loop().call_later(DRAIN_SECONDS, self.transport.close)
+
+
+def use_bounded_heads() -> None:
+    """Make uvicorn's default ("auto") HTTP protocol the bounded one, for servers configured after this."""
+    from uvicorn import config
+
+    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:{BoundedHeadProtocol.__name__}"

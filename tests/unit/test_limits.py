@@ -1,0 +1,74 @@
+"""Request bodies bounded before they are parsed: the middleware on a tiny app of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from service.limits import BodyLimits, RequestLimits
+
+pytestmark = pytest.mark.unit
+
+LIMITS = BodyLimits(predict=1000, other=100)
+
+
+@pytest.fixture
+def client() -> Iterator[tuple[TestClient, list[int]]]:
+    """An app that records the size of every body it was handed."""
+    seen: list[int] = []
+
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        seen.append(len(body))
+        return JSONResponse({"size": len(body)})
+
+    app = Starlette(routes=[Route("/predict", echo, methods=["POST"]), Route("/review/x", echo, methods=["POST"])])
+    app.add_middleware(RequestLimits, limits=lambda: LIMITS)
+    with TestClient(app) as c:
+        yield c, seen
+
+
+def chunks(total: int, size: int = 64) -> Iterator[bytes]:
+    for start in range(0, total, size):
+        yield b"x" * min(size, total - start)
+
+
+@pytest.mark.parametrize(("path", "limit"), [("/predict", 1000), ("/review/x", 100)])
+def test_bodies_up_to_the_limit_pass_and_larger_ones_get_413_unread(
+    client: tuple[TestClient, list[int]], path: str, limit: int
+) -> None:
+    http, seen = client
+    assert http.post(path, content=b"x" * limit).json() == {"size": limit}
+    over = http.post(path, content=b"x" * (limit + 1))
+    assert over.status_code == 413
+    assert f"{limit + 1} bytes is over the limit of {limit} bytes for {path}" in over.json()["error"]
+    assert seen == [limit]  # the app never saw the large one
+
+
+def test_a_chunked_body_is_read_only_up_to_the_limit(client: tuple[TestClient, list[int]]) -> None:
+    http, seen = client
+    ok = http.post("/predict", content=chunks(1000))
+    assert ok.status_code == 200 and ok.json() == {"size": 1000}
+    assert "content-length" not in ok.request.headers  # it really was chunked
+    over = http.post("/predict", content=chunks(5000))
+    assert over.status_code == 413 and "over the limit of 1000 bytes" in over.json()["error"]
+    assert seen == [1000]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "multipart/form-data; boundary=xyz", "application/x-www-form-urlencoded"]
+)
+def test_forms_sent_to_the_json_route_get_415(client: tuple[TestClient, list[int]], content_type: str) -> None:
+    http, seen = client
+    response = http.post("/predict", content=b'{"samples": []}', headers={"content-type": content_type})
+    assert response.status_code == 415
+    assert "takes a JSON body" in response.json()["error"]
+    assert seen == []
+    # Other routes decide for themselves.
+    assert http.post("/review/x", content=b"a=1", headers={"content-type": content_type}).status_code == 200
