@@ -157,7 +157,8 @@ def dead_letters_list(limit: int) -> None:
         total = dead_letters.count(client, keys)
         shown = dead_letters.read(client, keys, limit=limit)
     for letter in shown:
-        click.echo(f"{letter.entry_id}\t{letter.prediction_id}\t{letter.reason}")
+        reason = " ".join(letter.reason.split())  # one line per entry
+        click.echo(f"{letter.entry_id}\t{letter.prediction_id}\t{reason}")
     click.echo(
         f"{total} dead letters in {keys.dead_letters}" + (f" ({len(shown)} shown)" if total > len(shown) else ""),
         err=True,

@@ -51,7 +51,9 @@ class BodyLimits:
 
 
 def _refusal(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"})
+    # The connection stays open: uvicorn reads and drops the rest of the body, so the client
+    # (still sending) reads the answer instead of a reset.
+    return JSONResponse({"error": message}, status_code=status)
 
 
 class RequestLimits:

@@ -1,0 +1,103 @@
+"""What a request may make the service read, over real sockets against `loop serve`."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.conftest import RunningService
+
+pytestmark = pytest.mark.integration
+
+DIGIT = [[1] * 8 for _ in range(8)]
+
+
+def exchange(url: str, head: bytes, body_size: int = 0, chunk: int = 2**16, timeout: float = 10) -> bytes:
+    """Send a raw request (its body `body_size` bytes of spaces, as fast as the server takes them)
+    and return what the server answered before closing; a reset is an error."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as s:
+        s.sendall(head)
+        sent = 0
+        try:
+            while sent < body_size:
+                sent += s.send(b" " * min(chunk, body_size - sent))
+        except (BrokenPipeError, ConnectionResetError):
+            return b"reset while sending"
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + _length(answer):
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+    return int(answer.split(b" ", 2)[1])
+
+
+def worker_rss(service: RunningService) -> int:
+    """Resident memory of the biggest process under `loop serve` (the BentoML worker)."""
+    family = psutil.Process(service.process.pid).children(recursive=True)
+    return max(p.memory_info().rss for p in family)
+
+
+@pytest.mark.parametrize("size", [40_000, 1_000_000])
+def test_an_oversized_request_head_gets_431_not_a_reset(
+    start_service: Callable[..., RunningService], size: int
+) -> None:
+    service = start_service()
+    head = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * size + b"\r\n\r\n"
+    answer = exchange(service.url, head)
+    assert status_of(answer) == 431, answer[:300]
+    assert b"over the limit of 32768 bytes" in answer
+    assert httpx.get(f"{service.url}/livez").status_code == 200
+
+
+def test_a_50_mb_body_gets_413_unread_and_others_are_not_held_up(start_service: Callable[..., RunningService]) -> None:
+    service = start_service()
+    size = 50_000_000
+    before = worker_rss(service)
+    for path in ("/predict", "/review/verdicts", "/predict/npy"):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+        ).encode()
+        answer = exchange(service.url, head, body_size=size)
+        assert status_of(answer) == 413, answer[:300]
+        assert f"the body of {size} bytes is over the limit".encode() in answer
+    # Nothing of it was buffered: the worker is about as big as before.
+    assert worker_rss(service) - before < 100 * 2**20
+    small = httpx.post(f"{service.url}/predict", json={"samples": [DIGIT]}, timeout=10)
+    assert small.status_code == 200, small.text
+
+
+def test_a_chunked_body_over_the_limit_gets_413(start_service: Callable[..., RunningService]) -> None:
+    service = start_service()
+
+    def pieces() -> Iterator[bytes]:
+        yield b'{"samples": ['
+        for _ in range(100_000):  # about 20 MB, sent without a Content-Length
+            yield json.dumps(DIGIT).encode() + b","
+        yield b"[]]}"
+
+    response = httpx.post(
+        f"{service.url}/predict", content=pieces(), headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 413, response.text
+    assert "over the limit of 4194304 bytes" in response.json()["error"]
