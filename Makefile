@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: install run train test lint format clean
+.PHONY: install run train test lint format clean demo-loop
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ run: install ## Train the default model if the store has none, then serve it.
 
 train: install ## Train the default model again (a new version in the store).
 	$(BIN)/loop train
+
+demo-loop: install ## Measure how much review improves a model (both strategies, about 5 minutes).
+	$(BIN)/loop demo-loop
 
 test: install ## Unit, model, API and integration tests.
 	BENTOML_DO_NOT_TRACK=True $(BIN)/pytest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +143,23 @@ def digits_signature() -> Signature:
         min_value=0.0,
         max_value=PIXEL_MAX,
     )
+
+
+# The demo's first model: a few samples of most classes, fewer of some, none of the last, so that
+# it starts well below what the whole training side reaches and review has something to fix.
+DEMO_INITIAL_PER_CLASS: tuple[int, ...] = (8, 8, 6, 6, 5, 5, 4, 3, 2, 0)
+
+
+def skewed_subset(
+    labels: NDArray[np.int64], indices: Sequence[int], per_class: Sequence[int], *, seed: int
+) -> list[int]:
+    """A seeded draw of `per_class[c]` of `indices` of each class c (sorted); raises if a class has too few."""
+    rng = np.random.default_rng(seed)
+    pool = np.asarray(indices)
+    chosen: list[int] = []
+    for label, wanted in enumerate(per_class):
+        of_class = pool[labels[pool] == label]
+        if wanted > len(of_class):
+            raise ValueError(f"class {label} has {len(of_class)} rows, fewer than the {wanted} asked for")
+        chosen.extend(int(i) for i in rng.permutation(of_class)[:wanted])
+    return sorted(chosen)

@@ -182,6 +182,26 @@ def validation_error_overlay(
     return figure
 
 
+def accuracy_against_labels(
+    series: Mapping[str, Sequence[tuple[int, float]]], *, target: float | None = None
+) -> Figure:
+    """Validation accuracy against labels spent, one line per named series (e.g. a sampling strategy)."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for name, points in series.items():
+        labels, accuracy = zip(*points, strict=True) if points else ((), ())
+        axes.plot(labels, accuracy, marker="o", label=name)
+    if target is not None:
+        axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+    axes.set_xlabel("labels spent by reviewers")
+    axes.set_ylabel("validation accuracy (frozen split)")
+    axes.set_title("Validation accuracy against review effort")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
 def save_png(figure: Figure, path: Path) -> Path:
     """Write `figure` as a PNG at `path`, creating its folder; returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from service.demo_loop import demo_loop
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -333,4 +334,4 @@ def experiments(out: Path | None) -> None:
     click.echo(f"plot: {png}")
 
 
-COMMANDS = (datasets, validation, retrain, promote, champion, experiments)
+COMMANDS = (datasets, validation, retrain, promote, champion, experiments, demo_loop)
