@@ -63,7 +63,7 @@ class DemoConfig:
     traffic_rows: int | None = None  # None: every training row the first model was not trained on
     reviewers: int = 3
     error_rate: float = 0.02  # how often a simulated reviewer gives a wrong label
-    overlap_share: float = 0.15  # share of items that ask for two reviews
+    overlap_share: float = 0.1  # share of items that ask for two reviews (the service's default)
     claim_size: int = 10
     request_size: int = 16  # samples per POST /predict
     epochs: int | None = None  # None: the protocol's own

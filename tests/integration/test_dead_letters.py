@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
+import httpx
 import numpy as np
 import psycopg
 import pytest
@@ -18,6 +22,7 @@ from feedback.ingest import IngestWorker, ensure_group
 from feedback.keys import INGEST_GROUP, Keys
 from feedback.records import PredictionRecord, encode
 from tests.conftest import REDIS
+from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +99,23 @@ def test_a_refused_entry_is_an_alert_and_replays_once_fixed(
     assert ingest(client, keys, database_url).stats.duplicates == 1
     assert len(stored(database_url)) == 2
     client.close()
+
+
+def dead_letter_gauge(url: str) -> float | None:
+    found = re.search(r"^loop_dead_letters(?:\{[^}]*\})? (\S+)$", httpx.get(f"{url}/metrics").text, re.M)
+    return None if found is None else float(found.group(1))
+
+
+def test_the_service_exposes_the_dead_letter_count_for_alerts(
+    start_service: Callable[..., RunningService], keys: Keys
+) -> None:
+    service = start_service()
+    client = redis.Redis.from_url(REDIS)
+    try:
+        client.xadd(keys.dead_letters, dead_letters.dead_fields(encode(record()), entry_id=b"1-1", reason="test"))  # type: ignore[arg-type]
+        deadline = time.monotonic() + 20
+        while dead_letter_gauge(service.url) != 1.0:
+            assert time.monotonic() < deadline, "loop_dead_letters never showed the dead letter"
+            time.sleep(0.5)
+    finally:
+        client.close()
