@@ -86,22 +86,26 @@ class Originals:
     validation_labels: tuple[str, ...]
 
 
-def digits_originals(split_path: Path, *, seed: int = 0) -> Originals:
-    """scikit-learn's bundled digits with the frozen split at `split_path` (created once)."""
+def digits_originals(split_path: Path, *, seed: int = 0, train: Sequence[int] | None = None) -> Originals:
+    """scikit-learn's bundled digits with the frozen split at `split_path` (created once); `train`
+    narrows the training side to those rows (the validation side stays whole)."""
     data = digits.load()
     split = digits.load_or_create_split(split_path, data, seed=seed)
-    train, val = np.asarray(split.train_indices), np.asarray(split.validation_indices)
+    train_idx = np.asarray(split.train_indices if train is None else train)
+    val_idx = np.asarray(split.validation_indices)
+    if not set(train_idx.tolist()) <= set(split.train_indices):
+        raise ValueError("the training rows must come from the split's training side")
     names = digits.CLASS_NAMES
     return Originals(
         name="digits",
         split_id=split.split_id,
         seed=split.seed,
-        train_ids=tuple(f"digits:{i:05d}" for i in train),
-        train_inputs=data.images[train],
-        train_labels=tuple(names[i] for i in data.labels[train]),
-        validation_ids=tuple(f"digits:{i:05d}" for i in val),
-        validation_inputs=data.images[val],
-        validation_labels=tuple(names[i] for i in data.labels[val]),
+        train_ids=tuple(f"digits:{i:05d}" for i in train_idx),
+        train_inputs=data.images[train_idx],
+        train_labels=tuple(names[i] for i in data.labels[train_idx]),
+        validation_ids=tuple(f"digits:{i:05d}" for i in val_idx),
+        validation_inputs=data.images[val_idx],
+        validation_labels=tuple(names[i] for i in data.labels[val_idx]),
     )
 
 

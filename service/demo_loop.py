@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 import httpx
@@ -43,9 +43,6 @@ from feedback.keys import Keys
 from feedback.migrate import migrate
 from models import digits
 from service.settings import Settings
-
-if TYPE_CHECKING:  # loading the dataset compiler (pyarrow) must not slow down `loop --help`
-    from feedback import datasets as ds
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +145,15 @@ class Demo:
         self.var_dir = out / f"var-{strategy.value}"
         self.rng = np.random.default_rng(config.seed)
         data = digits.load()
-        split = digits.load_or_create_split(self.var_dir / "validation" / "split.json", data, seed=config.seed)
+        split_path = self.var_dir / "validation" / "split.json"
+        split = digits.load_or_create_split(split_path, data, seed=config.seed)
         initial = digits.skewed_subset(data.labels, split.train_indices, config.initial_per_class, seed=config.seed)
         rest = np.setdiff1d(np.asarray(split.train_indices), initial)
         # The same traffic, in the same order, for every strategy: equal budgets compare fairly.
         order = np.random.default_rng(config.seed).permutation(rest)
         self.traffic = order[: config.traffic_rows] if config.traffic_rows is not None else order
         self.data = data
-        self.originals = _originals(data, split, initial)
+        self.originals = ds.digits_originals(split_path, seed=config.seed, train=initial)
         self.schema = ds.LabelSchema.of(digits.digits_signature())
         self.tracking = Tracking(
             tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}",
@@ -167,6 +165,7 @@ class Demo:
         self.reviewed: set[str] = set()
 
     def run(self) -> StrategyRun:
+        # The dataset compiler (pyarrow) and the trainer (torch) load here, not on `loop --help`.
         from feedback import datasets as ds
 
         result = StrategyRun(strategy=self.strategy.value, model_name=self.model_name, database_url=self.database_url)
@@ -412,25 +411,6 @@ def _wait_ready(http: httpx.Client, process: subprocess.Popen[bytes], timeout_s:
 
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def _originals(data: digits.Digits, split: digits.Split, train: Sequence[int]) -> ds.Originals:
-    """The first model's rows as the model's original data, beside the frozen validation split."""
-    from feedback import datasets as ds
-
-    names = digits.CLASS_NAMES
-    train_idx, val_idx = np.asarray(train), np.asarray(split.validation_indices)
-    return ds.Originals(
-        name="digits-demo",
-        split_id=split.split_id,
-        seed=split.seed,
-        train_ids=tuple(f"digits:{i:05d}" for i in train_idx),
-        train_inputs=data.images[train_idx],
-        train_labels=tuple(names[i] for i in data.labels[train_idx]),
-        validation_ids=tuple(f"digits:{i:05d}" for i in val_idx),
-        validation_inputs=data.images[val_idx],
-        validation_labels=tuple(names[i] for i in data.labels[val_idx]),
-    )
 
 
 # -- the report ------------------------------------------------------------------------------------
