@@ -113,7 +113,7 @@ def test_preprocessing_normalises_and_lays_out_as_the_spec_says() -> None:
 
 @pytest.mark.parametrize("rule", ["stretch", "fit", "crop"])
 def test_every_resize_rule_gives_the_spec_size(rule: str) -> None:
-    spec = ImageInput(width=8, height=6, resize=rule)  # type: ignore[arg-type]
+    spec = ImageInput(width=8, height=6, resize=rule)
     for size in ((32, 6), (8, 40), (3, 3)):
         assert images.preprocess(encoded(rgb(*size)), spec).shape == (3, 6, 8)
 
