@@ -146,7 +146,8 @@ class ModelSpec(_Strict):
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Plain JSON types, unset options left out (BentoML's metadata holds no nulls)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 def parse(raw: Any, *, source: str = "spec") -> ModelSpec:

@@ -12,6 +12,7 @@ import bentoml
 from bentoml.exceptions import BentoMLException, NotFound
 
 from models.signature import Signature
+from models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,15 @@ class ModelCard:
     code_version: str
     parity_max_abs_diff: float
     extra: dict[str, Any] = field(default_factory=dict)
+    spec: ModelSpec | None = None  # None for models stored before specs: `model_spec` derives one
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return self.spec if self.spec is not None else ModelSpec.of_signature(self.signature)
 
     def to_metadata(self) -> dict[str, Any]:
         return {
+            "spec": self.model_spec.to_dict(),
             "signature": self.signature.to_dict(),
             "metrics": dict(self.metrics),
             "dataset_id": self.dataset_id,
@@ -62,6 +69,7 @@ class ModelCard:
             code_version=str(raw.get("code_version", "unknown")),
             parity_max_abs_diff=float(raw.get("parity_max_abs_diff", float("nan"))),
             extra=dict(raw.get("extra", {})),
+            spec=ModelSpec.model_validate(raw["spec"]) if "spec" in raw else None,
         )
 
 
@@ -105,6 +113,22 @@ def get(tag: str) -> StoredModel:
         onnx_path=onnx_path,
         card=ModelCard.from_metadata(dict(entry.info.metadata)),
     )
+
+
+def list_models(name: str | None = None) -> list[StoredModel]:
+    """Every model this project stored (all of `name`'s versions, if given), oldest first per name."""
+    try:
+        listed = bentoml.models.list(name)
+    except NotFound:  # BentoML's answer when no version of `name` exists
+        return []
+    entries = sorted(listed, key=lambda e: (e.tag.name, e.creation_time))
+    found = []
+    for entry in entries:
+        onnx_path = Path(entry.path_of(ONNX_FILE))
+        if onnx_path.exists() and "signature" in entry.info.metadata:  # saved by this project
+            card = ModelCard.from_metadata(dict(entry.info.metadata))
+            found.append(StoredModel(entry.tag.name, str(entry.tag.version), onnx_path, card))
+    return found
 
 
 def exists(tag: str) -> bool:

@@ -82,6 +82,48 @@ def show(tag: str | None) -> None:
     click.echo(json.dumps({"tag": stored.tag, **stored.card.to_metadata()}, indent=2))
 
 
+@main.group()
+def models() -> None:
+    """The models in the BentoML store: import a team's ONNX classifier, list them."""
+
+
+@models.command("import")
+@click.argument("name")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The exported classifier (dynamic batch axis).")  # fmt: skip
+@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Its model spec, YAML or TOML (see models/spec.py).")  # fmt: skip
+def models_import(name: str, onnx_path: Path, spec_path: Path) -> None:
+    """Check an ONNX classifier against its spec, run it once, and store it as a new version of NAME."""
+    from models import spec
+    from models.importer import ImportRefused, import_model
+
+    try:
+        stored = import_model(name, onnx_path, spec.load(spec_path))
+    except (spec.SpecError, ImportRefused) as exc:
+        raise click.ClickException(str(exc)) from None
+    model_spec = stored.card.model_spec
+    click.echo(
+        f"imported {stored.tag}: {model_spec.input.kind} input {list(stored.card.signature.input_shape)}, "
+        f"{len(model_spec.classes)} classes; serve it with LOOP_MODEL_NAME={stored.name}"
+    )
+
+
+@models.command("list")
+@click.argument("name", required=False)
+def models_list(name: str | None) -> None:
+    """Every stored model version (of NAME, if given), oldest first: tag, input, classes, data."""
+    for stored in store.list_models(name):
+        card = stored.card
+        shape = "x".join(str(d) for d in card.signature.input_shape)
+        accuracy = card.metrics.get("accuracy")
+        scored = "" if accuracy is None else f"  accuracy {accuracy:.4f}"
+        click.echo(
+            f"{stored.tag}\t{card.model_spec.input.kind} {shape}\t{len(card.signature.class_names)} classes"
+            f"\t{card.dataset_id}{scored}"
+        )
+
+
 def _require(url: str | None, name: str) -> str:
     if url is None:
         raise click.ClickException(f"{name} is not set; `loop serve` starts embedded servers and sets it")

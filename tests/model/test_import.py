@@ -1,0 +1,141 @@
+"""Importing a team's ONNX classifier: the graph checked against its spec, run once, stored."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from models import store
+from models.importer import ImportRefused, import_model
+from models.runtime import OnnxModel
+from models.spec import ModelSpec, parse
+
+pytestmark = pytest.mark.model
+
+CLASSES = ["circle", "square", "triangle"]
+SPEC: dict[str, Any] = {
+    "input": {"kind": "image", "width": 8, "height": 6, "mode": "RGB", "mean": [0.5], "std": [0.25]},
+    "classes": CLASSES,
+    "onnx_input": "image",
+    "onnx_output": "logits",
+}
+
+
+def linear_classifier(
+    path: Path,
+    *,
+    input_name: str = "image",
+    input_dims: list[int | str] | None = None,
+    output_name: str = "logits",
+    output_dims: list[int | str] | None = None,
+    classes: int = 3,
+    features: int = 3 * 6 * 8,
+    elem_type: int = TensorProto.FLOAT,
+    extra_input: bool = False,
+) -> Path:
+    """Flatten -> MatMul -> Add: a classifier of any shape, with seeded weights."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    nodes = [
+        helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], [output_name]),
+    ]
+    inputs = [helper.make_tensor_value_info(input_name, elem_type, input_dims or ["batch", 3, 6, 8])]
+    if extra_input:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1]))
+    outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, output_dims or ["batch", classes])]
+    graph = helper.make_graph(nodes, "classifier", inputs, outputs, initializer=[weights, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_good_classifier_is_stored_with_its_spec_and_runs(tmp_path: Path) -> None:
+    spec = parse(SPEC)
+    stored = import_model("team-shapes", linear_classifier(tmp_path / "m.onnx"), spec)
+    again = store.get(stored.tag)
+    assert again.card.model_spec == spec
+    assert again.card.signature == spec.signature()
+    assert again.card.opset == 17 and again.card.extra["sha256"]
+    scores = OnnxModel(again.onnx_path).run(np.zeros((5, 3, 6, 8), np.float32))
+    assert scores.shape == (5, 3)
+    assert stored.tag in [m.tag for m in store.list_models("team-shapes")]
+
+
+@pytest.mark.parametrize(
+    ("graph", "fragment"),
+    [
+        ({"input_name": "pixels"}, "onnx_input: the spec says 'image', the graph's inputs are ['pixels']"),
+        ({"output_name": "probs"}, "onnx_output: the spec says 'logits', the graph's outputs are ['probs']"),
+        ({"input_dims": [1, 3, 6, 8]}, "batch axis: the graph's 'image' has a fixed batch of 1"),
+        ({"input_dims": ["batch", 144]}, "input rank: the spec says 4 (a batch of [3, 6, 8])"),
+        ({"input_dims": ["batch", 3, 8, 6]}, "input shape: the spec's input makes samples of [3, 6, 8]"),
+        ({"output_dims": ["batch", 4], "classes": 4}, "classes: the spec names 3, the graph's 'logits' answers 4"),
+        ({"output_dims": ["batch", "n"], "classes": 4}, "but a batch of 2 gave scores of shape [2, 4]"),
+        ({"output_dims": ["batch", 3, 1]}, "output rank: a classifier answers (batch, classes)"),
+        ({"elem_type": TensorProto.INT64}, "input dtype: the spec's input is float32, the graph's 'image' is INT64"),
+        ({"extra_input": True}, "the graph has 2 inputs (['image', 'mask'])"),
+    ],
+)  # fmt: skip
+def test_a_mismatch_is_refused_naming_the_field_and_both_values(
+    tmp_path: Path, graph: dict[str, Any], fragment: str
+) -> None:
+    before = len(store.list_models("team-refused"))
+    with pytest.raises(ImportRefused) as info:
+        import_model("team-refused", linear_classifier(tmp_path / "m.onnx", **graph), parse(SPEC))
+    assert fragment in str(info.value)
+    assert len(store.list_models("team-refused")) == before  # nothing stored
+
+
+def test_a_file_that_is_no_onnx_model_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01not protobuf at all")
+    with pytest.raises(ImportRefused, match="is not"):
+        import_model("team-refused", tmp_path / "junk.onnx", parse(SPEC))
+    with pytest.raises(ImportRefused, match="no such file"):
+        import_model("team-refused", tmp_path / "missing.onnx", parse(SPEC))
+
+
+def test_a_tensor_classifier_imports_too(tmp_path: Path) -> None:
+    spec = ModelSpec.model_validate({"input": {"kind": "tensor", "shape": [4], "min_value": -1, "max_value": 1},
+                                     "classes": ["no", "yes"]})  # fmt: skip
+    path = linear_classifier(tmp_path / "t.onnx", input_name="input", input_dims=["n", 4], classes=2, features=4)
+    assert import_model("team-tensor", path, spec).card.signature.input_shape == (4,)
+
+
+def loop(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=120, check=False)  # fmt: skip
+
+
+def test_the_import_and_list_commands(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(
+        "input: {kind: image, width: 8, height: 6, mean: [0.5], std: [0.25]}\n"
+        "classes: [circle, square, triangle]\nonnx_input: image\n"
+    )
+    good = loop("models", "import", "team-cli", "--onnx", str(linear_classifier(tmp_path / "m.onnx")),
+                "--spec", str(tmp_path / "spec.yaml"))  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    assert "imported team-cli:" in good.stdout and "image input [3, 6, 8], 3 classes" in good.stdout
+    bad = loop("models", "import", "team-cli", "--onnx", str(linear_classifier(tmp_path / "b.onnx", classes=5)),
+               "--spec", str(tmp_path / "spec.yaml"))  # fmt: skip
+    assert bad.returncode == 1 and "classes: the spec names 3, the graph's 'logits' answers 5" in bad.stderr
+    (tmp_path / "bad.yaml").write_text("classes: [a]\n")
+    invalid = loop(
+        "models", "import", "team-cli", "--onnx", str(tmp_path / "m.onnx"), "--spec", str(tmp_path / "bad.yaml")
+    )
+    assert invalid.returncode == 1 and "input: Field required" in invalid.stderr
+    listed = loop("models", "list", "team-cli")
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1
+    assert "image 3x6x8\t3 classes" in listed.stdout
