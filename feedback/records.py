@@ -3,12 +3,14 @@
 Entry fields use short keys because every prediction is written once per request path:
 `id` (UUIDv7 text), `m` model name, `v` model version, `x` the input as .npy bytes,
 `s` class scores as little-endian float32 bytes, `l` label, `c` confidence, `r` request id,
-`g` client tags as JSON (absent when there are none).
+`g` client tags as JSON (absent when there are none), `t` the media type of an input kept as the
+encoded image the client sent (absent for .npy arrays).
 The prediction time is not a field: it is the UUIDv7's embedded timestamp.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -43,10 +45,18 @@ class PredictionRecord:
     confidence: float
     request_id: str
     tags: dict[str, str] = field(default_factory=dict)
+    # An image model's input as sent: the encoded bytes (in `input_bytes`) and their media type.
+    input_type: str | None = None
+    input_bytes: bytes | None = None
 
     @property
     def created_at(self) -> datetime:
         return created_at(self.id)
+
+    @property
+    def stored_input(self) -> bytes:
+        """The bytes the log keeps of the input: the image as sent, or the array as .npy."""
+        return self.input_bytes if self.input_bytes is not None else npy_bytes(self.input)
 
     @property
     def label_index(self) -> int:
@@ -91,6 +101,13 @@ def npy_bytes(array: NDArray[Any]) -> bytes:
     return _npy_header(tuple(array.shape), array.dtype.str) + array.tobytes()
 
 
+def input_json(data: bytes, input_type: str | None) -> Any:
+    """A stored input as JSON: the array as nested lists, or the image as sent (media type, base64)."""
+    if input_type is None:
+        return npy_load(data).tolist()
+    return {"media_type": input_type, "base64": base64.b64encode(data).decode()}
+
+
 def npy_load(data: bytes) -> NDArray[Any]:
     array: NDArray[Any] = np.load(io.BytesIO(data), allow_pickle=False)
     return array
@@ -101,7 +118,7 @@ def encode(record: PredictionRecord) -> Fields:
         b"id": str(record.id).encode(),
         b"m": record.model_name.encode(),
         b"v": record.model_version.encode(),
-        b"x": npy_bytes(record.input),
+        b"x": record.stored_input,
         b"s": np.asarray(record.scores, dtype="<f4").tobytes(),
         b"l": record.label.encode(),
         b"c": repr(float(record.confidence)).encode(),
@@ -109,7 +126,12 @@ def encode(record: PredictionRecord) -> Fields:
     }
     if record.tags:
         fields[b"g"] = json.dumps(record.tags, separators=(",", ":")).encode()
+    if record.input_type is not None:
+        fields[b"t"] = record.input_type.encode()
     return fields
+
+
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})  # what `predictions.input_type` allows
 
 
 _REQUIRED = (b"id", b"m", b"v", b"x", b"s", b"l", b"c", b"r")
@@ -133,6 +155,7 @@ class Row(NamedTuple):
     input_npy: bytes
     request_id: str
     tags: dict[str, str]
+    input_type: str | None = None  # None: .npy; else the media type of an image as sent
 
 
 @lru_cache(maxsize=256)
@@ -174,7 +197,11 @@ def decode_row(fields: Fields) -> Row:
     if prediction_id.version != 7:
         raise MalformedEntry("id is not a version 7 UUID")
     data = fields[b"x"]
-    _check_npy(data)
+    input_type = fields.get(b"t")
+    if input_type is None:
+        _check_npy(data)
+    elif input_type.decode(errors="replace") not in IMAGE_TYPES or not data:
+        raise MalformedEntry(f"input type {input_type!r} is not an image type this log keeps")
     raw_scores = fields[b"s"]
     if len(raw_scores) % 4 or not raw_scores:
         raise MalformedEntry("scores are not float32 bytes")
@@ -202,20 +229,24 @@ def decode_row(fields: Fields) -> Row:
         input_npy=data,
         request_id=text[b"r"],
         tags=tags,
+        input_type=None if input_type is None else input_type.decode(),
     )
 
 
 def decode(fields: Fields) -> PredictionRecord:
     """Inverse of `encode`; raises `MalformedEntry` naming the first problem found."""
     row = decode_row(fields)
+    image = row.input_type is not None
     return PredictionRecord(
         id=row.id,
         model_name=row.model_name,
         model_version=row.model_version,
-        input=npy_load(row.input_npy),
+        input=np.zeros(0, np.float32) if image else npy_load(row.input_npy),
         scores=np.frombuffer(row.scores, dtype="<f4").astype(np.float32),
         label=row.label,
         confidence=row.confidence,
         request_id=row.request_id,
         tags=row.tags,
+        input_type=row.input_type,
+        input_bytes=row.input_npy if image else None,
     )

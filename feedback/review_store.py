@@ -14,7 +14,7 @@ import re
 import secrets
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -163,6 +163,7 @@ class Claimed:
     input: bytes
     expires_at: datetime
     required_reviews: int
+    input_type: str | None = None  # None: .npy; else the media type of the image as sent
 
 
 def claim(
@@ -203,7 +204,7 @@ def claim(
         locked = conn.execute(
             sql.SQL(
                 "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input,"
-                " {required} FROM predictions p LEFT JOIN review_state s"
+                " {required}, p.input_type FROM predictions p LEFT JOIN review_state s"
                 " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
                 " WHERE p.created_at >= %(start)s AND {eligible} ORDER BY {order} LIMIT %(count)s"
                 " FOR UPDATE OF p SKIP LOCKED"
@@ -250,6 +251,7 @@ def claim(
         Claimed(
             prediction_id=row[0], created_at=row[1], model_name=row[2], model_version=row[3], label=row[4],
             confidence=float(row[5]), input=row[6], expires_at=expiry[row[0]], required_reviews=int(row[7]),
+            input_type=row[8],
         )
         for row in items
     ]  # fmt: skip
@@ -347,9 +349,12 @@ def record_verdicts(
     conn: psycopg.Connection,
     user: User,
     verdicts: Sequence[VerdictIn],
-    labels: Sequence[str] | None = None,
+    labels_of: Callable[[str], Sequence[str] | None] | None = None,
 ) -> list[ItemState]:
-    """Record verdicts on items the user holds, all or none. A verdict consumes its lease."""
+    """Record verdicts on items the user holds, all or none. A verdict consumes its lease.
+
+    `labels_of` gives a model's class names by model name: a corrected label must be one of the
+    item's model (a model it does not know is not checked)."""
     for v in verdicts:
         if v.verdict not in (Verdict.CORRECT, Verdict.WRONG, Verdict.DISCARD, Verdict.UNSURE):
             raise Invalid(f"{v.verdict.value!r} is not a reviewer's verdict")
@@ -359,9 +364,18 @@ def record_verdicts(
             raise Invalid(f"{v.prediction_id}: only 'wrong' takes a label")
         if v.verdict is Verdict.DISCARD and not v.reason:
             raise Invalid(f"{v.prediction_id}: 'discard' needs a reason")
-        if v.label is not None and labels is not None and v.label not in labels:
-            raise Invalid(f"{v.prediction_id}: unknown label {v.label!r}; labels are {', '.join(labels)}")
     ids = [v.prediction_id for v in verdicts]
+    labelled = [v for v in verdicts if v.label is not None]
+    if labelled and labels_of is not None:
+        models: dict[uuid.UUID, str] = dict(
+            conn.execute(
+                "SELECT id, model_name FROM predictions WHERE id = ANY(%s)", ([v.prediction_id for v in labelled],)
+            ).fetchall()
+        )
+        for v in labelled:
+            labels = labels_of(models[v.prediction_id]) if v.prediction_id in models else None
+            if labels is not None and v.label not in labels:
+                raise Invalid(f"{v.prediction_id}: unknown label {v.label!r}; labels are {', '.join(labels)}")
     if len(set(ids)) != len(ids):
         raise Invalid("an item appears twice in one call")
     with conn.transaction():

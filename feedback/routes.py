@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from feedback import review_store as rs
 from feedback.moderation import Opinion, Status, Verdict, agreement
-from feedback.records import npy_bytes
+from feedback.records import input_json, npy_bytes
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
@@ -41,6 +41,8 @@ class ModerationContext:
     overlap_share: float = 0.0
     # The served model's class names and a check of one sample's input, when a model is loaded.
     labels: Callable[[], Sequence[str] | None] = lambda: None
+    # The class names of any served model, by name (None: not served here, so not checked).
+    labels_of: Callable[[str], Sequence[str] | None] | None = None
     to_input: Callable[[Any], Any] | None = None
 
 
@@ -204,7 +206,9 @@ class ClaimedPublic(BaseModel):
     model_version: str
     label: str
     confidence: float
-    input: Any = Field(description="The sample, as sent to the model.")
+    input: Any = Field(
+        description="The sample as sent: numbers for tensor models, {media_type, base64} for image models."
+    )
     lease_expires_at: datetime
     required_reviews: int
 
@@ -311,8 +315,6 @@ def counts(
 @router.post("/claim", response_model=list[ClaimedPublic])
 def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic]:
     """Lease a page of items to review; nobody else gets them unless they need more reviews."""
-    from feedback.records import npy_load
-
     with db_connection(context) as conn:
         claimed = rs.claim(
             conn=conn,
@@ -331,7 +333,7 @@ def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic
             model_version=c.model_version,
             label=c.label,
             confidence=c.confidence,
-            input=npy_load(c.input).tolist(),
+            input=input_json(c.input, c.input_type),
             lease_expires_at=c.expires_at,
             required_reviews=c.required_reviews,
         )
@@ -347,7 +349,8 @@ def verdicts(context: Context, user: Reviewer, body: VerdictsIn) -> list[ItemSta
         for v in body.verdicts
     ]
     with db_connection(context) as conn:
-        states = rs.record_verdicts(conn=conn, user=user, verdicts=items, labels=context.labels())
+        labels_of = context.labels_of or (lambda _: context.labels())
+        states = rs.record_verdicts(conn=conn, user=user, verdicts=items, labels_of=labels_of)
     return [ItemStatePublic(**asdict(s)) for s in states]
 
 

@@ -13,13 +13,16 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.records import PredictionRecord, Row, created_at, npy_bytes
+from feedback.records import PredictionRecord, Row, created_at
 
-_COLUMNS = "id, created_at, model_name, model_version, label, label_index, confidence, scores, input, request_id, tags"
+_COLUMNS = (
+    "id, created_at, model_name, model_version, label, label_index, confidence, scores, input, request_id, tags,"
+    " input_type"
+)
 # The scores column is sent pre-encoded in Postgres's binary real[] format, hence "bytea" here:
 # the server reads a binary COPY field by the column's own type.
 _COLUMN_TYPES = [
-    "uuid", "timestamptz", "text", "text", "text", "int2", "float4", "bytea", "bytea", "text", "jsonb",
+    "uuid", "timestamptz", "text", "text", "text", "int2", "float4", "bytea", "bytea", "text", "jsonb", "text",
 ]  # fmt: skip
 _FLOAT4_OID = 700
 
@@ -55,7 +58,7 @@ def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row]) -> int:
                         (
                             r.id, r.created_at, r.model_name, r.model_version, r.label, r.label_index,
                             r.confidence, _float4_array(r.scores), r.input_npy, r.request_id,
-                            Jsonb(r.tags),
+                            Jsonb(r.tags), r.input_type,
                         )
                     )  # fmt: skip
             return conn.execute(_MOVE).rowcount
@@ -70,9 +73,10 @@ class StoredPrediction:
     label: str
     confidence: float
     scores: list[float]
-    input: bytes | None
+    input: bytes | None  # None once erased
     request_id: str
     tags: dict[str, str]
+    input_type: str | None = None  # None: .npy; else the media type of the image as sent
 
     @classmethod
     def from_record(cls, record: PredictionRecord) -> StoredPrediction:
@@ -85,15 +89,16 @@ class StoredPrediction:
             label=record.label,
             confidence=record.confidence,
             scores=[float(s) for s in record.scores],
-            input=npy_bytes(record.input),
+            input=record.stored_input,
             request_id=record.request_id,
             tags=record.tags,
+            input_type=record.input_type,
         )
 
 
 GET_PREDICTION = (
     "SELECT id, created_at, model_name, model_version, label, confidence, scores, input,"
-    " request_id, tags FROM predictions WHERE created_at = %s AND id = %s"
+    " request_id, tags, input_type FROM predictions WHERE created_at = %s AND id = %s"
 )
 
 

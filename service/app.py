@@ -4,12 +4,13 @@ BentoML's probes and metrics."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gc
 import json
 import logging
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,14 +20,17 @@ import bentoml
 import numpy as np
 import psycopg
 import redis
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from numpy.typing import NDArray
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
-from pydantic import AfterValidator, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, Field, StringConstraints, TypeAdapter, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from feedback import dataset_store, dead_letters, ingest
+from feedback import dead_letters, ingest
 from feedback.admin_routes import DataLoopContext
 from feedback.admin_routes import router as admin_router
 from feedback.champion import announce
@@ -34,26 +38,30 @@ from feedback.datasets import LabelSchema, digits_originals
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
-from feedback.records import PredictionRecord, npy_load, unstorable_text
+from feedback.records import PredictionRecord, input_json, unstorable_text
 from feedback.routes import ModerationContext
 from feedback.routes import router as review_router
 from feedback.store import StoredPrediction, fetch_prediction
-from models import store
 from models.digits import digits_signature
-from models.runtime import OnnxModel
+from models.images import ImageError
+from models.images import decode as decode_image
+from models.images import to_tensor as image_tensor
 from models.signature import InputError, postprocess, read_npy, to_batch
+from models.spec import ImageInput
 from service import metrics
-from service.batching import AdaptiveBatcher, BatcherClosed, Overloaded
-from service.limits import RequestLimits, use_bounded_heads
+from service.batching import BatcherClosed, Overloaded
+from service.limits import UPLOAD_ROUTE, RequestLimits, use_bounded_heads
 from service.schemas import (
     EXAMPLE_DIGIT,
     BatchingPublic,
     ModelPublic,
+    ModelsPublic,
     PredictionPublic,
     PredictResponse,
     SignaturePublic,
     StoredPredictionPublic,
 )
+from service.serving import ModelSlot, Served, Where
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +84,8 @@ def _storable(text: str) -> str:
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_storable)]
 TagValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_storable)]
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+_TAGS: TypeAdapter[dict[str, str]] = TypeAdapter(Annotated[dict[TagKey, TagValue], Field(max_length=16)])
 
 
 @dataclass(frozen=True)
@@ -84,14 +94,6 @@ class Refusal:
 
     status: int
     message: str
-
-
-@dataclass(frozen=True)
-class Served:
-    """A loaded model: what the store says about it and the session that runs it."""
-
-    stored: store.StoredModel
-    runtime: OnnxModel
 
 
 class _QuietClientErrors(logging.Filter):
@@ -131,16 +133,25 @@ def _count_log_event(event: Event, n: int) -> None:
 @bentoml.service(name="loop", traffic={"timeout": 30})
 @bentoml.asgi_app(routes, path="/")
 class Predictor:
-    """Serves one model from the BentoML store with adaptive batching; logs every prediction."""
+    """Serves one or several models from the BentoML store, each with its own adaptive batcher
+    and champion; logs every prediction."""
 
     def __init__(self) -> None:
         self.settings = Settings()
         logging.getLogger("bentoml._internal.server.http_app").addFilter(_QuietClientErrors())
         _log_to_stderr("service", "feedback", "models")
         self.keys = Keys(self.settings.redis_prefix)
-        self._served: Served | None = None
-        self._load_error: str | None = None
-        self._batcher: AdaptiveBatcher[Served] | None = None
+        where = Where(
+            database_url=self.settings.database_url,
+            redis_url=self.settings.redis_url,
+            keys=self.keys,
+            device=self.settings.device,
+            ort_threads=self.settings.ort_threads,
+            max_batch_size=self.settings.max_batch_size,
+            max_latency_s=self.settings.max_latency_ms / 1000,
+        )
+        self.slots = {name: ModelSlot(name, tag, where) for name, tag in self.settings.served_models}
+        self.default = next(iter(self.slots.values()))
         self._log: PredictionLog | None = None
         self._log_error: str | None = None
         self._pool: AsyncConnectionPool | None = None
@@ -149,66 +160,9 @@ class Predictor:
         if self.settings.log_predictions and self.settings.redis_url is None:
             self._log_error = "LOOP_REDIS_URL is not set (`loop serve` starts an embedded Redis)"
         self.worker = f"{socket.gethostname()}-{os.getpid()}"
-        self._swap_lock = threading.Lock()
-        self._loaded = threading.Event()
         # Loading runs beside the server so that /livez answers at once and /readyz tells the truth.
-        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
-        self._loader.start()
-
-    def _load(self) -> None:
-        ref = self._resolve()
-        try:
-            self._swap(ref)
-        except Exception as exc:
-            self._load_error = f"{type(exc).__name__}: {exc}"
-            logger.exception("could not load model %s", ref)
-        finally:
-            self._loaded.set()
-
-    def _resolve(self) -> str:
-        """The store reference to serve: the champion (Postgres, else Redis) when following it."""
-        settings = self.settings
-        if not settings.follows_champion:
-            return settings.model_ref
-        version = None
-        if settings.database_url is not None:
-            try:
-                with psycopg.connect(settings.database_url, connect_timeout=3) as conn:
-                    found = dataset_store.champion(conn=conn, model_name=settings.model_name)
-                version = found.model_version if found is not None else None
-            except psycopg.Error as exc:
-                logger.warning("champion not read from Postgres: %s", exc)
-        if version is None and settings.redis_url is not None:
-            try:
-                client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
-                with client:
-                    raw = client.get(self.keys.champion(settings.model_name))
-                version = raw.decode() if isinstance(raw, bytes) else None
-            except redis.RedisError as exc:
-                logger.warning("champion not read from Redis: %s", exc)
-        return f"{settings.model_name}:{version}" if version else settings.model_ref
-
-    def _swap(self, ref: str) -> bool:
-        """Load `ref` and serve it from the next batch on; batches in flight finish on the old session."""
-        with self._swap_lock:
-            current = self._served
-            stored = store.get(ref)
-            if current is not None and (current.stored.name, current.stored.version) == (stored.name, stored.version):
-                return False
-            runtime = OnnxModel(
-                stored.onnx_path, device=self.settings.device, intra_op_threads=self.settings.ort_threads
-            )
-            self._served = Served(stored=stored, runtime=runtime)
-            self._load_error = None
-        for served, value in ((current, 0), (self._served, 1)):
-            if served is not None:
-                info = {"model_name": served.stored.name, "model_version": served.stored.version}
-                metrics.model_info.labels(**info, provider=served.runtime.provider).set(value)
-        if current is None:
-            logger.info("serving %s on %s", stored.tag, runtime.provider)
-        else:
-            logger.info("swapped %s for %s on %s", current.stored.tag, stored.tag, runtime.provider)
-        return True
+        for slot in self.slots.values():
+            slot.start_loading()
 
     async def _follow_champion(self, redis_url: str) -> None:
         """Swap to each new champion: at once on a promotion message, and on a periodic check that
@@ -232,8 +186,9 @@ class Predictor:
                         except (ValueError, KeyError, TypeError):
                             logger.warning("ignored a malformed promotion message: %r", message["data"])
                             continue
-                        if name == self.settings.model_name:
-                            await self._reload(f"{name}:{version}")
+                        slot = self.slots.get(name)
+                        if slot is not None and slot.follows_champion:
+                            await slot.reload(f"{name}:{version}")
             except (redis.RedisError, OSError) as exc:
                 logger.warning("promotion channel unavailable (%s); retrying", exc)
                 await asyncio.sleep(2.0)
@@ -241,14 +196,8 @@ class Predictor:
                 await client.aclose()
 
     async def _recheck(self) -> None:
-        if self._served is not None:
-            await self._reload(await asyncio.to_thread(self._resolve))
-
-    async def _reload(self, ref: str) -> None:
-        try:
-            await asyncio.to_thread(self._swap, ref)
-        except Exception:
-            logger.exception("could not swap to %s; still serving the model loaded before", ref)
+        for slot in self.slots.values():
+            await slot.recheck()
 
     @bentoml.on_startup
     async def startup(self) -> None:
@@ -268,7 +217,7 @@ class Predictor:
             )
             self._background.append(asyncio.create_task(self._log.run_replayer(), name="spool-replay"))
             self._background.append(asyncio.create_task(self._watch_stream(settings.redis_url)))
-        if settings.follows_champion and settings.redis_url is not None:
+        if settings.redis_url is not None and any(s.follows_champion for s in self.slots.values()):
             self._background.append(asyncio.create_task(self._follow_champion(settings.redis_url), name="champion"))
         if settings.database_url is not None:
             self._pool = AsyncConnectionPool(
@@ -284,11 +233,12 @@ class Predictor:
                 lease_seconds=settings.review_lease_seconds,
                 overlap=settings.review_overlap,
                 overlap_share=settings.review_overlap_share,
-                labels=self._class_names,
+                labels=lambda: self._class_names(self.default.name),
+                labels_of=self._class_names,
                 to_input=self._one_sample,
             )
             routes.state.data_loop = DataLoopContext(
-                model_name=settings.model_name,
+                model_name=self.default.name,
                 schema=LabelSchema.of(digits_signature()),
                 originals=lambda: digits_originals(settings.split_path),
                 datasets_root=settings.datasets_root,
@@ -317,7 +267,7 @@ class Predictor:
             client.close()
 
     def __is_ready__(self) -> bool:
-        if self._served is None:
+        if any(slot.served is None for slot in self.slots.values()):
             return False
         if not self.settings.log_predictions:
             return True
@@ -327,8 +277,8 @@ class Predictor:
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close()
+        for slot in self.slots.values():
+            await slot.close()
         for task in self._background:
             task.cancel()
         if self._log is not None:
@@ -338,31 +288,24 @@ class Predictor:
         if self._review_pool is not None:
             self._review_pool.close()
 
-    def _infer(self, batch: NDArray[np.float32]) -> tuple[NDArray[np.float32], Served]:
-        served = self._served
-        assert served is not None  # requests only reach the batcher once a model is loaded
-        return served.runtime.run(batch), served
-
-    def _on_batch(self, size: int, seconds: float) -> None:
-        metrics.batch_size.observe(size)
-        metrics.inference_seconds.observe(seconds)
-
-    def _class_names(self) -> tuple[str, ...] | None:
-        served = self._served
+    def _class_names(self, model_name: str) -> tuple[str, ...] | None:
+        slot = self.slots.get(model_name)
+        served = None if slot is None else slot.served
         return None if served is None else served.stored.card.signature.class_names
 
     def _one_sample(self, sample: Any) -> NDArray[Any]:
-        served = self._served
+        served = self.default.served
         if served is None:
             raise ValueError("no model is loaded yet")
         return to_batch([sample], served.stored.card.signature, max_samples=1)[0]
 
-    def _not_ready(self) -> str | None:
-        if self._served is None:
-            return self._load_error or "the model is still loading"
-        if self.settings.log_predictions and self._log is None:
-            return self._log_error or "the prediction log is starting"
-        return None
+    def _slot(self, name: str | None) -> ModelSlot | Refusal:
+        if name is None:
+            return self.default
+        slot = self.slots.get(name)
+        if slot is None:
+            return Refusal(404, f"no model {name!r} is served here; served: {', '.join(self.slots)}")
+        return slot
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -370,7 +313,7 @@ class Predictor:
         samples: Annotated[
             list[Any],
             Field(
-                description="Samples to classify, each of the served model's input shape "
+                description="Samples to classify, each of the model's input shape "
                 "(8x8 pixel intensities in [0, 16] for the default digits model).",
                 examples=[[EXAMPLE_DIGIT]],
             ),
@@ -383,11 +326,15 @@ class Predictor:
                 examples=[{"app": "scanner"}],
             ),
         ] = None,
+        model: Annotated[
+            ModelName | None,
+            Field(description="The served model to ask (see GET /models); default: the first one."),
+        ] = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML passes the request context
     ) -> PredictResponse:
         """Classify one or many samples; every answer carries its prediction id and is stored."""
         request_id = _request_id(ctx)
-        answer = await self._classify(samples, tags or {}, request_id)
+        answer = await self._classify(self._slot(model), samples, tags or {}, request_id)
         if isinstance(answer, Refusal):
             return _error(answer.status, answer.message, ctx)
         if ctx is not None:
@@ -398,10 +345,14 @@ class Predictor:
     @routes.post(
         "/predict/npy",
         response_model=PredictResponse,
-        responses={400: {"description": "Not an .npy array of samples"}, 503: {"description": "Not ready"}},
+        responses={
+            400: {"description": "Not an .npy array of samples"},
+            404: {"description": "No such model is served"},
+            503: {"description": "Not ready"},
+        },
         openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}},
     )
-    async def predict_npy(self, request: Request) -> Any:
+    async def predict_npy(self, request: Request, model: Annotated[ModelName | None, Query()] = None) -> Any:
         """Classify samples sent as one .npy array (N x input shape, or one sample): no JSON to parse."""
         request_id = _request_id_of(request.headers)
         body = await request.body()  # bounded by `RequestLimits` before it is read
@@ -409,38 +360,63 @@ class Predictor:
             array = read_npy(body)
         except InputError as exc:
             return _error(400, str(exc))
-        served = self._served
+        slot = self._slot(model)
+        served = None if isinstance(slot, Refusal) else slot.served
         if served is not None and array.shape == served.stored.card.signature.input_shape:
             array = array[np.newaxis]  # one sample
-        answer = await self._classify(array, {}, request_id)
+        answer = await self._classify(slot, array, {}, request_id)
         if isinstance(answer, Refusal):
             return _error(answer.status, answer.message)
         headers = {"X-Request-ID": request_id, "X-Loop-Worker": self.worker}
         return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
 
-    async def _classify(self, samples: Any, tags: dict[str, str], request_id: str) -> PredictResponse | Refusal:
-        if self._served is None and self._load_error is None:
+    async def _classify(
+        self, slot: ModelSlot | Refusal, samples: Any, tags: dict[str, str], request_id: str
+    ) -> PredictResponse | Refusal:
+        """Check `samples` (numbers, or images as bytes / base64 text) against the slot's model and answer."""
+        served = await self._ready(slot)
+        if isinstance(served, Refusal):
+            return served
+        assert isinstance(slot, ModelSlot)
+        spec = served.stored.card.model_spec.input
+        sent: list[tuple[bytes, str]] | None = None  # images as sent, with their media types
+        try:
+            if isinstance(spec, ImageInput):
+                images = _image_samples(samples, max_samples=self.settings.max_samples_per_request)
+                batch, sent = await asyncio.to_thread(_preprocess_images, images, spec)
+            else:
+                if isinstance(samples, list) and samples and all(isinstance(x, str) for x in samples):
+                    raise InputError(f"{slot.name} takes numbers, not images: send samples of its input shape")
+                batch = to_batch(
+                    samples, served.stored.card.signature, max_samples=self.settings.max_samples_per_request
+                )
+        except (InputError, ImageError) as exc:
+            return Refusal(400, str(exc))
+        return await self._answer(slot, batch, sent, tags, request_id)
+
+    async def _ready(self, slot: ModelSlot | Refusal) -> Served | Refusal:
+        if isinstance(slot, Refusal):
+            return slot
+        if slot.served is None and slot.load_error is None:
             # Workers start one by one behind one port: a request that reaches one still loading
             # waits for it (briefly) rather than failing while its neighbours already answer.
-            await asyncio.to_thread(self._loaded.wait, STARTUP_WAIT_S)
-        reason = self._not_ready()
+            await asyncio.to_thread(slot.loaded.wait, STARTUP_WAIT_S)
+        reason = slot.not_ready() or self._log_not_ready()
         if reason is not None:
             return Refusal(503, f"not ready: {reason}")
-        served = self._served
-        assert served is not None
+        assert slot.served is not None
+        return slot.served
+
+    async def _answer(
+        self,
+        slot: ModelSlot,
+        batch: NDArray[np.float32],
+        sent: list[tuple[bytes, str]] | None,
+        tags: dict[str, str],
+        request_id: str,
+    ) -> PredictResponse | Refusal:
         try:
-            batch = to_batch(samples, served.stored.card.signature, max_samples=self.settings.max_samples_per_request)
-        except InputError as exc:
-            return Refusal(400, str(exc))
-        if self._batcher is None:
-            self._batcher = AdaptiveBatcher(
-                self._infer,
-                max_batch_size=self.settings.max_batch_size,
-                max_latency_s=self.settings.max_latency_ms / 1000,
-                on_batch=self._on_batch,
-            )
-        try:
-            logits, used = await self._batcher.submit(batch)
+            logits, used = await slot.batcher().submit(batch)
         except (Overloaded, BatcherClosed) as exc:
             return Refusal(503, str(exc))
         out = postprocess(logits)
@@ -458,6 +434,8 @@ class Predictor:
                     confidence=float(out.confidences[i]),
                     request_id=request_id,
                     tags=tags,
+                    input_bytes=None if sent is None else sent[i][0],
+                    input_type=None if sent is None else sent[i][1],
                 )
                 for i in range(len(batch))
             ]
@@ -479,12 +457,87 @@ class Predictor:
         metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(predictions))
         return PredictResponse(request_id=request_id, predictions=predictions)
 
-    @routes.get("/models", response_model=ModelPublic, responses={503: {"description": "No model loaded"}})
-    def models(self) -> Any:
-        """Which model, version, provider and signature this worker serves."""
-        served = self._served
-        if served is None:
-            return _error(503, f"not ready: {self._load_error or 'the model is still loading'}")
+    @routes.post(
+        UPLOAD_ROUTE,
+        response_model=PredictResponse,
+        responses={
+            400: {"description": "Not images this model accepts, or too many"},
+            404: {"description": "No such model is served"},
+            415: {"description": "The model takes numbers, not images"},
+            503: {"description": "Not ready"},
+        },
+    )
+    async def predict_files(self, request: Request) -> Any:
+        """Classify uploaded images (multipart/form-data: one file part per image; optional fields
+        `model` and `tags`, a JSON object). `POST /predict` with a multipart body lands here too."""
+        request_id = _request_id_of(request.headers)
+        upload = await self._read_upload(request)
+        if isinstance(upload, Refusal):
+            return _error(upload.status, upload.message)
+        slot, spec, images, tags = upload
+        try:
+            batch, sent = await asyncio.to_thread(_preprocess_images, images, spec)
+        except ImageError as exc:
+            return _error(400, str(exc))
+        answer = await self._answer(slot, batch, sent, tags, request_id)
+        if isinstance(answer, Refusal):
+            return _error(answer.status, answer.message)
+        headers = {"X-Request-ID": request_id, "X-Loop-Worker": self.worker}
+        return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
+
+    async def _read_upload(
+        self, request: Request
+    ) -> tuple[ModelSlot, ImageInput, list[bytes], dict[str, str]] | Refusal:
+        """The files, tags and model of an upload, checked; the form's files are closed after."""
+        limit = self.settings.max_samples_per_request
+        try:
+            form = await request.form(max_files=limit, max_fields=8, max_part_size=64 * 1024)
+        except (HTTPException, MultiPartException, AssertionError, KeyError, ValueError) as exc:
+            # Starlette says "too many files", "missing boundary" and the like with an HTTPException.
+            detail = exc.detail if isinstance(exc, HTTPException) else getattr(exc, "message", None) or str(exc)
+            return Refusal(400, f"the form cannot be read: {detail or type(exc).__name__}")
+        try:
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            try:
+                tags = _form_tags(fields.get("tags"))
+            except ValueError as exc:
+                return Refusal(400, str(exc))
+            slot = self._slot(fields.get("model") or None)
+            served = await self._ready(slot)
+            if isinstance(served, Refusal):
+                return served
+            assert isinstance(slot, ModelSlot)
+            spec = served.stored.card.model_spec.input
+            if not isinstance(spec, ImageInput):
+                return Refusal(
+                    415, f"{slot.name} takes numbers as JSON (application/json) on POST /predict, not uploaded files"
+                )
+            if not files:
+                return Refusal(400, "the form has no files: send each image as a file part")
+            return slot, spec, [await f.read() for f in files], tags
+        finally:
+            await form.close()
+
+    @routes.get(
+        "/predictions/{prediction_id}/input",
+        responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}}, 404: {}, 422: {}},
+    )
+    async def prediction_input(self, prediction_id: uuid.UUID) -> Any:
+        """A stored prediction's input byte for byte: the image as sent, or the array as .npy."""
+        found = await self.prediction(prediction_id)
+        if not isinstance(found, StoredPredictionPublic):
+            return found
+        if found.raw_input is None:
+            return _error(404, f"the input of {prediction_id} was erased")
+        return Response(found.raw_input, media_type=found.input_type or "application/octet-stream")
+
+    def _log_not_ready(self) -> str | None:
+        if self.settings.log_predictions and self._log is None:
+            return self._log_error or "the prediction log is starting"
+        return None
+
+    def _model_public(self, served: Served) -> ModelPublic:
         card = served.stored.card
         return ModelPublic(
             name=served.stored.name,
@@ -492,6 +545,7 @@ class Predictor:
             provider=served.runtime.provider,
             providers=served.runtime.providers,
             fallback_reason=served.runtime.fallback_reason,
+            input_kind=card.model_spec.input.kind,
             signature=SignaturePublic(**card.signature.to_dict()),
             metrics=card.metrics,
             dataset_id=card.dataset_id,
@@ -504,6 +558,31 @@ class Predictor:
                 max_samples_per_request=self.settings.max_samples_per_request,
             ),
         )
+
+    @routes.get("/models", response_model=ModelsPublic, responses={503: {"description": "No model loaded"}})
+    def models(self) -> Any:
+        """Every model this worker serves (the default first): version, provider, signature."""
+        loaded = [slot.served for slot in self.slots.values() if slot.served is not None]
+        waiting = {name: reason for name, slot in self.slots.items() if (reason := slot.not_ready()) is not None}
+        if not loaded:
+            return _error(503, "not ready: " + "; ".join(f"{n}: {r}" for n, r in waiting.items()))
+        return ModelsPublic(
+            default=self.default.name, models=[self._model_public(s) for s in loaded], not_ready=waiting
+        )
+
+    @routes.get(
+        "/models/{name}",
+        response_model=ModelPublic,
+        responses={404: {"description": "No such model is served"}, 503: {"description": "Not loaded yet"}},
+    )
+    def model(self, name: str) -> Any:
+        """One served model: version, provider, signature."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return _error(404, f"no model {name!r} is served here; served: {', '.join(self.slots)}")
+        if slot.served is None:
+            return _error(503, f"not ready: {slot.not_ready()}")
+        return self._model_public(slot.served)
 
     @routes.get(
         "/predictions/{prediction_id}",
@@ -538,12 +617,10 @@ class Predictor:
         return _error(404, f"no prediction {prediction_id}")
 
     def _public(self, row: StoredPrediction, *, ingested: bool) -> StoredPredictionPublic:
-        served = self._served
         scores: dict[str, float] | list[float] = list(row.scores)
-        if served is not None and served.stored.name == row.model_name:
-            names = served.stored.card.signature.class_names
-            if len(names) == len(row.scores):
-                scores = dict(zip(names, row.scores, strict=True))
+        names = self._class_names(row.model_name)
+        if names is not None and len(names) == len(row.scores):
+            scores = dict(zip(names, row.scores, strict=True))
         return StoredPredictionPublic(
             id=row.id,
             created_at=row.created_at,
@@ -552,11 +629,54 @@ class Predictor:
             label=row.label,
             confidence=row.confidence,
             scores=scores,
-            input=None if row.input is None else npy_load(row.input).tolist(),
+            input=None if row.input is None else input_json(row.input, row.input_type),
+            input_type=row.input_type,
             request_id=row.request_id,
             tags=row.tags,
             ingested=ingested,
+            raw_input=row.input,
         )
+
+
+def _image_samples(samples: Any, *, max_samples: int) -> list[bytes]:
+    """JSON samples of an image model: base64 text, or data URLs (`data:image/png;base64,...`)."""
+    if not isinstance(samples, list) or not samples:
+        raise InputError("samples is empty: send at least one image")
+    if len(samples) > max_samples:
+        raise InputError(f"too many samples: {len(samples)} > the limit of {max_samples} per request")
+    images = []
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, str):
+            raise InputError(f"samples[{index}] is not an image: this model takes base64 text or uploaded files")
+        text = sample.split(",", 1)[1] if sample.startswith("data:") and "," in sample else sample
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise InputError(f"samples[{index}] is not base64 text") from None
+    return images
+
+
+def _preprocess_images(images: list[bytes], spec: ImageInput) -> tuple[NDArray[np.float32], list[tuple[bytes, str]]]:
+    """Decode and pre-process every image (or raise `ImageError` naming the first bad one)."""
+    tensors, sent = [], []
+    for index, data in enumerate(images):
+        try:
+            decoded = decode_image(data, spec)
+        except ImageError as exc:
+            raise ImageError(f"samples[{index}]: {exc}") from None
+        tensors.append(image_tensor(decoded.image, spec))
+        sent.append((data, decoded.media_type))
+    return np.stack(tensors), sent
+
+
+def _form_tags(raw: str | None) -> dict[str, str]:
+    if raw is None:
+        return {}
+    try:
+        return _TAGS.validate_json(raw)
+    except ValidationError as exc:
+        raise ValueError(f"the tags field is not a JSON object of at most 16 short strings: {exc.errors()[0]['msg']}") \
+            from None  # fmt: skip
 
 
 def _request_id(ctx: bentoml.Context | None) -> str:

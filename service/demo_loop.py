@@ -323,7 +323,7 @@ class Demo:
 
     def _wait_served(self, http: httpx.Client, version: str, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
-        while (served := http.get("/models").json().get("version")) != version:
+        while (served := http.get(f"/models/{self.model_name}").json().get("version")) != version:
             if time.monotonic() > deadline:
                 raise click.ClickException(f"the service still serves {served}, not the champion {version}")
             time.sleep(0.2)

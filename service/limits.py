@@ -2,8 +2,8 @@
 
 `RequestLimits` is ASGI middleware in front of every route (BentoML's and the mounted ones): a
 body declared over its route's limit is answered 413 before a byte of it is read; a chunked body
-is read up to the limit and no further. Form bodies sent to the JSON prediction route are refused
-with 415 (BentoML would try to parse them as forms).
+is read up to the limit and no further. A multipart body sent to `POST /predict` is handed to the
+upload route (image models' files); other form bodies there get 415 (BentoML would parse them).
 
 `BoundedHeadProtocol` is uvicorn's h11 protocol with one bound for the request line and headers,
 whether they arrive in one piece or many: over it, the answer is 431, and the rest of what the
@@ -35,7 +35,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers together
 DRAIN_BYTES = 8 * 2**20  # after a 431, read and drop at most this much of the rest
 DRAIN_SECONDS = 2.0  # ... for at most this long, then close
-JSON_ROUTES = ("/predict",)  # BentoML's JSON APIs: a form body there is a mistake
+JSON_ROUTES = ("/predict",)  # BentoML's JSON APIs: a form body there is a mistake...
+UPLOAD_ROUTE = "/predict/files"  # ... except uploaded images, which this route takes
 FORM_TYPES = ("multipart/", "application/x-www-form-urlencoded")
 
 
@@ -76,9 +77,11 @@ class RequestLimits:
         path: str = scope["path"]
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"").decode("latin-1").strip().lower()
-        if path in JSON_ROUTES and content_type.startswith(FORM_TYPES):
+        if path in JSON_ROUTES and content_type.startswith("multipart/form-data"):
+            scope = {**scope, "path": UPLOAD_ROUTE, "raw_path": UPLOAD_ROUTE.encode()}  # image uploads
+        elif path in JSON_ROUTES and content_type.startswith(FORM_TYPES):
             media_type = content_type.split(";")[0]
-            message = f"{path} takes a JSON body (application/json), not {media_type}"
+            message = f"{path} takes a JSON body (application/json) or uploaded images, not {media_type}"
             await _refusal(415, message)(scope, receive, send)
             return
         limit = self.limits.for_path(path)

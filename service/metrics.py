@@ -7,11 +7,13 @@ import bentoml
 batch_size = bentoml.metrics.Histogram(
     name="loop_batch_size",
     documentation="Samples per model call, after adaptive batching",
+    labelnames=["model_name"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 inference_seconds = bentoml.metrics.Histogram(
     name="loop_inference_seconds",
     documentation="Time of one model call",
+    labelnames=["model_name"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 predictions = bentoml.metrics.Counter(

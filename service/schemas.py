@@ -43,10 +43,14 @@ class StoredPredictionPublic(BaseModel):
     scores: dict[str, float] | list[float] = Field(
         description="By class name when the model is known to this worker, else in class order."
     )
-    input: Any | None = Field(description="The sample as sent; null once erased on request.")
+    input: Any | None = Field(
+        description="The sample as sent (numbers, or {media_type, base64} for an image); null once erased."
+    )
+    input_type: str | None = Field(None, description="The media type of an image input; null for numbers.")
     request_id: str
     tags: dict[str, str]
     ingested: bool = Field(description="True once in Postgres; false while only in the Redis stream.")
+    raw_input: bytes | None = Field(None, exclude=True)  # the stored bytes, for GET .../input
 
 
 class ErrorPublic(BaseModel):
@@ -75,6 +79,7 @@ class ModelPublic(BaseModel):
     provider: str = Field(description="ONNX Runtime execution provider in use.", examples=["CPUExecutionProvider"])
     providers: list[str] = Field(description="Providers of the session, in priority order.")
     fallback_reason: str | None = Field(description="Why CUDA is not in use, when it was wanted.")
+    input_kind: str = Field(description="'tensor' (samples as numbers) or 'image' (encoded images).")
     signature: SignaturePublic
     metrics: dict[str, float] = Field(description="Validation figures recorded when the model was built.")
     dataset_id: str
@@ -82,3 +87,11 @@ class ModelPublic(BaseModel):
     onnx_opset: int
     code_version: str
     batching: BatchingPublic
+
+
+class ModelsPublic(BaseModel):
+    """Every model a worker serves."""
+
+    default: str = Field(description="The model a request that names none is answered by.")
+    models: list[ModelPublic] = Field(description="The loaded models, the default first.")
+    not_ready: dict[str, str] = Field(description="Models still loading or failed to load, with the reason.")

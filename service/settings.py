@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedback.prediction_log import LogPolicy
 from models.digits import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
 from service.limits import BodyLimits
+
+CHAMPION = "champion"  # the model tag that follows promotions
+
+
+def parse_models(spec: str) -> list[tuple[str, str]]:
+    """`a,b:v3` -> [(a, champion), (b, v3)]; names must be distinct."""
+    entries = []
+    for part in spec.split(","):
+        name, _, tag = part.strip().partition(":")
+        if not name:
+            raise ValueError(f"LOOP_MODELS has an empty entry: {spec!r}")
+        entries.append((name, tag or CHAMPION))
+    names = [n for n, _ in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"LOOP_MODELS names a model twice: {spec!r}")
+    return entries
 
 
 class Settings(BaseSettings):
@@ -23,6 +39,11 @@ class Settings(BaseSettings):
         "champion",
         description="Version of that model: 'champion' follows promotions (before the first, the newest); "
         "'latest' is the newest; anything else pins a version.",
+    )
+    models: str | None = Field(
+        None,
+        description="Models to serve, comma-separated, the first the default: NAME follows its champion, "
+        "NAME:VERSION pins one. Unset: LOOP_MODEL_NAME with LOOP_MODEL_TAG.",
     )
     device: DevicePreference = Field(
         DevicePreference.AUTO, description="auto: CUDA if it starts, else CPU; cpu; cuda (fail without it)."
@@ -84,6 +105,18 @@ class Settings(BaseSettings):
     @property
     def split_path(self) -> Path:
         return self.var_dir / "validation" / f"{self.model_name}-split.json"
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_models(value)  # raises naming the problem
+        return value
+
+    @property
+    def served_models(self) -> list[tuple[str, str]]:
+        """(name, tag) of every model to serve, the default first."""
+        return parse_models(self.models) if self.models else [(self.model_name, self.model_tag)]
 
     @property
     def follows_champion(self) -> bool:

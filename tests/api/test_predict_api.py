@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -15,13 +17,17 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from starlette.testclient import TestClient
 
 from feedback.ingest import IngestWorker, ensure_group
 from feedback.keys import INGEST_GROUP, Keys
-from models import digits
+from models import digits, store
+from models.importer import import_model
 from models.pipeline import BuildResult
+from models.spec import ModelSpec
 from tests.conftest import REDIS, fresh_database, redis_namespace
+from tests.graphs import linear_classifier
 
 pytestmark = pytest.mark.api
 
@@ -52,9 +58,30 @@ def module_keys() -> Iterator[Keys]:
         yield keys
 
 
+IMAGE_CLASSES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(scope="module")
+def image_model(tmp_path_factory: pytest.TempPathFactory) -> store.StoredModel:
+    """A team's image classifier (any weights), imported beside the digits model."""
+    spec = ModelSpec.model_validate({
+        "input": {"kind": "image", "width": 16, "height": 16, "mode": "RGB", "mean": [0.5], "std": [0.25],
+                  "max_pixels": 100_000},
+        "classes": list(IMAGE_CLASSES), "onnx_input": "image",
+    })  # fmt: skip
+    path = linear_classifier(tmp_path_factory.mktemp("onnx") / "shapes.onnx", input_dims=["batch", 3, 16, 16],
+                             features=3 * 16 * 16)  # fmt: skip
+    return import_model("team-shapes-api", path, spec)
+
+
 @pytest.fixture(scope="module")
 def client(
-    model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, module_database: str, module_keys: Keys
+    model_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    module_database: str,
+    module_keys: Keys,
+    trained_model: BuildResult,
+    image_model: store.StoredModel,
 ) -> Iterator[TestClient]:
     # BentoML registers its Prometheus metrics once per process, so one app serves the module.
     from service.app import Predictor
@@ -69,6 +96,8 @@ def client(
             "LOOP_REDIS_PREFIX": keys.prefix,
             "LOOP_VAR_DIR": str(tmp_path_factory.mktemp("var")),
             "LOOP_MAX_SAMPLES_PER_REQUEST": str(MAX_SAMPLES),
+            # the digits model first (the default), the image model beside it
+            "LOOP_MODELS": f"{trained_model.stored.tag},{image_model.name}",
         }
         for key, value in env.items():
             mp.setenv(key, value)
@@ -161,7 +190,13 @@ def test_bad_input_does_not_break_the_next_request(client: TestClient, data: dig
 def test_models_route_tells_what_is_served(client: TestClient, trained_model: BuildResult) -> None:
     response = client.get("/models")
     assert response.status_code == 200
-    body = response.json()
+    listed = response.json()
+    assert listed["default"] == trained_model.stored.name and listed["not_ready"] == {}
+    body, image = listed["models"]
+    assert image["input_kind"] == "image" and image["signature"]["input_shape"] == [3, 16, 16]
+    assert client.get(f"/models/{trained_model.stored.name}").json() == body
+    assert client.get("/models/not-served").status_code == 404
+    assert body["input_kind"] == "tensor"
     assert body["name"] == trained_model.stored.name
     assert body["version"] == trained_model.stored.version
     assert body["provider"] in body["providers"]
@@ -362,13 +397,22 @@ def test_tags_postgres_would_refuse_get_400_and_nothing_is_stored(
     assert stream_length(module_keys) == before
 
 
-@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=b0undary"])
-def test_a_form_body_gets_415(client: TestClient, module_keys: Keys, content_type: str) -> None:
+@pytest.mark.parametrize(
+    ("content_type", "status", "fragment"),
+    [
+        ("multipart/form-data", 400, "Missing boundary"),
+        ("multipart/form-data; boundary=b0undary", 415, "application/json"),  # the digits model takes numbers
+        ("application/x-www-form-urlencoded", 415, "application/json"),
+    ],
+)
+def test_a_form_body_for_a_tensor_model_gets_4xx(
+    client: TestClient, module_keys: Keys, content_type: str, status: int, fragment: str
+) -> None:
     before = stream_length(module_keys)
     body = b'--b0undary\r\nContent-Disposition: form-data; name="samples"\r\n\r\n[]\r\n--b0undary--\r\n'
     response = client.post("/predict", content=body, headers={"content-type": content_type})
-    assert response.status_code == 415, response.text
-    assert "application/json" in response.json()["error"]
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
     assert stream_length(module_keys) == before
 
 
@@ -430,3 +474,126 @@ def test_every_prediction_answered_200_is_stored_whatever_the_tags(
     assert stored_ids(module_database, [answer["id"]]) == {answer["id"]}, f"answered, never stored: tags={tags!r}"
     with redis.Redis.from_url(REDIS) as r:
         assert r.xlen(module_keys.dead_letters) == 0
+
+
+# -- images in ---------------------------------------------------------------------------------------
+
+
+def png(size: tuple[int, int] = (20, 12), seed: int = 0, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_an_uploaded_png_is_answered_stored_as_sent_and_reviewable(
+    client: TestClient, module_database: str, module_keys: Keys, image_model: store.StoredModel
+) -> None:
+    from feedback import review_store
+
+    sent = png(seed=1)
+    response = client.post(
+        "/predict", files=[("image", ("a.png", sent, "image/png"))], data={"model": image_model.name,
+                                                                          "tags": '{"camera": "left"}'},
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    (answer,) = response.json()["predictions"]
+    assert answer["model_name"] == image_model.name and answer["label"] in IMAGE_CLASSES
+    # Before and after ingest, the image comes back byte for byte.
+    for _ in range(2):
+        raw = client.get(f"/predictions/{answer['id']}/input")
+        assert raw.status_code == 200 and raw.content == sent and raw.headers["content-type"] == "image/png"
+        stored = client.get(f"/predictions/{answer['id']}").json()
+        assert stored["input_type"] == "image/png" and stored["tags"] == {"camera": "left"}
+        assert base64.b64decode(stored["input"]["base64"]) == sent
+        ingest_everything(module_keys, module_database)
+    assert client.get(f"/predictions/{answer['id']}").json()["ingested"] is True
+
+    with psycopg.connect(module_database, autocommit=True) as conn:
+        _, token = review_store.create_user(conn=conn, name="image-reviewer", role=review_store.Role.REVIEWER)
+    headers = {"Authorization": f"Bearer {token}"}
+    claimed = client.post("/review/claim", json={"count": 100}, headers=headers).json()
+    (item,) = [c for c in claimed if c["id"] == answer["id"]]
+    assert item["input"] == {"media_type": "image/png", "base64": base64.b64encode(sent).decode()}
+    verdict = {"prediction_id": answer["id"], "verdict": "wrong",
+               "label": next(c for c in IMAGE_CLASSES if c != answer["label"])}  # fmt: skip
+    judged = client.post("/review/verdicts", json={"verdicts": [verdict]}, headers=headers)
+    assert judged.status_code == 200, judged.text
+    assert judged.json()[0]["label"] == verdict["label"]
+
+
+def test_base64_images_in_json_and_several_files(client: TestClient, image_model: store.StoredModel) -> None:
+    first, second = png(seed=2), png(seed=3, fmt="JPEG")
+    as_json = client.post("/predict", json={"model": image_model.name, "samples": [
+        base64.b64encode(first).decode(), "data:image/jpeg;base64," + base64.b64encode(second).decode()]})  # fmt: skip
+    assert as_json.status_code == 200, as_json.text
+    as_files = client.post("/predict", data={"model": image_model.name},
+                           files=[("a", ("a.png", first)), ("b", ("b.jpg", second))])  # fmt: skip
+    assert as_files.status_code == 200, as_files.text
+    for got, want in zip(as_files.json()["predictions"], as_json.json()["predictions"], strict=True):
+        assert got["label"] == want["label"] and got["scores"] == pytest.approx(want["scores"])
+    ids = [p["id"] for p in as_json.json()["predictions"]]
+    assert client.get(f"/predictions/{ids[1]}/input").headers["content-type"] == "image/jpeg"
+
+
+def _bomb() -> bytes:
+    data = bytearray(png())
+    data[16:24] = (60_000).to_bytes(4, "big") * 2  # IHDR: 60,000 x 60,000 pixels
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def _gif() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, format="GIF")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("files", "status", "fragment"),
+    [
+        ([("a", ("a.png", b"not an image"))], 400, "samples[0]: not an image in an accepted format"),
+        ([("a", ("a.png", png(size=(64, 64))[:300]))], 400, "truncated or corrupt"),
+        ([("a", ("a.gif", _gif()))], 400, "not an image in an accepted format"),
+        ([("a", ("a.png", png(size=(400, 400))))], 400, "400x400 = 160000 pixels, over the limit of 100000"),
+        ([("a", ("a.png", _bomb()))], 400, "pixels"),
+        ([("a", ("a.png", png()))] * (MAX_SAMPLES + 1), 400, "Too many files"),
+        ([("a", ("a.png", png(), "image/png")), ("b", ("b.txt", b"hello"))], 400, "samples[1]"),
+        ([("a", ("a.png", b"\x00" * (5 * 2**20)))], 413, "over the limit of 4194304 bytes"),
+        ([], 400, "no files"),
+    ],
+)
+def test_bad_uploads_get_4xx_and_nothing_is_stored(
+    client: TestClient, module_keys: Keys, image_model: store.StoredModel, files: Any, status: int, fragment: str
+) -> None:
+    before = stream_length(module_keys)
+    response = client.post("/predict", data={"model": image_model.name}, files=files or {"": ("", b"")})
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+    assert stream_length(module_keys) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"samples": ["%%% not base64"]}, "samples[0] is not base64 text"),
+        ({"samples": [[1, 2, 3]]}, "samples[0] is not an image"),
+        ({"samples": [base64.b64encode(b"plain text").decode()]}, "samples[0]: not an image"),
+    ],
+)
+def test_bad_json_images_get_400(
+    client: TestClient, module_keys: Keys, image_model: store.StoredModel, body: dict[str, Any], fragment: str
+) -> None:
+    before = stream_length(module_keys)
+    response = client.post("/predict", json={**body, "model": image_model.name})
+    assert response.status_code == 400 and fragment in response.json()["error"], response.text
+    assert stream_length(module_keys) == before
+
+
+def test_each_model_takes_only_its_own_kind_of_input(client: TestClient, module_keys: Keys) -> None:
+    before = stream_length(module_keys)
+    files = client.post("/predict", files=[("a", ("a.png", png(), "image/png"))])  # the default: digits
+    assert files.status_code == 415 and "takes numbers" in files.json()["error"]
+    text = client.post("/predict", json={"samples": [base64.b64encode(png()).decode()]})
+    assert text.status_code == 400 and "takes numbers, not images" in text.json()["error"]
+    assert stream_length(module_keys) == before

@@ -46,7 +46,7 @@ def test_promotion_swaps_every_worker_once_without_failing_a_request(
         LOOP_MODEL_TAG="champion",
         BENTOML_CONFIG_OPTIONS=f"services.loop.workers={WORKERS}",
     )
-    assert httpx.get(f"{service.url}/models").json()["version"] == old.version
+    assert httpx.get(f"{service.url}/models/{name}").json()["version"] == old.version
 
     sample = digits.load().images[0].tolist()
     answers: list[tuple[str, str, str]] = []  # (worker, prediction id, model version)
@@ -102,7 +102,7 @@ def test_promotion_swaps_every_worker_once_without_failing_a_request(
         # Ids of one worker increase with time: in id order, its versions go old → new exactly once.
         runs = [version for version, _ in groupby(v for _, v in sorted(seen))]
         assert runs == [old.version, new.version], f"{worker}: {runs}"
-    assert httpx.get(f"{service.url}/models").json()["version"] == new.version
+    assert httpx.get(f"{service.url}/models/{name}").json()["version"] == new.version
     assert f"swapped {old.tag} for {new.tag}" in service.logs()
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from models import store
 from models.importer import ImportRefused, import_model
 from models.runtime import OnnxModel
 from models.spec import ModelSpec, parse
+from tests.graphs import linear_classifier
 
 pytestmark = pytest.mark.model
 
@@ -27,39 +27,6 @@ SPEC: dict[str, Any] = {
     "onnx_input": "image",
     "onnx_output": "logits",
 }
-
-
-def linear_classifier(
-    path: Path,
-    *,
-    input_name: str = "image",
-    input_dims: list[int | str] | None = None,
-    output_name: str = "logits",
-    output_dims: list[int | str] | None = None,
-    classes: int = 3,
-    features: int = 3 * 6 * 8,
-    elem_type: int = TensorProto.FLOAT,
-    extra_input: bool = False,
-) -> Path:
-    """Flatten -> MatMul -> Add: a classifier of any shape, with seeded weights."""
-    rng = np.random.default_rng(0)
-    weights = numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np.float32), "w")
-    bias = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
-    nodes = [
-        helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
-        helper.make_node("MatMul", ["flat", "w"], ["mm"]),
-        helper.make_node("Add", ["mm", "b"], [output_name]),
-    ]
-    inputs = [helper.make_tensor_value_info(input_name, elem_type, input_dims or ["batch", 3, 6, 8])]
-    if extra_input:
-        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1]))
-    outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, output_dims or ["batch", classes])]
-    graph = helper.make_graph(nodes, "classifier", inputs, outputs, initializer=[weights, bias])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def test_a_good_classifier_is_stored_with_its_spec_and_runs(tmp_path: Path) -> None:

@@ -1,0 +1,167 @@
+"""One served model: where its version comes from, the loaded ONNX Runtime session, its batcher.
+
+The service holds one `ModelSlot` per model it serves. Each resolves its own store reference (its
+champion, from Postgres, else Redis, else the newest; or a pinned version), loads beside the
+server so `/livez` answers at once, swaps to a new champion between batches, and batches its own
+requests: two models never share a batch or wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+import redis
+from numpy.typing import NDArray
+
+from feedback import dataset_store
+from feedback.keys import Keys
+from models import store
+from models.runtime import DevicePreference, OnnxModel
+from service import metrics
+from service.batching import AdaptiveBatcher
+from service.settings import CHAMPION
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A loaded model: what the store says about it and the session that runs it."""
+
+    stored: store.StoredModel
+    runtime: OnnxModel
+
+
+@dataclass(frozen=True)
+class Where:
+    """How a slot finds its versions and runs them."""
+
+    database_url: str | None
+    redis_url: str | None
+    keys: Keys
+    device: DevicePreference
+    ort_threads: int
+    max_batch_size: int
+    max_latency_s: float
+
+
+class ModelSlot:
+    """A model the service serves, by name: `tag` is 'champion', 'latest' or a pinned version."""
+
+    def __init__(self, name: str, tag: str, where: Where) -> None:
+        self.name = name
+        self.tag = tag
+        self.where = where
+        self.served: Served | None = None
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+        self._swap_lock = threading.Lock()
+        self._batcher: AdaptiveBatcher[Served] | None = None
+
+    @property
+    def follows_champion(self) -> bool:
+        return self.tag == CHAMPION
+
+    @property
+    def fallback_ref(self) -> str:
+        """What to load when no champion is known: the newest, or the pinned version."""
+        return f"{self.name}:{'latest' if self.tag in (CHAMPION, 'latest') else self.tag}"
+
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name=f"load-{self.name}", daemon=True).start()
+
+    def _load(self) -> None:
+        ref = self.resolve()
+        try:
+            self.swap(ref)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("could not load model %s", ref)
+        finally:
+            self.loaded.set()
+
+    def resolve(self) -> str:
+        """The store reference to serve: the champion (Postgres, else Redis) when following it."""
+        if not self.follows_champion:
+            return self.fallback_ref
+        version = None
+        if self.where.database_url is not None:
+            try:
+                with psycopg.connect(self.where.database_url, connect_timeout=3) as conn:
+                    found = dataset_store.champion(conn=conn, model_name=self.name)
+                version = found.model_version if found is not None else None
+            except psycopg.Error as exc:
+                logger.warning("champion of %s not read from Postgres: %s", self.name, exc)
+        if version is None and self.where.redis_url is not None:
+            try:
+                client = redis.Redis.from_url(self.where.redis_url, socket_connect_timeout=2, socket_timeout=2)
+                with client:
+                    raw = client.get(self.where.keys.champion(self.name))
+                version = raw.decode() if isinstance(raw, bytes) else None
+            except redis.RedisError as exc:
+                logger.warning("champion of %s not read from Redis: %s", self.name, exc)
+        return f"{self.name}:{version}" if version else self.fallback_ref
+
+    def swap(self, ref: str) -> bool:
+        """Load `ref` and serve it from the next batch on; batches in flight finish on the old session."""
+        with self._swap_lock:
+            current = self.served
+            stored = store.get(ref)
+            if current is not None and current.stored.version == stored.version:
+                return False
+            runtime = OnnxModel(stored.onnx_path, device=self.where.device, intra_op_threads=self.where.ort_threads)
+            self.served = Served(stored=stored, runtime=runtime)
+            self.load_error = None
+        for served, value in ((current, 0), (self.served, 1)):
+            if served is not None:
+                info = {"model_name": served.stored.name, "model_version": served.stored.version}
+                metrics.model_info.labels(**info, provider=served.runtime.provider).set(value)
+        if current is None:
+            logger.info("serving %s on %s", stored.tag, runtime.provider)
+        else:
+            logger.info("swapped %s for %s on %s", current.stored.tag, stored.tag, runtime.provider)
+        return True
+
+    async def reload(self, ref: str) -> None:
+        try:
+            await asyncio.to_thread(self.swap, ref)
+        except Exception:
+            logger.exception("could not swap %s to %s; still serving the version loaded before", self.name, ref)
+
+    async def recheck(self) -> None:
+        if self.served is not None and self.follows_champion:
+            await self.reload(await asyncio.to_thread(self.resolve))
+
+    def not_ready(self) -> str | None:
+        if self.served is None:
+            return self.load_error or "the model is still loading"
+        return None
+
+    def batcher(self) -> AdaptiveBatcher[Served]:
+        """Created on first use, inside the event loop it serves."""
+        if self._batcher is None:
+            self._batcher = AdaptiveBatcher(
+                self._infer,
+                max_batch_size=self.where.max_batch_size,
+                max_latency_s=self.where.max_latency_s,
+                on_batch=self._on_batch,
+            )
+        return self._batcher
+
+    def _infer(self, batch: NDArray[np.float32]) -> tuple[NDArray[np.float32], Served]:
+        served = self.served
+        assert served is not None  # requests only reach the batcher once a model is loaded
+        return served.runtime.run(batch), served
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        metrics.batch_size.labels(model_name=self.name).observe(size)
+        metrics.inference_seconds.labels(model_name=self.name).observe(seconds)
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()

@@ -1,0 +1,42 @@
+"""ONNX classifiers built in a few lines, for tests that need a team's model of any shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def linear_classifier(
+    path: Path,
+    *,
+    input_name: str = "image",
+    input_dims: list[int | str] | None = None,
+    output_name: str = "logits",
+    output_dims: list[int | str] | None = None,
+    classes: int = 3,
+    features: int = 3 * 6 * 8,
+    elem_type: int = TensorProto.FLOAT,
+    extra_input: bool = False,
+) -> Path:
+    """Flatten -> MatMul -> Add: a classifier of any shape, with seeded weights."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    nodes = [
+        helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], [output_name]),
+    ]
+    inputs = [helper.make_tensor_value_info(input_name, elem_type, input_dims or ["batch", 3, 6, 8])]
+    if extra_input:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1]))
+    outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, output_dims or ["batch", classes])]
+    graph = helper.make_graph(nodes, "classifier", inputs, outputs, initializer=[weights, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
