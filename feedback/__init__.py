@@ -1,4 +1,4 @@
-"""The data loop: prediction ids, and (to come) the prediction log, moderation and datasets.
-
-Imports models/, never service/.
+"""The data loop: the prediction log (Redis stream) and its ingest worker (stream -> Postgres), the
+stores (all SQL lives here), moderation rules and agreement, the dataset compiler, retraining and
+promotion. Imports models/, never service/; the HTTP routes over it live in service/routes/.
 """

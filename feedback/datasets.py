@@ -86,6 +86,13 @@ class Originals:
     validation_labels: tuple[str, ...]
 
 
+def originals_for(model_name: str, split_path: Path) -> Originals:
+    """The original data of a model that ships with it (the built-in one), or `Invalid` saying so."""
+    if model_name != digits.DEFAULT_MODEL_NAME:
+        raise Invalid(f"{model_name} has no original data here: compile it without the original rows")
+    return digits_originals(split_path)
+
+
 def digits_originals(split_path: Path, *, seed: int = 0, train: Sequence[int] | None = None) -> Originals:
     """scikit-learn's bundled digits with the frozen split at `split_path` (created once); `train`
     narrows the training side to those rows (the validation side stays whole)."""

@@ -31,28 +31,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from feedback import dead_letters, ingest
-from feedback.admin_routes import DataLoopContext
-from feedback.admin_routes import router as admin_router
 from feedback.champion import announce
-from feedback.datasets import LabelSchema, digits_originals
+from feedback.datasets import LabelSchema, originals_for
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
 from feedback.records import PredictionRecord, input_json, unstorable_text
-from feedback.routes import ModerationContext
-from feedback.routes import router as review_router
 from feedback.store import StoredPrediction, fetch_prediction
-from models.digits import digits_signature
+from models import store
 from models.images import ImageError
 from models.images import decode as decode_image
 from models.images import to_tensor as image_tensor
-from models.signature import InputError, postprocess, read_npy, to_batch
+from models.signature import InputError, Signature, postprocess, read_npy, to_batch
 from models.spec import ImageInput
 from service import metrics
 from service.batching import BatcherClosed, Overloaded
 from service.limits import UPLOAD_ROUTE, RequestLimits, use_bounded_heads
+from service.routes.admin import DataLoopContext
+from service.routes.admin import router as admin_router
+from service.routes.review import ModerationContext
+from service.routes.review import router as review_router
 from service.schemas import (
-    EXAMPLE_DIGIT,
+    EXAMPLE_INPUT,
     BatchingPublic,
     ModelPublic,
     ModelsPublic,
@@ -239,8 +239,8 @@ class Predictor:
             )
             routes.state.data_loop = DataLoopContext(
                 model_name=self.default.name,
-                schema=LabelSchema.of(digits_signature()),
-                originals=lambda: digits_originals(settings.split_path),
+                schema=lambda: LabelSchema.of(self._signature_of(self.default)),
+                originals=lambda: originals_for(self.default.name, settings.split_path),
                 datasets_root=settings.datasets_root,
                 announcer=self._announce if settings.redis_url is not None else None,
             )
@@ -293,6 +293,12 @@ class Predictor:
         served = None if slot is None else slot.served
         return None if served is None else served.stored.card.signature.class_names
 
+    def _signature_of(self, slot: ModelSlot) -> Signature:
+        """The served version's signature, or (before it loads) the store's newest's: classes and
+        input shape are the same across a model's versions."""
+        served = slot.served
+        return (served.stored if served is not None else store.get(slot.fallback_ref)).card.signature
+
     def _one_sample(self, sample: Any) -> NDArray[Any]:
         served = self.default.served
         if served is None:
@@ -313,9 +319,9 @@ class Predictor:
         samples: Annotated[
             list[Any],
             Field(
-                description="Samples to classify, each of the model's input shape "
-                "(8x8 pixel intensities in [0, 16] for the default digits model).",
-                examples=[[EXAMPLE_DIGIT]],
+                description="Samples to classify: for tensor models, each of the model's input shape "
+                "(see GET /models); for image models, base64 text of each image (or upload files instead).",
+                examples=[[EXAMPLE_INPUT]],
             ),
         ],
         tags: Annotated[

@@ -8,9 +8,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 
-from models import digits
+from models import builtin
 
-EXAMPLE_DIGIT: list[list[float]] = digits.load().images[0].tolist()
+EXAMPLE_INPUT: list[Any] = builtin.example_input()
 
 
 class PredictionPublic(BaseModel):
@@ -20,7 +20,7 @@ class PredictionPublic(BaseModel):
     label: str = Field(description="Predicted class name.", examples=["0"])
     confidence: float = Field(description="Probability of the predicted class.", examples=[0.998])
     scores: dict[str, float] = Field(description="Probability of every class, by class name.")
-    model_name: str = Field(examples=["digits-cnn"])
+    model_name: str = Field(examples=[builtin.DEFAULT_MODEL_NAME])
     model_version: str = Field(examples=["l7ocjzhgjklzuax4"])
 
 

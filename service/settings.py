@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedback.prediction_log import LogPolicy
-from models.digits import DEFAULT_MODEL_NAME
+from models.builtin import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
 from service.limits import BodyLimits
 

@@ -12,14 +12,14 @@ from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
 from feedback import review_store as rs
-from feedback.admin_routes import DataLoopContext
-from feedback.admin_routes import router as admin_router
 from feedback.datasets import LabelSchema, digits_originals
-from feedback.routes import ModerationContext
-from feedback.routes import router as review_router
 from models import digits
 from models.pipeline import BuildResult
 from models.signature import to_batch
+from service.routes.admin import DataLoopContext
+from service.routes.admin import router as admin_router
+from service.routes.review import ModerationContext
+from service.routes.review import router as review_router
 
 pytestmark = pytest.mark.api
 
@@ -40,7 +40,7 @@ def setup(
         )
         app.state.data_loop = DataLoopContext(
             model_name=trained_model.stored.name,
-            schema=LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE),
+            schema=lambda: LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE),
             originals=lambda: digits_originals(split_path),
             datasets_root=str(tmp_path / "datasets"),
             announcer=lambda name, version: announced.append((name, version)),

@@ -21,7 +21,7 @@ from feedback import review_store as rs
 from feedback import store
 from feedback.ids import compose_uuid7
 from feedback.records import PredictionRecord, decode_row, encode
-from feedback.routes import ModerationContext, router
+from service.routes.review import ModerationContext, router
 
 pytestmark = pytest.mark.api
 

@@ -87,7 +87,7 @@ def test_bentoml_build_packs_the_service_and_the_model(trained_model: BuildResul
         assert [str(m.tag) for m in bento.info.all_models] == [trained_model.stored.tag]
         assert (Path(bento.path) / "src" / "service" / "app.py").exists()
         assert list((Path(bento.path) / "src" / "feedback" / "migrations").glob("*.sql"))
-        assert (Path(bento.path) / "src" / "feedback" / "static" / "review.html").exists()
+        assert (Path(bento.path) / "src" / "service" / "static" / "review.html").exists()
         assert not (Path(bento.path) / "src" / "tests").exists()
     finally:
         bentoml.bentos.delete(str(bento.tag))

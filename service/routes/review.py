@@ -252,7 +252,7 @@ class EraseIn(RequestBody):
 @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
 def ui() -> HTMLResponse:
     """The reviewers' web page: a client of the routes below (it holds no data itself)."""
-    return HTMLResponse(resources.files("feedback").joinpath("static/review.html").read_text())
+    return HTMLResponse(resources.files("service").joinpath("static/review.html").read_text())
 
 
 @router.get("/me", response_model=UserPublic)

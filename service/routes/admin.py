@@ -19,14 +19,14 @@ from feedback import dataset_store
 from feedback import datasets as ds
 from feedback.champion import promote, reevaluate
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
-from feedback.routes import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
 from models.store import InvalidModelTag, ModelNotFound
+from service.routes.review import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
 
 
 @dataclass
 class DataLoopContext:
     model_name: str
-    schema: ds.LabelSchema
+    schema: Callable[[], ds.LabelSchema]  # the model's classes and input, read when needed
     originals: Callable[[], ds.Originals]
     datasets_root: str
     announcer: Callable[[str, str], None] | None = None
@@ -124,11 +124,11 @@ def compile_dataset(body: CompileIn, context: Context, loop: Loop, admin: Admin)
     with db_connection(context) as conn:
         originals = loop.originals()
         validation = ds.freeze_validation(
-            conn=conn, model_name=loop.model_name, originals=originals, schema=loop.schema,
+            conn=conn, model_name=loop.model_name, originals=originals, schema=loop.schema(),
             root_url=loop.datasets_root, actor=admin,
         )  # fmt: skip
         version = ds.compile_training(
-            conn=conn, model_name=loop.model_name, schema=loop.schema,
+            conn=conn, model_name=loop.model_name, schema=loop.schema(),
             originals=originals if body.include_original else None, validation=validation,
             root_url=loop.datasets_root, watermark=body.watermark, actor=admin,
         )  # fmt: skip
@@ -160,7 +160,7 @@ def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, admin: A
     with db_connection(context) as conn:
         old = dataset_store.current_validation(conn=conn, model_name=loop.model_name)
         new = ds.fix_validation(
-            conn=conn, model_name=loop.model_name, fixes=fixes, schema=loop.schema, root_url=loop.datasets_root,
+            conn=conn, model_name=loop.model_name, fixes=fixes, schema=loop.schema(), root_url=loop.datasets_root,
             actor=admin,
         )  # fmt: skip
         assert old is not None  # fix_validation refuses when there is none
