@@ -67,16 +67,23 @@ def parse(output: str) -> WrkResult:
 
 
 def run(
-    url: str, body: Mapping[str, object] | bytes, *, connections: int, seconds: float, threads: int = 1
+    url: str,
+    body: Mapping[str, object] | bytes,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 1,
+    content_type: str | None = None,
 ) -> WrkResult:
     """One closed-loop run of `seconds` with `connections` concurrent connections.
 
-    `body` is sent as JSON, or as application/octet-stream when it is bytes.
+    `body` is sent as JSON, or as `content_type` (default application/octet-stream) when it is bytes.
     """
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / "body"
         payload.write_bytes(body if isinstance(body, bytes) else json.dumps(body).encode())
-        content_type = "application/octet-stream" if isinstance(body, bytes) else "application/json"
+        if content_type is None:
+            content_type = "application/octet-stream" if isinstance(body, bytes) else "application/json"
         script = Path(tmp) / "post.lua"
         script.write_text(_LUA % (content_type, payload))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
