@@ -42,11 +42,13 @@ from models import store
 from models.images import ImageError
 from models.images import decode as decode_image
 from models.images import to_tensor as image_tensor
+from models.provenance import code_version
 from models.signature import InputError, Signature, postprocess, read_npy, to_batch
 from models.spec import ImageInput
 from service import metrics
 from service.batching import BatcherClosed, Overloaded
 from service.limits import UPLOAD_ROUTE, RequestLimits, use_bounded_heads
+from service.routes import v2
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
 from service.routes.review import ModerationContext
@@ -525,6 +527,134 @@ class Predictor:
         finally:
             await form.close()
 
+    # -- the Open Inference Protocol (KServe v2 REST) ----------------------------------------------
+
+    @routes.get("/v2", tags=["v2"])
+    def v2_server(self) -> Any:
+        """Server metadata: name, version and the protocol extensions it speaks."""
+        return {"name": "loop", "version": code_version(), "extensions": ["binary_tensor_data"]}
+
+    @routes.get("/v2/health/live", tags=["v2"])
+    def v2_live(self) -> Any:
+        """200 while the worker runs."""
+        return Response(status_code=200)
+
+    @routes.get("/v2/health/ready", tags=["v2"])
+    def v2_ready(self) -> Any:
+        """200 once every model is loaded and predictions can be kept."""
+        return Response(status_code=200) if self.__is_ready__() else _error(503, "not ready")
+
+    @routes.get("/v2/models/{name}", tags=["v2"])
+    @routes.get("/v2/models/{name}/versions/{version}", tags=["v2"])
+    def v2_model(self, name: str, version: str | None = None) -> Any:
+        """Model metadata: platform, versions, inputs and outputs (-1 is the batch axis)."""
+        served = self._v2_served(name, version)
+        if isinstance(served, Refusal):
+            return _error(served.status, served.message)
+        card = served.stored.card
+        spec = card.model_spec
+        image = isinstance(spec.input, ImageInput)
+        return {
+            "name": served.stored.name,
+            "versions": [served.stored.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {
+                    "name": spec.onnx_input,
+                    "datatype": "BYTES" if image else "FP32",
+                    "shape": [-1] if image else [-1, *card.signature.input_shape],
+                }
+            ],
+            "outputs": [
+                {"name": v2.SCORES, "datatype": "FP32", "shape": [-1, len(spec.classes)]},
+                {"name": v2.LABEL, "datatype": "BYTES", "shape": [-1]},
+            ],
+        }
+
+    @routes.get("/v2/models/{name}/ready", tags=["v2"])
+    @routes.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
+    def v2_model_ready(self, name: str, version: str | None = None) -> Any:
+        """200 when that model (and version) is loaded here."""
+        served = self._v2_served(name, version)
+        return Response(status_code=200) if not isinstance(served, Refusal) else _error(served.status, served.message)
+
+    def _v2_served(self, name: str, version: str | None) -> Served | Refusal:
+        slot = self.slots.get(name)
+        if slot is None:
+            return Refusal(404, f"unknown model {name!r}; served: {', '.join(self.slots)}")
+        if slot.served is None:
+            return Refusal(503, f"model {name!r} is not ready: {slot.not_ready()}")
+        if version is not None and version != slot.served.stored.version:
+            return Refusal(
+                404, f"model {name!r} version {version!r} is not the one loaded ({slot.served.stored.version})"
+            )
+        return slot.served
+
+    @routes.post("/v2/models/{name}/infer", tags=["v2"])
+    @routes.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
+    async def v2_infer(self, request: Request, name: str, version: str | None = None) -> Any:
+        """Inference: JSON or binary tensors in; class probabilities and labels out, and the
+        prediction ids (stored like every prediction) in the answer's parameters."""
+        body = await request.body()  # bounded by `RequestLimits` before it is read
+        try:
+            parsed = v2.parse(body, request.headers.get("inference-header-content-length"))
+        except v2.ProtocolError as exc:
+            return _error(exc.status, str(exc))
+        slot = self.slots.get(name)
+        served = self._v2_served(name, version)
+        if isinstance(served, Refusal) or slot is None:
+            return _error(served.status if isinstance(served, Refusal) else 404, getattr(served, "message", ""))
+        prepared = await self._v2_batch(served, parsed)
+        if isinstance(prepared, Refusal):
+            return _error(prepared.status, prepared.message)
+        batch, sent = prepared
+        request_id = parsed.id or _request_id_of(request.headers)
+        answer = await self._answer(slot, batch, sent, {}, request_id)
+        if isinstance(answer, Refusal):
+            return _error(answer.status, answer.message)
+        names = list(served.stored.card.signature.class_names)
+        probabilities = np.asarray([[p.scores[c] for c in names] for p in answer.predictions], dtype=np.float32)
+        content, header_length = v2.response(
+            parsed,
+            model_name=answer.predictions[0].model_name,
+            model_version=answer.predictions[0].model_version,
+            probabilities=probabilities,
+            labels=[p.label for p in answer.predictions],
+            prediction_ids=[str(p.id) for p in answer.predictions],
+        )
+        headers = {"X-Request-ID": request_id, "X-Loop-Worker": self.worker}
+        if header_length is None:
+            return Response(content, media_type="application/json", headers=headers)
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    async def _v2_batch(
+        self, served: Served, request: v2.InferRequest
+    ) -> tuple[NDArray[np.float32], list[tuple[bytes, str]] | None] | Refusal:
+        """The request's one input, checked like any `/predict` sample."""
+        spec = served.stored.card.model_spec
+        if len(request.inputs) != 1 or request.inputs[0].name != spec.onnx_input:
+            given = [t.name for t in request.inputs]
+            return Refusal(400, f"{served.stored.name} takes one input named {spec.onnx_input!r}, got {given}")
+        (tensor,) = request.inputs
+        limit = self.settings.max_samples_per_request
+        try:
+            if isinstance(spec.input, ImageInput):
+                if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+                    raise InputError(f"input {tensor.name!r} must be BYTES of shape [N] (encoded images), "
+                                     f"got {tensor.datatype} {list(tensor.shape)}")  # fmt: skip
+                images = _v2_images(tensor)
+                if len(images) > limit:
+                    raise InputError(f"too many samples: {len(images)} > the limit of {limit} per request")
+                return await asyncio.to_thread(_preprocess_images, images, spec.input)
+            if tensor.datatype in ("BYTES", "BOOL") or not isinstance(tensor.values, np.ndarray):
+                raise InputError(
+                    f"input {tensor.name!r} takes numbers (FP32 or an integer type), not {tensor.datatype}"
+                )
+            return to_batch(cast(Any, tensor.values), served.stored.card.signature, max_samples=limit), None
+        except (InputError, ImageError) as exc:
+            return Refusal(400, str(exc))
+
     @routes.get(
         "/predictions/{prediction_id}/input",
         responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}}, 404: {}, 422: {}},
@@ -673,6 +803,14 @@ def _preprocess_images(images: list[bytes], spec: ImageInput) -> tuple[NDArray[n
         tensors.append(image_tensor(decoded.image, spec))
         sent.append((data, decoded.media_type))
     return np.stack(tensors), sent
+
+
+def _v2_images(tensor: v2.Tensor) -> list[bytes]:
+    """The encoded images of a BYTES input: as sent in the binary section, or base64 text in JSON."""
+    assert not isinstance(tensor.values, np.ndarray)
+    if tensor.binary:
+        return list(tensor.values)
+    return _image_samples([v.decode(errors="replace") for v in tensor.values], max_samples=len(tensor.values) or 1)
 
 
 def _form_tags(raw: str | None) -> dict[str, str]:

@@ -48,7 +48,9 @@ class BodyLimits:
     other: int
 
     def for_path(self, path: str) -> int:
-        return self.predict if path == "/predict" or path.startswith("/predict/") else self.other
+        predicts = path == "/predict" or path.startswith("/predict/")
+        infers = path.startswith("/v2/models/") and path.endswith("/infer")  # the Open Inference Protocol's
+        return self.predict if predicts or infers else self.other
 
 
 def _refusal(status: int, message: str) -> JSONResponse:
