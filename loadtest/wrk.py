@@ -74,6 +74,7 @@ def run(
     seconds: float,
     threads: int = 1,
     content_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> WrkResult:
     """One closed-loop run of `seconds` with `connections` concurrent connections.
 
@@ -85,7 +86,8 @@ def run(
         if content_type is None:
             content_type = "application/octet-stream" if isinstance(body, bytes) else "application/json"
         script = Path(tmp) / "post.lua"
-        script.write_text(_LUA % (content_type, payload))
+        extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+        script.write_text(_LUA % (content_type, payload) + extra)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         output = subprocess.run(
