@@ -113,30 +113,29 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.concurrency.split(",")]
     image_tag = build_model()
-    database, database_url = scratch.create_database(args.postgres)
-    prefix = scratch.new_prefix()
-    port = 3981
-    env = {
-        "LOOP_MODELS": f"{digits.DEFAULT_MODEL_NAME},{image_tag}",
-        "LOOP_DATABASE_URL": database_url,
-        "LOOP_REDIS_URL": args.redis,
-        "LOOP_REDIS_PREFIX": prefix,
-        "LOOP_VAR_DIR": str(args.out / "var"),
-        "LOOP_INGEST_METRICS_PORT": "0",
-        "LOOP_PORT": str(port),
-    }
-    url = f"http://127.0.0.1:{port}/predict"
     image = png_64()
     bodies: dict[str, tuple[Mapping[str, object] | bytes, str | None]] = {
         "digit, JSON numbers": ({"samples": [digits.load().images[0].tolist()]}, None),
         "64x64 PNG, multipart upload": (multipart(image), f"multipart/form-data; boundary={BOUNDARY}"),
         "64x64 PNG, base64 JSON": ({"samples": [base64.b64encode(image).decode()], "model": IMAGE_MODEL}, None),
     }
+    port = 3981
+    url = f"http://127.0.0.1:{port}/predict"
+    collapsed = args.out / "stacks-png.txt"
     rows = []
-    try:
-        process = servers.start([sys.executable, "-m", "service", "serve", "--no-train"], env,
-                                ready_url=f"http://127.0.0.1:{port}/readyz", log=args.out / "serve.log")  # fmt: skip
-        try:
+    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+        env = {
+            "LOOP_MODELS": f"{digits.DEFAULT_MODEL_NAME},{image_tag}",
+            "LOOP_DATABASE_URL": database_url,
+            "LOOP_REDIS_URL": args.redis,
+            "LOOP_REDIS_PREFIX": prefix,
+            "LOOP_VAR_DIR": str(args.out / "var"),
+            "LOOP_INGEST_METRICS_PORT": "0",
+            "LOOP_PORT": str(port),
+        }
+        command = [sys.executable, "-m", "service", "serve", "--no-train"]
+        ready = f"http://127.0.0.1:{port}/readyz"
+        with servers.running(command, env, ready_url=ready, log=args.out / "serve.log") as process:
             for name, (body, content_type) in bodies.items():
                 wrk.run(url, body, connections=8, seconds=2, content_type=content_type)
                 for c in levels:
@@ -144,7 +143,6 @@ def main() -> None:
                     rows.append((name, c, result))
                     logger.info("%-30s c=%-3d %8.0f req/s  p50 %6.1f ms  p99 %6.1f ms  errors %d", name, c,
                                 result.requests_per_s, result.p50_ms, result.p99_ms, result.errors)  # fmt: skip
-            collapsed = args.out / "stacks-png.txt"
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             upload, upload_type = bodies["64x64 PNG, multipart upload"]
 
@@ -158,11 +156,6 @@ def main() -> None:
                             str(int(args.seconds)), "--rate", "200", "--format", "raw", "--output", str(collapsed),
                             "--nonblocking"], check=True, capture_output=True)  # fmt: skip
             load.join()
-        finally:
-            servers.stop(process)
-    finally:
-        scratch.drop_database(args.postgres, database)
-        scratch.delete_keys(args.redis, prefix)
     total, shares = phase_shares(collapsed)
     print("\n| body | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|")
     for name, c, r in rows:

@@ -46,18 +46,15 @@ def main() -> None:
         "v2 infer, binary tensor": (f"/v2/models/{name}/infer", header + digit.tobytes(), "application/octet-stream",
                                     {"Inference-Header-Content-Length": str(len(header))}),
     }  # fmt: skip
-    database, database_url = scratch.create_database(args.postgres)
-    prefix = scratch.new_prefix()
-    env = {
-        "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": "latest", "LOOP_DATABASE_URL": database_url,
-        "LOOP_REDIS_URL": args.redis, "LOOP_REDIS_PREFIX": prefix, "LOOP_VAR_DIR": str(args.out / "var"),
-        "LOOP_INGEST_METRICS_PORT": "0", "LOOP_PORT": "3982",
-    }  # fmt: skip
     results: dict[tuple[str, int], wrk.WrkResult] = {}
-    try:
-        process = servers.start([sys.executable, "-m", "service", "serve", "--no-train"], env,
-                                ready_url=f"{base}/readyz", log=args.out / "serve.log")  # fmt: skip
-        try:
+    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+        env = {
+            "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": "latest", "LOOP_DATABASE_URL": database_url,
+            "LOOP_REDIS_URL": args.redis, "LOOP_REDIS_PREFIX": prefix, "LOOP_VAR_DIR": str(args.out / "var"),
+            "LOOP_INGEST_METRICS_PORT": "0", "LOOP_PORT": "3982",
+        }  # fmt: skip
+        command = [sys.executable, "-m", "service", "serve", "--no-train"]
+        with servers.running(command, env, ready_url=f"{base}/readyz", log=args.out / "serve.log"):
             for case, (path, body, content_type, headers) in cases.items():
                 wrk.run(base + path, body, connections=8, seconds=2, content_type=content_type, headers=headers)
                 for c in levels:
@@ -67,11 +64,6 @@ def main() -> None:
                         raise SystemExit(f"{case} at c={c}: {result.errors} errors; see {args.out / 'serve.log'}")
                     results[case, c] = result
                     logger.info("%-26s c=%-3d %8.0f req/s  p99 %6.1f ms", case, c, result.requests_per_s, result.p99_ms)
-        finally:
-            servers.stop(process)
-    finally:
-        scratch.drop_database(args.postgres, database)
-        scratch.delete_keys(args.redis, prefix)
     print("\n| body | " + " | ".join(f"c={c} req/s (p99 ms)" for c in levels) + " |")
     print("|---|" + "---|" * len(levels))
     for case in cases:

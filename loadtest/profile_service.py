@@ -76,34 +76,28 @@ def main() -> None:
     out = args.out or Path("var/profile") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     name, _, version = args.model.partition(":")
-    database, database_url = scratch.create_database(args.postgres)
-    prefix = scratch.new_prefix()
     port = 3980
-    env = {
-        "LOOP_MODEL_NAME": name,
-        "LOOP_MODEL_TAG": version or "latest",
-        "LOOP_DATABASE_URL": database_url,
-        "LOOP_REDIS_URL": args.redis,
-        "LOOP_REDIS_PREFIX": prefix,
-        "LOOP_VAR_DIR": str(out / "var"),
-        "LOOP_INGEST_METRICS_PORT": "0",
-        "LOOP_LOG_PREDICTIONS": args.log_predictions,
-        "LOOP_PORT": str(port),
-    }
     url = f"http://127.0.0.1:{port}/predict"
     body = {"samples": [digits.load().images[0].tolist()]}
-    try:
-        process = servers.start(
-            [sys.executable, "-m", "service", "serve", "--no-train"],
-            env,
-            ready_url=f"http://127.0.0.1:{port}/readyz",
-            log=out / "serve.log",
-        )
-        try:
+    collapsed = out / "stacks.txt"
+    result: list[wrk.WrkResult] = []
+    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+        env = {
+            "LOOP_MODEL_NAME": name,
+            "LOOP_MODEL_TAG": version or "latest",
+            "LOOP_DATABASE_URL": database_url,
+            "LOOP_REDIS_URL": args.redis,
+            "LOOP_REDIS_PREFIX": prefix,
+            "LOOP_VAR_DIR": str(out / "var"),
+            "LOOP_INGEST_METRICS_PORT": "0",
+            "LOOP_LOG_PREDICTIONS": args.log_predictions,
+            "LOOP_PORT": str(port),
+        }
+        command = [sys.executable, "-m", "service", "serve", "--no-train"]
+        ready = f"http://127.0.0.1:{port}/readyz"
+        with servers.running(command, env, ready_url=ready, log=out / "serve.log") as process:
             wrk.run(url, body, connections=args.concurrency, seconds=3)  # warm-up
             pid = worker_pid(process.pid)
-            collapsed = out / "stacks.txt"
-            result: list[wrk.WrkResult] = []
             load = threading.Thread(
                 target=lambda: result.append(wrk.run(url, body, connections=args.concurrency, seconds=args.seconds + 2))
             )
@@ -115,11 +109,6 @@ def main() -> None:
                 check=True, capture_output=True,
             )  # fmt: skip
             load.join()
-        finally:
-            servers.stop(process)
-    finally:
-        scratch.drop_database(args.postgres, database)
-        scratch.delete_keys(args.redis, prefix)
     report = f"load: {result[0]}\n\n" + summarise(collapsed, args.top)
     (out / "summary.txt").write_text(report + "\n")
     print(report)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import redis
@@ -35,3 +37,15 @@ def delete_keys(redis_url: str, prefix: str) -> None:
             client.delete(*stale)
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def throwaway(server: str, redis_url: str) -> Iterator[tuple[str, str]]:
+    """A new database on `server` and a new key prefix: (database URL, prefix); both removed after."""
+    name, url = create_database(server)
+    prefix = new_prefix()
+    try:
+        yield url, prefix
+    finally:
+        drop_database(server, name)
+        delete_keys(redis_url, prefix)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,3 +49,13 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def running(command: list[str], env: dict[str, str], *, ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`start`, then `stop` on the way out, however the block ends."""
+    process = start(command, env, ready_url=ready_url, log=log)
+    try:
+        yield process
+    finally:
+        stop(process)
