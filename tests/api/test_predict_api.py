@@ -451,7 +451,7 @@ def test_values_are_checked_as_sent_on_predict_and_added_samples(
     assert added.status_code == 422 and fragment in added.text, added.text
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     tags=st.dictionaries(
         st.text(st.characters(codec=None), min_size=0, max_size=70),
