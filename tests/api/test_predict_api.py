@@ -96,6 +96,8 @@ def client(
             "LOOP_REDIS_PREFIX": keys.prefix,
             "LOOP_VAR_DIR": str(tmp_path_factory.mktemp("var")),
             "LOOP_MAX_SAMPLES_PER_REQUEST": str(MAX_SAMPLES),
+            # One review settles an item here (10% would otherwise, by id, ask for a second one).
+            "LOOP_REVIEW_OVERLAP_SHARE": "0",
             # the digits model first (the default), the image model beside it
             "LOOP_MODELS": f"{trained_model.stored.tag},{image_model.name}",
         }
