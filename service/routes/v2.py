@@ -132,7 +132,10 @@ def _tensor(raw: Any, binary: memoryview) -> tuple[Tensor, int]:
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ProtocolError(f"input {name!r}: shape must be a list of sizes, got {shape!r}")
     count = math.prod(shape)
-    size = (raw.get("parameters") or {}).get("binary_data_size")
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"input {name!r}: 'parameters' must be an object")
+    size = parameters.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or size > len(binary):
             raise ProtocolError(f"input {name!r}: binary_data_size {size!r} is more than the {len(binary)} bytes left")

@@ -49,6 +49,8 @@ def test_bytes_elements_are_length_prefixed_in_binary() -> None:
         ({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]}, b"", "holds 3 elements"),
         ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]}, b"", "must be numbers"),
         ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32"}]}, b"", "neither data nor binary_data_size"),
+        ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": "size=8"}]}, b"",
+         "'parameters' must be an object"),
         ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
          b"\x00" * 4, "binary_data_size 8 is more than the 4 bytes left"),
         ({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
