@@ -43,7 +43,7 @@ from models.images import ImageError
 from models.images import decode as decode_image
 from models.images import to_tensor as image_tensor
 from models.provenance import code_version
-from models.signature import InputError, Signature, postprocess, read_npy, to_batch
+from models.signature import InputError, Outputs, Signature, postprocess, read_npy, to_batch
 from models.spec import ImageInput
 from service import metrics
 from service.batching import BatcherClosed, Overloaded
@@ -88,6 +88,19 @@ TagValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_sto
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 _TAGS: TypeAdapter[dict[str, str]] = TypeAdapter(Annotated[dict[TagKey, TagValue], Field(max_length=16)])
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A batch answered and logged: the ids, the model's outputs and the version that made them."""
+
+    ids: list[uuid.UUID]
+    outputs: Outputs
+    served: Served
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.served.stored.card.signature.class_names
 
 
 @dataclass(frozen=True)
@@ -390,8 +403,9 @@ class Predictor:
         sent: list[tuple[bytes, str]] | None = None  # images as sent, with their media types
         try:
             if isinstance(spec, ImageInput):
-                images = _image_samples(samples, max_samples=self.settings.max_samples_per_request)
-                batch, sent = await asyncio.to_thread(_preprocess_images, images, spec)
+                images = _image_samples(samples)
+                limit = self.settings.max_samples_per_request
+                batch, sent = await asyncio.to_thread(_preprocess_images, images, spec, max_samples=limit)
             else:
                 if isinstance(samples, list) and samples and all(isinstance(x, str) for x in samples):
                     raise InputError(f"{slot.name} takes numbers, not images: send samples of its input shape")
@@ -423,17 +437,42 @@ class Predictor:
         tags: dict[str, str],
         request_id: str,
     ) -> PredictResponse | Refusal:
+        answered = await self._run(slot, batch, sent, tags, request_id)
+        if isinstance(answered, Refusal):
+            return answered
+        out, stored, names = answered.outputs, answered.served.stored, answered.class_names
+        predictions = [
+            PredictionPublic(
+                id=prediction_id,
+                label=names[out.labels[i]],
+                confidence=float(out.confidences[i]),
+                scores=dict(zip(names, out.probabilities[i].tolist(), strict=True)),
+                model_name=stored.name,
+                model_version=stored.version,
+            )
+            for i, prediction_id in enumerate(answered.ids)
+        ]
+        return PredictResponse(request_id=request_id, predictions=predictions)
+
+    async def _run(
+        self,
+        slot: ModelSlot,
+        batch: NDArray[np.float32],
+        sent: list[tuple[bytes, str]] | None,
+        tags: dict[str, str],
+        request_id: str,
+    ) -> Answered | Refusal:
+        """Batch, infer, and log every sample before anything is answered."""
         try:
             logits, used = await slot.batcher().submit(batch)
         except (Overloaded, BatcherClosed) as exc:
             return Refusal(503, str(exc))
-        out = postprocess(logits)
-        names = used.stored.card.signature.class_names
-        ids = [uuid7() for _ in range(len(batch))]
+        answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=postprocess(logits), served=used)
+        out, names = answered.outputs, answered.class_names
         if self._log is not None:
             records = [
                 PredictionRecord(
-                    id=ids[i],
+                    id=prediction_id,
                     model_name=used.stored.name,
                     model_version=used.stored.version,
                     input=batch[i],
@@ -445,25 +484,14 @@ class Predictor:
                     input_bytes=None if sent is None else sent[i][0],
                     input_type=None if sent is None else sent[i][1],
                 )
-                for i in range(len(batch))
+                for i, prediction_id in enumerate(answered.ids)
             ]
             try:
                 await self._log.append(records)  # before the answer leaves: what we answer is kept
             except LogUnavailable as exc:
                 return Refusal(503, f"prediction not stored, so not answered: {exc}")
-        predictions = [
-            PredictionPublic(
-                id=ids[i],
-                label=names[out.labels[i]],
-                confidence=float(out.confidences[i]),
-                scores=dict(zip(names, out.probabilities[i].tolist(), strict=True)),
-                model_name=used.stored.name,
-                model_version=used.stored.version,
-            )
-            for i in range(len(batch))
-        ]
-        metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(predictions))
-        return PredictResponse(request_id=request_id, predictions=predictions)
+        metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(batch))
+        return answered
 
     @routes.post(
         UPLOAD_ROUTE,
@@ -483,9 +511,10 @@ class Predictor:
         if isinstance(upload, Refusal):
             return _error(upload.status, upload.message)
         slot, spec, images, tags = upload
+        limit = self.settings.max_samples_per_request
         try:
-            batch, sent = await asyncio.to_thread(_preprocess_images, images, spec)
-        except ImageError as exc:
+            batch, sent = await asyncio.to_thread(_preprocess_images, images, spec, max_samples=limit)
+        except (InputError, ImageError) as exc:
             return _error(400, str(exc))
         answer = await self._answer(slot, batch, sent, tags, request_id)
         if isinstance(answer, Refusal):
@@ -548,9 +577,10 @@ class Predictor:
     @routes.get("/v2/models/{name}/versions/{version}", tags=["v2"])
     def v2_model(self, name: str, version: str | None = None) -> Any:
         """Model metadata: platform, versions, inputs and outputs (-1 is the batch axis)."""
-        served = self._v2_served(name, version)
-        if isinstance(served, Refusal):
-            return _error(served.status, served.message)
+        found = self._v2_served(name, version)
+        if isinstance(found, Refusal):
+            return _error(found.status, found.message)
+        _, served = found
         card = served.stored.card
         spec = card.model_spec
         image = isinstance(spec.input, ImageInput)
@@ -575,10 +605,10 @@ class Predictor:
     @routes.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
     def v2_model_ready(self, name: str, version: str | None = None) -> Any:
         """200 when that model (and version) is loaded here."""
-        served = self._v2_served(name, version)
-        return Response(status_code=200) if not isinstance(served, Refusal) else _error(served.status, served.message)
+        found = self._v2_served(name, version)
+        return Response(status_code=200) if not isinstance(found, Refusal) else _error(found.status, found.message)
 
-    def _v2_served(self, name: str, version: str | None) -> Served | Refusal:
+    def _v2_served(self, name: str, version: str | None) -> tuple[ModelSlot, Served] | Refusal:
         slot = self.slots.get(name)
         if slot is None:
             return Refusal(404, f"unknown model {name!r}; served: {', '.join(self.slots)}")
@@ -588,7 +618,7 @@ class Predictor:
             return Refusal(
                 404, f"model {name!r} version {version!r} is not the one loaded ({slot.served.stored.version})"
             )
-        return slot.served
+        return slot, slot.served
 
     @routes.post("/v2/models/{name}/infer", tags=["v2"])
     @routes.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
@@ -600,27 +630,26 @@ class Predictor:
             parsed = v2.parse(body, request.headers.get("inference-header-content-length"))
         except v2.ProtocolError as exc:
             return _error(exc.status, str(exc))
-        slot = self.slots.get(name)
-        served = self._v2_served(name, version)
-        if isinstance(served, Refusal) or slot is None:
-            return _error(served.status if isinstance(served, Refusal) else 404, getattr(served, "message", ""))
+        found = self._v2_served(name, version)
+        if isinstance(found, Refusal):
+            return _error(found.status, found.message)
+        slot, served = found
         prepared = await self._v2_batch(served, parsed)
         if isinstance(prepared, Refusal):
             return _error(prepared.status, prepared.message)
         batch, sent = prepared
         request_id = parsed.id or _request_id_of(request.headers)
-        answer = await self._answer(slot, batch, sent, {}, request_id)
-        if isinstance(answer, Refusal):
-            return _error(answer.status, answer.message)
-        names = list(served.stored.card.signature.class_names)
-        probabilities = np.asarray([[p.scores[c] for c in names] for p in answer.predictions], dtype=np.float32)
+        answered = await self._run(slot, batch, sent, {}, request_id)
+        if isinstance(answered, Refusal):
+            return _error(answered.status, answered.message)
+        names = answered.class_names
         content, header_length = v2.response(
             parsed,
-            model_name=answer.predictions[0].model_name,
-            model_version=answer.predictions[0].model_version,
-            probabilities=probabilities,
-            labels=[p.label for p in answer.predictions],
-            prediction_ids=[str(p.id) for p in answer.predictions],
+            model_name=answered.served.stored.name,
+            model_version=answered.served.stored.version,
+            probabilities=answered.outputs.probabilities,
+            labels=[names[i] for i in answered.outputs.labels],
+            prediction_ids=[str(i) for i in answered.ids],
         )
         headers = {"X-Request-ID": request_id, "X-Loop-Worker": self.worker}
         if header_length is None:
@@ -643,10 +672,12 @@ class Predictor:
                 if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
                     raise InputError(f"input {tensor.name!r} must be BYTES of shape [N] (encoded images), "
                                      f"got {tensor.datatype} {list(tensor.shape)}")  # fmt: skip
-                images = _v2_images(tensor)
-                if len(images) > limit:
-                    raise InputError(f"too many samples: {len(images)} > the limit of {limit} per request")
-                return await asyncio.to_thread(_preprocess_images, images, spec.input)
+                assert not isinstance(tensor.values, np.ndarray)  # BYTES are a list
+                # Binary elements are the images; JSON can only carry them as base64 text.
+                images = (
+                    tensor.values if tensor.binary else _base64_images([v.decode("latin-1") for v in tensor.values])
+                )
+                return await asyncio.to_thread(_preprocess_images, images, spec.input, max_samples=limit)
             if tensor.datatype in ("BYTES", "BOOL") or not isinstance(tensor.values, np.ndarray):
                 raise InputError(
                     f"input {tensor.name!r} takes numbers (FP32 or an integer type), not {tensor.datatype}"
@@ -661,12 +692,13 @@ class Predictor:
     )
     async def prediction_input(self, prediction_id: uuid.UUID) -> Any:
         """A stored prediction's input byte for byte: the image as sent, or the array as .npy."""
-        found = await self.prediction(prediction_id)
-        if not isinstance(found, StoredPredictionPublic):
-            return found
-        if found.raw_input is None:
+        found = await self._find(prediction_id)
+        if isinstance(found, Refusal):
+            return _error(found.status, found.message)
+        row, _ = found
+        if row.input is None:
             return _error(404, f"the input of {prediction_id} was erased")
-        return Response(found.raw_input, media_type=found.input_type or "application/octet-stream")
+        return Response(row.input, media_type=row.input_type or "application/octet-stream")
 
     def _log_not_ready(self) -> str | None:
         if self.settings.log_predictions and self._log is None:
@@ -727,17 +759,24 @@ class Predictor:
     )
     async def prediction(self, prediction_id: uuid.UUID) -> Any:
         """A stored prediction with its input: from Postgres, or from the stream if not yet ingested."""
+        found = await self._find(prediction_id)
+        if isinstance(found, Refusal):
+            return _error(found.status, found.message)
+        return self._public(*found)
+
+    async def _find(self, prediction_id: uuid.UUID) -> tuple[StoredPrediction, bool] | Refusal:
+        """The stored prediction and whether it is ingested yet: Postgres first, then the stream."""
         if prediction_id.version != 7:
-            return _error(422, f"{prediction_id} is not a prediction id (UUIDv7)")
+            return Refusal(422, f"{prediction_id} is not a prediction id (UUIDv7)")
         if self._pool is None and self._log is None:
-            return _error(503, "no prediction store is configured")
+            return Refusal(503, "no prediction store is configured")
         failures = []
         if self._pool is not None:
             try:
                 async with self._pool.connection(timeout=2) as conn:
                     row = await fetch_prediction(conn=conn, prediction_id=prediction_id)
                 if row is not None:
-                    return self._public(row, ingested=True)
+                    return row, True
             except (psycopg.OperationalError, TimeoutError) as exc:
                 failures.append(f"Postgres: {exc}")
         if self._log is not None:
@@ -747,12 +786,12 @@ class Predictor:
                 failures.append(f"Redis: {exc}")
             else:
                 if record is not None:
-                    return self._public(StoredPrediction.from_record(record), ingested=False)
+                    return StoredPrediction.from_record(record), False
         if failures:
-            return _error(503, "could not look everywhere: " + "; ".join(failures))
-        return _error(404, f"no prediction {prediction_id}")
+            return Refusal(503, "could not look everywhere: " + "; ".join(failures))
+        return Refusal(404, f"no prediction {prediction_id}")
 
-    def _public(self, row: StoredPrediction, *, ingested: bool) -> StoredPredictionPublic:
+    def _public(self, row: StoredPrediction, ingested: bool) -> StoredPredictionPublic:
         scores: dict[str, float] | list[float] = list(row.scores)
         names = self._class_names(row.model_name)
         if names is not None and len(names) == len(row.scores):
@@ -770,30 +809,38 @@ class Predictor:
             request_id=row.request_id,
             tags=row.tags,
             ingested=ingested,
-            raw_input=row.input,
         )
 
 
-def _image_samples(samples: Any, *, max_samples: int) -> list[bytes]:
+def _image_samples(samples: Any) -> list[bytes]:
     """JSON samples of an image model: base64 text, or data URLs (`data:image/png;base64,...`)."""
-    if not isinstance(samples, list) or not samples:
-        raise InputError("samples is empty: send at least one image")
-    if len(samples) > max_samples:
-        raise InputError(f"too many samples: {len(samples)} > the limit of {max_samples} per request")
-    images = []
+    if not isinstance(samples, list):
+        raise InputError("samples must be a list of images")
     for index, sample in enumerate(samples):
         if not isinstance(sample, str):
             raise InputError(f"samples[{index}] is not an image: this model takes base64 text or uploaded files")
-        text = sample.split(",", 1)[1] if sample.startswith("data:") and "," in sample else sample
+    return _base64_images(samples)
+
+
+def _base64_images(texts: list[str]) -> list[bytes]:
+    images = []
+    for index, text in enumerate(texts):
+        encoded = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
         try:
-            images.append(base64.b64decode(text, validate=True))
+            images.append(base64.b64decode(encoded, validate=True))
         except (binascii.Error, ValueError):
             raise InputError(f"samples[{index}] is not base64 text") from None
     return images
 
 
-def _preprocess_images(images: list[bytes], spec: ImageInput) -> tuple[NDArray[np.float32], list[tuple[bytes, str]]]:
-    """Decode and pre-process every image (or raise `ImageError` naming the first bad one)."""
+def _preprocess_images(
+    images: list[bytes], spec: ImageInput, *, max_samples: int
+) -> tuple[NDArray[np.float32], list[tuple[bytes, str]]]:
+    """Decode and pre-process every image (or raise naming the first bad one), at most `max_samples`."""
+    if not images:
+        raise InputError("samples is empty: send at least one image")
+    if len(images) > max_samples:
+        raise InputError(f"too many samples: {len(images)} > the limit of {max_samples} per request")
     tensors, sent = [], []
     for index, data in enumerate(images):
         try:
@@ -803,14 +850,6 @@ def _preprocess_images(images: list[bytes], spec: ImageInput) -> tuple[NDArray[n
         tensors.append(image_tensor(decoded.image, spec))
         sent.append((data, decoded.media_type))
     return np.stack(tensors), sent
-
-
-def _v2_images(tensor: v2.Tensor) -> list[bytes]:
-    """The encoded images of a BYTES input: as sent in the binary section, or base64 text in JSON."""
-    assert not isinstance(tensor.values, np.ndarray)
-    if tensor.binary:
-        return list(tensor.values)
-    return _image_samples([v.decode(errors="replace") for v in tensor.values], max_samples=len(tensor.values) or 1)
 
 
 def _form_tags(raw: str | None) -> dict[str, str]:

@@ -60,7 +60,8 @@ def _refusal(status: int, message: str) -> JSONResponse:
 
 
 class RequestLimits:
-    """ASGI middleware: 413 for bodies over their route's limit, 415 for forms on JSON routes."""
+    """ASGI middleware: 413 for bodies over their route's limit; multipart `/predict` goes to the upload
+    route, other forms get 415."""
 
     def __init__(self, app: ASGIApp, limits: BodyLimits | Callable[[], BodyLimits]) -> None:
         self.app = app

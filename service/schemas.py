@@ -50,7 +50,6 @@ class StoredPredictionPublic(BaseModel):
     request_id: str
     tags: dict[str, str]
     ingested: bool = Field(description="True once in Postgres; false while only in the Redis stream.")
-    raw_input: bytes | None = Field(None, exclude=True)  # the stored bytes, for GET .../input
 
 
 class ErrorPublic(BaseModel):
