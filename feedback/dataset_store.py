@@ -22,6 +22,7 @@ from feedback.review_store import User, audit
 class Kind(StrEnum):
     TRAINING = "training"  # compiled from current labels (and the original data) for retraining
     VALIDATION = "validation"  # frozen; changed only by an explicit admin action
+    ORIGINAL = "original"  # the training side of a model's imported original data
 
 
 class Decision(StrEnum):
@@ -33,13 +34,14 @@ class Decision(StrEnum):
 
 @dataclass(frozen=True)
 class LabelledItem:
-    """A reviewed item's label as of a watermark, with its input (.npy bytes)."""
+    """A reviewed item's label as of a watermark, with its input: .npy bytes, or an image as sent."""
 
     id: uuid.UUID
     source: str  # 'model' or 'reviewer'
     label: str
     revision: int
-    input_npy: bytes
+    input: bytes
+    input_type: str | None  # None: .npy; else the image's media type
 
 
 @dataclass(frozen=True)
@@ -92,28 +94,35 @@ def settled_watermark(*, conn: psycopg.Connection) -> int:
     return int(row[0])
 
 
-def count_labelled(*, conn: psycopg.Connection, watermark: int) -> int:
+# The items of a model: its predictions, and the samples reviewers added for it (or, from before
+# samples were kept per model, for no model in particular).
+_OF_MODEL = "p.model_name IN (%(m)s, 'reviewer')"
+
+
+def count_labelled(*, conn: psycopg.Connection, model_name: str, watermark: int) -> int:
     """An upper bound of the items `labelled_items` yields (for progress output)."""
     row = conn.execute(
-        "SELECT count(*) FROM review_state WHERE (status = 'reviewed' AND revision <= %(w)s) OR revision > %(w)s",
-        {"w": watermark},
+        "SELECT count(*) FROM review_state s JOIN predictions p ON p.created_at = s.item_created_at"
+        f" AND p.id = s.prediction_id WHERE {_OF_MODEL}"
+        " AND ((s.status = 'reviewed' AND s.revision <= %(w)s) OR s.revision > %(w)s)",
+        {"w": watermark, "m": model_name},
     ).fetchone()
     assert row is not None
     return int(row[0])
 
 
-_SETTLED = """
-    SELECT s.prediction_id, p.source, s.label, s.revision, p.input
+_SETTLED = f"""
+    SELECT s.prediction_id, p.source, s.label, s.revision, p.input, p.input_type
     FROM review_state s
     JOIN predictions p ON p.created_at = s.item_created_at AND p.id = s.prediction_id
-    WHERE s.status = 'reviewed' AND s.revision <= %(w)s AND p.input IS NOT NULL
+    WHERE s.status = 'reviewed' AND s.revision <= %(w)s AND p.input IS NOT NULL AND {_OF_MODEL}
     ORDER BY s.prediction_id
 """
 
 # Items annotated again after the watermark: their state at the watermark is decided anew from the
 # annotations up to it, with the same rules that made the projection.
-_CHANGED_SINCE = """
-    SELECT s.prediction_id, p.source, p.label, s.required_reviews, p.input,
+_CHANGED_SINCE = f"""
+    SELECT s.prediction_id, p.source, p.label, s.required_reviews, p.input, p.input_type,
            h.revisions, h.actors, h.verdicts, h.labels
     FROM review_state s
     JOIN predictions p ON p.created_at = s.item_created_at AND p.id = s.prediction_id
@@ -122,41 +131,46 @@ _CHANGED_SINCE = """
                array_agg(a.verdict ORDER BY a.id) AS verdicts, array_agg(a.label ORDER BY a.id) AS labels
         FROM annotations a WHERE a.prediction_id = s.prediction_id AND a.id <= %(w)s
     ) h
-    WHERE s.revision > %(w)s AND p.input IS NOT NULL AND h.revisions IS NOT NULL
+    WHERE s.revision > %(w)s AND p.input IS NOT NULL AND h.revisions IS NOT NULL AND {_OF_MODEL}
     ORDER BY s.prediction_id
 """
 
 
-def labelled_items(*, conn: psycopg.Connection, watermark: int, chunk: int = 20_000) -> Iterator[LabelledItem]:
-    """Every item with a current label as of `watermark` and an input, in id order, streamed.
+def labelled_items(
+    *, conn: psycopg.Connection, model_name: str, watermark: int, chunk: int = 20_000
+) -> Iterator[LabelledItem]:
+    """Every item of `model_name` with a current label as of `watermark` and an input, in id order, streamed.
 
     Call inside a REPEATABLE READ transaction: both cursors then read one snapshot.
     """
-    settled = _rows(conn, _SETTLED, watermark, chunk)
-    changed = _rows(conn, _CHANGED_SINCE, watermark, chunk)
+    settled = _rows(conn, _SETTLED, model_name, watermark, chunk)
+    changed = _rows(conn, _CHANGED_SINCE, model_name, watermark, chunk)
     a, b = next(settled, None), next(changed, None)
     while a is not None or b is not None:
         if b is None or (a is not None and a[0] < b[0]):
             assert a is not None
-            yield LabelledItem(id=a[0], source=a[1], label=a[2], revision=int(a[3]), input_npy=a[4])
+            yield LabelledItem(id=a[0], source=a[1], label=a[2], revision=int(a[3]), input=a[4], input_type=a[5])
             a = next(settled, None)
             continue
         history = [
             Annotation(revision=int(r), actor_id=int(u), verdict=Verdict(v), label=lab)
-            for r, u, v, lab in zip(b[5], b[6], b[7], b[8], strict=True)
+            for r, u, v, lab in zip(b[6], b[7], b[8], b[9], strict=True)
         ]
         decision = decide(history, predicted=b[2], required=int(b[3]))
         if decision.status is Status.REVIEWED and decision.label is not None:
             yield LabelledItem(
-                id=b[0], source=b[1], label=decision.label, revision=history[-1].revision, input_npy=b[4]
-            )
+                id=b[0], source=b[1], label=decision.label, revision=history[-1].revision, input=b[4],
+                input_type=b[5],
+            )  # fmt: skip
         b = next(changed, None)
 
 
-def _rows(conn: psycopg.Connection, query: str, watermark: int, chunk: int) -> Iterator[tuple[Any, ...]]:
+def _rows(
+    conn: psycopg.Connection, query: str, model_name: str, watermark: int, chunk: int
+) -> Iterator[tuple[Any, ...]]:
     with conn.cursor(name=f"labelled_{uuid.uuid4().hex[:8]}", binary=True) as cursor:
         cursor.itersize = chunk
-        cursor.execute(query, {"w": watermark})
+        cursor.execute(query, {"w": watermark, "m": model_name})
         yield from cursor
 
 

@@ -1,9 +1,11 @@
-"""Versioned, immutable data sets: training versions compiled from the current labels up to a
-watermark, and frozen validation versions.
+"""Versioned, immutable data sets: a model's original data imported once, training versions
+compiled from the current labels up to a watermark, and frozen validation versions.
 
-A version is a folder of Parquet parts (rows sorted by item id) and a `manifest.json`. Its id is
-DVC 3's directory hash of those files, so `dvc add` on the folder records `md5: <id>.dir`. The same
-inputs give the same bytes, hence the same id; a version's folder is written once and never again.
+A version is a folder of Parquet parts (rows sorted by item id) and a `manifest.json`; an image
+model's inputs are image files beside them (`images/ab/<hash>.png`, as sent), the rows naming their
+file. Its id is DVC 3's directory hash of the folder, so `dvc add` on it records `md5: <id>.dir`.
+The same inputs give the same bytes, hence the same id; a version's folder is written once and
+never again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +37,10 @@ from feedback import dataset_store
 from feedback.dataset_store import DatasetVersion, Kind
 from feedback.records import npy_bytes, npy_load
 from feedback.review_store import Invalid, User
-from models import digits
+from models import builtin, images
 from models.provenance import code_version
 from models.signature import Signature
+from models.spec import ImageInput, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +51,24 @@ ROWS_PER_PART = 262_144
 ROW_GROUP = 32_768
 CHUNK = 20_000
 
+IMAGES = "images"
+MIN_PER_CLASS = 5  # an imported class needs this many samples for the split to hold out one of each
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
 Progress = Callable[[int, int], None]  # (rows done, rows expected)
-# (item id, source, label, revision, pixels or None, .npy bytes or None), in item id order
-_Row = tuple[str, str, str, int | None, NDArray[np.float32] | None, bytes | None]
+
+
+@dataclass(frozen=True)
+class Blob:
+    """An image input as sent: its encoded bytes and media type."""
+
+    data: bytes
+    media_type: str
+
+
+Input = NDArray[np.float32] | Blob  # a tensor model's sample, or an image model's file
+# (item id, source, label, revision, input or None, stored bytes or None, stored media type), in id order
+_Row = tuple[str, str, str, int | None, Input | None, bytes | None, str | None]
 
 
 class VersionNotFound(LookupError):
@@ -58,61 +77,102 @@ class VersionNotFound(LookupError):
 
 @dataclass(frozen=True)
 class LabelSchema:
+    """The classes of a model and what its inputs are: tensors of `input_shape`, or images as sent
+    (`image`, which also says how to turn them into tensors of `input_shape`)."""
+
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
     dtype: str = "float32"
+    image: ImageInput | None = None
 
     @classmethod
-    def of(cls, signature: Signature) -> LabelSchema:
-        """The labels and input a model's signature declares."""
-        return cls(class_names=signature.class_names, input_shape=signature.input_shape, dtype=signature.dtype)
+    def of(cls, model: ModelSpec | Signature) -> LabelSchema:
+        """The labels and input a model's spec (or, for a tensor model, its signature) declares."""
+        spec = model if isinstance(model, ModelSpec) else ModelSpec.of_signature(model)
+        signature = spec.signature()
+        image = spec.input if isinstance(spec.input, ImageInput) else None
+        return cls(class_names=spec.classes, input_shape=signature.input_shape, dtype=signature.dtype, image=image)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LabelSchema:
+        image = raw.get("image")
+        return cls(
+            class_names=tuple(raw["class_names"]), input_shape=tuple(raw["input_shape"]),
+            dtype=raw.get("dtype", "float32"), image=None if image is None else ImageInput.model_validate(image),
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {"class_names": list(self.class_names), "input_shape": list(self.input_shape), "dtype": self.dtype}
+        out: dict[str, Any] = {
+            "class_names": list(self.class_names), "input_shape": list(self.input_shape), "dtype": self.dtype,
+        }  # fmt: skip
+        if self.image is not None:
+            out["image"] = self.image.model_dump(mode="json")
+        return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Labelled rows in memory: ids, class names, and inputs (tensors, or image files as sent)."""
+
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    inputs: Sequence[Input]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
 class Originals:
-    """The data a model was first trained on, split once into training and validation rows."""
+    """The data a model was first trained on, split once into training and validation rows.
+
+    `validation` is None when the split's validation side is frozen as a version already (an
+    imported data set): only the training side is needed to compile."""
 
     name: str
     split_id: str
     seed: int
-    train_ids: tuple[str, ...]
-    train_inputs: NDArray[np.float32]
-    train_labels: tuple[str, ...]
-    validation_ids: tuple[str, ...]
-    validation_inputs: NDArray[np.float32]
-    validation_labels: tuple[str, ...]
+    train: Rows
+    validation: Rows | None
 
 
-def originals_for(model_name: str, split_path: Path) -> Originals:
-    """The original data of a model that ships with it (the built-in one), or `Invalid` saying so."""
-    if model_name != digits.DEFAULT_MODEL_NAME:
-        raise Invalid(f"{model_name} has no original data here: compile it without the original rows")
-    return digits_originals(split_path)
-
-
-def digits_originals(split_path: Path, *, seed: int = 0, train: Sequence[int] | None = None) -> Originals:
-    """scikit-learn's bundled digits with the frozen split at `split_path` (created once); `train`
-    narrows the training side to those rows (the validation side stays whole)."""
-    data = digits.load()
-    split = digits.load_or_create_split(split_path, data, seed=seed)
-    train_idx = np.asarray(split.train_indices if train is None else train)
-    val_idx = np.asarray(split.validation_indices)
-    if not set(train_idx.tolist()) <= set(split.train_indices):
-        raise ValueError("the training rows must come from the split's training side")
-    names = digits.CLASS_NAMES
+def bundled_originals(
+    model_name: str, split_path: Path, *, seed: int = 0, train: Sequence[int] | None = None
+) -> Originals | None:
+    """The original data a built-in model ships with, split once at `split_path`; None if it has none."""
+    bundled = builtin.bundled_originals(model_name, split_path, seed=seed, train=train)
+    if bundled is None:
+        return None
     return Originals(
-        name="digits",
-        split_id=split.split_id,
-        seed=split.seed,
-        train_ids=tuple(f"digits:{i:05d}" for i in train_idx),
-        train_inputs=data.images[train_idx],
-        train_labels=tuple(names[i] for i in data.labels[train_idx]),
-        validation_ids=tuple(f"digits:{i:05d}" for i in val_idx),
-        validation_inputs=data.images[val_idx],
-        validation_labels=tuple(names[i] for i in data.labels[val_idx]),
+        name=bundled.name,
+        split_id=bundled.split_id,
+        seed=bundled.seed,
+        train=Rows(bundled.train_ids, bundled.train_labels, list(bundled.train_inputs)),
+        validation=Rows(bundled.validation_ids, bundled.validation_labels, list(bundled.validation_inputs)),
+    )
+
+
+def originals_for(conn: psycopg.Connection, model_name: str, split_path: Path) -> Originals:
+    """A model's original data: bundled with a built-in model, else the version `import_originals`
+    recorded; `Invalid` saying how to provide it when there is neither."""
+    bundled = bundled_originals(model_name, split_path)
+    if bundled is not None:
+        return bundled
+    imported = dataset_store.list_versions(conn=conn, model_name=model_name, kind=Kind.ORIGINAL)
+    if not imported:
+        raise Invalid(
+            f"{model_name} has no original data: import it with `loop datasets import {model_name} DIR`, "
+            "or compile without the original rows"
+        )
+    version = imported[-1]
+    loaded = read_version(version.uri)
+    source = version.manifest["source"]
+    return Originals(
+        name=str(source["name"]),
+        split_id=str(source["split_id"]),
+        seed=int(source["seed"]),
+        train=Rows(tuple(loaded.item_ids), loaded.label_names, loaded.raw),
+        validation=None,
     )
 
 
@@ -156,33 +216,41 @@ class _Chunk:
     sources: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     revisions: list[int | None] = field(default_factory=list)
-    inputs: list[NDArray[np.float32]] = field(default_factory=list)
+    inputs: list[Input] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def _schema(shape: tuple[int, ...]) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("item_id", pa.string(), nullable=False),
-            pa.field("source", pa.string(), nullable=False),
-            pa.field("label", pa.string(), nullable=False),
-            pa.field("label_index", pa.int16(), nullable=False),
-            pa.field("revision", pa.int64()),
-            pa.field("input", pa.list_(pa.float32(), int(np.prod(shape))), nullable=False),
-        ],
-        metadata={"input_shape": json.dumps(list(shape))},
-    )
+def _schema(schema: LabelSchema) -> pa.Schema:
+    fields = [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("label_index", pa.int16(), nullable=False),
+        pa.field("revision", pa.int64()),
+    ]
+    if schema.image is not None:
+        fields += [pa.field("file", pa.string(), nullable=False), pa.field("media_type", pa.string(), nullable=False)]
+    else:
+        fields.append(pa.field("input", pa.list_(pa.float32(), int(np.prod(schema.input_shape))), nullable=False))
+    return pa.schema(fields, metadata={"input_shape": json.dumps(list(schema.input_shape))})
+
+
+def image_file(item_id: str, media_type: str) -> str:
+    """Where an item's image lives in a version: the same item has the same file in every version."""
+    digest = hashlib.blake2b(item_id.encode(), digest_size=12, usedforsecurity=False).hexdigest()
+    return f"{IMAGES}/{digest[:2]}/{digest}.{EXTENSIONS[media_type]}"
 
 
 class _PartWriter:
-    """Writes rows into Parquet parts of ROWS_PER_PART rows each: same rows, same bytes."""
+    """Writes rows into Parquet parts of ROWS_PER_PART rows each (and image inputs into files
+    beside them): same rows, same bytes."""
 
     def __init__(self, root: Path, schema: LabelSchema) -> None:
         self.root = root
         self.label_schema = schema
-        self.schema = _schema(schema.input_shape)
+        self.schema = _schema(schema)
         self.index = {name: i for i, name in enumerate(schema.class_names)}
         self.part = -1
         self.rows_in_part = 0
@@ -207,21 +275,34 @@ class _PartWriter:
         self.rows += len(chunk)
 
     def _table(self, chunk: _Chunk, start: int, stop: int) -> pa.Table:
-        flat = np.stack(chunk.inputs[start:stop]).astype(np.float32, copy=False).reshape(stop - start, -1)
-        width = flat.shape[1]
-        inputs = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), width)
         labels = chunk.labels[start:stop]
-        return pa.Table.from_arrays(
-            [
-                pa.array(chunk.ids[start:stop], type=pa.string()),
-                pa.array(chunk.sources[start:stop], type=pa.string()),
-                pa.array(labels, type=pa.string()),
-                pa.array([self.index[x] for x in labels], type=pa.int16()),
-                pa.array(chunk.revisions[start:stop], type=pa.int64()),
-                inputs,
-            ],
-            schema=self.schema,
-        )
+        columns = [
+            pa.array(chunk.ids[start:stop], type=pa.string()),
+            pa.array(chunk.sources[start:stop], type=pa.string()),
+            pa.array(labels, type=pa.string()),
+            pa.array([self.index[x] for x in labels], type=pa.int16()),
+            pa.array(chunk.revisions[start:stop], type=pa.int64()),
+        ]
+        if self.label_schema.image is not None:
+            blobs = [b for b in chunk.inputs[start:stop] if isinstance(b, Blob)]
+            assert len(blobs) == stop - start, "an image version holds image inputs only"
+            names = [self._write_image(item, blob) for item, blob in zip(chunk.ids[start:stop], blobs, strict=True)]
+            columns += [pa.array(names, type=pa.string()), pa.array([b.media_type for b in blobs], type=pa.string())]
+        else:
+            tensors = [x for x in chunk.inputs[start:stop] if not isinstance(x, Blob)]
+            assert len(tensors) == stop - start, "a tensor version holds tensor inputs only"
+            flat = np.stack(tensors).astype(np.float32, copy=False).reshape(stop - start, -1)
+            columns.append(
+                pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), flat.shape[1])
+            )
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def _write_image(self, item_id: str, blob: Blob) -> str:
+        name = image_file(item_id, blob.media_type)
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob.data)
+        return name
 
     def _next_part(self) -> None:
         self.close()
@@ -307,29 +388,62 @@ def _write_version(
 
 @dataclass(frozen=True)
 class Loaded:
+    """A version's rows: ids, class indices, and inputs as tensors (image files decoded and
+    pre-processed by the version's spec on first use) or as stored (`raw`)."""
+
     item_ids: list[str]
-    inputs: NDArray[np.float32]
     labels: NDArray[np.int64]
     manifest: dict[str, Any]
+    schema: LabelSchema
+    tensors: NDArray[np.float32] | None = None
+    blobs: list[Blob] | None = None
+
+    @cached_property
+    def inputs(self) -> NDArray[np.float32]:
+        if self.tensors is not None:
+            return self.tensors
+        assert self.blobs is not None and self.schema.image is not None
+        out = np.empty((len(self.blobs), *self.schema.input_shape), dtype=np.float32)
+        for i, blob in enumerate(self.blobs):
+            out[i] = images.preprocess(blob.data, self.schema.image)
+        return out
+
+    @property
+    def raw(self) -> Sequence[Input]:
+        """The inputs as the version stores them: tensors, or image files as sent."""
+        if self.blobs is not None:
+            return self.blobs
+        assert self.tensors is not None
+        return list(self.tensors)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.schema.class_names[i] for i in self.labels)
 
 
 def read_version(uri: str) -> Loaded:
-    """The rows of a version folder as arrays; checks that the files still hash to its id."""
+    """The rows of a version folder."""
     fs, root = fsspec.core.url_to_fs(uri)
     manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-    shape = tuple(manifest["label_schema"]["input_shape"])
+    schema = LabelSchema.from_dict(manifest["label_schema"])
+    columns = ["item_id", "label_index", *(["file", "media_type"] if schema.image is not None else ["input"])]
     tables = []
     for name in manifest["files"]:
         with fs.open(f"{root}/{name}", "rb") as f:
-            tables.append(pq.read_table(f, columns=["item_id", "label_index", "input"]))
+            tables.append(pq.read_table(f, columns=columns))
     table = pa.concat_tables(tables)
-    inputs = table.column("input").combine_chunks().flatten().to_numpy().reshape(len(table), *shape)
-    return Loaded(
-        item_ids=table.column("item_id").to_pylist(),
-        inputs=np.array(inputs, dtype=np.float32),  # a writable copy: Arrow's buffers are read-only
-        labels=table.column("label_index").to_numpy().astype(np.int64),
-        manifest=manifest,
-    )
+    ids = table.column("item_id").to_pylist()
+    labels = table.column("label_index").to_numpy().astype(np.int64)
+    if schema.image is not None:
+        files = table.column("file").to_pylist()
+        blobs = [
+            Blob(fs.cat_file(f"{root}/{f}"), t)
+            for f, t in zip(files, table.column("media_type").to_pylist(), strict=True)
+        ]
+        return Loaded(item_ids=ids, labels=labels, manifest=manifest, schema=schema, blobs=blobs)
+    inputs = table.column("input").combine_chunks().flatten().to_numpy().reshape(len(table), *schema.input_shape)
+    tensors = np.array(inputs, dtype=np.float32)  # a writable copy: Arrow's buffers are read-only
+    return Loaded(item_ids=ids, labels=labels, manifest=manifest, schema=schema, tensors=tensors)
 
 
 def verify(uri: str, version_id: str) -> None:
@@ -343,16 +457,16 @@ def verify(uri: str, version_id: str) -> None:
 # -- validation versions --------------------------------------------------------------------------
 
 
-def _validation_rows(ids: Sequence[str], inputs: NDArray[np.float32], labels: Sequence[str]) -> Iterator[_Chunk]:
-    order = sorted(range(len(ids)), key=lambda i: ids[i])
+def _original_rows(rows: Rows) -> Iterator[_Chunk]:
+    order = sorted(range(len(rows)), key=lambda i: rows.ids[i])
     for start in range(0, len(order), CHUNK):
         chunk = _Chunk()
         for i in order[start : start + CHUNK]:
-            chunk.ids.append(ids[i])
+            chunk.ids.append(rows.ids[i])
             chunk.sources.append("original")
-            chunk.labels.append(labels[i])
+            chunk.labels.append(rows.labels[i])
             chunk.revisions.append(None)
-            chunk.inputs.append(inputs[i])
+            chunk.inputs.append(rows.inputs[i])
         yield chunk
 
 
@@ -369,6 +483,8 @@ def freeze_validation(
     current = dataset_store.current_validation(conn=conn, model_name=model_name)
     if current is not None:
         return current
+    if originals.validation is None:
+        raise Invalid(f"{model_name}'s original data comes without a validation side to freeze")
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "kind": Kind.VALIDATION.value,
@@ -380,7 +496,7 @@ def freeze_validation(
         "code_version": code_version(),
     }
     written = _write_version(
-        _validation_rows(originals.validation_ids, originals.validation_inputs, originals.validation_labels),
+        _original_rows(originals.validation),
         schema=schema,
         manifest=manifest,
         root_url=root_url,
@@ -434,7 +550,7 @@ def fix_validation(
     for key in ("rows", "per_class", "per_source", "files"):
         manifest.pop(key, None)
     written = _write_version(
-        _validation_rows(loaded.item_ids, loaded.inputs, labels),
+        _original_rows(Rows(tuple(loaded.item_ids), tuple(labels), loaded.raw)),
         schema=schema,
         manifest=manifest,
         root_url=root_url,
@@ -447,9 +563,10 @@ def fix_validation(
 # -- training versions ----------------------------------------------------------------------------
 
 
-def input_key(pixels: NDArray[np.float32]) -> bytes:
-    """Identity of an input's content: the same pixels give the same key whatever their source."""
-    return hashlib.blake2b(np.ascontiguousarray(pixels, dtype=np.float32).tobytes(), digest_size=16).digest()
+def input_key(value: Input) -> bytes:
+    """Identity of an input's content: the same pixels (or image bytes) give the same key whatever their source."""
+    data = value.data if isinstance(value, Blob) else np.ascontiguousarray(value, dtype=np.float32).tobytes()
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def compile_training(
@@ -468,7 +585,9 @@ def compile_training(
 
     Rows: the original training rows (unless `originals` is None) and every item whose current
     label as of the watermark is a class of `schema`, left out when discarded, disputed or
-    unreviewed, when its input was erased, has another shape, or equals a validation input.
+    unreviewed, when its input was erased or is not the model's kind (a tensor of its shape, or an
+    image in one of its formats), or equals a validation input. Only the items of `model_name` (and
+    samples reviewers added for it) are read.
     """
     if not conn.autocommit:
         raise ValueError("compile_training needs a connection in autocommit mode (it opens its own transactions)")
@@ -481,7 +600,7 @@ def compile_training(
         raise Invalid(f"{validation.id} is a {validation.kind.value} version, not a validation version")
     held_out = read_version(validation.uri)
     held_out_ids = set(held_out.item_ids)
-    held_out_inputs = {input_key(x) for x in held_out.inputs}
+    held_out_inputs = {input_key(x) for x in held_out.raw}
     skipped: Counter[str] = Counter()
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -496,7 +615,7 @@ def compile_training(
             "excluded": [
                 "discarded, disputed and unreviewed items",
                 "items whose input was erased",
-                "inputs of another shape",
+                "inputs of another shape or kind",
                 "labels outside the label schema",
                 "validation items and any input equal to a validation input",
             ],
@@ -506,10 +625,10 @@ def compile_training(
     }
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        expected = dataset_store.count_labelled(conn=conn, watermark=watermark)
+        expected = dataset_store.count_labelled(conn=conn, model_name=model_name, watermark=watermark)
         if originals is not None:
-            expected += len(originals.train_ids)
-        sources: list[Iterator[_Row]] = [_labelled(conn, watermark)]
+            expected += len(originals.train)
+        sources: list[Iterator[_Row]] = [_labelled(conn, model_name, watermark)]
         if originals is not None:
             sources.append(_original(originals))
         merged = heapq.merge(*sources, key=lambda row: row[0])
@@ -528,17 +647,15 @@ def compile_training(
     return _record(conn, written, Kind.TRAINING, model_name, actor=actor, watermark=watermark, validation=validation)
 
 
-def _labelled(conn: psycopg.Connection, watermark: int) -> Iterator[_Row]:
-    for item in dataset_store.labelled_items(conn=conn, watermark=watermark):
-        yield str(item.id), item.source, item.label, item.revision, None, item.input_npy
+def _labelled(conn: psycopg.Connection, model_name: str, watermark: int) -> Iterator[_Row]:
+    for item in dataset_store.labelled_items(conn=conn, model_name=model_name, watermark=watermark):
+        yield str(item.id), item.source, item.label, item.revision, None, item.input, item.input_type
 
 
-def _original(
-    originals: Originals,
-) -> Iterator[_Row]:
-    order = sorted(range(len(originals.train_ids)), key=lambda i: originals.train_ids[i])
-    for i in order:
-        yield originals.train_ids[i], "original", originals.train_labels[i], None, originals.train_inputs[i], None
+def _original(originals: Originals) -> Iterator[_Row]:
+    rows = originals.train
+    for i in sorted(range(len(rows)), key=lambda i: rows.ids[i]):
+        yield rows.ids[i], "original", rows.labels[i], None, rows.inputs[i], None, None
 
 
 def _chunks(
@@ -551,23 +668,28 @@ def _chunks(
 ) -> Iterator[_Chunk]:
     classes = set(schema.class_names)
     decoder = _NpyDecoder(schema.input_shape)
+    accepted = set() if schema.image is None else {images.MEDIA_TYPES[f] for f in schema.image.formats}
     chunk = _Chunk()
-    for item_id, source, label, revision, given, blob in rows:
+    for item_id, source, label, revision, given, stored, media_type in rows:
         if label not in classes:
             skipped["label outside the schema"] += 1
             continue
-        pixels = given if given is not None else decoder.decode(blob or b"")
-        if pixels is None:
-            skipped["input of another shape"] += 1
+        value: Input | None = given
+        if value is None and schema.image is None:
+            value = None if media_type is not None else decoder.decode(stored or b"")
+        elif value is None:
+            value = Blob(stored, media_type) if stored and media_type in accepted else None
+        if value is None:
+            skipped["input of another shape or kind"] += 1
             continue
-        if item_id in held_ids or input_key(pixels) in held_inputs:
+        if item_id in held_ids or input_key(value) in held_inputs:
             skipped["validation item or equal to one"] += 1
             continue
         chunk.ids.append(item_id)
         chunk.sources.append(source)
         chunk.labels.append(label)
         chunk.revisions.append(revision)
-        chunk.inputs.append(pixels)
+        chunk.inputs.append(value)
         if len(chunk) == CHUNK:
             yield chunk
             chunk = _Chunk()
@@ -620,3 +742,169 @@ def _record(
         created_at=datetime.now(UTC),
     )
     return dataset_store.record_version(conn=conn, version=version, actor=actor)
+
+
+# -- original data --------------------------------------------------------------------------------
+
+
+def read_original(source: Path, schema: LabelSchema, *, progress: Progress | None = None) -> Rows:
+    """A model's original data as rows: an image folder (one sub-folder per class, images kept as
+    files) for an image model, or an `.npz` of `inputs` and `labels` for a tensor model.
+
+    Raises `Invalid` naming what is wrong: unknown classes, unreadable files, wrong shapes."""
+    if schema.image is not None:
+        if not source.is_dir():
+            raise Invalid(f"{source} is not a folder: an image model's data is one sub-folder of images per class")
+        return _read_image_folder(source, schema, schema.image, progress)
+    if source.is_dir() or source.suffix != ".npz":
+        raise Invalid(f"{source}: a tensor model's data is an .npz file of `inputs` and `labels`")
+    return _read_npz(source, schema)
+
+
+def _read_image_folder(source: Path, schema: LabelSchema, image: ImageInput, progress: Progress | None) -> Rows:
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in folders if p.name not in schema.class_names]
+    if unknown:
+        raise Invalid(
+            f"{source}: no class of the model is called {', '.join(repr(u) for u in unknown)}"
+            f" (classes: {', '.join(schema.class_names)})"
+        )
+    files = [
+        (folder.name, path)
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+    ids: list[str] = []
+    labels: list[str] = []
+    blobs: list[Blob] = []
+    problems: list[str] = []
+    for n, (label, path) in enumerate(files, start=1):
+        relative = path.relative_to(source).as_posix()
+        try:
+            data = path.read_bytes()
+            decoded = images.decode(data, image)
+        except (OSError, images.ImageError) as exc:
+            problems.append(f"{relative}: {exc.strerror if isinstance(exc, OSError) else exc}")
+            continue
+        ids.append(f"original:{relative}")
+        labels.append(label)
+        blobs.append(Blob(data, decoded.media_type))
+        if progress is not None:
+            progress(n, len(files))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise Invalid(f"{len(problems)} of {len(files)} files cannot be read as images: {shown}")
+    return Rows(tuple(ids), tuple(labels), blobs)
+
+
+def _read_npz(source: Path, schema: LabelSchema) -> Rows:
+    try:
+        with np.load(source, allow_pickle=False) as archive:
+            missing = {"inputs", "labels"} - set(archive.files)
+            if missing:
+                raise Invalid(
+                    f"{source} has no {' or '.join(sorted(missing))} array (it has: {', '.join(archive.files)})"
+                )
+            inputs, labels = archive["inputs"], archive["labels"]
+    except (OSError, ValueError) as exc:
+        raise Invalid(f"{source} cannot be read as an .npz file: {exc}") from None
+    if inputs.shape[1:] != schema.input_shape or not np.issubdtype(inputs.dtype, np.number):
+        raise Invalid(f"inputs are {inputs.dtype} of shape {list(inputs.shape)}; the model takes numbers of shape "
+                      f"[N, {', '.join(map(str, schema.input_shape))}]")  # fmt: skip
+    if labels.shape != (len(inputs),):
+        raise Invalid(f"labels have shape {list(labels.shape)}; one label per input needs [{len(inputs)}]")
+    if np.issubdtype(labels.dtype, np.integer):
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(schema.class_names)):
+            raise Invalid(f"label indices must be in 0..{len(schema.class_names) - 1}")
+        names = [schema.class_names[int(i)] for i in labels]
+    elif labels.dtype.kind == "U":
+        names = [str(x) for x in labels]
+        unknown = sorted(set(names) - set(schema.class_names))
+        if unknown:
+            raise Invalid(f"labels {', '.join(map(repr, unknown[:5]))} are not classes of the model "
+                          f"(classes: {', '.join(schema.class_names)})")  # fmt: skip
+    else:
+        raise Invalid(f"labels are {labels.dtype}; give class names (strings) or indices (integers)")
+    tensors = inputs.astype(np.float32)
+    if not np.isfinite(tensors).all():
+        raise Invalid("inputs contain NaN or infinite values")
+    return Rows(tuple(f"original:{i:07d}" for i in range(len(tensors))), tuple(names), list(tensors))
+
+
+def split_originals(
+    rows: Rows, schema: LabelSchema, *, name: str, seed: int = 0, validation_fraction: float = 0.2
+) -> Originals:
+    """A stratified, seeded split of imported rows; every class needs MIN_PER_CLASS samples."""
+    from sklearn.model_selection import train_test_split
+
+    counts = Counter(rows.labels)
+    few = [f"{c!r} has {counts.get(c, 0)}" for c in schema.class_names if counts.get(c, 0) < MIN_PER_CLASS]
+    if few:
+        raise Invalid(
+            f"too few samples to hold out a validation split of every class (at least {MIN_PER_CLASS} each): "
+            + ", ".join(few)
+        )
+    order = sorted(range(len(rows)), key=lambda i: rows.ids[i])
+    train_idx, val_idx = train_test_split(
+        np.asarray(order), test_size=validation_fraction, random_state=seed, stratify=[rows.labels[i] for i in order]
+    )
+    digest = hashlib.blake2b(digest_size=8)
+    for i in sorted(val_idx, key=lambda i: rows.ids[i]):
+        digest.update(rows.ids[i].encode() + b"\0" + input_key(rows.inputs[i]))
+
+    def take(indices: Iterable[int]) -> Rows:
+        chosen = sorted(indices, key=lambda i: rows.ids[i])
+        return Rows(tuple(rows.ids[i] for i in chosen), tuple(rows.labels[i] for i in chosen),
+                    [rows.inputs[i] for i in chosen])  # fmt: skip
+
+    return Originals(name=name, split_id=f"val-{digest.hexdigest()}", seed=seed, train=take(train_idx),
+                     validation=take(val_idx))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Imported:
+    original: DatasetVersion
+    validation: DatasetVersion
+
+
+def import_originals(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    schema: LabelSchema,
+    source: Path,
+    root_url: str,
+    seed: int = 0,
+    validation_fraction: float = 0.2,
+    actor: User | None = None,
+    progress: Progress | None = None,
+) -> Imported:
+    """Import a model's original data once: its training side as an `original` version, its
+    validation side frozen as the model's validation version."""
+    if dataset_store.current_validation(conn=conn, model_name=model_name) is not None:
+        raise Invalid(f"{model_name} has a frozen validation version already; its original data is imported once")
+    if builtin.has_bundled_originals(model_name):
+        raise Invalid(f"{model_name} is built in: its original data ships with it")
+    rows = read_original(source, schema, progress=progress)
+    originals = split_originals(rows, schema, name=source.name, seed=seed, validation_fraction=validation_fraction)
+    assert originals.validation is not None
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "kind": Kind.ORIGINAL.value,
+        "model_name": model_name,
+        "label_schema": schema.to_dict(),
+        "source": {"name": originals.name, "split_id": originals.split_id, "seed": seed,
+                   "validation_fraction": validation_fraction, "validation_rows": len(originals.validation)},
+        "code_version": code_version(),
+    }  # fmt: skip
+    written = _write_version(
+        _original_rows(originals.train), schema=schema, manifest=manifest, root_url=root_url, progress=None
+    )
+    original = _record(conn, written, Kind.ORIGINAL, model_name, actor=actor)
+    validation = freeze_validation(
+        conn=conn, model_name=model_name, originals=originals, schema=schema, root_url=root_url, actor=actor
+    )
+    logger.info("imported %s's original data: %d training rows (%s), %d validation rows (%s)",
+                model_name, original.rows, original.id, validation.rows, validation.id)  # fmt: skip
+    return Imported(original=original, validation=validation)

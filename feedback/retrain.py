@@ -26,11 +26,13 @@ from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from feedback.datasets import read_version, verify
 from feedback.review_store import Invalid
 from feedback.tracking import Tracking
-from models import plots
+from models import builtin, plots
 from models.evaluate import Evaluation, evaluate_stored
-from models.pipeline import BuildResult, train_and_store
+from models.pipeline import BuildResult, train_and_store, trainer_of
 from models.provenance import code_version
+from models.spec import ModelSpec
 from models.train import EpochMetrics, TrainConfig
+from models.trainers import Examples, TrainerNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,12 @@ def retrain(
     margin: float = 0.0,
     announcer: Callable[[str, str], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    spec: ModelSpec | None = None,
 ) -> RetrainResult:
-    """Train on `dataset`, evaluate on the current validation version, log the run, gate, promote."""
+    """Train on `dataset` with the trainer of the model's spec (`builtin.spec_of`, unless `spec` is
+    given), evaluate on the current validation version, log the run, gate, promote.
+
+    Everything that can be refused (the versions, the trainer) is checked before training starts."""
     config = config or TrainConfig()
     if dataset.kind is not Kind.TRAINING:
         raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; retrain takes a training version")
@@ -66,6 +72,13 @@ def retrain(
     validation = dataset_store.current_validation(conn=conn, model_name=model_name)
     if validation is None:
         raise Invalid(f"{model_name} has no validation version")
+    spec = spec or builtin.spec_of(model_name)
+    try:
+        trainer = trainer_of(spec)
+    except TrainerNotFound as exc:
+        raise Invalid(f"{model_name} cannot be retrained: {exc}") from None
+    if list(spec.classes) != dataset.manifest["label_schema"]["class_names"]:
+        raise Invalid(f"{dataset.id} was compiled for other classes than {model_name}'s spec names")
     verify(dataset.uri, dataset.id)
     train_rows, val_rows = read_version(dataset.uri), read_version(validation.uri)
     # Items can be relabelled in a later validation version, never added: the hold-out still holds.
@@ -99,10 +112,10 @@ def retrain(
 
         build = train_and_store(
             name=model_name,
-            x_train=train_rows.inputs,
-            y_train=train_rows.labels,
-            x_validation=val_rows.inputs,
-            y_validation=val_rows.labels,
+            spec=spec,
+            trainer=trainer,
+            train=Examples(train_rows.inputs, train_rows.labels, folder=_local(dataset.uri)),
+            validation=Examples(val_rows.inputs, val_rows.labels, folder=_local(validation.uri)),
             dataset_id=dataset.id,
             validation_id=validation.id,
             config=config,
@@ -149,6 +162,12 @@ def retrain(
     if promoted and announcer is not None:
         announcer(model_name, version)
     return RetrainResult(build=build, run_id=run_id, evaluation=evaluation, promotion=promotion)
+
+
+def _local(uri: str) -> Path | None:
+    """A version's folder when it is on this machine (a trainer may read its files)."""
+    path = Path(uri)
+    return path if "://" not in uri and path.is_dir() else None
 
 
 def _params(config: TrainConfig, dataset: DatasetVersion, validation: DatasetVersion) -> dict[str, Any]:

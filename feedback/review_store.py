@@ -408,16 +408,28 @@ def record_verdicts(
     return states
 
 
-def add_sample(*, conn: psycopg.Connection, user: User, input_npy: bytes, label: str, reason: str | None) -> ItemState:
-    """A sample the model missed, with its label: enters the pool as a reviewed item."""
+def add_sample(
+    *,
+    conn: psycopg.Connection,
+    user: User,
+    model_name: str,
+    input: bytes,
+    label: str,
+    reason: str | None,
+    input_type: str | None = None,
+) -> ItemState:
+    """A sample `model_name` missed, with its label: enters the pool as a reviewed item.
+
+    `input` is .npy bytes, or an image as sent when `input_type` is its media type."""
     prediction_id = uuid7()
     with conn.transaction():
         conn.execute(
             "INSERT INTO predictions (id, created_at, model_name, model_version, label, label_index, confidence,"
-            " scores, input, request_id, source) VALUES (%s, %s, 'reviewer', 'added', %s, -1, 1.0, '{}', %s, %s,"
-            " 'reviewer')",
-            (prediction_id, uuid_created_at(prediction_id), label, input_npy, f"added-by-{user.name}"),
-        )
+            " scores, input, input_type, request_id, source) VALUES (%s, %s, %s, 'added', %s, -1, 1.0, '{}', %s, %s,"
+            " %s, 'reviewer')",
+            (prediction_id, uuid_created_at(prediction_id), model_name, label, input, input_type,
+             f"added-by-{user.name}"),
+        )  # fmt: skip
         _annotate(conn, user, prediction_id, verdict=Verdict.ADDED, label=label, reason=reason)
         state = _refresh_state(conn, prediction_id)
         audit(conn, user, "sample.add", str(prediction_id), label=label)

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from feedback import review_store as rs
-from feedback.datasets import LabelSchema, compile_training, digits_originals, freeze_validation
+from feedback.datasets import LabelSchema, bundled_originals, compile_training, freeze_validation
 from feedback.migrate import migrate
 from loadtest import scratch
 from loadtest.bench_review import fill
@@ -66,7 +66,8 @@ def label_everything(conn: psycopg.Connection) -> None:
 
 def compile_once(database_url: str, root: str, split_path: Path, watermark: int | None) -> dict[str, Any]:
     schema = LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
-    originals = digits_originals(split_path)
+    originals = bundled_originals(MODEL, split_path)
+    assert originals is not None
     with psycopg.connect(database_url, autocommit=True) as conn:
         validation = freeze_validation(conn=conn, model_name=MODEL, originals=originals, schema=schema, root_url=root)
         started = time.perf_counter()

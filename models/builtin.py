@@ -1,17 +1,50 @@
-"""The model that ships with the project, as the layers above know it: by role, never by name.
+"""The models that ship with the project, as the layers above know them: by role, never by name.
 
-Serving, review and the API docs need a default model and an example input; they take both from
-here, so only `models/` says which model that is.
+Serving, review, datasets and the API docs need a default model, an example input, the spec a
+model is trained by, the original data a built-in model comes with and the demo data sets; they
+take all of it from here, so only `models/` says which models those are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from models import digits
+import numpy as np
+from numpy.typing import NDArray
+
+from models import digits, shapes, store
 from models.signature import Signature
+from models.spec import ModelSpec
 
 DEFAULT_MODEL_NAME = digits.DEFAULT_MODEL_NAME
+
+_SPECS: dict[str, Callable[[], ModelSpec]] = {
+    digits.DEFAULT_MODEL_NAME: digits.digits_spec,
+    shapes.MODEL_NAME: shapes.spec,
+}
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """A synthetic data set `loop demo-data NAME DIR` writes, and the built-in model it is for."""
+
+    model_name: str
+    write: Callable[..., int]  # (folder, *, per_class, seed, progress) -> images written
+    default_per_class: int
+    description: str
+
+
+DEMO_DATA: dict[str, DemoData] = {
+    "shapes": DemoData(
+        model_name=shapes.MODEL_NAME,
+        write=shapes.write,
+        default_per_class=shapes.DEFAULT_PER_CLASS,
+        description=f"64x64 RGB PNGs of {', '.join(shapes.CLASS_NAMES)}, one folder per class",
+    ),
+}
 
 
 def example_input() -> list[Any]:
@@ -22,3 +55,72 @@ def example_input() -> list[Any]:
 
 def signature() -> Signature:
     return digits.digits_signature()
+
+
+def builtin_spec(name: str) -> ModelSpec | None:
+    """The spec of a built-in model of that name, if there is one."""
+    make = _SPECS.get(name)
+    return None if make is None else make()
+
+
+def spec_of(name: str) -> ModelSpec:
+    """The spec a model is compiled and retrained by: the newest stored version's when it names a
+    trainer, else the built-in model's of that name, else the stored one (which names no trainer).
+
+    Raises `store.ModelNotFound` for a name that is neither stored nor built in."""
+    stored = store.get(f"{name}:latest") if store.exists(f"{name}:latest") else None
+    if stored is not None and stored.card.model_spec.trainer is not None:
+        return stored.card.model_spec
+    builtin = builtin_spec(name)
+    if builtin is not None:
+        return builtin
+    if stored is not None:
+        return stored.card.model_spec
+    raise store.ModelNotFound(f"no model {name!r} in the store and no built-in one (import it: `loop models import`)")
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """Original data that ships with a built-in model, split once into training and validation rows."""
+
+    name: str
+    split_id: str
+    seed: int
+    train_ids: tuple[str, ...]
+    train_inputs: NDArray[np.float32]
+    train_labels: tuple[str, ...]
+    validation_ids: tuple[str, ...]
+    validation_inputs: NDArray[np.float32]
+    validation_labels: tuple[str, ...]
+
+
+def has_bundled_originals(name: str) -> bool:
+    """Whether model `name` ships with its original data."""
+    return name == digits.DEFAULT_MODEL_NAME
+
+
+def bundled_originals(
+    name: str, split_path: Path, *, seed: int = 0, train: Sequence[int] | None = None
+) -> Bundled | None:
+    """The original data bundled with model `name` (None when it has none) with its frozen split at
+    `split_path` (created once); `train` narrows the training side to those rows."""
+    if not has_bundled_originals(name):
+        return None
+    data = digits.load()
+    split = digits.load_or_create_split(split_path, data, seed=seed)
+    train_idx = np.asarray(split.train_indices if train is None else train)
+    val_idx = np.asarray(split.validation_indices)
+    if not set(train_idx.tolist()) <= set(split.train_indices):
+        raise ValueError("the training rows must come from the split's training side")
+    names = digits.CLASS_NAMES
+    return Bundled(
+        name="digits",
+        split_id=split.split_id,
+        seed=split.seed,
+        train_ids=tuple(f"digits:{i:05d}" for i in train_idx),
+        train_inputs=data.images[train_idx],
+        train_labels=tuple(names[i] for i in data.labels[train_idx]),
+        validation_ids=tuple(f"digits:{i:05d}" for i in val_idx),
+        validation_inputs=data.images[val_idx],
+        validation_labels=tuple(names[i] for i in data.labels[val_idx]),
+    )

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from models.signature import Signature
+from models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +164,11 @@ def skewed_subset(
             raise ValueError(f"class {label} has {len(of_class)} rows, fewer than the {wanted} asked for")
         chosen.extend(int(i) for i in rng.permutation(of_class)[:wanted])
     return sorted(chosen)
+
+
+TRAINER = "models.trainers:digits_cnn"
+
+
+def digits_spec() -> ModelSpec:
+    """The default model's spec: raw 8x8 pixels in [0, 16], ten digits, trained by `digits_cnn`."""
+    return ModelSpec.of_signature(digits_signature()).model_copy(update={"trainer": TRAINER})

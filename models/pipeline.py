@@ -1,4 +1,4 @@
-"""Train, evaluate, export, check and store the default digits model, in that order.
+"""Train, evaluate, export, check and store a model, in that order, whatever its trainer.
 
 Any failing step stops the chain: nothing reaches the store without passing parity.
 """
@@ -17,24 +17,19 @@ import torch
 from numpy.typing import NDArray
 
 from models import digits, export, store
-from models.digits import digits_signature
+from models.digits import digits_signature, digits_spec
 from models.evaluate import Evaluation, evaluate
-from models.network import DigitsCNN, WideMLP
+from models.network import WideMLP
 from models.provenance import code_version
 from models.signature import Signature, softmax
-from models.train import (
-    EpochMetrics,
-    History,
-    Normalised,
-    TrainConfig,
-    predict_logits,
-    seed_everything,
-    train,
-)
+from models.spec import ModelSpec
+from models.train import EpochMetrics, History, Normalised, TrainConfig, predict_logits, seed_everything
+from models.trainers import Examples, Trainer, TrainerNotFound, TrainRequest, load_trainer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = digits.DEFAULT_MODEL_NAME
+PARITY_SAMPLES = 512  # validation samples run through both graphs at export
 
 
 @dataclass(frozen=True)
@@ -44,12 +39,6 @@ class BuildResult:
     history: History
     parity_max_abs_diff: float
     validation_probabilities: NDArray[np.float32]
-
-
-def new_digits_model(seed: int) -> Normalised:
-    """A freshly initialised network; its initial weights depend only on `seed`."""
-    seed_everything(seed)
-    return Normalised(DigitsCNN(num_classes=len(digits.CLASS_NAMES)), scale=digits.PIXEL_MAX)
 
 
 def build_digits_model(
@@ -67,10 +56,9 @@ def build_digits_model(
     val_idx = np.asarray(split.validation_indices)
     return train_and_store(
         name=name,
-        x_train=data.images[train_idx],
-        y_train=data.labels[train_idx],
-        x_validation=data.images[val_idx],
-        y_validation=data.labels[val_idx],
+        spec=digits_spec(),
+        train=Examples(data.images[train_idx], data.labels[train_idx]),
+        validation=Examples(data.images[val_idx], data.labels[val_idx]),
         dataset_id=split.dataset_id,
         validation_id=split.split_id,
         config=config,
@@ -78,51 +66,62 @@ def build_digits_model(
     )
 
 
+def trainer_of(spec: ModelSpec) -> Trainer:
+    """The trainer the spec names; `TrainerNotFound` when it names none or one that is not there."""
+    if spec.trainer is None:
+        raise TrainerNotFound("the model's spec names no trainer (add `trainer: package.module:function`)")
+    return load_trainer(spec.trainer)
+
+
 def train_and_store(
     *,
     name: str,
-    x_train: NDArray[np.float32],
-    y_train: NDArray[np.int64],
-    x_validation: NDArray[np.float32],
-    y_validation: NDArray[np.int64],
+    spec: ModelSpec,
+    train: Examples,
+    validation: Examples,
     dataset_id: str,
     validation_id: str,
     config: TrainConfig,
+    trainer: Trainer | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> BuildResult:
-    """Train a fresh digits network, evaluate it, export it, check parity, save it: in that order."""
-    model = new_digits_model(config.seed)
-    history = train(
-        model, x_train, y_train, config, x_validation=x_validation, y_validation=y_validation, on_epoch=on_epoch
-    )
-    probabilities = softmax(predict_logits(model, x_validation))
-    evaluation = evaluate(probabilities, y_validation, digits.CLASS_NAMES)
+    """Train with the spec's trainer (or `trainer`), evaluate, export, check parity, save: in that order."""
+    trainer = trainer or trainer_of(spec)
+    trained = trainer(TrainRequest(spec=spec, train=train, validation=validation, config=config, on_epoch=on_epoch))
+    model = trained.module.eval()
+    probabilities = softmax(predict_logits(model, validation.inputs))
+    if probabilities.shape != (len(validation.labels), len(spec.classes)):
+        raise ValueError(
+            f"the trainer's module answers {list(probabilities.shape[1:])} scores per sample; "
+            f"the spec names {len(spec.classes)} classes"
+        )
+    evaluation = evaluate(probabilities, validation.labels, spec.classes)
     logger.info("validation accuracy %.4f, ECE %.4f", evaluation.accuracy, evaluation.ece)
 
-    signature = digits_signature()
+    signature = spec.signature()
     rng = np.random.default_rng(config.seed)
     parity_inputs = [
-        x_validation,
-        x_validation[:1],
+        validation.inputs[:PARITY_SAMPLES],
+        validation.inputs[:1],
         rng.uniform(signature.min_value, signature.max_value, size=(64, *signature.input_shape)).astype(np.float32),
     ]
     stored = export_and_store(
         model,
         name=name,
         signature=signature,
+        spec=spec,
         parity_inputs=parity_inputs,
         metrics=evaluation.summary(),
         dataset_id=dataset_id,
         validation_id=validation_id,
         extra={"train": config.to_dict(), "per_class": _per_class(evaluation), **(extra or {})},
     )
-    parity = stored.card.parity_max_abs_diff
     return BuildResult(
         stored=stored,
         evaluation=evaluation,
-        history=history,
-        parity_max_abs_diff=parity,
+        history=trained.history,
+        parity_max_abs_diff=stored.card.parity_max_abs_diff,
         validation_probabilities=probabilities,
     )
 
@@ -160,6 +159,7 @@ def export_and_store(
     *,
     name: str,
     signature: Signature,
+    spec: ModelSpec | None = None,
     parity_inputs: list[NDArray[np.float32]],
     metrics: dict[str, float],
     dataset_id: str,
@@ -186,5 +186,6 @@ def export_and_store(
             code_version=code_version(),
             parity_max_abs_diff=parity,
             extra=extra,
+            spec=spec,
         )
         return store.save(name, onnx_path, card)

@@ -251,11 +251,12 @@ class Predictor:
                 labels=lambda: self._class_names(self.default.name),
                 labels_of=self._class_names,
                 to_input=self._one_sample,
+                model_name=self.default.name,
             )
             routes.state.data_loop = DataLoopContext(
                 model_name=self.default.name,
-                schema=lambda: LabelSchema.of(self._signature_of(self.default)),
-                originals=lambda: originals_for(self.default.name, settings.split_path),
+                schema=self._label_schema,
+                originals=lambda conn, name: originals_for(conn, name, settings.split_path),
                 datasets_root=settings.datasets_root,
                 announcer=self._announce if settings.redis_url is not None else None,
             )
@@ -313,6 +314,15 @@ class Predictor:
         input shape are the same across a model's versions."""
         served = slot.served
         return (served.stored if served is not None else store.get(slot.fallback_ref)).card.signature
+
+    def _label_schema(self, name: str) -> LabelSchema:
+        """A served model's classes and inputs, as its datasets are compiled; LookupError if not served."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise LookupError(f"no model {name!r} is served here; served: {', '.join(self.slots)}")
+        if slot.served is None:
+            return LabelSchema.of(self._signature_of(slot))
+        return LabelSchema.of(slot.served.stored.card.model_spec)
 
     def _one_sample(self, sample: Any) -> NDArray[Any]:
         served = self.default.served

@@ -43,13 +43,28 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
+@cli_loop.model_option
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
 @click.option("--if-missing", is_flag=True, help="Do nothing if the store already has the model.")
-def train(epochs: int | None, if_missing: bool) -> None:
-    """Train the default digits model and save it to the BentoML model store."""
+def train(model_name: str | None, epochs: int | None, if_missing: bool) -> None:
+    """Train a model and save it to the BentoML model store.
+
+    The default model trains on the data it ships with, without a database. Any other model
+    trains with its spec's trainer on a training version compiled from its imported original
+    data (`loop datasets import`) and the labels so far, and goes through the gate like a retrain."""
     settings = Settings()
-    if if_missing and store.exists(settings.model_ref):
-        click.echo(f"{settings.model_ref} is in the model store; not training")
+    name = model_name or settings.model_name
+    ref = settings.model_ref if name == settings.model_name else f"{name}:latest"
+    if if_missing and store.exists(ref):
+        click.echo(f"{ref} is in the model store; not training")
+        return
+    from models.builtin import has_bundled_originals
+
+    if not has_bundled_originals(name):
+        with cli_loop.connection(settings) as conn, cli_loop.clean_errors():
+            dataset = cli_loop.compile_version(conn, settings, name)
+            click.echo(f"training version {dataset.id}: {dataset.rows} rows  {json.dumps(dataset.per_class)}")
+            cli_loop.retrain_version(conn, settings, name, dataset, epochs=epochs)
         return
     from models.pipeline import build_digits_model  # torch loads only when training
     from models.train import EpochMetrics, TrainConfig
@@ -61,9 +76,7 @@ def train(epochs: int | None, if_missing: bool) -> None:
             bar.update(1)
             logger.debug("epoch %d train loss %.4f val error %s", m.epoch, m.train_loss, m.validation_error)
 
-        result = build_digits_model(
-            name=settings.model_name, split_path=settings.split_path, config=config, on_epoch=on_epoch
-        )
+        result = build_digits_model(name=name, split_path=settings.split_path, config=config, on_epoch=on_epoch)
     click.echo(
         f"saved {result.stored.tag}: validation accuracy {result.evaluation.accuracy:.4f}, "
         f"ECE {result.evaluation.ece:.4f}, ONNX parity max abs diff {result.parity_max_abs_diff:.2e}"

@@ -153,8 +153,11 @@ class Demo:
         order = np.random.default_rng(config.seed).permutation(rest)
         self.traffic = order[: config.traffic_rows] if config.traffic_rows is not None else order
         self.data = data
-        self.originals = ds.digits_originals(split_path, seed=config.seed, train=initial)
-        self.schema = ds.LabelSchema.of(digits.digits_signature())
+        originals = ds.bundled_originals(digits.DEFAULT_MODEL_NAME, split_path, seed=config.seed, train=initial)
+        assert originals is not None
+        self.originals = originals
+        self.spec = digits.digits_spec()
+        self.schema = ds.LabelSchema.of(self.spec)
         self.tracking = Tracking(
             tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}",
             artifact_uri=(out / "mlartifacts").resolve().as_uri(),
@@ -179,7 +182,7 @@ class Demo:
                 conn=conn, model_name=self.model_name, originals=self.originals, schema=self.schema,
                 root_url=self._datasets_root(), actor=admin,
             )  # fmt: skip
-            self.echo(f"[{self.strategy.value}] training the first model on {len(self.originals.train_ids)} rows")
+            self.echo(f"[{self.strategy.value}] training the first model on {len(self.originals.train)} rows")
             first = self._compile_and_retrain(conn, admin, validation, round_=0, announce=False)
             result.rounds.append(first[0])
             result.datasets.append(first[1])
@@ -226,7 +229,7 @@ class Demo:
             outcome = retrain(
                 conn=conn, model_name=self.model_name, dataset=version, tracking=self.tracking, config=config,
                 margin=self.config.margin, announcer=self._announce if announce else None,
-                on_epoch=lambda _: bar.update(1),
+                on_epoch=lambda _: bar.update(1), spec=self.spec,
             )  # fmt: skip
         champion = dataset_store.champion(conn=conn, model_name=self.model_name)
         assert champion is not None and champion.accuracy is not None  # retrain recorded a decision

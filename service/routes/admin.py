@@ -1,8 +1,9 @@
 """Admins' HTTP API for the data loop, mounted by the service under /admin.
 
 Compile training versions, read versions, fix validation labels (a new validation version, every
-model compared on the old one re-evaluated), force a promotion. Every route needs an admin token.
-The service puts a `DataLoopContext` in `app.state.data_loop`.
+model compared on the old one re-evaluated), force a promotion. Every route needs an admin token
+and works on one served model: `?model=NAME`, the service's default model when left out. The
+service puts a `DataLoopContext` in `app.state.data_loop`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+import psycopg
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from feedback import dataset_store
@@ -25,9 +27,9 @@ from service.routes.review import Admin, Context, GuardedRoute, Name, Reason, Re
 
 @dataclass
 class DataLoopContext:
-    model_name: str
-    schema: Callable[[], ds.LabelSchema]  # the model's classes and input, read when needed
-    originals: Callable[[], ds.Originals]
+    model_name: str  # the default model
+    schema: Callable[[str], ds.LabelSchema]  # a served model's classes and input; LookupError if not served
+    originals: Callable[[psycopg.Connection, str], ds.Originals]
     datasets_root: str
     announcer: Callable[[str, str], None] | None = None
 
@@ -43,6 +45,30 @@ def _loop(request: Request) -> DataLoopContext:
 
 
 Loop = Annotated[DataLoopContext, Depends(_loop)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a request works on, with its label schema."""
+
+    name: str
+    schema: ds.LabelSchema
+
+
+ModelQuery = Annotated[
+    str | None, Query(min_length=1, max_length=200, description="A served model (default: the default model).")
+]
+
+
+def _target(loop: Loop, model: ModelQuery = None) -> Target:
+    name = model or loop.model_name
+    try:
+        return Target(name=name, schema=loop.schema(name))  # an unknown model is refused before anything is read
+    except LookupError as exc:
+        raise HTTPException(404, str(exc).strip("'\"")) from None
+
+
+Model = Annotated[Target, Depends(_target)]
 
 
 class DatasetVersionPublic(BaseModel):
@@ -119,27 +145,31 @@ class PromotionPublic(BaseModel):
 
 
 @router.post("/datasets", response_model=DatasetVersionPublic, status_code=201)
-def compile_dataset(body: CompileIn, context: Context, loop: Loop, admin: Admin) -> Any:
-    """Compile a training version from the current labels (the same labels give the same id)."""
+def compile_dataset(body: CompileIn, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
+    """Compile a training version of the model from the current labels (the same labels give the same id)."""
+    schema = model.schema
     with db_connection(context) as conn:
-        originals = loop.originals()
-        validation = ds.freeze_validation(
-            conn=conn, model_name=loop.model_name, originals=originals, schema=loop.schema(),
-            root_url=loop.datasets_root, actor=admin,
-        )  # fmt: skip
+        validation = dataset_store.current_validation(conn=conn, model_name=model.name)
+        need_originals = body.include_original or validation is None
+        originals = loop.originals(conn, model.name) if need_originals else None
+        if validation is None:
+            assert originals is not None
+            validation = ds.freeze_validation(
+                conn=conn, model_name=model.name, originals=originals, schema=schema, root_url=loop.datasets_root,
+                actor=admin,
+            )  # fmt: skip
         version = ds.compile_training(
-            conn=conn, model_name=loop.model_name, schema=loop.schema(),
-            originals=originals if body.include_original else None, validation=validation,
-            root_url=loop.datasets_root, watermark=body.watermark, actor=admin,
+            conn=conn, model_name=model.name, schema=schema, originals=originals if body.include_original else None,
+            validation=validation, root_url=loop.datasets_root, watermark=body.watermark, actor=admin,
         )  # fmt: skip
     return DatasetVersionPublic.of(version)
 
 
 @router.get("/datasets", response_model=list[DatasetVersionPublic])
-def list_datasets(context: Context, loop: Loop, admin: Admin, kind: Kind | None = None) -> Any:
-    """Training and validation versions of the served model, oldest first."""
+def list_datasets(context: Context, model: Model, admin: Admin, kind: Kind | None = None) -> Any:
+    """Original, training and validation versions of the model, oldest first."""
     with db_connection(context) as conn:
-        versions = dataset_store.list_versions(conn=conn, model_name=loop.model_name, kind=kind)
+        versions = dataset_store.list_versions(conn=conn, model_name=model.name, kind=kind)
     return [DatasetVersionPublic.of(v) for v in versions]
 
 
@@ -154,13 +184,13 @@ def get_dataset(version_id: str, context: Context, admin: Admin) -> Any:
 
 
 @router.post("/validation/fixes", response_model=ValidationFixed, status_code=201)
-def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, admin: Admin) -> Any:
+def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
     """Fix validation labels: a new validation version; models compared on the old one are re-evaluated."""
     fixes = [ds.LabelFix(item_id=f.item_id, label=f.label, reason=body.reason) for f in body.fixes]
     with db_connection(context) as conn:
-        old = dataset_store.current_validation(conn=conn, model_name=loop.model_name)
+        old = dataset_store.current_validation(conn=conn, model_name=model.name)
         new = ds.fix_validation(
-            conn=conn, model_name=loop.model_name, fixes=fixes, schema=loop.schema(), root_url=loop.datasets_root,
+            conn=conn, model_name=model.name, fixes=fixes, schema=model.schema, root_url=loop.datasets_root,
             actor=admin,
         )  # fmt: skip
         assert old is not None  # fix_validation refuses when there is none
@@ -172,12 +202,12 @@ def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, admin: A
 
 
 @router.post("/models/{version}/promote", response_model=PromotionPublic)
-def force_promotion(version: str, body: PromoteIn, context: Context, loop: Loop, admin: Admin) -> Any:
-    """Make a stored version of the served model champion regardless of the gate (recorded, announced)."""
+def force_promotion(version: str, body: PromoteIn, *, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
+    """Make a stored version of the model champion regardless of the gate (recorded, announced)."""
     with db_connection(context) as conn:
         try:
             promotion = promote(
-                conn=conn, model_name=loop.model_name, model_version=version, reason=body.reason, actor=admin,
+                conn=conn, model_name=model.name, model_version=version, reason=body.reason, actor=admin,
                 announcer=loop.announcer,
             )  # fmt: skip
         except ModelNotFound as exc:
@@ -188,9 +218,9 @@ def force_promotion(version: str, body: PromoteIn, context: Context, loop: Loop,
 
 
 @router.get("/promotions", response_model=list[PromotionPublic])
-def list_promotions(context: Context, loop: Loop, admin: Admin) -> Any:
-    """Every gate decision and forced promotion of the served model, oldest first; the last
-    baseline, promoted or forced one is the champion."""
+def list_promotions(context: Context, model: Model, admin: Admin) -> Any:
+    """Every gate decision and forced promotion of the model, oldest first; the last baseline,
+    promoted or forced one is the champion."""
     with db_connection(context) as conn:
-        found = dataset_store.promotions(conn=conn, model_name=loop.model_name)
+        found = dataset_store.promotions(conn=conn, model_name=model.name)
     return [PromotionPublic.of(p) for p in found]

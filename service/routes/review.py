@@ -44,6 +44,7 @@ class ModerationContext:
     # The class names of any served model, by name (None: not served here, so not checked).
     labels_of: Callable[[str], Sequence[str] | None] | None = None
     to_input: Callable[[Any], Any] | None = None
+    model_name: str = "reviewer"  # the model samples are added for (the service's default)
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -367,7 +368,10 @@ def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStat
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     with db_connection(context) as conn:
-        state = rs.add_sample(conn=conn, user=user, input_npy=npy_bytes(sample), label=body.label, reason=body.reason)
+        state = rs.add_sample(
+            conn=conn, user=user, model_name=context.model_name, input=npy_bytes(sample), label=body.label,
+            reason=body.reason,
+        )  # fmt: skip
     return ItemStatePublic(**asdict(state))
 
 

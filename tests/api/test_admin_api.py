@@ -12,7 +12,7 @@ from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
 from feedback import review_store as rs
-from feedback.datasets import LabelSchema, digits_originals
+from feedback.datasets import LabelSchema, Originals, bundled_originals
 from models import digits
 from models.pipeline import BuildResult
 from models.signature import to_batch
@@ -22,6 +22,18 @@ from service.routes.review import ModerationContext
 from service.routes.review import router as review_router
 
 pytestmark = pytest.mark.api
+
+
+def schema_of(name: str) -> LabelSchema:
+    if not name.startswith("digits"):
+        raise LookupError(f"no model {name!r} is served here")
+    return LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
+
+
+def originals_of(name: str, split_path: Path) -> Originals:
+    found = bundled_originals(name, split_path)
+    assert found is not None
+    return found
 
 
 @pytest.fixture
@@ -37,11 +49,12 @@ def setup(
             pool=pool,
             labels=lambda: digits.CLASS_NAMES,
             to_input=lambda sample: to_batch([sample], digits.digits_signature(), max_samples=1)[0],
+            model_name=trained_model.stored.name,
         )
         app.state.data_loop = DataLoopContext(
             model_name=trained_model.stored.name,
-            schema=lambda: LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE),
-            originals=lambda: digits_originals(split_path),
+            schema=schema_of,
+            originals=lambda _conn, name: originals_of(name, split_path),
             datasets_root=str(tmp_path / "datasets"),
             announcer=lambda name, version: announced.append((name, version)),
         )
@@ -77,6 +90,9 @@ def test_compile_list_and_read_versions(setup: tuple[TestClient, ConnectionPool,
     assert client.get("/admin/datasets", params={"kind": "training"}, headers=admin).json()[0]["id"] == body["id"]
     assert client.get(f"/admin/datasets/{body['id']}", headers=admin).json()["manifest"]["watermark"] == 1
     assert client.get("/admin/datasets/0123", headers=admin).status_code == 404
+    unknown = client.get("/admin/datasets", params={"model": "nope"}, headers=admin)
+    assert unknown.status_code == 404 and "no model 'nope' is served here" in unknown.json()["detail"]
+    assert client.post("/admin/datasets", params={"model": "nope"}, json={}, headers=admin).status_code == 404
 
     for bad, status in [({"watermark": 99}, 422), ({"watermark": -1}, 422), ({"include_original": "x"}, 422)]:
         response = client.post("/admin/datasets", json=bad, headers=admin)

@@ -19,8 +19,9 @@ from feedback.datasets import (
     LabelFix,
     LabelSchema,
     Originals,
+    Rows,
+    bundled_originals,
     compile_training,
-    digits_originals,
     dir_hash,
     fix_validation,
     freeze_validation,
@@ -28,7 +29,7 @@ from feedback.datasets import (
     verify,
 )
 from feedback.records import npy_bytes
-from models import digits
+from models import builtin, digits
 
 pytestmark = pytest.mark.data
 
@@ -37,7 +38,9 @@ SCHEMA = LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SH
 
 @pytest.fixture
 def originals(split_path: Path) -> Originals:
-    return digits_originals(split_path)
+    found = bundled_originals(builtin.DEFAULT_MODEL_NAME, split_path)
+    assert found is not None
+    return found
 
 
 @pytest.fixture
@@ -45,12 +48,18 @@ def admin(conn: psycopg.Connection) -> rs.User:
     return rs.create_user(conn=conn, name="admin", role=rs.Role.ADMIN)[0]
 
 
+def held(originals: Originals) -> Rows:
+    """The validation side of bundled data (always there)."""
+    assert originals.validation is not None
+    return originals.validation
+
+
 def pixels(seed: int) -> NDArray[np.float32]:
     return np.random.default_rng(seed).integers(0, 17, size=digits.INPUT_SHAPE).astype(np.float32)
 
 
 def add(conn: psycopg.Connection, user: rs.User, seed: int, label: str) -> uuid.UUID:
-    state = rs.add_sample(conn=conn, user=user, input_npy=npy_bytes(pixels(seed)), label=label, reason=None)
+    state = rs.add_sample(conn=conn, user=user, model_name="m", input=npy_bytes(pixels(seed)), label=label, reason=None)
     return state.prediction_id
 
 
@@ -144,7 +153,12 @@ def test_rows_are_sorted_and_labelled_as_the_review_says(
     rs.erase_input(conn=conn, user=admin, prediction_id=erased, reason="removal request")
     # A sample equal to a validation input must stay out, whatever its label and source.
     leak = rs.add_sample(
-        conn=conn, user=admin, input_npy=npy_bytes(originals.validation_inputs[0]), label="0", reason=None
+        conn=conn,
+        user=admin,
+        model_name="m",
+        input=npy_bytes(np.asarray(held(originals).inputs[0])),
+        label="0",
+        reason=None,
     ).prediction_id
 
     version = compile_training(
@@ -156,11 +170,11 @@ def test_rows_are_sorted_and_labelled_as_the_review_says(
     ids = set(loaded.item_ids)
     assert str(kept) in ids
     assert not ids & {str(discarded), str(erased), str(leak)}
-    assert not ids & set(originals.validation_ids)
-    assert set(originals.train_ids) - {i for i in ids if i.startswith("digits:")} == {
+    assert not ids & set(held(originals).ids)
+    assert set(originals.train.ids) - {i for i in ids if i.startswith("digits:")} == {
         item
-        for item, x in zip(originals.train_ids, originals.train_inputs, strict=True)
-        if any(np.array_equal(x, v) for v in originals.validation_inputs)
+        for item, x in zip(originals.train.ids, originals.train.inputs, strict=True)
+        if any(np.array_equal(np.asarray(x), np.asarray(v)) for v in held(originals).inputs)
     }  # only original rows equal to a validation input are held out
     row = loaded.item_ids.index(str(kept))
     assert loaded.labels[row] == 4
@@ -185,8 +199,8 @@ def test_validation_fix_makes_a_new_version_and_leaves_the_frozen_one(
     frozen = freeze_validation(conn=conn, model_name="m", originals=originals, schema=SCHEMA, root_url=root)
     assert freeze_validation(conn=conn, model_name="m", originals=originals, schema=SCHEMA, root_url=root) == frozen
     before = files_of(Path(frozen.uri))
-    item = originals.validation_ids[5]
-    old_label = originals.validation_labels[5]
+    item = held(originals).ids[5]
+    old_label = held(originals).labels[5]
     new_label = "9" if old_label != "9" else "8"
 
     for bad, message in [

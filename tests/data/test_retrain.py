@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+import torch
 
 from feedback import dataset_store
 from feedback import review_store as rs
@@ -16,20 +16,22 @@ from feedback.datasets import (
     LabelFix,
     LabelSchema,
     Originals,
+    bundled_originals,
     compile_training,
-    digits_originals,
     fix_validation,
     freeze_validation,
 )
 from feedback.records import npy_bytes
 from feedback.retrain import RetrainResult, retrain
 from feedback.tracking import Tracking
-from models import digits, store
-from models.train import TrainConfig
+from models import builtin, digits, store
+from models.train import Normalised, TrainConfig, train
+from models.trainers import Trained, TrainRequest
 
 pytestmark = pytest.mark.data
 
 SCHEMA = LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
+SPEC = digits.digits_spec()
 RARE = "3"
 FAST = TrainConfig(epochs=12)
 
@@ -40,10 +42,22 @@ def tracking(tmp_path: Path) -> Tracking:
 
 
 def add_rows(conn: psycopg.Connection, user: rs.User, originals: Originals, label: str, start: int, count: int) -> None:
-    rows = [i for i, lab in enumerate(originals.train_labels) if lab == label][start : start + count]
+    rows = [i for i, lab in enumerate(originals.train.labels) if lab == label][start : start + count]
     assert len(rows) == count
     for i in rows:
-        rs.add_sample(conn=conn, user=user, input_npy=npy_bytes(originals.train_inputs[i]), label=label, reason=None)
+        sample = npy_bytes(originals.train.inputs[i])  # type: ignore[arg-type]
+        rs.add_sample(conn=conn, user=user, model_name=name_of(conn), input=sample, label=label, reason=None)
+
+
+def name_of(conn: psycopg.Connection) -> str:
+    """The model of a test: one per test database."""
+    return conn.info.dbname
+
+
+def digits_data(split_path: Path) -> Originals:
+    found = bundled_originals(builtin.DEFAULT_MODEL_NAME, split_path)
+    assert found is not None
+    return found
 
 
 @pytest.mark.parametrize(
@@ -76,9 +90,9 @@ def assert_logged(tracking: Tracking, result: RetrainResult, *, dataset_id: str,
 def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is_refused(
     conn: psycopg.Connection, split_path: Path, tmp_path: Path, tracking: Tracking
 ) -> None:
-    name = f"planted-{uuid.uuid4().hex[:8]}"
+    name = name_of(conn)
     root = str(tmp_path / "datasets")
-    originals = digits_originals(split_path)
+    originals = digits_data(split_path)
     admin = rs.create_user(conn=conn, name="admin", role=rs.Role.ADMIN)[0]
     validation = freeze_validation(conn=conn, model_name=name, originals=originals, schema=SCHEMA, root_url=root)
     for label in SCHEMA.class_names:
@@ -91,7 +105,9 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
     def announcer(model_name: str, version: str) -> None:
         announced.append((model_name, version))
 
-    first = retrain(conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer)
+    first = retrain(
+        conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer, spec=SPEC
+    )
     assert first.promotion.decision is Decision.PROMOTED and first.promotion.reason == "no champion yet"
     assert announced == [(name, first.build.stored.version)]
 
@@ -100,7 +116,9 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
         conn=conn, model_name=name, schema=SCHEMA, originals=None, validation=validation, root_url=root
     )
     assert more.per_class[RARE] == few.per_class[RARE] + 25
-    second = retrain(conn=conn, model_name=name, dataset=more, tracking=tracking, config=FAST, announcer=announcer)
+    second = retrain(
+        conn=conn, model_name=name, dataset=more, tracking=tracking, config=FAST, announcer=announcer, spec=SPEC
+    )
     assert second.evaluation.per_class[RARE].recall > first.evaluation.per_class[RARE].recall
     assert second.evaluation.accuracy >= first.evaluation.accuracy
     assert second.promotion.decision is Decision.PROMOTED, second.promotion.reason
@@ -108,7 +126,9 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
     assert announced[-1] == (name, second.build.stored.version)
 
     # The same protocol on the smaller set again gives the first model back: not better, refused.
-    worse = retrain(conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer)
+    worse = retrain(
+        conn=conn, model_name=name, dataset=few, tracking=tracking, config=FAST, announcer=announcer, spec=SPEC
+    )
     assert worse.promotion.decision is Decision.REJECTED
     assert "does not beat" in worse.promotion.reason
     assert worse.evaluation.accuracy == pytest.approx(first.evaluation.accuracy)
@@ -120,8 +140,9 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
     assert_logged(tracking, second, dataset_id=more.id, validation_id=validation.id)
 
     # A validation fix: a new version, and every model compared on the old one is evaluated on it.
-    item = originals.validation_ids[0]
-    other = "1" if originals.validation_labels[0] != "1" else "2"
+    assert originals.validation is not None
+    item = originals.validation.ids[0]
+    other = "1" if originals.validation.labels[0] != "1" else "2"
     fixed = fix_validation(
         conn=conn, model_name=name, fixes=[LabelFix(item, other, "mislabelled")], schema=SCHEMA, root_url=root,
         actor=admin,
@@ -145,3 +166,60 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
     assert announced[-1] == (name, worse.build.stored.version)
     decisions = [p.decision for p in dataset_store.promotions(conn=conn, model_name=name)]
     assert decisions == [Decision.PROMOTED, Decision.PROMOTED, Decision.REJECTED, Decision.FORCED]
+
+
+TRAINED: list[TrainRequest] = []
+
+
+def linear_trainer(request: TrainRequest) -> Trained:
+    """A trainer defined here: a linear model on the flattened pixels."""
+    TRAINED.append(request)
+    model = Normalised(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), scale=16.0)
+    history = train(model, request.train.inputs, request.train.labels, request.config,
+                    x_validation=request.validation.inputs, y_validation=request.validation.labels)  # fmt: skip
+    return Trained(module=model, history=history)
+
+
+def test_the_trainer_a_spec_names_is_found_and_given_the_version_folders(
+    conn: psycopg.Connection, split_path: Path, tmp_path: Path, tracking: Tracking
+) -> None:
+    name, root = name_of(conn), str(tmp_path / "datasets")
+    originals = digits_data(split_path)
+    validation = freeze_validation(conn=conn, model_name=name, originals=originals, schema=SCHEMA, root_url=root)
+    dataset = compile_training(conn=conn, model_name=name, schema=SCHEMA, originals=originals,
+                               validation=validation, root_url=root)  # fmt: skip
+    spec = SPEC.model_copy(update={"trainer": f"{__name__}:linear_trainer"})
+    result = retrain(conn=conn, model_name=name, dataset=dataset, tracking=tracking, config=TrainConfig(epochs=3),
+                     spec=spec)  # fmt: skip
+    (request,) = TRAINED[-1:]
+    assert request.train.folder == Path(dataset.uri) and request.validation.folder == Path(validation.uri)
+    assert len(request.train.labels) == dataset.rows and request.config.epochs == 3
+    assert result.promotion.decision is Decision.PROMOTED
+    stored = store.get(result.build.stored.tag)
+    assert stored.card.model_spec.trainer == f"{__name__}:linear_trainer"  # the next retrain finds it again
+    assert stored.card.parity_max_abs_diff < 1e-4
+    assert result.evaluation.accuracy > 0.5  # ten classes: it did train
+
+
+@pytest.mark.parametrize(
+    ("trainer", "message"),
+    [
+        ("tests.data.nowhere:train", "module 'tests.data.nowhere' cannot be imported"),
+        (f"{__name__}:no_such_trainer", f"module '{__name__}' has no 'no_such_trainer'"),
+        (f"{__name__}:SPEC", "'SPEC' is a ModelSpec, not a function"),
+    ],
+)
+def test_a_spec_naming_a_missing_trainer_is_refused_before_training(
+    conn: psycopg.Connection, split_path: Path, tmp_path: Path, tracking: Tracking, trainer: str, message: str
+) -> None:
+    name, root = name_of(conn), str(tmp_path / "datasets")
+    originals = digits_data(split_path)
+    validation = freeze_validation(conn=conn, model_name=name, originals=originals, schema=SCHEMA, root_url=root)
+    dataset = compile_training(conn=conn, model_name=name, schema=SCHEMA, originals=originals,
+                               validation=validation, root_url=root)  # fmt: skip
+    spec = SPEC.model_copy(update={"trainer": trainer})
+    with pytest.raises(rs.Invalid, match=f"{name} cannot be retrained: trainer '{trainer}': {message}"):
+        retrain(conn=conn, model_name=name, dataset=dataset, tracking=tracking, spec=spec)
+    assert not store.exists(f"{name}:latest")
+    assert tracking.client().search_experiments(filter_string=f"name = '{name}'") == []
+    assert dataset_store.promotions(conn=conn, model_name=name) == []

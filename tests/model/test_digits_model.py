@@ -12,10 +12,11 @@ from torch import nn
 
 from models import digits, export, store
 from models.network import DigitsCNN
-from models.pipeline import BuildResult, new_digits_model
+from models.pipeline import BuildResult
 from models.runtime import DevicePreference, OnnxModel
 from models.signature import postprocess
 from models.train import Normalised, TrainConfig, predict_logits, train
+from models.trainers import new_digits_model
 
 pytestmark = pytest.mark.model
 
