@@ -124,3 +124,35 @@ def bundled_originals(
         validation_inputs=data.images[val_idx],
         validation_labels=tuple(names[i] for i in data.labels[val_idx]),
     )
+
+
+# The loop demo's task: the default model's bundled data, a skewed first training subset.
+DEMO_INITIAL_PER_CLASS = digits.DEMO_INITIAL_PER_CLASS
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """The built-in task `loop demo-loop` runs on: a model, all of its bundled data, a frozen split."""
+
+    model_name: str
+    spec: ModelSpec
+    inputs: NDArray[np.float32]  # every sample, as a client sends it
+    labels: NDArray[np.int64]  # class indices into spec.classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.classes
+
+    def split(self, path: Path, *, seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(training rows, validation rows), frozen at `path` the first time."""
+        split = digits.load_or_create_split(path, digits.Digits(self.inputs, self.labels), seed=seed)
+        return split.train_indices, split.validation_indices
+
+    def initial(self, train_rows: Sequence[int], per_class: Sequence[int], *, seed: int) -> list[int]:
+        """The first model's training rows: `per_class[c]` of class c, drawn with `seed`."""
+        return digits.skewed_subset(self.labels, train_rows, per_class, seed=seed)
+
+
+def demo_task() -> DemoTask:
+    data = digits.load()
+    return DemoTask(model_name=DEFAULT_MODEL_NAME, spec=digits.digits_spec(), inputs=data.images, labels=data.labels)

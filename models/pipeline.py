@@ -41,7 +41,7 @@ class BuildResult:
     validation_probabilities: NDArray[np.float32]
 
 
-def build_digits_model(
+def build_bundled_model(
     *,
     name: str = DEFAULT_MODEL_NAME,
     split_path: Path,

@@ -66,7 +66,7 @@ def train(model_name: str | None, epochs: int | None, if_missing: bool) -> None:
             click.echo(f"training version {dataset.id}: {dataset.rows} rows  {json.dumps(dataset.per_class)}")
             cli_loop.retrain_version(conn, settings, name, dataset, epochs=epochs)
         return
-    from models.pipeline import build_digits_model  # torch loads only when training
+    from models.pipeline import build_bundled_model  # torch loads only when training
     from models.train import EpochMetrics, TrainConfig
 
     config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
@@ -76,7 +76,7 @@ def train(model_name: str | None, epochs: int | None, if_missing: bool) -> None:
             bar.update(1)
             logger.debug("epoch %d train loss %.4f val error %s", m.epoch, m.train_loss, m.validation_error)
 
-        result = build_digits_model(name=name, split_path=settings.split_path, config=config, on_epoch=on_epoch)
+        result = build_bundled_model(name=name, split_path=settings.split_path, config=config, on_epoch=on_epoch)
     click.echo(
         f"saved {result.stored.tag}: validation accuracy {result.evaluation.accuracy:.4f}, "
         f"ECE {result.evaluation.ece:.4f}, ONNX parity max abs diff {result.parity_max_abs_diff:.2e}"

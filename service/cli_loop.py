@@ -251,6 +251,24 @@ def datasets_show(version_id: str) -> None:
     click.echo(json.dumps({"id": version.id, "uri": version.uri, **version.manifest}, indent=2))
 
 
+@datasets.command("verify")
+@click.argument("version_id")
+def datasets_verify(version_id: str) -> None:
+    """Hash a version's files again and compare with its id (DVC's directory hash)."""
+    from feedback import dataset_store
+    from feedback.datasets import verify
+
+    with connection(Settings()) as conn:
+        version = dataset_store.get_version(conn=conn, version_id=version_id)
+    if version is None:
+        raise click.ClickException(f"no dataset version {version_id}")
+    try:
+        verify(version.uri, version.id)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{version.id}: the files at {version.uri} hash to its id")
+
+
 # -- validation -----------------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ from feedback import dataset_store
 from feedback import review_store as rs
 from feedback.keys import Keys
 from feedback.migrate import migrate
-from models import digits
+from models import builtin
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class DemoConfig:
     epochs: int | None = None  # None: the protocol's own
     margin: float = 0.0
     seed: int = 0
-    initial_per_class: tuple[int, ...] = digits.DEMO_INITIAL_PER_CLASS
+    initial_per_class: tuple[int, ...] = builtin.DEMO_INITIAL_PER_CLASS
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,8 @@ class Demo:
         self.out = out
         self.echo = echo
         run = uuid.uuid4().hex[:6]
-        self.model_name = f"{digits.DEFAULT_MODEL_NAME}-demo-{strategy.value.replace('_', '-')}-{run}"
+        self.task = task = builtin.demo_task()
+        self.model_name = f"{task.model_name}-demo-{strategy.value.replace('_', '-')}-{run}"
         self.keys = Keys(f"demo-{run}")
         self.database = f"loop_demo_{strategy.value}_{run}"
         self.server_url = servers.postgres
@@ -144,20 +145,17 @@ class Demo:
         self.redis_url = servers.redis
         self.var_dir = out / f"var-{strategy.value}"
         self.rng = np.random.default_rng(config.seed)
-        data = digits.load()
         split_path = self.var_dir / "validation" / "split.json"
-        split = digits.load_or_create_split(split_path, data, seed=config.seed)
-        initial = digits.skewed_subset(data.labels, split.train_indices, config.initial_per_class, seed=config.seed)
-        rest = np.setdiff1d(np.asarray(split.train_indices), initial)
+        train_rows, _ = task.split(split_path, seed=config.seed)
+        initial = task.initial(train_rows, config.initial_per_class, seed=config.seed)
+        rest = np.setdiff1d(np.asarray(train_rows), initial)
         # The same traffic, in the same order, for every strategy: equal budgets compare fairly.
         order = np.random.default_rng(config.seed).permutation(rest)
         self.traffic = order[: config.traffic_rows] if config.traffic_rows is not None else order
-        self.data = data
-        originals = ds.bundled_originals(digits.DEFAULT_MODEL_NAME, split_path, seed=config.seed, train=initial)
+        originals = ds.bundled_originals(task.model_name, split_path, seed=config.seed, train=initial)
         assert originals is not None
         self.originals = originals
-        self.spec = digits.digits_spec()
-        self.schema = ds.LabelSchema.of(self.spec)
+        self.schema = ds.LabelSchema.of(task.spec)
         self.tracking = Tracking(
             tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}",
             artifact_uri=(out / "mlartifacts").resolve().as_uri(),
@@ -199,7 +197,7 @@ class Demo:
                 result.datasets.append(version)
                 self._wait_served(http, row.champion)
                 self._print(row)
-            probe = http.post("/predict", json={"samples": [self.data.images[int(self.traffic[0])].tolist()]})
+            probe = http.post("/predict", json={"samples": [self.task.inputs[int(self.traffic[0])].tolist()]})
             result.served_after = probe.json()["predictions"][0]["model_version"]
         return result
 
@@ -229,7 +227,7 @@ class Demo:
             outcome = retrain(
                 conn=conn, model_name=self.model_name, dataset=version, tracking=self.tracking, config=config,
                 margin=self.config.margin, announcer=self._announce if announce else None,
-                on_epoch=lambda _: bar.update(1), spec=self.spec,
+                on_epoch=lambda _: bar.update(1), spec=self.task.spec,
             )  # fmt: skip
         champion = dataset_store.champion(conn=conn, model_name=self.model_name)
         assert champion is not None and champion.accuracy is not None  # retrain recorded a decision
@@ -260,10 +258,10 @@ class Demo:
         with click.progressbar(length=len(batch), label=f"round {round_}: traffic", file=sys.stderr) as bar:
             for start in range(0, len(batch), size):
                 rows = batch[start : start + size]
-                response = http.post("/predict", json={"samples": self.data.images[rows].tolist()})
+                response = http.post("/predict", json={"samples": self.task.inputs[rows].tolist()})
                 response.raise_for_status()
                 for row, answer in zip(rows, response.json()["predictions"], strict=True):
-                    self.truth[answer["id"]] = digits.CLASS_NAMES[int(self.data.labels[row])]
+                    self.truth[answer["id"]] = self.task.class_names[int(self.task.labels[row])]
                 bar.update(len(rows))
 
     def _wait_ingested(self, timeout_s: float = 60) -> None:
@@ -296,7 +294,7 @@ class Demo:
                     verdicts = [
                         {"prediction_id": item["id"], **simulated_verdict(
                             self.rng, model_label=item["label"], true_label=self.truth[item["id"]],
-                            class_names=digits.CLASS_NAMES, error_rate=self.config.error_rate,
+                            class_names=self.task.class_names, error_rate=self.config.error_rate,
                         )}
                         for item in items
                     ]  # fmt: skip

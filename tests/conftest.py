@@ -23,7 +23,7 @@ from psycopg import sql  # noqa: E402
 
 from feedback.keys import Keys  # noqa: E402
 from feedback.migrate import migrate  # noqa: E402
-from models.pipeline import BuildResult, build_digits_model  # noqa: E402
+from models.pipeline import BuildResult, build_bundled_model  # noqa: E402
 
 # The machine's shared servers. Every test gets its own database and its own key prefix on them.
 POSTGRES = os.environ.get("LOOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
@@ -103,7 +103,7 @@ def split_path(session_home: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_model(split_path: Path) -> BuildResult:
     """The default digits model, trained once per test session with the default protocol."""
-    return build_digits_model(split_path=split_path)
+    return build_bundled_model(split_path=split_path)
 
 
 @pytest.fixture(scope="session")

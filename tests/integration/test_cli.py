@@ -54,7 +54,7 @@ def test_compile_retrain_and_report_from_the_command_line(database_url: str, key
         "LOOP_MODEL_NAME": f"cli-{keys.prefix}",
     }
     wrong_model = loop("datasets", "compile", database_url=database_url, **env)
-    assert wrong_model.returncode == 1 and "--no-original" in wrong_model.stderr
+    assert wrong_model.returncode == 1 and "no built-in one (import it: `loop models import`)" in wrong_model.stderr
 
     # The default model, in a model store of this test's own (retraining adds versions to it).
     env["LOOP_MODEL_NAME"] = "digits-cnn"
@@ -82,3 +82,37 @@ def test_compile_retrain_and_report_from_the_command_line(database_url: str, key
     assert report.returncode == 0, report.stderr
     assert version.group(1)[:12] in report.stdout
     assert (tmp_path / "report" / "validation_error.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_original_data_is_imported_once_refused_clearly_and_verified(database_url: str, tmp_path: Path) -> None:
+    env = {"LOOP_VAR_DIR": str(tmp_path / "var")}
+    data = tmp_path / "shapes"
+    written = loop("demo-data", "shapes", str(data), "--per-class", "6", database_url=database_url, **env)
+    assert written.returncode == 0 and "wrote 30 images" in written.stdout, written.stderr
+    again = loop("demo-data", "shapes", str(data), database_url=database_url, **env)
+    assert again.returncode == 1 and "is not empty" in again.stderr
+
+    (data / "hexagon").mkdir()
+    refused = loop("datasets", "import", "shapes-cnn", str(data), database_url=database_url, **env)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "no class of the model is called 'hexagon'" in refused.stderr
+    (data / "hexagon").rmdir()
+    unknown = loop("datasets", "import", "no-such-model", str(data), database_url=database_url, **env)
+    assert unknown.returncode == 1 and "no model 'no-such-model' in the store" in unknown.stderr
+
+    imported = loop("datasets", "import", "shapes-cnn", str(data), database_url=database_url, **env)
+    assert imported.returncode == 0, imported.stderr
+    validation = re.search(r"validation ([0-9a-f]{32}): 6 rows \(frozen\)", imported.stdout)
+    assert validation is not None, imported.stdout
+    twice = loop("datasets", "import", "shapes-cnn", str(data), database_url=database_url, **env)
+    assert twice.returncode == 1 and "imported once" in twice.stderr
+    listed = loop("datasets", "list", "--model", "shapes-cnn", database_url=database_url, **env).stdout
+    assert [line.split()[1] for line in listed.splitlines()] == ["original", "validation"]
+
+    verified = loop("datasets", "verify", validation.group(1), database_url=database_url, **env)
+    assert verified.returncode == 0 and "hash to its id" in verified.stdout
+    image = next((tmp_path / "var" / "datasets" / validation.group(1) / "images").rglob("*.png"))
+    image.chmod(0o644)
+    image.write_bytes(image.read_bytes() + b"\0")
+    tampered = loop("datasets", "verify", validation.group(1), database_url=database_url, **env)
+    assert tampered.returncode == 1 and "its files were changed" in tampered.stderr
