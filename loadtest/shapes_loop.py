@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     model = builtin.DEMO_DATA["shapes"].model_name
     spec: ModelSpec | None = builtin.builtin_spec(model)
     assert spec is not None
