@@ -238,16 +238,21 @@ def datasets_list(model_name: str | None) -> None:
             click.echo(_version_line(v))
 
 
-@datasets.command("show")
-@click.argument("version_id")
-def datasets_show(version_id: str) -> None:
-    """Print a version's manifest."""
+def _version(version_id: str) -> Any:
     from feedback import dataset_store
 
     with connection(Settings()) as conn:
         version = dataset_store.get_version(conn=conn, version_id=version_id)
     if version is None:
-        raise click.ClickException(f"no dataset version {version_id}")
+        raise click.ClickException(f"no dataset version {version_id} (see `loop datasets list`)")
+    return version
+
+
+@datasets.command("show")
+@click.argument("version_id")
+def datasets_show(version_id: str) -> None:
+    """Print a version's manifest."""
+    version = _version(version_id)
     click.echo(json.dumps({"id": version.id, "uri": version.uri, **version.manifest}, indent=2))
 
 
@@ -255,13 +260,9 @@ def datasets_show(version_id: str) -> None:
 @click.argument("version_id")
 def datasets_verify(version_id: str) -> None:
     """Hash a version's files again and compare with its id (DVC's directory hash)."""
-    from feedback import dataset_store
     from feedback.datasets import verify
 
-    with connection(Settings()) as conn:
-        version = dataset_store.get_version(conn=conn, version_id=version_id)
-    if version is None:
-        raise click.ClickException(f"no dataset version {version_id}")
+    version = _version(version_id)
     try:
         verify(version.uri, version.id)
     except (ValueError, OSError) as exc:

@@ -11,7 +11,7 @@ import torch
 from feedback import dataset_store
 from feedback import review_store as rs
 from feedback.champion import gate, promote, reevaluate
-from feedback.dataset_store import Decision
+from feedback.dataset_store import DatasetVersion, Decision
 from feedback.datasets import (
     LabelFix,
     LabelSchema,
@@ -171,6 +171,16 @@ def test_corrected_samples_of_a_rare_class_earn_a_promotion_and_a_worse_model_is
 TRAINED: list[TrainRequest] = []
 
 
+def compiled(conn: psycopg.Connection, split_path: Path, tmp_path: Path) -> tuple[DatasetVersion, DatasetVersion]:
+    """The test model's validation version and a training version of the original rows."""
+    name, root = name_of(conn), str(tmp_path / "datasets")
+    originals = digits_data(split_path)
+    validation = freeze_validation(conn=conn, model_name=name, originals=originals, schema=SCHEMA, root_url=root)
+    dataset = compile_training(conn=conn, model_name=name, schema=SCHEMA, originals=originals,
+                               validation=validation, root_url=root)  # fmt: skip
+    return validation, dataset
+
+
 def linear_trainer(request: TrainRequest) -> Trained:
     """A trainer defined here: a linear model on the flattened pixels."""
     TRAINED.append(request)
@@ -183,11 +193,8 @@ def linear_trainer(request: TrainRequest) -> Trained:
 def test_the_trainer_a_spec_names_is_found_and_given_the_version_folders(
     conn: psycopg.Connection, split_path: Path, tmp_path: Path, tracking: Tracking
 ) -> None:
-    name, root = name_of(conn), str(tmp_path / "datasets")
-    originals = digits_data(split_path)
-    validation = freeze_validation(conn=conn, model_name=name, originals=originals, schema=SCHEMA, root_url=root)
-    dataset = compile_training(conn=conn, model_name=name, schema=SCHEMA, originals=originals,
-                               validation=validation, root_url=root)  # fmt: skip
+    name = name_of(conn)
+    validation, dataset = compiled(conn, split_path, tmp_path)
     spec = SPEC.model_copy(update={"trainer": f"{__name__}:linear_trainer"})
     result = retrain(conn=conn, model_name=name, dataset=dataset, tracking=tracking, config=TrainConfig(epochs=3),
                      spec=spec)  # fmt: skip
@@ -212,11 +219,8 @@ def test_the_trainer_a_spec_names_is_found_and_given_the_version_folders(
 def test_a_spec_naming_a_missing_trainer_is_refused_before_training(
     conn: psycopg.Connection, split_path: Path, tmp_path: Path, tracking: Tracking, trainer: str, message: str
 ) -> None:
-    name, root = name_of(conn), str(tmp_path / "datasets")
-    originals = digits_data(split_path)
-    validation = freeze_validation(conn=conn, model_name=name, originals=originals, schema=SCHEMA, root_url=root)
-    dataset = compile_training(conn=conn, model_name=name, schema=SCHEMA, originals=originals,
-                               validation=validation, root_url=root)  # fmt: skip
+    name = name_of(conn)
+    _, dataset = compiled(conn, split_path, tmp_path)
     spec = SPEC.model_copy(update={"trainer": trainer})
     with pytest.raises(rs.Invalid, match=f"{name} cannot be retrained: trainer '{trainer}': {message}"):
         retrain(conn=conn, model_name=name, dataset=dataset, tracking=tracking, spec=spec)
