@@ -18,6 +18,7 @@ class Verdict(StrEnum):
     ADDED = "added"  # a sample the model missed, added by a reviewer with its label
     RESOLVE = "resolve"  # an admin settles a dispute: `label`, or discard when it is null
     ERASE = "erase"  # an admin erased the input (data-removal request)
+    UNDO = "undo"  # a reviewer took back their latest verdict (withdraws their opinion)
 
 
 class Status(StrEnum):
@@ -61,7 +62,9 @@ def latest_by_reviewer(history: Sequence[Annotation], predicted: str) -> dict[in
     """Each reviewer's latest opinion on an item (a later verdict of theirs replaces an earlier)."""
     latest: dict[int, str] = {}
     for a in sorted(history, key=lambda a: a.revision):
-        if a.verdict in REVIEWER_VERDICTS:
+        if a.verdict is Verdict.UNDO:
+            latest.pop(a.actor_id, None)
+        elif a.verdict in REVIEWER_VERDICTS:
             opinion = effective_label(a.verdict, a.label, predicted)
             if opinion is None:
                 latest.pop(a.actor_id, None)  # unsure withdraws an earlier opinion

@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from feedback.ids import uuid7
-from feedback.moderation import Annotation, Status, Verdict, decide
+from feedback.moderation import REVIEWER_VERDICTS, Annotation, Status, Verdict, decide
 from feedback.records import created_at as uuid_created_at
 
 
@@ -164,6 +164,7 @@ class Claimed:
     expires_at: datetime
     required_reviews: int
     input_type: str | None = None  # None: .npy; else the media type of the image as sent
+    scores: tuple[float, ...] = ()  # the model's probabilities, in its class order
 
 
 def claim(
@@ -175,8 +176,11 @@ def claim(
     lease_seconds: float,
     overlap: int = 2,
     overlap_share: float = 0.0,
+    filters: ItemFilter | None = None,
 ) -> list[Claimed]:
-    """Lease up to `count` items to `user`; no item is leased to more reviewers than it needs."""
+    """Lease up to `count` items to `user`; no item is leased to more reviewers than it needs.
+
+    `filters` narrows the queue (date range, model, version, the model's label, confidence range)."""
     order = {
         Strategy.OLDEST: sql.SQL("p.created_at, p.id"),
         Strategy.LEAST_CONFIDENT: sql.SQL("p.confidence, p.created_at, p.id"),
@@ -190,6 +194,9 @@ def claim(
         "seconds": lease_seconds,
         "start": datetime(1970, 1, 1, tzinfo=UTC),
     }
+    narrowed, filter_params = _where(filters or ItemFilter())
+    params.update(filter_params)
+    narrow = sql.SQL("").join(sql.SQL(" AND {}").format(c) for c in narrowed)
     if strategy is Strategy.RANDOM:
         bounds = conn.execute("SELECT min(created_at), max(created_at) FROM predictions").fetchone()
         if bounds and bounds[0] is not None:
@@ -204,18 +211,18 @@ def claim(
         locked = conn.execute(
             sql.SQL(
                 "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input,"
-                " {required}, p.input_type FROM predictions p LEFT JOIN review_state s"
+                " {required}, p.input_type, p.scores FROM predictions p LEFT JOIN review_state s"
                 " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
-                " WHERE p.created_at >= %(start)s AND {eligible} ORDER BY {order} LIMIT %(count)s"
+                " WHERE p.created_at >= %(start)s AND {eligible}{narrow} ORDER BY {order} LIMIT %(count)s"
                 " FOR UPDATE OF p SKIP LOCKED"
-            ).format(eligible=_ELIGIBLE, order=order, required=_REQUIRED),
+            ).format(eligible=_ELIGIBLE, narrow=narrow, order=order, required=_REQUIRED),
             params,
         ).fetchall()
         if not locked and strategy is Strategy.RANDOM and params["start"].year > 1970:
             params["start"] = datetime(1970, 1, 1, tzinfo=UTC)  # wrap around to the beginning
             return claim(
                 conn=conn, user=user, count=count, strategy=Strategy.OLDEST, lease_seconds=lease_seconds,
-                overlap=overlap, overlap_share=overlap_share,
+                overlap=overlap, overlap_share=overlap_share, filters=filters,
             )  # fmt: skip
         if not locked:
             return []
@@ -251,7 +258,7 @@ def claim(
         Claimed(
             prediction_id=row[0], created_at=row[1], model_name=row[2], model_version=row[3], label=row[4],
             confidence=float(row[5]), input=row[6], expires_at=expiry[row[0]], required_reviews=int(row[7]),
-            input_type=row[8],
+            input_type=row[8], scores=tuple(float(x) for x in row[9] or ()),
         )
         for row in items
     ]  # fmt: skip
@@ -406,6 +413,59 @@ def record_verdicts(
         states = _refresh_states(conn, ids)
         audit(conn, user, "verdicts", None, items=[str(i) for i in ids])
     return states
+
+
+def undo(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, lease_seconds: float) -> Claimed:
+    """Take back the user's own latest verdict on an item, while the lease it consumed would still be
+    live and nobody has annotated the item since. An `undo` revision withdraws the reviewer's
+    opinion; the item is leased to them again, to judge anew."""
+    created = uuid_created_at(prediction_id)
+    with conn.transaction():
+        found = conn.execute(
+            "SELECT id FROM predictions WHERE created_at = %s AND id = %s FOR UPDATE", (created, prediction_id)
+        ).fetchone()
+        if found is None:
+            raise NotFound(f"no item {prediction_id}")
+        last = conn.execute(
+            "SELECT actor_id, verdict, at > now() - make_interval(secs => %s) FROM annotations"
+            " WHERE prediction_id = %s ORDER BY id DESC LIMIT 1",
+            (lease_seconds, prediction_id),
+        ).fetchone()
+        if last is None or last[0] != user.id or Verdict(last[1]) not in REVIEWER_VERDICTS:
+            raise Conflict(f"{prediction_id}: the item's latest revision is not a verdict of yours; nothing to undo")
+        if not last[2]:
+            raise Conflict(
+                f"{prediction_id}: the verdict is older than its lease ({lease_seconds:g} s); too late to undo"
+            )
+        _annotate(conn, user, prediction_id, verdict=Verdict.UNDO, label=None, reason="undone by the reviewer")
+        _refresh_state(conn, prediction_id)
+        audit(conn, user, "undo", str(prediction_id))
+    (again,) = _lease_again(conn, user, prediction_id, lease_seconds)
+    return again
+
+
+def _lease_again(conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, lease_seconds: float) -> list[Claimed]:
+    with conn.transaction():
+        row = conn.execute(
+            "INSERT INTO leases (prediction_id, user_id, expires_at)"
+            " VALUES (%s, %s, now() + make_interval(secs => %s))"
+            " ON CONFLICT (prediction_id, user_id) DO UPDATE SET expires_at = EXCLUDED.expires_at RETURNING expires_at",
+            (prediction_id, user.id, lease_seconds),
+        ).fetchone()
+        item = conn.execute(
+            "SELECT p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input, s.required_reviews,"
+            " p.input_type, p.scores FROM predictions p JOIN review_state s ON s.prediction_id = p.id"
+            " WHERE p.created_at = %s AND p.id = %s",
+            (uuid_created_at(prediction_id), prediction_id),
+        ).fetchone()
+    assert row is not None and item is not None
+    return [
+        Claimed(
+            prediction_id=prediction_id, created_at=item[0], model_name=item[1], model_version=item[2],
+            label=item[3], confidence=float(item[4]), input=item[5], expires_at=row[0], required_reviews=int(item[6]),
+            input_type=item[7], scores=tuple(float(x) for x in item[8] or ()),
+        )
+    ]  # fmt: skip
 
 
 def add_sample(
@@ -655,6 +715,16 @@ def counts(*, conn: psycopg.Connection, created_from: datetime | None, created_t
         params,
     ).fetchone()
     correct, corrected, discarded, disputed = breakdown or (0, 0, 0, 0)
+    per_version = conn.execute(
+        sql.SQL(
+            "SELECT p.model_name, p.model_version, count(*) FILTER (WHERE s.label = p.label),"
+            " count(*) FILTER (WHERE s.label <> p.label)"
+            " FROM predictions p JOIN review_state s"
+            " ON s.item_created_at = p.created_at AND s.prediction_id = p.id WHERE {where} AND s.status = 'reviewed'"
+            " GROUP BY 1, 2 ORDER BY 1, 2"
+        ).format(where=where),
+        params,
+    ).fetchall()
     rows = [
         {
             "model_name": r[0],
@@ -677,6 +747,16 @@ def counts(*, conn: psycopg.Connection, created_from: datetime | None, created_t
             "disputed": disputed,
         },
         "accuracy_by_reviewers": (correct / judged) if judged else None,
+        "per_version": [
+            {
+                "model_name": r[0],
+                "model_version": r[1],
+                "correct": r[2],
+                "corrected": r[3],
+                "accuracy": r[2] / (r[2] + r[3]) if r[2] + r[3] else None,
+            }
+            for r in per_version
+        ],
     }
 
 
@@ -690,7 +770,7 @@ def opinions(*, conn: psycopg.Connection) -> list[tuple[uuid.UUID, str, str, int
             " FROM annotations a JOIN users u ON u.id = a.actor_id"
             " JOIN predictions p ON p.created_at = a.item_created_at AND p.id = a.prediction_id"
             " LEFT JOIN review_state s ON s.prediction_id = a.prediction_id"
-            " WHERE a.verdict IN ('correct', 'wrong', 'discard', 'unsure') ORDER BY a.id"
+            " WHERE a.verdict IN ('correct', 'wrong', 'discard', 'unsure', 'undo') ORDER BY a.id"
         )
     ]
 

@@ -36,7 +36,7 @@ from feedback.datasets import LabelSchema, originals_for
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
-from feedback.records import PredictionRecord, input_json, unstorable_text
+from feedback.records import PredictionRecord, input_json, npy_bytes, unstorable_text
 from feedback.store import StoredPrediction, fetch_prediction
 from models import store
 from models.images import ImageError
@@ -250,7 +250,7 @@ class Predictor:
                 overlap_share=settings.review_overlap_share,
                 labels=lambda: self._class_names(self.default.name),
                 labels_of=self._class_names,
-                to_input=self._one_sample,
+                to_input=self._sample_input,
                 model_name=self.default.name,
             )
             routes.state.data_loop = DataLoopContext(
@@ -324,11 +324,23 @@ class Predictor:
             return LabelSchema.of(self._signature_of(slot))
         return LabelSchema.of(slot.served.stored.card.model_spec)
 
-    def _one_sample(self, sample: Any) -> NDArray[Any]:
-        served = self.default.served
+    def _sample_input(self, model_name: str, given: Any) -> tuple[bytes, str | None]:
+        """A sample a reviewer adds, checked against the model and turned into what is stored:
+        .npy bytes of the tensor, or the image's bytes as sent with its media type."""
+        slot = self.slots.get(model_name)
+        if slot is None:
+            raise LookupError(f"no model {model_name!r} is served here; served: {', '.join(self.slots)}")
+        served = slot.served
         if served is None:
-            raise ValueError("no model is loaded yet")
-        return to_batch([sample], served.stored.card.signature, max_samples=1)[0]
+            raise ValueError(f"{model_name} is not loaded yet")
+        spec = served.stored.card.model_spec
+        if isinstance(spec.input, ImageInput):
+            if not isinstance(given, bytes):
+                raise ValueError(f"{model_name} takes images: send the sample as `image`")
+            return given, decode_image(given, spec.input).media_type  # ImageError: a ValueError
+        if isinstance(given, bytes):
+            raise ValueError(f"{model_name} takes numbers: send the sample as `input`")
+        return npy_bytes(to_batch([given], served.stored.card.signature, max_samples=1)[0]), None
 
     def _slot(self, name: str | None) -> ModelSlot | Refusal:
         if name is None:

@@ -6,6 +6,8 @@ answer 403 to reviewers. The service puts a `ModerationContext` in `app.state.mo
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -27,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from feedback import review_store as rs
 from feedback.moderation import Opinion, Status, Verdict, agreement
-from feedback.records import input_json, npy_bytes
+from feedback.records import input_json
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
@@ -43,8 +45,10 @@ class ModerationContext:
     labels: Callable[[], Sequence[str] | None] = lambda: None
     # The class names of any served model, by name (None: not served here, so not checked).
     labels_of: Callable[[str], Sequence[str] | None] | None = None
-    to_input: Callable[[Any], Any] | None = None
-    model_name: str = "reviewer"  # the model samples are added for (the service's default)
+    # (model name, numbers or image bytes) -> the input as stored (.npy or image bytes, media type);
+    # ValueError saying why a sample does not fit the model, LookupError for a model not served.
+    to_input: Callable[[str, Any], tuple[bytes, str | None]] | None = None
+    model_name: str = "reviewer"  # the model samples are added for by default (the service's default)
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -198,6 +202,25 @@ class ClaimIn(RequestBody):
     count: int = Field(10, ge=1, le=100)
     strategy: rs.Strategy = rs.Strategy.OLDEST
     lease_seconds: float | None = Field(None, ge=1, le=3600, description="Default: the service's setting.")
+    created_from: datetime | None = Field(None, description="Only items predicted at or after this time.")
+    created_to: datetime | None = Field(None, description="Only items predicted before this time.")
+    model_name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    model_version: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    label: Name | None = Field(None, description="Only items the model gave this label.")
+    min_confidence: float | None = Field(None, ge=0, le=1)
+    max_confidence: float | None = Field(None, ge=0, le=1)
+
+    def filters(self) -> rs.ItemFilter:
+        return rs.ItemFilter(
+            created_from=self.created_from, created_to=self.created_to, model_name=self.model_name,
+            model_version=self.model_version, label=self.label, min_confidence=self.min_confidence,
+            max_confidence=self.max_confidence,
+        )  # fmt: skip
+
+
+class Score(BaseModel):
+    label: str
+    score: float
 
 
 class ClaimedPublic(BaseModel):
@@ -212,6 +235,11 @@ class ClaimedPublic(BaseModel):
     )
     lease_expires_at: datetime
     required_reviews: int
+    top: list[Score] = Field(description="The model's three highest scores, highest first.")
+
+
+class UndoIn(RequestBody):
+    prediction_id: uuid.UUID
 
 
 class VerdictCreate(RequestBody):
@@ -232,8 +260,17 @@ class ItemStatePublic(BaseModel):
     revision: int
 
 
+class ImageIn(RequestBody):
+    media_type: Literal["image/png", "image/jpeg", "image/webp"]
+    base64: Annotated[str, Field(min_length=1)]
+
+
 class SampleCreate(RequestBody):
-    input: list[Any] = Field(description="One sample of the served model's input shape.")
+    input: list[Any] | None = Field(None, description="One sample of a tensor model's input shape.")
+    image: ImageIn | None = Field(None, description="One image, for an image model.")
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="The model the sample is for (default: the service's default model)."
+    )
     label: Name
     reason: Reason | None = None
 
@@ -325,21 +362,36 @@ def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic
             lease_seconds=body.lease_seconds or context.lease_seconds,
             overlap=context.overlap,
             overlap_share=context.overlap_share,
+            filters=body.filters(),
         )
-    return [
-        ClaimedPublic(
-            id=c.prediction_id,
-            created_at=c.created_at,
-            model_name=c.model_name,
-            model_version=c.model_version,
-            label=c.label,
-            confidence=c.confidence,
-            input=input_json(c.input, c.input_type),
-            lease_expires_at=c.expires_at,
-            required_reviews=c.required_reviews,
-        )
-        for c in claimed
-    ]
+    return [_claimed(context, c) for c in claimed]
+
+
+def _claimed(context: ModerationContext, c: rs.Claimed) -> ClaimedPublic:
+    names = (context.labels_of or (lambda _: context.labels()))(c.model_name) or ()
+    ranked = sorted(zip(names, c.scores, strict=False), key=lambda pair: -pair[1])[:3]
+    return ClaimedPublic(
+        id=c.prediction_id,
+        created_at=c.created_at,
+        model_name=c.model_name,
+        model_version=c.model_version,
+        label=c.label,
+        confidence=c.confidence,
+        input=input_json(c.input, c.input_type),
+        lease_expires_at=c.expires_at,
+        required_reviews=c.required_reviews,
+        top=[Score(label=label, score=score) for label, score in ranked],
+    )
+
+
+@router.post("/undo", response_model=ClaimedPublic)
+def undo(context: Context, user: Reviewer, body: UndoIn) -> ClaimedPublic:
+    """Take back your latest verdict on an item while its lease would still be live (409 when
+    someone annotated it since, or it is too late); the item is leased to you again."""
+    _check_v7(body.prediction_id)
+    with db_connection(context) as conn:
+        again = rs.undo(conn=conn, user=user, prediction_id=body.prediction_id, lease_seconds=context.lease_seconds)
+    return _claimed(context, again)
 
 
 @router.post("/verdicts", response_model=list[ItemStatePublic])
@@ -357,19 +409,28 @@ def verdicts(context: Context, user: Reviewer, body: VerdictsIn) -> list[ItemSta
 
 @router.post("/samples", response_model=ItemStatePublic, status_code=201)
 def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStatePublic:
-    """Add a sample the model missed, with its label; it enters the pool as reviewed."""
-    labels = context.labels()
+    """Add a sample a model missed, with its label: numbers for a tensor model, an image (base64)
+    for an image model. It enters the pool as reviewed."""
+    model = body.model or context.model_name
+    labels = (context.labels_of or (lambda _: context.labels()))(model)
     if labels is not None and body.label not in labels:
-        raise HTTPException(422, f"unknown label {body.label!r}; labels are {', '.join(labels)}")
+        raise HTTPException(422, f"unknown label {body.label!r} for {model}; labels are {', '.join(labels)}")
+    if (body.input is None) == (body.image is None):
+        raise HTTPException(422, "send the sample as `input` (numbers) or as `image` (base64), one of the two")
     if context.to_input is None:
-        raise HTTPException(503, "no model is loaded to check the sample's shape against")
+        raise HTTPException(503, "no model is loaded to check the sample against")
     try:
-        sample = context.to_input(body.input)
+        given: Any = body.input if body.image is None else base64.b64decode(body.image.base64, validate=True)
+        stored, media_type = context.to_input(model, given)
+    except binascii.Error:
+        raise HTTPException(422, "image.base64 is not valid base64") from None
+    except LookupError as exc:
+        raise HTTPException(404, str(exc).strip("'\"")) from None
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     with db_connection(context) as conn:
         state = rs.add_sample(
-            conn=conn, user=user, model_name=context.model_name, input=npy_bytes(sample), label=body.label,
+            conn=conn, user=user, model_name=model, input=stored, input_type=media_type, label=body.label,
             reason=body.reason,
         )  # fmt: skip
     return ItemStatePublic(**asdict(state))

@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 
 from feedback import review_store as rs
 from feedback.datasets import LabelSchema, Originals, bundled_originals
+from feedback.records import npy_bytes
 from models import digits
 from models.pipeline import BuildResult
 from models.signature import to_batch
@@ -48,7 +49,10 @@ def setup(
         app.state.moderation = ModerationContext(
             pool=pool,
             labels=lambda: digits.CLASS_NAMES,
-            to_input=lambda sample: to_batch([sample], digits.digits_signature(), max_samples=1)[0],
+            to_input=lambda _model, sample: (
+                npy_bytes(to_batch([sample], digits.digits_signature(), max_samples=1)[0]),
+                None,
+            ),
             model_name=trained_model.stored.name,
         )
         app.state.data_loop = DataLoopContext(

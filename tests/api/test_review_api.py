@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from feedback import review_store as rs
 from feedback import store
 from feedback.ids import compose_uuid7
-from feedback.records import PredictionRecord, decode_row, encode
+from feedback.records import PredictionRecord, decode_row, encode, npy_bytes
 from service.routes.review import ModerationContext, router
 
 pytestmark = pytest.mark.api
@@ -222,9 +222,14 @@ def test_bad_verdicts_are_refused(client: TestClient, pool: ConnectionPool, data
     assert response.status_code == status, response.text
 
 
+def as_stored(_model: str, sample: Any) -> tuple[bytes, str | None]:
+    """The tests' models take any numbers; the sample is stored as .npy."""
+    return npy_bytes(np.asarray(sample, dtype=np.float32)), None
+
+
 def test_added_samples_and_erased_inputs(client: TestClient, pool: ConnectionPool, database_url: str,
                                          context: ModerationContext) -> None:  # fmt: skip
-    context.to_input = lambda sample: np.asarray(sample, dtype=np.float32)
+    context.to_input = as_stored
     truth = seed(database_url, 1)
     _, ann = make_user(pool, "ann")
     _, boss = make_user(pool, "boss", rs.Role.ADMIN)
@@ -243,6 +248,64 @@ def test_added_samples_and_erased_inputs(client: TestClient, pool: ConnectionPoo
     assert client.post("/review/claim", json={"count": 5}, headers=ann).json() == []  # erased: nothing to review
 
 
+def test_undo_takes_back_a_verdict_while_its_lease_would_live(
+    client: TestClient, database_url: str, pool: ConnectionPool, context: ModerationContext
+) -> None:
+    seed(database_url, 3)
+    _, ann = make_user(pool, "ann")
+    _, bob = make_user(pool, "bob")
+    first, second = client.post("/review/claim", json={"count": 2}, headers=ann).json()
+    judged = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": first["id"], "verdict": "wrong", "label": "1" if first["label"] != "1" else "2"},
+        {"prediction_id": second["id"], "verdict": "correct"},
+    ]})  # fmt: skip
+    assert judged.status_code == 200 and [s["status"] for s in judged.json()] == ["reviewed", "reviewed"]
+
+    undone = client.post("/review/undo", json={"prediction_id": first["id"]}, headers=ann)
+    assert undone.status_code == 200, undone.text
+    assert (
+        undone.json()["id"] == first["id"] and undone.json()["lease_expires_at"] > judged.json()[0]["prediction_id"][:0]
+    )
+    history = client.get(f"/review/items/{first['id']}/history", headers=ann).json()
+    assert [h["verdict"] for h in history] == ["wrong", "undo"]  # append-only: the verdict stays, withdrawn
+    listed = {i["id"]: i for i in client.get("/review/items", headers=ann).json()["items"]}
+    assert listed[first["id"]]["status"] == "unreviewed" and listed[second["id"]]["status"] == "reviewed"
+    again = client.post("/review/undo", json={"prediction_id": first["id"]}, headers=ann)
+    assert again.status_code == 409 and "nothing to undo" in again.json()["detail"]
+    assert client.post("/review/undo", json={"prediction_id": second["id"]}, headers=bob).status_code == 409
+    # The item is leased to the reviewer again: a new verdict is accepted without a claim.
+    rejudged = client.post("/review/verdicts", headers=ann,
+                           json={"verdicts": [{"prediction_id": first["id"], "verdict": "correct"}]})  # fmt: skip
+    assert rejudged.status_code == 200 and rejudged.json()[0]["status"] == "reviewed"
+
+    context.lease_seconds = 0.001  # a verdict older than a lease cannot be taken back
+    time.sleep(0.01)
+    late = client.post("/review/undo", json={"prediction_id": second["id"]}, headers=ann)
+    assert late.status_code == 409 and "too late" in late.json()["detail"]
+
+
+def test_claims_can_be_narrowed_and_show_the_top_scores(
+    client: TestClient, database_url: str, pool: ConnectionPool
+) -> None:
+    truth = seed(database_url, 60)
+    _, ann = make_user(pool, "ann")
+    narrowed = {"model_version": "v2", "min_confidence": 0.5, "max_confidence": 0.8, "count": 100}
+    claimed = client.post("/review/claim", json=narrowed, headers=ann).json()
+    expected = {t["id"] for t in truth if t["model_version"] == "v2" and 0.5 <= t["confidence"] <= 0.8}
+    assert expected and {c["id"] for c in claimed} == expected
+    assert all(len(c["top"]) == 3 and c["top"][0]["score"] == pytest.approx(0.05) for c in claimed)
+    label = truth[0]["label"]
+    by_label = client.post("/review/claim", json={"label": label, "count": 100,
+                                                   "created_to": truth[30]["created_at"].isoformat()},
+                           headers=ann).json()  # fmt: skip
+    assert {c["id"] for c in by_label} == {t["id"] for t in truth[:30] if t["label"] == label} - expected
+    bad = client.post("/review/claim", json={"min_confidence": 2}, headers=ann)
+    assert bad.status_code == 422
+    counts = client.get("/review/counts", headers=ann).json()
+    assert {(v["model_name"], v["model_version"]) for v in counts["per_version"]} <= {("digits-cnn", "v1"),
+                                                                                   ("digits-cnn", "v2")}  # fmt: skip
+
+
 # -- authorization ----------------------------------------------------------------------------------
 
 ITEM = "01a2024d-76a5-744d-b838-fcab5ce4eb37"
@@ -255,6 +318,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("POST", "/review/samples", {"input": [[0] * 8] * 8, "label": "1"}, "reviewer"),
     ("GET", f"/review/items/{ITEM}/history", None, "reviewer"),
     ("GET", "/review/agreement", None, "reviewer"),
+    ("POST", "/review/undo", {"prediction_id": ITEM}, "reviewer"),
     ("POST", f"/review/items/{ITEM}/resolve", {"label": "1", "reason": "x"}, "admin"),
     ("POST", f"/review/items/{ITEM}/erase", {"reason": "x"}, "admin"),
     ("GET", "/review/audit", None, "admin"),
@@ -266,7 +330,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
 @pytest.mark.parametrize(("method", "path", "body", "needs"), ROUTES, ids=[f"{r[0]} {r[1]}" for r in ROUTES])
 def test_authorization_matrix(client: TestClient, pool: ConnectionPool, context: ModerationContext, method: str,
                               path: str, body: dict[str, Any] | None, needs: str) -> None:  # fmt: skip
-    context.to_input = lambda sample: np.asarray(sample, dtype=np.float32)
+    context.to_input = as_stored
     _, reviewer = make_user(pool, "rev")
     _, admin = make_user(pool, "adm", rs.Role.ADMIN)
     callers: dict[str, dict[str, str]] = {
