@@ -3,8 +3,9 @@ VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run train test lint format clean demo-loop
+.PHONY: install browser run train test lint format clean demo-loop
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create the virtual environment and install the project (once).
+
+browser: ## Debian's Chromium, for the review page's tests (installed once with apt-get).
+	@test -x $(CHROMIUM) || { echo "installing Debian's chromium for the browser tests"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 run: install ## Train the default model if the store has none, then serve it.
 	$(BIN)/loop serve
@@ -23,7 +29,7 @@ train: install ## Train the default model again (a new version in the store).
 demo-loop: install ## Measure how much review improves a model (both strategies, about 5 minutes).
 	$(BIN)/loop demo-loop
 
-test: install ## Unit, model, API and integration tests.
+test: install browser ## Unit, model, API, integration and browser tests.
 	BENTOML_DO_NOT_TRACK=True $(BIN)/pytest
 
 lint: install ## ruff check, ruff format --check, mypy.

@@ -94,3 +94,15 @@ def test_agreement_report() -> None:
     by_name = {r["name"]: r for r in report.reviewers}
     assert by_name["ann"]["agreement_with_final"] == 1.0
     assert by_name["bob"]["agreement_with_final"] == pytest.approx(2 / 3)
+
+
+def test_undo_withdraws_the_reviewers_opinion_and_nothing_else() -> None:
+    history = [
+        Annotation(1, actor_id=1, verdict=Verdict.CORRECT, label=None),
+        Annotation(2, actor_id=2, verdict=Verdict.WRONG, label="4"),
+        Annotation(3, actor_id=2, verdict=Verdict.UNDO, label=None),
+    ]
+    decision = decide(history, predicted="3", required=1)
+    assert (decision.status, decision.label, decision.reviewers) == (Status.REVIEWED, "3", 1)
+    alone = decide([history[0], Annotation(4, actor_id=1, verdict=Verdict.UNDO, label=None)], predicted="3", required=1)
+    assert (alone.status, alone.reviewers) == (Status.UNREVIEWED, 0)
