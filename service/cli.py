@@ -310,7 +310,12 @@ def ingest() -> None:
 
 @main.command()
 @click.option("--train-if-missing/--no-train", default=True, help="Train the default model if absent.")
-def serve(train_if_missing: bool) -> None:
+@click.option(
+    "--ingest/--no-ingest",
+    default=True,
+    help="Run an ingest worker beside the service (--no-ingest: it runs elsewhere).",
+)
+def serve(train_if_missing: bool, ingest: bool) -> None:
     """Run everything: Postgres and Redis (embedded unless configured), the ingest worker and the
     BentoML service. Ctrl-C stops it all; data stays under var/."""
     settings = Settings()
@@ -330,8 +335,9 @@ def serve(train_if_missing: bool) -> None:
                 "--host", settings.host, "--port", str(settings.port),
             ],
         }  # fmt: skip
-        if settings.log_predictions:
+        if settings.log_predictions and ingest:
             children["ingest"] = [sys.executable, "-m", "service", "ingest"]
+        if settings.log_predictions:
             # Migrations run before the children start, so neither races the other over them.
             subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True)
         env["BENTOML_CONFIG_OPTIONS"] = " ".join(

@@ -7,6 +7,7 @@ the running service answers with the new version.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def test_the_shapes_model_goes_round_the_loop(
     assert stored.headers["content-type"] == "image/png"
 
     judge_all(http, truth, as_reviewer)
+    add_missed_image(http, tmp_path / "traffic" / "cross" / "00001.png", as_reviewer)
     erase = http.post(f"/review/items/{erased}/erase", json={"reason": "the sender asked"}, headers=as_admin)
     assert erase.status_code == 204, erase.text
 
@@ -87,6 +89,7 @@ def test_the_shapes_model_goes_round_the_loop(
     version = compiled.json()
     assert version["model_name"] == MODEL
     assert version["manifest"]["per_source"]["model"] == len(truth) - 1  # the erased one stays out
+    assert version["manifest"]["per_source"]["reviewer"] == 1
     check_files(version, truth, sent, erased, tmp_path / "dvc-cache")
 
     # Retrain with the image trainer; the gate promotes; the running service swaps.
@@ -122,6 +125,17 @@ def upload_traffic(http: httpx.Client, folder: Path, version: str) -> tuple[dict
             assert answer["model_version"] == version
             truth[answer["id"]], sent[answer["id"]] = kind, data
     return truth, sent
+
+
+def add_missed_image(http: httpx.Client, path: Path, headers: dict[str, str]) -> None:
+    """A reviewer adds an image the model missed (base64, for this model); a wrong kind is refused."""
+    image = {"media_type": "image/png", "base64": base64.b64encode(path.read_bytes()).decode()}
+    added = http.post("/review/samples", json={"model": MODEL, "image": image, "label": "cross"}, headers=headers)
+    assert added.status_code == 201, added.text
+    numbers = http.post("/review/samples", json={"model": MODEL, "input": [1.0], "label": "cross"}, headers=headers)
+    assert numbers.status_code == 422 and "takes images" in numbers.json()["detail"]
+    broken = {"model": MODEL, "image": {"media_type": "image/png", "base64": "AAAA"}, "label": "cross"}
+    assert http.post("/review/samples", json=broken, headers=headers).status_code == 422
 
 
 def judge_all(http: httpx.Client, truth: dict[str, str], headers: dict[str, str]) -> None:

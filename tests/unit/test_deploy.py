@@ -1,0 +1,102 @@
+"""The deployment files, checked by reading them: no container engine runs here.
+
+Every setting they pass is one the service reads, every command one the `loop` CLI has, every
+reference (volumes, dependencies, ConfigMaps, Secrets, probe ports, selectors) points at
+something defined, and every long-running container has a health check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from service.cli import main
+from service.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SETTINGS = {f"LOOP_{name.upper()}" for name in Settings.model_fields} | {"BENTOML_HOME"}
+
+
+def check_command(command: list[str]) -> None:
+    """`loop SUB [options]` names a real subcommand and real options of it."""
+    assert command[0] == "loop", command
+    sub = main.commands[command[1]]
+    options = {
+        opt for param in sub.params if isinstance(param, click.Option) for opt in param.opts + param.secondary_opts
+    }
+    assert all(arg in options for arg in command[2:] if arg.startswith("--")), command
+
+
+def check_env(names: set[str]) -> None:
+    unknown = sorted(n for n in names if n.startswith(("LOOP_", "BENTOML_HOME")) and n not in SETTINGS)
+    assert unknown == [], f"settings the service does not read: {unknown}"
+
+
+def test_the_compose_file_runs_the_whole_loop_with_health_checks() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services: dict[str, Any] = compose["services"]
+    assert {"postgres", "redis", "service", "ingest", "mlflow", "migrate"} <= set(services)
+    declared = set(compose["volumes"])
+    for name, spec in services.items():
+        for volume in spec.get("volumes", []):
+            assert volume.split(":")[0] in declared, (name, volume)
+        for dependency in spec.get("depends_on", {}):
+            assert dependency in services, (name, dependency)
+        if name != "migrate":
+            assert "healthcheck" in spec and spec["healthcheck"]["test"], f"{name} has no health check"
+        if spec.get("image", "").startswith("loop"):
+            check_command(spec["command"])
+            check_env(set(spec["environment"]))
+    assert services["service"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "--appendonly" in services["redis"]["command"]  # the stream survives a restart
+
+
+def _documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_the_kubernetes_manifests_are_consistent() -> None:
+    docs = _documents()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    check_env(set(config["data"]) | set(secret["stringData"]))
+    assert "LOOP_DATABASE_URL" in secret["stringData"] and "LOOP_DATABASE_URL" not in config["data"]
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {"loop-service", "loop-ingest"}
+    for deployment in deployments:
+        spec = deployment["spec"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"].items() <= labels.items()
+        for container in spec["template"]["spec"]["containers"]:
+            check_command(container["command"])
+            check_env({e["name"] for e in container.get("env", [])})
+            for source in container["envFrom"]:
+                ref = source.get("configMapRef") or source.get("secretRef")
+                kind = "ConfigMap" if "configMapRef" in source else "Secret"
+                assert (kind, ref["name"]) in kinds
+            assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+            ports = {p["name"] for p in container["ports"]}
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert container[probe]["httpGet"]["port"] in ports, (deployment["metadata"]["name"], probe)
+    gpu = [
+        d
+        for d in deployments
+        if "nvidia.com/gpu" in d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
+    assert (
+        len(gpu) == 1
+        and {"name": "LOOP_DEVICE", "value": "cuda"} in gpu[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    )
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert any(service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+               for d in deployments)  # fmt: skip
