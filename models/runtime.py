@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import logging
 from enum import StrEnum
@@ -28,6 +30,33 @@ class ProviderUnavailable(RuntimeError):
     """CUDA was required but ONNX Runtime could not start it."""
 
 
+@functools.cache
+def cuda_devices() -> tuple[int, str | None]:
+    """How many GPUs the NVIDIA driver sees, and why none when it is 0: asked of the driver itself
+    (libcuda), so that a machine without a GPU never makes ONNX Runtime try, and fail loudly."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, "no NVIDIA driver is installed (libcuda.so.1 cannot be loaded)"
+    code = driver.cuInit(0)
+    if code != 0:
+        return 0, f"the NVIDIA driver finds no usable GPU (cuInit returned {code})"
+    count = ctypes.c_int(0)
+    if driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return 0, "the NVIDIA driver reports no GPU"
+    return count.value, None
+
+
+_said: set[str] = set()
+
+
+def _say_once(reason: str) -> None:
+    """The CPU fallback, in our words, once per process (not once per model or version loaded)."""
+    if reason not in _said:
+        _said.add(reason)
+        logger.warning("running on the CPU: %s", reason)
+
+
 def _preload_cuda_wheels() -> None:
     """Load CUDA and cuDNN from NVIDIA's pip wheels when they are installed (the CUDA image);
     without them ONNX Runtime looks in the system library path as usual."""
@@ -50,23 +79,25 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         available = ort.get_available_providers()
-        if device is not DevicePreference.CPU and CUDA in available:
+        gpus, no_gpu = cuda_devices() if device is not DevicePreference.CPU and CUDA in available else (0, None)
+        if gpus:
             _preload_cuda_wheels()
-        wanted = [CPU] if device is DevicePreference.CPU else [CUDA, CPU]
+        wanted = [CUDA, CPU] if gpus else [CPU]
         requested = [p for p in wanted if p in available]
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
         self.providers: list[str] = list(self.session.get_providers())
         self.provider = self.providers[0]
         self.fallback_reason: str | None = None
         if device is not DevicePreference.CPU and self.provider != CUDA:
-            self.fallback_reason = (
-                "CUDA provider is not in this ONNX Runtime build"
-                if CUDA not in available
-                else "CUDA provider failed to start (no GPU, driver or CUDA libraries)"
-            )
+            if CUDA not in available:
+                self.fallback_reason = "CUDA is not used: this ONNX Runtime build has no CUDA provider"
+            elif no_gpu is not None:
+                self.fallback_reason = f"CUDA is not used: {no_gpu}"
+            else:
+                self.fallback_reason = "CUDA is not used: its provider failed to start (CUDA or cuDNN libraries)"
             if device is DevicePreference.CUDA:
                 raise ProviderUnavailable(self.fallback_reason)
-            logger.warning("running on CPU: %s", self.fallback_reason)
+            _say_once(self.fallback_reason)
         inputs = self.session.get_inputs()
         self.input_name: str = inputs[0].name
         logger.info(

@@ -105,6 +105,24 @@ def test_cuda_demand_without_cuda_fails_loudly(trained_model: BuildResult) -> No
         OnnxModel(trained_model.stored.onnx_path, device=DevicePreference.CUDA)
 
 
+def test_without_a_gpu_cuda_is_not_tried_and_the_reason_is_said_once(
+    trained_model: BuildResult, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from models import runtime
+
+    if runtime.cuda_devices()[0] > 0:
+        pytest.skip("this machine has a GPU")
+    runtime._said.clear()
+    with caplog.at_level("WARNING", logger="models.runtime"):
+        first = OnnxModel(trained_model.stored.onnx_path, device=DevicePreference.AUTO)
+        second = OnnxModel(trained_model.stored.onnx_path, device=DevicePreference.AUTO)
+    assert first.provider == second.provider == "CPUExecutionProvider"
+    assert first.fallback_reason is not None and first.fallback_reason.startswith("CUDA is not used: ")
+    said = [r.getMessage() for r in caplog.records if "CUDA is not used" in r.getMessage()]
+    assert said == [f"running on the CPU: {first.fallback_reason}"]  # once, not once per session
+    assert "CUDAExecutionProvider" not in capfd.readouterr().err  # no banner from ONNX Runtime
+
+
 def test_training_is_reproducible_from_the_seed() -> None:
     data = digits.load()
     idx = np.asarray(digits.make_split(data, seed=0).train_indices)
