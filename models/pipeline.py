@@ -188,4 +188,4 @@ def export_and_store(
             extra=extra,
             spec=spec,
         )
-        return store.save(name, onnx_path, card)
+        return store.save(name, onnx_path, card, reference_inputs=parity_inputs[0])

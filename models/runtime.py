@@ -6,6 +6,7 @@ import ctypes
 import functools
 import importlib.util
 import logging
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
+
+from models.signature import Signature, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class OnnxModel:
         *,
         device: DevicePreference = DevicePreference.AUTO,
         intra_op_threads: int = 1,
+        exact_math: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -83,7 +87,11 @@ class OnnxModel:
         if gpus:
             _preload_cuda_wheels()
         wanted = [CUDA, CPU] if gpus else [CPU]
-        requested = [p for p in wanted if p in available]
+        # Exact math: no TF32 in the CUDA provider's matrix products and convolutions (TF32 keeps
+        # 10 bits of mantissa; the model's outputs then differ from the CPU's by up to 1e-2).
+        cuda_options = {"use_tf32": "0"} if exact_math else {}
+        requested: list[Any] = [(p, cuda_options) if p == CUDA else p for p in wanted if p in available]
+        self.exact_math = exact_math
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
         self.providers: list[str] = list(self.session.get_providers())
         self.provider = self.providers[0]
@@ -110,3 +118,44 @@ class OnnxModel:
     def run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         outputs: list[Any] = self.session.run(None, {self.input_name: batch})
         return np.asarray(outputs[0], dtype=np.float32)
+
+
+REFERENCE_SAMPLES = 16
+
+
+def reference_of(
+    path: Path, signature: Signature, inputs: NDArray[np.float32] | None = None
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """A model's reference: up to REFERENCE_SAMPLES `inputs` (else seeded samples in the
+    signature's range) and the scores ONNX Runtime gives them on the CPU."""
+    if inputs is None or len(inputs) == 0:
+        rng = np.random.default_rng(0)
+        shape = (REFERENCE_SAMPLES, *signature.input_shape)
+        inputs = rng.uniform(signature.min_value, signature.max_value, size=shape).astype(np.float32)
+    chosen = np.ascontiguousarray(inputs[:REFERENCE_SAMPLES], dtype=np.float32)
+    return chosen, OnnxModel(path, device=DevicePreference.CPU).run(chosen)
+
+
+@dataclass(frozen=True)
+class ReferenceCheck:
+    """The stored reference run again on the provider that serves: the largest difference of the
+    probabilities clients would get, against the tolerance."""
+
+    max_abs_diff: float
+    tolerance: float
+    samples: int
+    provider: str
+    exact_math: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def check_reference(model: OnnxModel, reference: Path, tolerance: float) -> ReferenceCheck:
+    with np.load(reference) as saved:
+        inputs, expected = saved["inputs"], saved["outputs"]
+    got = model.run(inputs)
+    diff = float(np.max(np.abs(softmax(got) - softmax(expected)))) if len(inputs) else 0.0
+    return ReferenceCheck(max_abs_diff=diff, tolerance=tolerance, samples=len(inputs), provider=model.provider,
+                          exact_math=model.exact_math)  # fmt: skip

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import numpy as np
 from bentoml.exceptions import BentoMLException, NotFound
+from numpy.typing import NDArray
 
 from models.signature import Signature
 from models.spec import ModelSpec
@@ -17,6 +19,7 @@ from models.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+REFERENCE_FILE = "reference.npz"
 
 
 class ModelNotFound(LookupError):
@@ -84,11 +87,30 @@ class StoredModel:
     def tag(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def reference_path(self) -> Path | None:
+        """The reference inputs and outputs saved with the model (None for models saved before)."""
+        path = self.onnx_path.with_name(REFERENCE_FILE)
+        return path if path.exists() else None
 
-def save(name: str, onnx_path: Path, card: ModelCard, *, labels: dict[str, str] | None = None) -> StoredModel:
-    """Copy an exported ONNX file into the store as a new version of `name`."""
+
+def save(
+    name: str,
+    onnx_path: Path,
+    card: ModelCard,
+    *,
+    labels: dict[str, str] | None = None,
+    reference_inputs: NDArray[np.float32] | None = None,
+) -> StoredModel:
+    """Copy an exported ONNX file into the store as a new version of `name`, with its reference:
+    inputs (`reference_inputs`, else seeded samples in the signature's range) and the scores ONNX
+    Runtime gives them on the CPU, run again by every worker that loads the model."""
+    from models.runtime import reference_of  # the runtime needs onnxruntime; reading the store does not
+
+    inputs, outputs = reference_of(onnx_path, card.signature, reference_inputs)
     with bentoml.models.create(name, labels=labels or {}, metadata=card.to_metadata()) as entry:
         shutil.copyfile(onnx_path, entry.path_of(ONNX_FILE))
+        np.savez(entry.path_of(REFERENCE_FILE), inputs=inputs, outputs=outputs)
     stored = get(f"{name}:{entry.tag.version}")
     logger.info("saved %s to the model store", stored.tag)
     return stored

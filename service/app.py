@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, cast
 
 import bentoml
@@ -60,6 +60,7 @@ from service.schemas import (
     ModelsPublic,
     PredictionPublic,
     PredictResponse,
+    ReferencePublic,
     SignaturePublic,
     StoredPredictionPublic,
 )
@@ -164,6 +165,8 @@ class Predictor:
             ort_threads=self.settings.ort_threads,
             max_batch_size=self.settings.max_batch_size,
             max_latency_s=self.settings.max_latency_ms / 1000,
+            reference_tolerance=self.settings.reference_tolerance,
+            exact_math_fallback=self.settings.exact_math_fallback,
         )
         self.slots = {name: ModelSlot(name, tag, where) for name, tag in self.settings.served_models}
         self.default = next(iter(self.slots.values()))
@@ -735,6 +738,7 @@ class Predictor:
             provider=served.runtime.provider,
             providers=served.runtime.providers,
             fallback_reason=served.runtime.fallback_reason,
+            reference=None if served.reference is None else ReferencePublic(**asdict(served.reference)),
             input_kind=card.model_spec.input.kind,
             signature=SignaturePublic(**card.signature.to_dict()),
             metrics=card.metrics,

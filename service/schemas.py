@@ -70,6 +70,16 @@ class BatchingPublic(BaseModel):
     max_samples_per_request: int
 
 
+class ReferencePublic(BaseModel):
+    """The model's stored reference inputs run again when this worker loaded it."""
+
+    max_abs_diff: float = Field(description="Largest difference of a probability from the reference's (CPU) one.")
+    tolerance: float = Field(description="Above it the model is not served (LOOP_REFERENCE_TOLERANCE).")
+    samples: int
+    provider: str = Field(description="The provider the check ran on: the one that serves.")
+    exact_math: bool = Field(description="Whether the provider runs with exact math (no TF32) for this model.")
+
+
 class ModelPublic(BaseModel):
     """The model this worker serves and how."""
 
@@ -78,6 +88,7 @@ class ModelPublic(BaseModel):
     provider: str = Field(description="ONNX Runtime execution provider in use.", examples=["CPUExecutionProvider"])
     providers: list[str] = Field(description="Providers of the session, in priority order.")
     fallback_reason: str | None = Field(description="Why CUDA is not in use, when it was wanted.")
+    reference: ReferencePublic | None = Field(description="The load-time check; null for a model stored without one.")
     input_kind: str = Field(description="'tensor' (samples as numbers) or 'image' (encoded images).")
     signature: SignaturePublic
     metrics: dict[str, float] = Field(description="Validation figures recorded when the model was built.")

@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from feedback import dataset_store
 from feedback.keys import Keys
 from models import store
-from models.runtime import DevicePreference, OnnxModel
+from models.runtime import CPU, DevicePreference, OnnxModel, ReferenceCheck, check_reference
 from service import metrics
 from service.batching import AdaptiveBatcher
 from service.settings import CHAMPION
@@ -35,6 +35,7 @@ class Served:
 
     stored: store.StoredModel
     runtime: OnnxModel
+    reference: ReferenceCheck | None = None  # None: the model was stored without a reference
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class Where:
     ort_threads: int
     max_batch_size: int
     max_latency_s: float
+    reference_tolerance: float = 1e-3
+    exact_math_fallback: bool = True  # above tolerance, load again with the provider's exact math
+
+
+class ReferenceMismatch(RuntimeError):
+    """The model's outputs on the serving provider differ from its stored reference beyond tolerance."""
 
 
 class ModelSlot:
@@ -114,8 +121,8 @@ class ModelSlot:
             stored = store.get(ref)
             if current is not None and current.stored.version == stored.version:
                 return False
-            runtime = OnnxModel(stored.onnx_path, device=self.where.device, intra_op_threads=self.where.ort_threads)
-            self.served = Served(stored=stored, runtime=runtime)
+            runtime, reference = self._load_checked(stored)
+            self.served = Served(stored=stored, runtime=runtime, reference=reference)
             self.load_error = None
         for served, value in ((current, 0), (self.served, 1)):
             if served is not None:
@@ -126,6 +133,33 @@ class ModelSlot:
         else:
             logger.info("swapped %s for %s on %s", current.stored.tag, stored.tag, runtime.provider)
         return True
+
+    def _load_checked(self, stored: store.StoredModel) -> tuple[OnnxModel, ReferenceCheck | None]:
+        """A session for `stored` whose outputs match its stored reference on this provider: with
+        the provider's exact math when the default math is beyond tolerance (if allowed), else
+        `ReferenceMismatch`, so that a model is never served with answers it was not validated for."""
+        where = self.where
+        runtime = OnnxModel(stored.onnx_path, device=where.device, intra_op_threads=where.ort_threads)
+        if stored.reference_path is None:
+            logger.warning(
+                "%s has no stored reference; its outputs on %s are not checked", stored.tag, runtime.provider
+            )
+            return runtime, None
+        check = check_reference(runtime, stored.reference_path, where.reference_tolerance)
+        if not check.passed and where.exact_math_fallback and runtime.provider != CPU:
+            logger.warning("%s differs from its reference by %.2e on %s (tolerance %.0e): loading it with exact math",
+                           stored.tag, check.max_abs_diff, runtime.provider, check.tolerance)  # fmt: skip
+            runtime = OnnxModel(stored.onnx_path, device=where.device, intra_op_threads=where.ort_threads,
+                                exact_math=True)  # fmt: skip
+            check = check_reference(runtime, stored.reference_path, where.reference_tolerance)
+        if not check.passed:
+            raise ReferenceMismatch(
+                f"{stored.tag} answers differ from its stored reference by {check.max_abs_diff:.2e} on "
+                f"{check.provider} (tolerance {check.tolerance:.0e}); refused"
+            )
+        logger.info("%s matches its reference on %s: max abs difference %.2e over %d samples",
+                    stored.tag, check.provider, check.max_abs_diff, check.samples)  # fmt: skip
+        return runtime, check
 
     async def reload(self, ref: str) -> None:
         try:

@@ -100,6 +100,16 @@ class Settings(BaseSettings):
     promotion_margin: float = Field(
         0.0, ge=0, le=1, description="A candidate must beat the champion's validation accuracy by more than this."
     )
+    reference_tolerance: float = Field(
+        1e-3,
+        gt=0,
+        le=1,
+        description="Largest difference of a probability from the model's stored reference "
+        "(run again on the serving provider at load) for the model to be served.",
+    )
+    exact_math_fallback: bool = Field(
+        True, description="Above the tolerance, load the model again with the provider's exact math (no TF32)."
+    )
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none).")
 
     @property

@@ -208,6 +208,10 @@ def test_models_route_tells_what_is_served(client: TestClient, trained_model: Bu
     assert body["signature"]["max_value"] == 16.0
     assert body["metrics"]["accuracy"] >= 0.95
     assert body["batching"]["max_samples_per_request"] == MAX_SAMPLES
+    for served in (body, image):  # each checked against its stored reference when it was loaded
+        reference = served["reference"]
+        assert reference["provider"] == served["provider"] and reference["samples"] > 0
+        assert 0 <= reference["max_abs_diff"] <= reference["tolerance"] == 1e-3
 
 
 def test_openapi_documents_the_routes_with_examples(client: TestClient) -> None:
