@@ -7,6 +7,7 @@ Screenshots go to `LOOP_TEST_ARTIFACTS` (default `.artifacts/browser/`).
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from feedback import review_store as rs
 from models import digits
@@ -50,10 +51,13 @@ class Session:
         self.errors: list[str] = []
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
-        self.page.goto(f"{url}/review/ui")
+        response = self.page.goto(f"{url}/review/ui")
+        assert response is not None
+        self.headers = response.headers
         self.page.get_by_label("Token").fill(token)
         self.page.keyboard.press("Enter")
-        self.page.wait_for_function("document.getElementById('notice').textContent.startsWith('Signed in')")
+        # Waits use Playwright's own isolated scripts: the page's CSP forbids evaluating strings in it.
+        expect(self.page.locator("#notice")).to_have_text(re.compile("^Signed in"))
 
     def _console(self, message: ConsoleMessage) -> None:
         if message.type == "error":
@@ -94,6 +98,13 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20) -> An
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
     return value
+
+
+def check_headers(headers: dict[str, str]) -> None:
+    """The page runs its own script and style, nothing else, and cannot be framed."""
+    policy = headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy and "unsafe" not in policy
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
 
 
 def current(page: Page) -> str:
@@ -218,6 +229,7 @@ def test_a_reviewer_works_by_keyboard_and_an_admin_settles_a_dispute(
     try:
         page = reviewer.page
         assert page.locator("#admin-tab").is_hidden()  # a reviewer is not offered the admin view
+        check_headers(reviewer.headers)
         page.keyboard.press("Enter")  # sign-in leaves the focus on "Start reviewing"
         page.wait_for_selector("#stage:not([hidden])")
         reviewer.shot("1-review-screen")
@@ -242,8 +254,7 @@ def test_a_reviewer_works_by_keyboard_and_an_admin_settles_a_dispute(
         assert cells[0] == str(counts["moderated"]) and cells[5] == "1" == str(counts["verdicts"]["disputed"])
         assert page.locator("#chart rect").count() >= 2
         page.goto(f"{service.url}/review/ui#admin")  # a reviewer who opens the admin view anyway
-        page.wait_for_function("document.getElementById('admin-only').textContent !== ''")
-        assert "needs an admin" in page.locator("#admin-only").inner_text()
+        expect(page.locator("#admin-only")).to_contain_text("needs an admin")
         assert page.locator("#admin-body").is_hidden()
 
         admin = Session(browser, service.url, root)
