@@ -591,3 +591,26 @@ def test_user_names_are_normalised_so_none_looks_like_another(client: TestClient
         assert response.status_code == 422, (bad, response.text)
     names = [u["name"] for u in client.get("/review/users", headers=admin).json()]
     assert sorted(names) == ["adm", "carol.smith", "r1"]
+
+
+def test_tokens_are_never_logged_nor_stored(
+    client: TestClient, pool: ConnectionPool, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed(database_url, 3)
+    _, admin = make_user(pool, "boss", rs.Role.ADMIN)
+    with caplog.at_level("DEBUG"):
+        created = client.post("/review/users", json={"name": "carol"}, headers=admin)
+        token = created.json()["token"]
+        mine = {"Authorization": f"Bearer {token}"}
+        claimed = client.post("/review/claim", json={"count": 1}, headers=mine).json()
+        client.post("/review/verdicts", json={"verdicts": [{"prediction_id": claimed[0]["id"], "verdict": "correct"}]},
+                    headers=mine)  # fmt: skip
+        client.get("/review/me", headers={"Authorization": f"Bearer {token}x"})  # a wrong one, refused
+    assert created.status_code == 201 and len(token) >= 40
+    assert not [r for r in caplog.records if token in r.getMessage()]
+    with psycopg.connect(database_url) as conn:
+        dump = " ".join(str(row) for t in ("users", "audit_log") for row in conn.execute(f"SELECT * FROM {t}"))
+    assert token not in dump
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute("SELECT token_hash FROM users WHERE name = 'carol'").fetchone()
+    assert stored is not None and bytes(stored[0]) == rs.hash_token(token)  # only the hash is kept
