@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from feedback import dead_letters, ingest
 from feedback.champion import announce
@@ -48,6 +48,7 @@ from models.spec import ImageInput
 from service import metrics
 from service.batching import BatcherClosed, Overloaded
 from service.limits import UPLOAD_ROUTE, RequestLimits, use_bounded_heads
+from service.problems import ProblemDetails, problem_response
 from service.routes import v2
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -136,10 +137,11 @@ def _log_to_stderr(*names: str) -> None:
             named.propagate = False
 
 
-def _error(status: int, message: str, ctx: bentoml.Context | None = None) -> Any:
+def _error(status: int, message: str, ctx: bentoml.Context | None = None, *, v2: bool = False) -> Any:
+    """An error as problem details; the Open Inference Protocol's routes also carry its `error`."""
     if ctx is not None:  # BentoML applies the context's status code over the response's
         ctx.response.status_code = status
-    return JSONResponse({"error": message}, status_code=status)
+    return problem_response(status, message, extra={"error": message} if v2 else None)
 
 
 def _count_log_event(event: Event, n: int) -> None:
@@ -596,7 +598,7 @@ class Predictor:
     @routes.get("/v2/health/ready", tags=["v2"])
     def v2_ready(self) -> Any:
         """200 once every model is loaded and predictions can be kept."""
-        return Response(status_code=200) if self.__is_ready__() else _error(503, "not ready")
+        return Response(status_code=200) if self.__is_ready__() else _error(503, "not ready", v2=True)
 
     @routes.get("/v2/models/{name}", tags=["v2"])
     @routes.get("/v2/models/{name}/versions/{version}", tags=["v2"])
@@ -604,7 +606,7 @@ class Predictor:
         """Model metadata: platform, versions, inputs and outputs (-1 is the batch axis)."""
         found = self._v2_served(name, version)
         if isinstance(found, Refusal):
-            return _error(found.status, found.message)
+            return _error(found.status, found.message, v2=True)
         _, served = found
         card = served.stored.card
         spec = card.model_spec
@@ -631,7 +633,11 @@ class Predictor:
     def v2_model_ready(self, name: str, version: str | None = None) -> Any:
         """200 when that model (and version) is loaded here."""
         found = self._v2_served(name, version)
-        return Response(status_code=200) if not isinstance(found, Refusal) else _error(found.status, found.message)
+        return (
+            Response(status_code=200)
+            if not isinstance(found, Refusal)
+            else _error(found.status, found.message, v2=True)
+        )
 
     def _v2_served(self, name: str, version: str | None) -> tuple[ModelSlot, Served] | Refusal:
         slot = self.slots.get(name)
@@ -654,19 +660,19 @@ class Predictor:
         try:
             parsed = v2.parse(body, request.headers.get("inference-header-content-length"))
         except v2.ProtocolError as exc:
-            return _error(exc.status, str(exc))
+            return _error(exc.status, str(exc), v2=True)
         found = self._v2_served(name, version)
         if isinstance(found, Refusal):
-            return _error(found.status, found.message)
+            return _error(found.status, found.message, v2=True)
         slot, served = found
         prepared = await self._v2_batch(served, parsed)
         if isinstance(prepared, Refusal):
-            return _error(prepared.status, prepared.message)
+            return _error(prepared.status, prepared.message, v2=True)
         batch, sent = prepared
         request_id = parsed.id or _request_id_of(request.headers)
         answered = await self._run(slot, batch, sent, {}, request_id)
         if isinstance(answered, Refusal):
-            return _error(answered.status, answered.message)
+            return _error(answered.status, answered.message, v2=True)
         names = answered.class_names
         content, header_length = v2.response(
             parsed,
@@ -902,4 +908,5 @@ def _request_id_of(headers: Mapping[str, str]) -> str:
 # Every request is bounded before it is parsed: bodies by `RequestLimits`, request heads by the
 # HTTP protocol the worker's uvicorn picks (this module is imported before its server is set up).
 cast(Any, Predictor).add_asgi_middleware(RequestLimits, limits=lambda: Settings().body_limits)  # a Service at run time
+cast(Any, Predictor).add_asgi_middleware(ProblemDetails)  # errors of BentoML's own as problem details too
 use_bounded_heads()

@@ -14,6 +14,7 @@ the answer rather than a connection reset.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -23,6 +24,8 @@ from typing import Any
 import h11
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.problems import PROBLEM_JSON, problem, problem_response
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class BodyLimits:
 def _refusal(status: int, message: str) -> JSONResponse:
     # The connection stays open: uvicorn reads and drops the rest of the body, so the client
     # (still sending) reads the answer instead of a reset.
-    return JSONResponse({"error": message}, status_code=status)
+    return problem_response(status, message)
 
 
 class RequestLimits:
@@ -180,9 +183,10 @@ class BoundedHeadProtocol(H11Protocol):
             super().send_400_response(msg)
             return
         logger.info("refused a request head over %d bytes from %s", MAX_HEAD_BYTES, self.client)
-        body = f'{{"error": "the request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"}}'.encode()
+        detail = f"the request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"
+        body = json.dumps(problem(431, detail)).encode()
         headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", PROBLEM_JSON.encode()),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]

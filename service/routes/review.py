@@ -23,7 +23,7 @@ import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from feedback import review_store as rs
 from feedback.moderation import Opinion, Status, Verdict, agreement
 from feedback.records import input_json
+from service.problems import problem_response, validation_response
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
@@ -128,17 +129,18 @@ class GuardedRoute(APIRoute):
         needs = _role_needed(self.dependant)
 
         async def guarded(request: Request) -> Response:
-            if needs is not None:
-                credentials = await _bearer(request)
-                user = await run_in_threadpool(_authenticate, _context(request), credentials)
-                if needs is rs.Role.ADMIN:
-                    _admin(user)
-                request.state.user = user
             try:
+                if needs is not None:
+                    credentials = await _bearer(request)
+                    user = await run_in_threadpool(_authenticate, _context(request), credentials)
+                    if needs is rs.Role.ADMIN:
+                        _admin(user)
+                    request.state.user = user
                 return await handler(request)
             except RequestValidationError as exc:
-                errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-                return JSONResponse({"detail": errors}, status_code=422)
+                return validation_response(exc.errors())
+            except HTTPException as exc:
+                return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
         return guarded
 

@@ -179,7 +179,8 @@ def test_bad_input_gets_400_naming_the_problem(client: TestClient, case: str, bo
     response = post_raw(client, body)
     assert response.status_code == 400, f"{case}: {response.status_code} {response.text}"
     assert fragment in response.text, response.text
-    assert "error" in response.json()
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 400 and response.json()["title"] == "Bad Request"
 
 
 def test_bad_input_does_not_break_the_next_request(client: TestClient, data: digits.Digits) -> None:
@@ -352,7 +353,7 @@ def test_npy_bodies_are_answered_like_json(client: TestClient, data: digits.Digi
 def test_bad_npy_bodies_get_4xx_naming_the_problem(client: TestClient, body: bytes, status: int, fragment: str) -> None:
     response = client.post("/predict/npy", content=body)
     assert response.status_code == status, response.text
-    assert fragment in response.json()["error"]
+    assert fragment in response.json()["detail"]
 
 
 # -- answered means kept: what would be refused downstream is refused at the door ------------------
@@ -418,7 +419,7 @@ def test_a_form_body_for_a_tensor_model_gets_4xx(
     body = b'--b0undary\r\nContent-Disposition: form-data; name="samples"\r\n\r\n[]\r\n--b0undary--\r\n'
     response = client.post("/predict", content=body, headers={"content-type": content_type})
     assert response.status_code == status, response.text
-    assert fragment in response.json()["error"]
+    assert fragment in response.json()["detail"]
     assert stream_length(module_keys) == before
 
 
@@ -428,7 +429,7 @@ def test_a_body_over_the_limit_gets_413_before_it_is_parsed(client: TestClient, 
     response = post_raw(client, body)
     assert response.status_code == 413, response.text
     # Refused on its Content-Length, by the limits in front of the app: the route never saw it.
-    assert f"the body of {len(body)} bytes is over the limit of 4194304 bytes" in response.json()["error"]
+    assert f"the body of {len(body)} bytes is over the limit of 4194304 bytes" in response.json()["detail"]
     assert stream_length(module_keys) == before
 
 
@@ -575,7 +576,7 @@ def test_bad_uploads_get_4xx_and_nothing_is_stored(
     before = stream_length(module_keys)
     response = client.post("/predict", data={"model": image_model.name}, files=files or {"": ("", b"")})
     assert response.status_code == status, response.text
-    assert fragment in response.json()["error"]
+    assert fragment in response.json()["detail"]
     assert stream_length(module_keys) == before
 
 
@@ -592,14 +593,14 @@ def test_bad_json_images_get_400(
 ) -> None:
     before = stream_length(module_keys)
     response = client.post("/predict", json={**body, "model": image_model.name})
-    assert response.status_code == 400 and fragment in response.json()["error"], response.text
+    assert response.status_code == 400 and fragment in response.json()["detail"], response.text
     assert stream_length(module_keys) == before
 
 
 def test_each_model_takes_only_its_own_kind_of_input(client: TestClient, module_keys: Keys) -> None:
     before = stream_length(module_keys)
     files = client.post("/predict", files=[("a", ("a.png", png(), "image/png"))])  # the default: digits
-    assert files.status_code == 415 and "takes numbers" in files.json()["error"]
+    assert files.status_code == 415 and "takes numbers" in files.json()["detail"]
     text = client.post("/predict", json={"samples": [base64.b64encode(png()).decode()]})
-    assert text.status_code == 400 and "takes numbers, not images" in text.json()["error"]
+    assert text.status_code == 400 and "takes numbers, not images" in text.json()["detail"]
     assert stream_length(module_keys) == before

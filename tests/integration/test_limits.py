@@ -100,4 +100,4 @@ def test_a_chunked_body_over_the_limit_gets_413(start_service: Callable[..., Run
         f"{service.url}/predict", content=pieces(), headers={"content-type": "application/json"}, timeout=30
     )
     assert response.status_code == 413, response.text
-    assert "over the limit of 4194304 bytes" in response.json()["error"]
+    assert "over the limit of 4194304 bytes" in response.json()["detail"]

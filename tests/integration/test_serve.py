@@ -71,7 +71,7 @@ def test_not_ready_without_a_model_and_says_why(start_service: Callable[..., Run
         assert http.get("/readyz").status_code == 503
         response = http.post("/predict", json={"samples": [[[1.0] * 8] * 8]})
         assert response.status_code == 503
-        assert "absent-model" in response.json()["error"]
+        assert "absent-model" in response.json()["detail"]
         assert http.get("/models").status_code == 503
 
 

@@ -53,9 +53,9 @@ def test_two_models_answer_and_batch_each_on_their_own(
         assert set(yes_no["scores"]) == {"no", "yes"}
         # Each model checks its own input.
         wrong = http.post("/predict", json={"samples": [digit], "model": other.name})
-        assert wrong.status_code == 400 and "shape [4]" in wrong.json()["error"]
+        assert wrong.status_code == 400 and "shape [4]" in wrong.json()["detail"]
         unknown = http.post("/predict", json={"samples": [digit], "model": "nobody"})
-        assert unknown.status_code == 404 and other.name in unknown.json()["error"]
+        assert unknown.status_code == 404 and other.name in unknown.json()["detail"]
         stored = http.get(f"/predictions/{yes_no['id']}")
         assert stored.status_code == 200 and stored.json()["model_name"] == other.name
 

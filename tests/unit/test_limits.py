@@ -48,7 +48,7 @@ def test_bodies_up_to_the_limit_pass_and_larger_ones_get_413_unread(
     assert http.post(path, content=b"x" * limit).json()["size"] == limit
     over = http.post(path, content=b"x" * (limit + 1))
     assert over.status_code == 413
-    assert f"{limit + 1} bytes is over the limit of {limit} bytes for {path}" in over.json()["error"]
+    assert f"{limit + 1} bytes is over the limit of {limit} bytes for {path}" in over.json()["detail"]
     assert seen == [limit]  # the app never saw the large one
 
 
@@ -58,7 +58,7 @@ def test_a_chunked_body_is_read_only_up_to_the_limit(client: tuple[TestClient, l
     assert ok.status_code == 200 and ok.json()["size"] == 1000
     assert "content-length" not in ok.request.headers  # it really was chunked
     over = http.post("/predict", content=chunks(5000))
-    assert over.status_code == 413 and "over the limit of 1000 bytes" in over.json()["error"]
+    assert over.status_code == 413 and "over the limit of 1000 bytes" in over.json()["detail"]
     assert seen == [1000]
 
 
@@ -69,7 +69,7 @@ def test_multipart_on_the_json_route_goes_to_the_upload_route_and_other_forms_ge
     upload = http.post("/predict", files={"a": ("a.png", b"12345")})
     assert upload.status_code == 200 and upload.json()["path"] == "/predict/files"
     form = http.post("/predict", content=b"a=1", headers={"content-type": "application/x-www-form-urlencoded"})
-    assert form.status_code == 415 and "takes a JSON body" in form.json()["error"]
+    assert form.status_code == 415 and "takes a JSON body" in form.json()["detail"]
     assert len(seen) == 1
     # Other routes decide for themselves.
     assert http.post("/review/x", content=b"a=1", headers={"content-type": "application/x-www-form-urlencoded"}) \
