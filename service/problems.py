@@ -138,3 +138,9 @@ class ProblemDetails:
             await send(message)
 
         await self.app(scope, receive, rewrite)
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses, each a problem-details body."""
+    content = {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}  # self-contained: its $defs inline
+    return {status: {"description": _title(status), "content": content} for status in statuses}

@@ -22,6 +22,7 @@ from feedback import datasets as ds
 from feedback.champion import promote, reevaluate
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from models.store import InvalidModelTag, ModelNotFound
+from service.problems import documented
 from service.routes.review import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
 
 
@@ -34,7 +35,9 @@ class DataLoopContext:
     announcer: Callable[[str, str], None] | None = None
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], route_class=GuardedRoute)
+router = APIRouter(
+    prefix="/admin", tags=["admin"], route_class=GuardedRoute, responses=documented(401, 403, 404, 409, 413, 422, 503)
+)
 
 
 def _loop(request: Request) -> DataLoopContext:

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from feedback import review_store as rs
 from feedback.moderation import Opinion, Status, Verdict, agreement
 from feedback.records import input_json
-from service.problems import problem_response, validation_response
+from service.problems import documented, problem_response, validation_response
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
@@ -157,7 +157,9 @@ def _role_needed(dependant: Dependant) -> rs.Role | None:
     return rs.Role.REVIEWER if _user in calls else None
 
 
-router = APIRouter(prefix="/review", tags=["review"], route_class=GuardedRoute)
+router = APIRouter(
+    prefix="/review", tags=["review"], route_class=GuardedRoute, responses=documented(401, 403, 404, 409, 413, 422, 503)
+)
 
 
 # -- schemas ------------------------------------------------------------------------------------

@@ -614,3 +614,18 @@ def test_tokens_are_never_logged_nor_stored(
     with psycopg.connect(database_url) as conn:
         stored = conn.execute("SELECT token_hash FROM users WHERE name = 'carol'").fetchone()
     assert stored is not None and bytes(stored[0]) == rs.hash_token(token)  # only the hash is kept
+
+
+def test_every_review_and_admin_operation_documents_its_errors_as_problem_details() -> None:
+    from service.routes.admin import router as admin_router
+
+    app = FastAPI()
+    app.include_router(router)
+    app.include_router(admin_router)
+    operations = [(m, p, op) for p, ops in app.openapi()["paths"].items() for m, op in ops.items()]
+    assert len(operations) >= 20
+    for method, path, op in operations:
+        for status in ("401", "403", "404", "409", "413", "422", "503"):
+            content = op["responses"][status]["content"]
+            assert list(content) == ["application/problem+json"], (method, path, status)
+            assert set(content["application/problem+json"]["schema"]["required"]) == {"title", "status", "detail"}
