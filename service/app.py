@@ -241,11 +241,19 @@ class Predictor:
             self._background.append(asyncio.create_task(self._follow_champion(settings.redis_url), name="champion"))
         if settings.database_url is not None:
             self._pool = AsyncConnectionPool(
-                settings.database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+                settings.database_url,
+                min_size=1,
+                max_size=4,
+                open=False,
+                kwargs={"autocommit": True, "connect_timeout": 5},
             )
             await self._pool.open(wait=False)  # serving must not wait for Postgres
             self._review_pool = ConnectionPool(
-                settings.database_url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True}
+                settings.database_url,
+                min_size=1,
+                max_size=8,
+                open=False,
+                kwargs={"autocommit": True, "connect_timeout": 5},
             )
             self._review_pool.open(wait=False)
             routes.state.moderation = ModerationContext(

@@ -158,7 +158,7 @@ def users_add(name: str, role: str) -> None:
     from feedback import review_store
     from feedback.migrate import migrate as apply
 
-    with psycopg.connect(cli_loop.database_url(Settings()), autocommit=True) as conn:
+    with psycopg.connect(cli_loop.database_url(Settings()), autocommit=True, connect_timeout=5) as conn:
         apply(conn)
         try:
             user, token = review_store.create_user(conn=conn, name=name, role=review_store.Role(role))
@@ -175,7 +175,7 @@ def users_list() -> None:
 
     from feedback import review_store
 
-    with psycopg.connect(cli_loop.database_url(Settings())) as conn:
+    with psycopg.connect(cli_loop.database_url(Settings()), connect_timeout=5) as conn:
         for user in review_store.list_users(conn=conn):
             click.echo(f"{user.id}\t{user.name}\t{user.role.value}")
 
@@ -187,7 +187,7 @@ def migrate() -> None:
 
     from feedback.migrate import migrate as apply
 
-    with psycopg.connect(_require(Settings().database_url, "LOOP_DATABASE_URL")) as conn:
+    with psycopg.connect(_require(Settings().database_url, "LOOP_DATABASE_URL"), connect_timeout=5) as conn:
         applied = apply(conn)
     click.echo(f"applied {len(applied)} migration(s)" if applied else "the schema is up to date")
 
@@ -260,7 +260,7 @@ def ingest() -> None:
     settings = Settings()
     database_url = _require(settings.database_url, "LOOP_DATABASE_URL")
     redis_url = _require(settings.redis_url, "LOOP_REDIS_URL")
-    with psycopg.connect(database_url) as conn:
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
         apply(conn)
     keys = Keys(settings.redis_prefix)
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=5)

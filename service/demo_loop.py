@@ -171,7 +171,7 @@ class Demo:
 
         result = StrategyRun(strategy=self.strategy.value, model_name=self.model_name, database_url=self.database_url)
         self._create_database()
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
             admin, _ = rs.create_user(conn=conn, name="demo-admin", role=rs.Role.ADMIN)
             tokens = [rs.create_user(conn=conn, name=f"reviewer-{i}", role=rs.Role.REVIEWER)[1]
                       for i in range(self.config.reviewers)]  # fmt: skip
@@ -191,7 +191,7 @@ class Demo:
                 self._review(http, tokens)
                 self._resolve_disputes(http, admin_token)
                 kappa = http.get("/review/agreement", headers=_bearer(tokens[0])).json()["fleiss_kappa"]
-                with psycopg.connect(self.database_url, autocommit=True) as conn:
+                with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
                     row, version = self._compile_and_retrain(conn, admin, validation, round_=round_, kappa=kappa)
                 result.rounds.append(row)
                 result.datasets.append(version)
@@ -266,7 +266,7 @@ class Demo:
 
     def _wait_ingested(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
             while True:
                 stored = conn.execute("SELECT count(*) FROM predictions").fetchone()
                 if stored is not None and stored[0] >= len(self.truth):
@@ -338,13 +338,13 @@ class Demo:
         return str((self.out / "datasets").resolve())
 
     def _create_database(self) -> None:
-        with psycopg.connect(self.server_url, autocommit=True) as admin:
+        with psycopg.connect(self.server_url, autocommit=True, connect_timeout=5) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
-        with psycopg.connect(self.database_url) as conn:
+        with psycopg.connect(self.database_url, connect_timeout=5) as conn:
             migrate(conn)
 
     def drop_database(self) -> None:
-        with psycopg.connect(self.server_url, autocommit=True) as admin:
+        with psycopg.connect(self.server_url, autocommit=True, connect_timeout=5) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
 
     def _announce(self, model_name: str, version: str) -> None:
