@@ -113,10 +113,11 @@ class ProblemDetails:
         async def rewrite(message: Message) -> None:
             nonlocal held
             if message["type"] == "http.response.start":
-                given = {k.lower(): v for k, v in message.get("headers", [])}
-                if message["status"] >= 400 and given.get(b"content-type", b"").startswith(b"application/json"):
-                    held = message  # answered once the whole body is in
-                    return
+                if message["status"] >= 400:  # a success passes untouched: no header is even looked at
+                    given = {k.lower(): v for k, v in message.get("headers", [])}
+                    if given.get(b"content-type", b"").startswith(b"application/json"):
+                        held = message  # answered once the whole body is in
+                        return
                 await send(message)
                 return
             if message["type"] == "http.response.body" and held is not None:
