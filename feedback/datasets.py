@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from feedback import dataset_store
 from feedback.dataset_store import DatasetVersion, Kind
 from feedback.records import npy_bytes, npy_load
-from feedback.review_store import Invalid, User
+from feedback.review_store import Conflict, Invalid, NotFound, User
 from models import builtin, images
 from models.provenance import code_version
 from models.signature import Signature
@@ -354,7 +354,7 @@ def _write_version(
         finally:
             writer.close()
         if writer.rows == 0:
-            raise Invalid("no rows to write: nothing is labelled and no original data is included")
+            raise Conflict("no rows to write: nothing is labelled and no original data is included")
         manifest["rows"] = writer.rows
         manifest["per_class"] = {name: writer.per_class.get(name, 0) for name in schema.class_names}
         manifest["per_source"] = dict(sorted(writer.per_source.items()))
@@ -525,7 +525,7 @@ def fix_validation(
     """A new validation version with `fixes` applied to the current one, which stays as it was."""
     parent = dataset_store.current_validation(conn=conn, model_name=model_name)
     if parent is None:
-        raise Invalid(f"{model_name} has no validation version yet; compile a training version first")
+        raise Conflict(f"{model_name} has no validation version yet; compile a training version first")
     if not fixes:
         raise Invalid("no label fixes given")
     loaded = read_version(parent.uri)
@@ -533,13 +533,13 @@ def fix_validation(
     position = {item: i for i, item in enumerate(loaded.item_ids)}
     for fix in fixes:
         if fix.item_id not in position:
-            raise Invalid(f"{fix.item_id!r} is not in validation version {parent.id}")
+            raise NotFound(f"{fix.item_id!r} is not in validation version {parent.id}")
         if fix.label not in schema.class_names:
             raise Invalid(f"label {fix.label!r} is not one of {', '.join(schema.class_names)}")
         if not fix.reason.strip():
             raise Invalid(f"a reason is required for the fix of {fix.item_id}")
         if labels[position[fix.item_id]] == fix.label:
-            raise Invalid(f"{fix.item_id} is already labelled {fix.label!r}")
+            raise Conflict(f"{fix.item_id} is already labelled {fix.label!r}")
         labels[position[fix.item_id]] = fix.label
     manifest = dict(parent.manifest)
     manifest.update(
@@ -594,8 +594,10 @@ def compile_training(
     settled = dataset_store.settled_watermark(conn=conn)
     if watermark is None:
         watermark = settled
-    elif watermark < 0 or watermark > settled:
-        raise Invalid(f"watermark {watermark} is not a settled annotation revision (0..{settled})")
+    elif watermark < 0:
+        raise Invalid(f"watermark {watermark} is not an annotation revision")
+    elif watermark > settled:  # a revision to come, or one not settled yet: the state, not the request
+        raise Conflict(f"watermark {watermark} is not a settled annotation revision (0..{settled})")
     if validation.kind is not Kind.VALIDATION:
         raise Invalid(f"{validation.id} is a {validation.kind.value} version, not a validation version")
     held_out = read_version(validation.uri)

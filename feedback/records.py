@@ -83,9 +83,14 @@ def unstorable_text(text: str) -> str | None:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+_LAST_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+
+
 def created_at(prediction_id: uuid.UUID) -> datetime:
-    """The creation time a UUIDv7 carries, exact to the millisecond."""
-    return _EPOCH + timedelta(milliseconds=uuid7_time_ms(prediction_id))
+    """The creation time a UUIDv7 carries, exact to the millisecond. A UUIDv7 can name a time
+    after the year 9999, which no id made here does: such an id gives the latest time there is, so
+    that looking it up finds nothing instead of failing."""
+    return _EPOCH + timedelta(milliseconds=min(uuid7_time_ms(prediction_id), _LAST_MS))
 
 
 @lru_cache(maxsize=64)

@@ -23,7 +23,7 @@ import redis
 from fastapi import FastAPI, Query
 from numpy.typing import NDArray
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
-from pydantic import AfterValidator, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -47,8 +47,9 @@ from models.signature import InputError, Outputs, Signature, postprocess, read_n
 from models.spec import ImageInput
 from service import metrics
 from service.batching import BatcherClosed, Overloaded
+from service.contract import NO_NUL, ContractRoute, ItemId, ModelVersion, OpenAPIContract, method_not_allowed
 from service.limits import UPLOAD_ROUTE, RequestLimits, use_bounded_heads
-from service.problems import ProblemDetails, problem_response
+from service.problems import ProblemDetails, documented, problem_response
 from service.routes import v2
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -74,6 +75,8 @@ STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model l
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
 routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+routes.router.route_class = ContractRoute  # every route: no unknown query parameter, problem details
+routes.add_exception_handler(405, method_not_allowed)
 routes.include_router(review_router)
 routes.include_router(admin_router)
 
@@ -88,8 +91,46 @@ def _storable(text: str) -> str:
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_storable)]
 TagValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_storable)]
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)]
 _TAGS: TypeAdapter[dict[str, str]] = TypeAdapter(Annotated[dict[TagKey, TagValue], Field(max_length=16)])
+
+# One sample as JSON: numbers nested to the model's input shape (four axes at most), or the base64
+# text of an image. The served model decides which, and the shape: GET /models says.
+_NUMBERS: dict[str, Any] = {"type": "number"}
+for _ in range(4):
+    _NUMBERS = {"anyOf": [{"type": "number"}, {"type": "array", "minItems": 1, "items": _NUMBERS}]}
+_SAMPLE_SCHEMA = {"anyOf": [*_NUMBERS["anyOf"], {"type": "string", "minLength": 1, "format": "byte"}]}
+
+
+class PredictRequest(BaseModel):
+    """The body of POST /predict: only these members."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: Annotated[
+        list[Any],
+        Field(
+            min_length=1,
+            description="Samples to classify: for tensor models, each of the model's input shape "
+            "(see GET /models); for image models, base64 text of each image (or upload files instead).",
+            examples=[[EXAMPLE_INPUT]],
+            json_schema_extra={"items": _SAMPLE_SCHEMA},
+        ),
+    ]
+    # Either member may be left out, but not sent as null: the schema says a string, an object.
+    tags: Annotated[
+        dict[TagKey, TagValue],
+        Field(
+            default=None,
+            max_length=16,
+            description="Client labels stored with each prediction.",
+            examples=[{"app": "scanner"}],
+        ),
+    ]
+    model: Annotated[
+        ModelName,
+        Field(default=None, description="The served model to ask (see GET /models); default: the first one."),
+    ]
 
 
 @dataclass(frozen=True)
@@ -146,6 +187,51 @@ def _error(status: int, message: str, ctx: bentoml.Context | None = None, *, v2:
 
 def _count_log_event(event: Event, n: int) -> None:
     metrics.log_records.labels(event=event.value).inc(n)
+
+
+_V2_READY: dict[int | str, dict[str, Any]] = {200: {"description": "Ready"}, **documented(404, 422, 503)}
+_V2_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": list(v2.DATATYPES)},
+        "parameters": {"type": "object"},
+        "data": {"type": "array", "description": "The tensor's elements, flat or nested (JSON tensors)."},
+    },
+}
+_V2_INFER: dict[str, Any] = {
+    "responses": {
+        200: {
+            "description": "Probabilities and labels; the prediction ids in `parameters.prediction_ids`",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **documented(400, 404, 413, 415, 503),
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "description": "An inference request (JSON tensors, or a JSON header followed by binary data "
+            "with Inference-Header-Content-Length).",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["inputs"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "parameters": {"type": "object"},
+                            "inputs": {"type": "array", "minItems": 1, "items": _V2_TENSOR},
+                            "outputs": {"type": "array", "items": {"type": "object"}},
+                        },
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+}
 
 
 @bentoml.service(name="loop", traffic={"timeout": 30})
@@ -363,29 +449,12 @@ class Predictor:
             return Refusal(404, f"no model {name!r} is served here; served: {', '.join(self.slots)}")
         return slot
 
-    @bentoml.api(route="/predict")
+    @bentoml.api(route="/predict", input_spec=PredictRequest)
     async def predict(
         self,
-        samples: Annotated[
-            list[Any],
-            Field(
-                description="Samples to classify: for tensor models, each of the model's input shape "
-                "(see GET /models); for image models, base64 text of each image (or upload files instead).",
-                examples=[[EXAMPLE_INPUT]],
-            ),
-        ],
-        tags: Annotated[
-            dict[TagKey, TagValue] | None,
-            Field(
-                max_length=16,
-                description="Client labels stored with each prediction.",
-                examples=[{"app": "scanner"}],
-            ),
-        ] = None,
-        model: Annotated[
-            ModelName | None,
-            Field(description="The served model to ask (see GET /models); default: the first one."),
-        ] = None,
+        samples: list[Any],
+        tags: dict[str, str] | None = None,
+        model: str | None = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML passes the request context
     ) -> PredictResponse:
         """Classify one or many samples; every answer carries its prediction id and is stored."""
@@ -401,12 +470,14 @@ class Predictor:
     @routes.post(
         "/predict/npy",
         response_model=PredictResponse,
-        responses={
-            400: {"description": "Not an .npy array of samples"},
-            404: {"description": "No such model is served"},
-            503: {"description": "Not ready"},
+        responses=documented(400, 404, 413, 415, 422, 503),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "One .npy array: N samples of the model's input shape, or one sample.",
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
         },
-        openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}},
     )
     async def predict_npy(self, request: Request, model: Annotated[ModelName | None, Query()] = None) -> Any:
         """Classify samples sent as one .npy array (N x input shape, or one sample): no JSON to parse."""
@@ -531,11 +602,29 @@ class Predictor:
     @routes.post(
         UPLOAD_ROUTE,
         response_model=PredictResponse,
-        responses={
-            400: {"description": "Not images this model accepts, or too many"},
-            404: {"description": "No such model is served"},
-            415: {"description": "The model takes numbers, not images"},
-            503: {"description": "Not ready"},
+        responses=documented(400, 404, 413, 415, 503),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["files"],
+                            "properties": {
+                                "files": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {"type": "string", "format": "binary"},
+                                    "description": "One file part per image (any part name).",
+                                },
+                                "model": {"type": "string", "description": "The served model to ask."},
+                                "tags": {"type": "string", "description": "A JSON object of client labels."},
+                            },
+                        }
+                    }
+                },
+            }
         },
     )
     async def predict_files(self, request: Request) -> Any:
@@ -598,19 +687,24 @@ class Predictor:
         """Server metadata: name, version and the protocol extensions it speaks."""
         return {"name": "loop", "version": code_version(), "extensions": ["binary_tensor_data"]}
 
-    @routes.get("/v2/health/live", tags=["v2"])
+    @routes.get("/v2/health/live", tags=["v2"], response_class=Response, responses={200: {"description": "Live"}})
     def v2_live(self) -> Any:
         """200 while the worker runs."""
         return Response(status_code=200)
 
-    @routes.get("/v2/health/ready", tags=["v2"])
+    @routes.get(
+        "/v2/health/ready",
+        tags=["v2"],
+        response_class=Response,
+        responses={200: {"description": "Ready"}, **documented(503)},
+    )
     def v2_ready(self) -> Any:
         """200 once every model is loaded and predictions can be kept."""
         return Response(status_code=200) if self.__is_ready__() else _error(503, "not ready", v2=True)
 
-    @routes.get("/v2/models/{name}", tags=["v2"])
-    @routes.get("/v2/models/{name}/versions/{version}", tags=["v2"])
-    def v2_model(self, name: str, version: str | None = None) -> Any:
+    @routes.get("/v2/models/{name}", tags=["v2"], responses=documented(404, 422, 503))
+    @routes.get("/v2/models/{name}/versions/{version}", tags=["v2"], responses=documented(404, 422, 503))
+    def v2_model(self, name: ModelName, version: ModelVersion | None = None) -> Any:
         """Model metadata: platform, versions, inputs and outputs (-1 is the batch axis)."""
         found = self._v2_served(name, version)
         if isinstance(found, Refusal):
@@ -636,9 +730,9 @@ class Predictor:
             ],
         }
 
-    @routes.get("/v2/models/{name}/ready", tags=["v2"])
-    @routes.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
-    def v2_model_ready(self, name: str, version: str | None = None) -> Any:
+    @routes.get("/v2/models/{name}/ready", tags=["v2"], response_class=Response, responses=_V2_READY)
+    @routes.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], response_class=Response, responses=_V2_READY)
+    def v2_model_ready(self, name: ModelName, version: ModelVersion | None = None) -> Any:
         """200 when that model (and version) is loaded here."""
         found = self._v2_served(name, version)
         return (
@@ -659,9 +753,9 @@ class Predictor:
             )
         return slot, slot.served
 
-    @routes.post("/v2/models/{name}/infer", tags=["v2"])
-    @routes.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
-    async def v2_infer(self, request: Request, name: str, version: str | None = None) -> Any:
+    @routes.post("/v2/models/{name}/infer", tags=["v2"], **_V2_INFER)
+    @routes.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], **_V2_INFER)
+    async def v2_infer(self, request: Request, name: ModelName, version: ModelVersion | None = None) -> Any:
         """Inference: JSON or binary tensors in; class probabilities and labels out, and the
         prediction ids (stored like every prediction) in the answer's parameters."""
         body = await request.body()  # bounded by `RequestLimits` before it is read
@@ -727,9 +821,19 @@ class Predictor:
 
     @routes.get(
         "/predictions/{prediction_id}/input",
-        responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}}, 404: {}, 422: {}},
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The input as sent: an image's own media type, or an array as .npy",
+                "content": {
+                    media: {"schema": {"type": "string", "format": "binary"}}
+                    for media in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
+                },
+            },
+            **documented(404, 422, 503),
+        },
     )
-    async def prediction_input(self, prediction_id: uuid.UUID) -> Any:
+    async def prediction_input(self, prediction_id: ItemId) -> Any:
         """A stored prediction's input byte for byte: the image as sent, or the array as .npy."""
         found = await self._find(prediction_id)
         if isinstance(found, Refusal):
@@ -767,7 +871,7 @@ class Predictor:
             ),
         )
 
-    @routes.get("/models", response_model=ModelsPublic, responses={503: {"description": "No model loaded"}})
+    @routes.get("/models", response_model=ModelsPublic, responses=documented(503))
     def models(self) -> Any:
         """Every model this worker serves (the default first): version, provider, signature."""
         loaded = [slot.served for slot in self.slots.values() if slot.served is not None]
@@ -781,9 +885,9 @@ class Predictor:
     @routes.get(
         "/models/{name}",
         response_model=ModelPublic,
-        responses={404: {"description": "No such model is served"}, 503: {"description": "Not loaded yet"}},
+        responses=documented(404, 422, 503),
     )
-    def model(self, name: str) -> Any:
+    def model(self, name: ModelName) -> Any:
         """One served model: version, provider, signature."""
         slot = self.slots.get(name)
         if slot is None:
@@ -795,9 +899,9 @@ class Predictor:
     @routes.get(
         "/predictions/{prediction_id}",
         response_model=StoredPredictionPublic,
-        responses={404: {"description": "Unknown id"}, 422: {"description": "Not a UUIDv7"}},
+        responses=documented(404, 422, 503),
     )
-    async def prediction(self, prediction_id: uuid.UUID) -> Any:
+    async def prediction(self, prediction_id: ItemId) -> Any:
         """A stored prediction with its input: from Postgres, or from the stream if not yet ingested."""
         found = await self._find(prediction_id)
         if isinstance(found, Refusal):
@@ -893,7 +997,7 @@ def _preprocess_images(
 
 
 def _form_tags(raw: str | None) -> dict[str, str]:
-    if raw is None:
+    if not raw:  # no field, or an empty one: no tags
         return {}
     try:
         return _TAGS.validate_json(raw)
@@ -917,4 +1021,5 @@ def _request_id_of(headers: Mapping[str, str]) -> str:
 # HTTP protocol the worker's uvicorn picks (this module is imported before its server is set up).
 cast(Any, Predictor).add_asgi_middleware(RequestLimits, limits=lambda: Settings().body_limits)  # a Service at run time
 cast(Any, Predictor).add_asgi_middleware(ProblemDetails)  # errors of BentoML's own as problem details too
+cast(Any, Predictor).add_asgi_middleware(OpenAPIContract)  # the schema documents those problem details
 use_bounded_heads()

@@ -143,5 +143,24 @@ class ProblemDetails:
 
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for error statuses, each a problem-details body."""
-    content = {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}  # self-contained: its $defs inline
+    content = {PROBLEM_JSON: {"schema": _inline(Problem.model_json_schema())}}
     return {status: {"description": _title(status), "content": content} for status in statuses}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its `$defs` written in place: it must stand alone inside any document
+    (a `#/$defs/…` reference would point into the OpenAPI document, where there is none)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref", "")
+            if reference.startswith("#/$defs/"):
+                return resolve(definitions[reference.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved

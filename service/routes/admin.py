@@ -22,6 +22,7 @@ from feedback import datasets as ds
 from feedback.champion import promote, reevaluate
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from models.store import InvalidModelTag, ModelNotFound
+from service.contract import NO_NUL, Flag, Integer, ModelVersion
 from service.problems import documented
 from service.routes.review import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
 
@@ -36,7 +37,10 @@ class DataLoopContext:
 
 
 router = APIRouter(
-    prefix="/admin", tags=["admin"], route_class=GuardedRoute, responses=documented(401, 403, 404, 409, 413, 422, 503)
+    prefix="/admin",
+    tags=["admin"],
+    route_class=GuardedRoute,
+    responses=documented(400, 401, 403, 404, 409, 413, 422, 503),
 )
 
 
@@ -59,7 +63,8 @@ class Target:
 
 
 ModelQuery = Annotated[
-    str | None, Query(min_length=1, max_length=200, description="A served model (default: the default model).")
+    str | None,
+    Query(min_length=1, max_length=200, pattern=NO_NUL, description="A served model (default: the default model)."),
 ]
 
 
@@ -98,12 +103,12 @@ class DatasetVersionPublic(BaseModel):
 
 
 class CompileIn(RequestBody):
-    watermark: int | None = Field(None, ge=0, description="Highest annotation revision; default: all settled.")
-    include_original: bool = Field(True, description="Include the data the model was first trained on.")
+    watermark: Integer | None = Field(None, ge=0, description="Highest annotation revision; default: all settled.")
+    include_original: Flag = Field(True, description="Include the data the model was first trained on.")
 
 
 class LabelFixIn(RequestBody):
-    item_id: Annotated[str, Field(min_length=1, max_length=128)]
+    item_id: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL)]
     label: Name
 
 
@@ -205,7 +210,9 @@ def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, model: M
 
 
 @router.post("/models/{version}/promote", response_model=PromotionPublic)
-def force_promotion(version: str, body: PromoteIn, *, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
+def force_promotion(
+    version: ModelVersion, body: PromoteIn, *, context: Context, loop: Loop, model: Model, admin: Admin
+) -> Any:
     """Make a stored version of the model champion regardless of the gate (recorded, announced)."""
     with db_connection(context) as conn:
         try:

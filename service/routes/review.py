@@ -22,9 +22,7 @@ from typing import Annotated, Any, Literal
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.dependencies.models import Dependant
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -33,10 +31,18 @@ from starlette.concurrency import run_in_threadpool
 from feedback import review_store as rs
 from feedback.moderation import Opinion, Status, Verdict, agreement
 from feedback.records import input_json
-from service.problems import documented, problem_response, validation_response
+from service.contract import NO_NUL, ContractRoute, Instant, Integer, ItemId, Number
+from service.problems import documented, problem_response
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+# Text Postgres can hold (no NUL character); a reason says something (not only spaces).
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]*$")]
+UserName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"),
+    Field(description="1 to 64 letters, digits, '.', '_' or '-', starting and ending with a letter or digit; "
+                      "stored in lower case."),
+]  # fmt: skip
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
 
 
 @dataclass
@@ -114,9 +120,9 @@ Reviewer = Annotated[rs.User, Depends(_user)]
 Admin = Annotated[rs.User, Depends(_admin)]
 
 
-class GuardedRoute(APIRoute):
-    """A route that checks its caller before FastAPI reads the body, and answers a body that
-    fails validation with 422 without echoing it.
+class GuardedRoute(ContractRoute):
+    """A route that checks its caller before FastAPI reads the body (and, as every route of the
+    service, answers a body that fails validation with 422 without echoing it).
 
     FastAPI parses a JSON body before it resolves dependencies, so a stranger's junk would get a
     422 (after the whole body was parsed) instead of a 401, and a reviewer's junk sent to an admin
@@ -136,11 +142,9 @@ class GuardedRoute(APIRoute):
                     if needs is rs.Role.ADMIN:
                         _admin(user)
                     request.state.user = user
-                return await handler(request)
-            except RequestValidationError as exc:
-                return validation_response(exc.errors())
             except HTTPException as exc:
                 return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
+            return await handler(request)
 
         return guarded
 
@@ -158,7 +162,10 @@ def _role_needed(dependant: Dependant) -> rs.Role | None:
 
 
 router = APIRouter(
-    prefix="/review", tags=["review"], route_class=GuardedRoute, responses=documented(401, 403, 404, 409, 413, 422, 503)
+    prefix="/review",
+    tags=["review"],
+    route_class=GuardedRoute,
+    responses=documented(400, 401, 403, 404, 409, 413, 422, 503),
 )
 
 
@@ -166,9 +173,10 @@ router = APIRouter(
 
 
 class RequestBody(BaseModel):
-    """A JSON request body: NaN and infinity are refused like any other invalid number."""
+    """A JSON request body: NaN and infinity are refused like any other invalid number, and so is
+    a member the body does not have (a misspelt one would otherwise be ignored in silence)."""
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
 
 class UserPublic(BaseModel):
@@ -178,7 +186,7 @@ class UserPublic(BaseModel):
 
 
 class UserCreate(RequestBody):
-    name: Name
+    name: UserName
     role: rs.Role = rs.Role.REVIEWER
 
 
@@ -206,16 +214,16 @@ class ItemPage(BaseModel):
 
 
 class ClaimIn(RequestBody):
-    count: int = Field(10, ge=1, le=100)
+    count: Integer = Field(10, ge=1, le=100)
     strategy: rs.Strategy = rs.Strategy.OLDEST
-    lease_seconds: float | None = Field(None, ge=1, le=3600, description="Default: the service's setting.")
-    created_from: datetime | None = Field(None, description="Only items predicted at or after this time.")
-    created_to: datetime | None = Field(None, description="Only items predicted before this time.")
-    model_name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    model_version: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    lease_seconds: Number | None = Field(None, ge=1, le=3600, description="Default: the service's setting.")
+    created_from: Instant | None = Field(None, description="Only items predicted at or after this time.")
+    created_to: Instant | None = Field(None, description="Only items predicted before this time.")
+    model_name: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = None
+    model_version: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = None
     label: Name | None = Field(None, description="Only items the model gave this label.")
-    min_confidence: float | None = Field(None, ge=0, le=1)
-    max_confidence: float | None = Field(None, ge=0, le=1)
+    min_confidence: Number | None = Field(None, ge=0, le=1)
+    max_confidence: Number | None = Field(None, ge=0, le=1)
 
     def filters(self) -> rs.ItemFilter:
         return rs.ItemFilter(
@@ -246,18 +254,40 @@ class ClaimedPublic(BaseModel):
 
 
 class UndoIn(RequestBody):
-    prediction_id: uuid.UUID
+    prediction_id: ItemId
 
 
-class VerdictCreate(RequestBody):
-    prediction_id: uuid.UUID
-    verdict: Literal["correct", "wrong", "discard", "unsure"]
-    label: Name | None = Field(None, description="The right label; only with 'wrong'.")
-    reason: Reason | None = Field(None, description="Required with 'discard'.")
+class _Verdict(RequestBody):
+    prediction_id: ItemId
+    reason: Reason | None = None
+
+
+class Correct(_Verdict):
+    verdict: Literal["correct"]
+
+
+class Wrong(_Verdict):
+    verdict: Literal["wrong"]
+    label: Name = Field(description="The right label, one of the model's classes.")
+
+
+class Discard(_Verdict):
+    verdict: Literal["discard"]
+    reason: Reason = Field(description="Why the item is no use (unreadable, not a sample of any class, …).")
+
+
+class Unsure(_Verdict):
+    verdict: Literal["unsure"]
+
+
+VerdictCreate = Annotated[Correct | Wrong | Discard | Unsure, Field(discriminator="verdict")]
 
 
 class VerdictsIn(RequestBody):
-    verdicts: list[VerdictCreate] = Field(min_length=1, max_length=100)
+    verdicts: list[VerdictCreate] = Field(
+        min_length=1, max_length=100, json_schema_extra={"uniqueItems": True},
+        description="At most one verdict per item (the same item twice is refused).",
+    )  # fmt: skip
 
 
 class ItemStatePublic(BaseModel):
@@ -267,19 +297,31 @@ class ItemStatePublic(BaseModel):
     revision: int
 
 
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"  # RFC 4648, padded
+
+
 class ImageIn(RequestBody):
     media_type: Literal["image/png", "image/jpeg", "image/webp"]
-    base64: Annotated[str, Field(min_length=1)]
+    base64: Annotated[str, Field(min_length=4, pattern=BASE64, description="The image's bytes, base64 (RFC 4648).")]
 
 
-class SampleCreate(RequestBody):
-    input: list[Any] | None = Field(None, description="One sample of a tensor model's input shape.")
-    image: ImageIn | None = Field(None, description="One image, for an image model.")
-    model: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+class _Sample(RequestBody):
+    model: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = Field(
         None, description="The model the sample is for (default: the service's default model)."
     )
     label: Name
     reason: Reason | None = None
+
+
+class TensorSample(_Sample):
+    input: list[Any] = Field(description="One sample of a tensor model's input shape.")
+
+
+class ImageSample(_Sample):
+    image: ImageIn = Field(description="One image, for an image model.")
+
+
+SampleCreate = TensorSample | ImageSample
 
 
 class ResolveIn(RequestBody):
@@ -336,20 +378,20 @@ def me(user: Reviewer) -> UserPublic:
 def list_items(  # noqa: PLR0917  (each query parameter is an argument, as FastAPI reads them)
     context: Context,
     user: Reviewer,
-    created_from: Annotated[datetime | None, Query(alias="from")] = None,
-    created_to: Annotated[datetime | None, Query(alias="to")] = None,
-    model_name: Annotated[str | None, Query(max_length=200)] = None,
-    model_version: Annotated[str | None, Query(max_length=200)] = None,
-    label: Annotated[str | None, Query(max_length=200, description="The model's label.")] = None,
-    reviewed_label: Annotated[str | None, Query(max_length=200)] = None,
+    created_from: Annotated[Instant | None, Query(alias="from")] = None,
+    created_to: Annotated[Instant | None, Query(alias="to")] = None,
+    model_name: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    model_version: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    label: Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="The model's label.")] = None,
+    reviewed_label: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     min_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
     max_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
     status: Status | None = None,
-    reviewer: Annotated[str | None, Query(max_length=64)] = None,
+    reviewer: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
     sort: rs.SortKey = rs.SortKey.TIME,
     order: Literal["asc", "desc"] = "asc",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=512, pattern=NO_NUL)] = None,
 ) -> ItemPage:
     """Predictions and added samples, filtered, in a stable keyset order."""
     filters = rs.ItemFilter(
@@ -375,8 +417,8 @@ def list_items(  # noqa: PLR0917  (each query parameter is an argument, as FastA
 def counts(
     context: Context,
     user: Reviewer,
-    created_from: Annotated[datetime | None, Query(alias="from")] = None,
-    created_to: Annotated[datetime | None, Query(alias="to")] = None,
+    created_from: Annotated[Instant | None, Query(alias="from")] = None,
+    created_to: Annotated[Instant | None, Query(alias="to")] = None,
 ) -> dict[str, Any]:
     """Moderated and unmoderated per model version and day, verdicts, accuracy as judged."""
     with db_connection(context) as conn:
@@ -421,7 +463,6 @@ def _claimed(context: ModerationContext, c: rs.Claimed) -> ClaimedPublic:
 def undo(context: Context, user: Reviewer, body: UndoIn) -> ClaimedPublic:
     """Take back your latest verdict on an item while its lease would still be live (409 when
     someone annotated it since, or it is too late); the item is leased to you again."""
-    _check_v7(body.prediction_id)
     with db_connection(context) as conn:
         again = rs.undo(conn=conn, user=user, prediction_id=body.prediction_id, lease_seconds=context.lease_seconds)
     return _claimed(context, again)
@@ -431,7 +472,9 @@ def undo(context: Context, user: Reviewer, body: UndoIn) -> ClaimedPublic:
 def verdicts(context: Context, user: Reviewer, body: VerdictsIn) -> list[ItemStatePublic]:
     """Verdicts on items you hold, all or none (409 if any lease is missing or expired)."""
     items = [
-        rs.VerdictIn(prediction_id=v.prediction_id, verdict=Verdict(v.verdict), label=v.label, reason=v.reason)
+        rs.VerdictIn(
+            prediction_id=v.prediction_id, verdict=Verdict(v.verdict), label=getattr(v, "label", None), reason=v.reason
+        )
         for v in body.verdicts
     ]
     with db_connection(context) as conn:
@@ -448,12 +491,12 @@ def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStat
     labels = (context.labels_of or (lambda _: context.labels()))(model)
     if labels is not None and body.label not in labels:
         raise HTTPException(422, f"unknown label {body.label!r} for {model}; labels are {', '.join(labels)}")
-    if (body.input is None) == (body.image is None):
-        raise HTTPException(422, "send the sample as `input` (numbers) or as `image` (base64), one of the two")
     if context.to_input is None:
         raise HTTPException(503, "no model is loaded to check the sample against")
     try:
-        given: Any = body.input if body.image is None else base64.b64decode(body.image.base64, validate=True)
+        given: Any = (
+            body.input if isinstance(body, TensorSample) else base64.b64decode(body.image.base64, validate=True)
+        )
         stored, media_type = context.to_input(model, given)
     except binascii.Error:
         raise HTTPException(422, "image.base64 is not valid base64") from None
@@ -470,26 +513,23 @@ def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStat
 
 
 @router.get("/items/{prediction_id}/history")
-def item_history(context: Context, user: Reviewer, prediction_id: uuid.UUID) -> list[dict[str, Any]]:
+def item_history(context: Context, user: Reviewer, prediction_id: ItemId) -> list[dict[str, Any]]:
     """Every annotation revision of an item, oldest first."""
-    _check_v7(prediction_id)
     with db_connection(context) as conn:
         return rs.history(conn=conn, prediction_id=prediction_id)
 
 
 @router.post("/items/{prediction_id}/resolve", response_model=ItemStatePublic)
-def resolve(context: Context, user: Admin, prediction_id: uuid.UUID, body: ResolveIn) -> ItemStatePublic:
+def resolve(context: Context, user: Admin, prediction_id: ItemId, body: ResolveIn) -> ItemStatePublic:
     """Settle an item (a dispute, usually) with a final label, or discard it (admin)."""
-    _check_v7(prediction_id)
     with db_connection(context) as conn:
         state = rs.resolve(conn=conn, user=user, prediction_id=prediction_id, label=body.label, reason=body.reason)
     return ItemStatePublic(**asdict(state))
 
 
 @router.post("/items/{prediction_id}/erase", status_code=204)
-def erase(context: Context, user: Admin, prediction_id: uuid.UUID, body: EraseIn) -> None:
+def erase(context: Context, user: Admin, prediction_id: ItemId, body: EraseIn) -> None:
     """Erase an item's input for a data-removal request; the audit trail keeps the erasure (admin)."""
-    _check_v7(prediction_id)
     with db_connection(context) as conn:
         rs.erase_input(conn=conn, user=user, prediction_id=prediction_id, reason=body.reason)
 
@@ -512,7 +552,7 @@ def audit(
     context: Context,
     user: Admin,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="Entries older than this id.")] = None,
 ) -> list[dict[str, Any]]:
     """The audit log, newest first (admin)."""
     with db_connection(context) as conn:
@@ -532,8 +572,3 @@ def create_user(context: Context, user: Admin, body: UserCreate) -> UserCreated:
     with db_connection(context) as conn:
         created, token = rs.create_user(conn=conn, name=body.name, role=body.role, actor=user)
     return UserCreated(id=created.id, name=created.name, role=created.role, token=token)
-
-
-def _check_v7(prediction_id: uuid.UUID) -> None:
-    if prediction_id.version != 7:
-        raise HTTPException(422, f"{prediction_id} is not an item id (UUIDv7)")

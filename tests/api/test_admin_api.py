@@ -98,7 +98,7 @@ def test_compile_list_and_read_versions(setup: tuple[TestClient, ConnectionPool,
     assert unknown.status_code == 404 and "no model 'nope' is served here" in unknown.json()["detail"]
     assert client.post("/admin/datasets", params={"model": "nope"}, json={}, headers=admin).status_code == 404
 
-    for bad, status in [({"watermark": 99}, 422), ({"watermark": -1}, 422), ({"include_original": "x"}, 422)]:
+    for bad, status in [({"watermark": 99}, 409), ({"watermark": -1}, 422), ({"include_original": "x"}, 422)]:
         response = client.post("/admin/datasets", json=bad, headers=admin)
         assert response.status_code == status, (bad, response.text)
     assert len(client.get("/admin/datasets", headers=admin).json()) == 2
@@ -110,7 +110,7 @@ def test_validation_fixes_and_forced_promotion(
     client, pool, announced = setup
     admin = token(pool, "admin", rs.Role.ADMIN)
     assert client.post("/admin/validation/fixes", json={"fixes": [{"item_id": "x", "label": "1"}], "reason": "r"},
-                       headers=admin).status_code == 422  # fmt: skip  # nothing frozen yet
+                       headers=admin).status_code == 409  # fmt: skip  # nothing frozen yet
     validation = client.post("/admin/datasets", json={}, headers=admin).json()["validation_id"]
 
     version = trained_model.stored.version
@@ -123,7 +123,7 @@ def test_validation_fixes_and_forced_promotion(
 
     fix = {"fixes": [{"item_id": "digits:99999", "label": "1"}], "reason": "typo"}
     unknown = client.post("/admin/validation/fixes", json=fix, headers=admin)
-    assert unknown.status_code == 422 and "is not in validation version" in unknown.json()["detail"]
+    assert unknown.status_code == 404 and "is not in validation version" in unknown.json()["detail"]
     item = digits_item(client, admin, validation)
     fixed = client.post(
         "/admin/validation/fixes", json={"fixes": [{"item_id": item, "label": "0"}], "reason": "smudge"}, headers=admin
@@ -152,7 +152,7 @@ def test_promoting_a_version_that_is_no_tag_gets_422(
     admin = token(pool, "admin", rs.Role.ADMIN)
     response = client.post(f"/admin/models/{version}/promote", json={"reason": "try"}, headers=admin)
     assert response.status_code == 422, response.text
-    assert "is not a model tag" in response.json()["detail"]
+    assert "not a model version" in response.json()["detail"]
     assert client.get("/admin/promotions", headers=admin).json() == [] and announced == []
 
 

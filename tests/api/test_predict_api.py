@@ -154,7 +154,7 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("not an object", b"[1, 2, 3]", "Input should be an object"),
     ("samples missing", b"{}", "Field required"),
     ("samples not a list", b'{"samples": "eight by eight"}', "valid array"),
-    ("empty list", b'{"samples": []}', "samples is empty"),
+    ("empty list", b'{"samples": []}', "samples: List should have at least 1 item"),
     ("too many samples", json.dumps({"samples": [grid(1)] * (MAX_SAMPLES + 1)}).encode(), "too many samples"),
     ("wrong shape", json.dumps({"samples": [[[1.0] * 8] * 7]}).encode(), "must have shape [8, 8]"),
     ("ragged rows", json.dumps({"samples": [[[1.0] * 8] * 7 + [[1.0] * 5]]}).encode(), "ragged"),

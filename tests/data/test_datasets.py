@@ -203,13 +203,13 @@ def test_validation_fix_makes_a_new_version_and_leaves_the_frozen_one(
     old_label = held(originals).labels[5]
     new_label = "9" if old_label != "9" else "8"
 
-    for bad, message in [
-        (LabelFix("digits:99999", "1", "typo"), "is not in validation version"),
-        (LabelFix(item, "eleven", "typo"), "is not one of"),
-        (LabelFix(item, old_label, "typo"), "is already labelled"),
-        (LabelFix(item, new_label, " "), "a reason is required"),
+    for bad, refusal, message in [
+        (LabelFix("digits:99999", "1", "typo"), rs.NotFound, "is not in validation version"),
+        (LabelFix(item, "eleven", "typo"), rs.Invalid, "is not one of"),
+        (LabelFix(item, old_label, "typo"), rs.Conflict, "is already labelled"),
+        (LabelFix(item, new_label, " "), rs.Invalid, "a reason is required"),
     ]:
-        with pytest.raises(rs.Invalid, match=message):
+        with pytest.raises(refusal, match=message):
             fix_validation(conn=conn, model_name="m", fixes=[bad], schema=SCHEMA, root_url=root, actor=admin)
     assert dataset_store.current_validation(conn=conn, model_name="m") == frozen
 
@@ -252,12 +252,12 @@ def test_a_watermark_beyond_the_settled_revisions_is_refused(
     root = str(tmp_path / "ds")
     validation = freeze_validation(conn=conn, model_name="m", originals=originals, schema=SCHEMA, root_url=root)
     add(conn, admin, 1, "1")
-    with pytest.raises(rs.Invalid, match="not a settled annotation revision"):
+    with pytest.raises(rs.Conflict, match="not a settled annotation revision"):
         compile_training(
             conn=conn, model_name="m", schema=SCHEMA, originals=originals, validation=validation, root_url=root,
             watermark=10_000,
         )  # fmt: skip
-    with pytest.raises(rs.Invalid, match="no rows"):
+    with pytest.raises(rs.Conflict, match="no rows"):
         compile_training(
             conn=conn, model_name="m", schema=SCHEMA, originals=None, validation=validation, root_url=root,
             watermark=0,
