@@ -3,12 +3,16 @@
     locust -f loadtest/locustfile.py --host http://127.0.0.1:3000 \
         --reviewer-token=TOKEN --admin-token=TOKEN --predict-weight 10 --review-weight 2 --admin-weight 1
 
-Without tokens only predicting users run. `--ids-file` collects every prediction id received
-(one per line) so a run can be checked against what was stored (`python -m loadtest.run_locust`).
+Without tokens only predicting users run. `--reviewer-token` may list several tokens, comma
+separated: the reviewing users take them in turn. `--ids-file` collects every prediction id
+received (one per line), `--verdicts-file` every verdict answered 200 (`<prediction id> <token
+index> <verdict>`), so a run can be checked against what was stored (`python -m loadtest.run_locust`,
+`python -m loadtest.faults`); `--sent-file` the number of samples of every request sent.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from typing import Any
@@ -23,16 +27,25 @@ _DATA = digits.load()
 _SAMPLES = [image.tolist() for image in _DATA.images[:500]]
 _LABELS = [str(label) for label in range(10)]
 _ids_lock = threading.Lock()
+_reviewer_seats = itertools.count()  # which reviewer token the next reviewing user takes
+
+
+def _append(path: str, lines: list[str]) -> None:
+    if path and lines:
+        with _ids_lock, open(path, "a") as out:
+            out.write("\n".join(lines) + "\n")
 
 
 @events.init_command_line_parser.add_listener
 def _options(parser: LocustArgumentParser) -> None:
-    parser.add_argument("--reviewer-token", default="", help="Bearer token of a reviewer")
+    parser.add_argument("--reviewer-token", default="", help="Bearer token of a reviewer (several: comma separated)")
     parser.add_argument("--admin-token", default="", help="Bearer token of an admin")
     parser.add_argument("--predict-weight", type=int, default=10)
     parser.add_argument("--review-weight", type=int, default=2)
     parser.add_argument("--admin-weight", type=int, default=1)
     parser.add_argument("--ids-file", default="", help="Append every prediction id received here")
+    parser.add_argument("--verdicts-file", default="", help="Append every verdict answered 200 here")
+    parser.add_argument("--sent-file", default="", help="Append the number of samples of every request sent here")
 
 
 @events.init.add_listener
@@ -53,6 +66,7 @@ class PredictingUser(HttpUser):
 
     def _predict(self, count: int, name: str) -> None:
         body = {"samples": random.sample(_SAMPLES, count), "tags": {"source": "locust"}}
+        _append(self.environment.parsed_options.sent_file if self.environment.parsed_options else "", [str(count)])
         with self.client.post("/predict", json=body, name=name, catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
@@ -61,10 +75,7 @@ class PredictingUser(HttpUser):
             if len(ids) != count:
                 response.failure(f"{len(ids)} answers for {count} samples")
                 return
-            path = self.environment.parsed_options.ids_file if self.environment.parsed_options else ""
-            if path:
-                with _ids_lock, open(path, "a") as out:
-                    out.write("\n".join(ids) + "\n")
+            _append(self.environment.parsed_options.ids_file if self.environment.parsed_options else "", ids)
 
     @task(8)
     def one(self) -> None:
@@ -79,10 +90,13 @@ class _Authenticated(HttpUser):
     abstract = True
     token_option = ""
 
+    seat = 0
+
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        token = getattr(options, self.token_option, "") if options else ""
-        self.client.headers["Authorization"] = f"Bearer {token}"
+        tokens = (getattr(options, self.token_option, "") if options else "").split(",")
+        self.seat = next(_reviewer_seats) % len(tokens)
+        self.client.headers["Authorization"] = f"Bearer {tokens[self.seat]}"
 
 
 class ReviewingUser(_Authenticated):
@@ -94,16 +108,23 @@ class ReviewingUser(_Authenticated):
 
     @task(4)
     def review_a_page(self) -> None:
-        claimed = self.client.post("/review/claim", json={"count": 5, "strategy": "least_confident"}).json()
+        answer = self.client.post("/review/claim", json={"count": 5, "strategy": "least_confident"})
+        if answer.status_code != 200:
+            return  # counted as a failure by locust; nothing to judge
         verdicts = []
-        for item in claimed:
+        for item in answer.json():
             if random.random() < 0.8:
                 verdicts.append({"prediction_id": item["id"], "verdict": "correct"})
             else:
                 wrong = random.choice([label for label in _LABELS if label != item["label"]])
                 verdicts.append({"prediction_id": item["id"], "verdict": "wrong", "label": wrong})
-        if verdicts:
-            self.client.post("/review/verdicts", json={"verdicts": verdicts})
+        if not verdicts:
+            return
+        answer = self.client.post("/review/verdicts", json={"verdicts": verdicts})
+        if answer.status_code == 200:
+            options = self.environment.parsed_options
+            _append(options.verdicts_file if options else "",
+                    [f"{v['prediction_id']} {self.seat} {v['verdict']}" for v in verdicts])  # fmt: skip
 
     @task(2)
     def list_items(self) -> None:

@@ -380,14 +380,22 @@ def _death_signal() -> Callable[[], None] | None:
     return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+RESTARTS_PER_MINUTE = 5  # a child that dies more often than this is broken, not unlucky
+
+
 def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
-    """Run the children until Ctrl-C, SIGTERM or one of them exits; then stop the rest."""
+    """Run the children until Ctrl-C or SIGTERM. A child that dies is started again after a
+    back-off (1 s, doubling to 30 s), as an orchestrator would; one that dies more than
+    `RESTARTS_PER_MINUTE` times in a minute stops everything."""
     die_with_parent = _death_signal()
-    processes = {
+
+    def launch(name: str) -> subprocess.Popen[bytes]:
         # preexec_fn runs one prctl call, resolved before the fork (see _death_signal).
-        name: subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
-        for name, command in commands.items()
-    }
+        return subprocess.Popen(commands[name], env=env, start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
+
+    processes = {name: launch(name) for name in commands}
+    deaths: dict[str, list[float]] = {name: [] for name in commands}
+    due: dict[str, float] = {}  # when a dead child is started again
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -398,11 +406,25 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
     code = 0
     try:
         while not stopping:
+            now = time.monotonic()
             for name, process in processes.items():
-                if process.poll() is not None:
-                    logger.error("%s exited with code %s; stopping", name, process.returncode)
-                    code = process.returncode or 1
-                    stopping = True
+                if name in due or process.poll() is None:
+                    continue
+                recent = [t for t in deaths[name] if now - t < 60] + [now]
+                deaths[name] = recent
+                if len(recent) > RESTARTS_PER_MINUTE:
+                    logger.error("%s exited %d times in a minute (last code %s); stopping", name, len(recent),
+                                 process.returncode)  # fmt: skip
+                    code, stopping = process.returncode or 1, True
+                    break
+                wait = min(30.0, 2.0 ** (len(recent) - 1))
+                logger.error("%s exited with code %s; starting it again in %.0f s", name, process.returncode, wait)
+                due[name] = now + wait
+            for name, when in list(due.items()):
+                if not stopping and time.monotonic() >= when:
+                    processes[name] = launch(name)
+                    del due[name]
+                    logger.info("%s started again (pid %d)", name, processes[name].pid)
             time.sleep(0.2)
     finally:
         logger.info("stopping")
