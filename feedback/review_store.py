@@ -177,10 +177,23 @@ def claim(
     overlap: int = 2,
     overlap_share: float = 0.0,
     filters: ItemFilter | None = None,
+    max_leases: int | None = None,
 ) -> list[Claimed]:
     """Lease up to `count` items to `user`; no item is leased to more reviewers than it needs.
 
-    `filters` narrows the queue (date range, model, version, the model's label, confidence range)."""
+    `filters` narrows the queue (date range, model, version, the model's label, confidence range).
+    With `max_leases`, the user's live leases stay within it: fewer items are leased when the limit
+    is near, and `Conflict` says so when it is reached."""
+    if max_leases is not None:
+        row = conn.execute(
+            "SELECT count(*) FROM leases WHERE user_id = %s AND expires_at > now()", (user.id,)
+        ).fetchone()
+        held = int(row[0]) if row else 0
+        if held >= max_leases:
+            raise Conflict(
+                f"you hold {held} live leases, the most one reviewer may; give verdicts or let them expire first"
+            )
+        count = min(count, max_leases - held)
     order = {
         Strategy.OLDEST: sql.SQL("p.created_at, p.id"),
         Strategy.LEAST_CONFIDENT: sql.SQL("p.confidence, p.created_at, p.id"),
@@ -222,7 +235,7 @@ def claim(
             params["start"] = datetime(1970, 1, 1, tzinfo=UTC)  # wrap around to the beginning
             return claim(
                 conn=conn, user=user, count=count, strategy=Strategy.OLDEST, lease_seconds=lease_seconds,
-                overlap=overlap, overlap_share=overlap_share, filters=filters,
+                overlap=overlap, overlap_share=overlap_share, filters=filters, max_leases=max_leases,
             )  # fmt: skip
         if not locked:
             return []

@@ -48,7 +48,7 @@ from models.spec import ImageInput
 from service import metrics
 from service.batching import BatcherClosed, Overloaded
 from service.contract import NO_NUL, ContractRoute, ItemId, ModelVersion, OpenAPIContract, method_not_allowed
-from service.limits import UPLOAD_ROUTE, RequestLimits, use_bounded_heads
+from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
 from service.problems import ProblemDetails, documented, problem_response
 from service.routes import v2
 from service.routes.admin import DataLoopContext
@@ -207,7 +207,7 @@ _V2_INFER: dict[str, Any] = {
             "description": "Probabilities and labels; the prediction ids in `parameters.prediction_ids`",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
-        **documented(400, 404, 413, 415, 503),
+        **documented(400, 404, 413, 415, 429, 503),
     },
     "openapi_extra": {
         "requestBody": {
@@ -345,6 +345,7 @@ class Predictor:
             routes.state.moderation = ModerationContext(
                 pool=self._review_pool,
                 lease_seconds=settings.review_lease_seconds,
+                max_leases=settings.review_max_leases,
                 overlap=settings.review_overlap,
                 overlap_share=settings.review_overlap_share,
                 labels=lambda: self._class_names(self.default.name),
@@ -470,7 +471,7 @@ class Predictor:
     @routes.post(
         "/predict/npy",
         response_model=PredictResponse,
-        responses=documented(400, 404, 413, 415, 422, 503),
+        responses=documented(400, 404, 413, 415, 422, 429, 503),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -602,7 +603,7 @@ class Predictor:
     @routes.post(
         UPLOAD_ROUTE,
         response_model=PredictResponse,
-        responses=documented(400, 404, 413, 415, 503),
+        responses=documented(400, 404, 413, 415, 429, 503),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -1020,6 +1021,7 @@ def _request_id_of(headers: Mapping[str, str]) -> str:
 # Every request is bounded before it is parsed: bodies by `RequestLimits`, request heads by the
 # HTTP protocol the worker's uvicorn picks (this module is imported before its server is set up).
 cast(Any, Predictor).add_asgi_middleware(RequestLimits, limits=lambda: Settings().body_limits)  # a Service at run time
+cast(Any, Predictor).add_asgi_middleware(ConcurrencyLimit, limit=lambda: Settings().max_concurrency)
 cast(Any, Predictor).add_asgi_middleware(ProblemDetails)  # errors of BentoML's own as problem details too
 cast(Any, Predictor).add_asgi_middleware(OpenAPIContract)  # the schema documents those problem details
 use_bounded_heads()

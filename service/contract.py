@@ -128,8 +128,9 @@ async def method_not_allowed(request: Request, exc: Exception) -> Any:
 # -- the schema BentoML writes ---------------------------------------------------------------------
 
 # What BentoML's own operations answer besides 200: the request is not valid (400, or 422 for a
-# body field), no such model (404), too large (413), not ready or the log is down (503).
-_BENTOML_ERRORS = (400, 404, 413, 415, 422, 503)
+# body field), no such model (404), too large (413), images to a tensor model (415), more requests
+# at once than a worker takes (429), not ready or the log is down (503).
+_BENTOML_ERRORS = (400, 404, 413, 415, 422, 429, 503)
 _FOREIGN_ERROR_MODELS = ("HTTPValidationError", "ValidationError", "InvalidArgument", "NotFound", "InternalServerError")
 
 

@@ -5,6 +5,10 @@ body declared over its route's limit is answered 413 before a byte of it is read
 is read up to the limit and no further. A multipart body sent to `POST /predict` is handed to the
 upload route (image models' files); other form bodies there get 415 (BentoML would parse them).
 
+`ConcurrencyLimit` is ASGI middleware too: a worker takes at most `LOOP_MAX_CONCURRENCY` requests
+at once and answers the next 429 at once, so every queue in memory (the batcher's, the log's) is
+bounded by it; the health probes always pass.
+
 `BoundedHeadProtocol` is uvicorn's h11 protocol with one bound for the request line and headers,
 whether they arrive in one piece or many: over it, the answer is 431, and the rest of what the
 client sends is read and dropped for a moment before the connection closes, so the client sees
@@ -60,6 +64,38 @@ def _refusal(status: int, message: str) -> JSONResponse:
     # The connection stays open: uvicorn reads and drops the rest of the body, so the client
     # (still sending) reads the answer instead of a reset.
     return problem_response(status, message)
+
+
+PROBES = frozenset({"/readyz", "/livez", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most `limit` requests at once in this worker; beyond, 429."""
+
+    def __init__(self, app: ASGIApp, limit: int | Callable[[], int]) -> None:
+        self.app = app
+        self._limit = limit
+        self.in_flight = 0
+
+    @property
+    def limit(self) -> int:
+        if callable(self._limit):  # read once, on the first request (settings live in the worker)
+            self._limit = self._limit()
+        return self._limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            message = f"this worker has {self.in_flight} requests in hand, its most; try again in a moment"
+            await problem_response(429, message, headers={"Retry-After": "1"})(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class RequestLimits:

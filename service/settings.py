@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
+    max_concurrency: int = Field(
+        512, ge=1, le=65536, description="Requests one worker takes at once; beyond, 429 (bounds every queue)."
+    )
     var_dir: Path = Field(Path("var"), description="Local state: validation split, spool, embedded servers' data.")
 
     database_url: str | None = Field(
@@ -88,6 +91,9 @@ class Settings(BaseSettings):
     ingest_consumer: str | None = Field(None, description="Consumer name; unset: host name and process id.")
     review_lease_seconds: float = Field(300.0, ge=1, le=3600, description="How long a claimed item stays yours.")
     review_overlap: int = Field(2, ge=1, le=10, description="Reviews wanted for items in the overlap share.")
+    review_max_leases: int = Field(
+        200, ge=1, le=100_000, description="Live leases one reviewer may hold; a claim beyond is refused (409)."
+    )
     review_overlap_share: float = Field(
         0.1, ge=0, le=1, description="Share of items (chosen by id) that ask for `review_overlap` reviews."
     )

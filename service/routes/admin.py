@@ -40,7 +40,7 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     route_class=GuardedRoute,
-    responses=documented(400, 401, 403, 404, 409, 413, 422, 503),
+    responses=documented(400, 401, 403, 404, 409, 413, 422, 429, 503),
 )
 
 

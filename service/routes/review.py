@@ -49,6 +49,7 @@ Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern
 class ModerationContext:
     pool: ConnectionPool
     lease_seconds: float = 300.0
+    max_leases: int = 200  # live leases one reviewer may hold
     overlap: int = 2
     overlap_share: float = 0.0
     # The served model's class names and a check of one sample's input, when a model is loaded.
@@ -165,7 +166,7 @@ router = APIRouter(
     prefix="/review",
     tags=["review"],
     route_class=GuardedRoute,
-    responses=documented(400, 401, 403, 404, 409, 413, 422, 503),
+    responses=documented(400, 401, 403, 404, 409, 413, 422, 429, 503),
 )
 
 
@@ -427,7 +428,8 @@ def counts(
 
 @router.post("/claim", response_model=list[ClaimedPublic])
 def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic]:
-    """Lease a page of items to review; nobody else gets them unless they need more reviews."""
+    """Lease a page of items to review; nobody else gets them unless they need more reviews. A
+    reviewer holds at most the service's lease limit at once (409 beyond: judge some first)."""
     with db_connection(context) as conn:
         claimed = rs.claim(
             conn=conn,
@@ -435,6 +437,7 @@ def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic
             count=body.count,
             strategy=body.strategy,
             lease_seconds=body.lease_seconds or context.lease_seconds,
+            max_leases=context.max_leases,
             overlap=context.overlap,
             overlap_share=context.overlap_share,
             filters=body.filters(),

@@ -628,3 +628,39 @@ def test_every_review_and_admin_operation_documents_its_errors_as_problem_detail
             content = op["responses"][status]["content"]
             assert list(content) == ["application/problem+json"], (method, path, status)
             assert set(content["application/problem+json"]["schema"]["required"]) == {"title", "status", "detail"}
+
+
+def test_a_reviewer_holds_at_most_the_lease_limit(
+    client: TestClient, context: ModerationContext, pool: ConnectionPool, database_url: str
+) -> None:
+    seed(database_url, 20)
+    context.max_leases = 7
+    _, alice = make_user(pool, "alice")
+    assert len(client.post("/review/claim", json={"count": 5}, headers=alice).json()) == 5
+    second = client.post("/review/claim", json={"count": 5}, headers=alice).json()
+    assert len(second) == 2  # up to the limit, not beyond
+    refused = client.post("/review/claim", json={"count": 1}, headers=alice)
+    assert refused.status_code == 409 and "live leases" in refused.json()["detail"]
+    judged = [{"prediction_id": item["id"], "verdict": "correct"} for item in second]
+    assert client.post("/review/verdicts", json={"verdicts": judged}, headers=alice).status_code == 200
+    assert len(client.post("/review/claim", json={"count": 5}, headers=alice).json()) == 2  # freed by judging
+
+
+def test_a_reviewer_can_neither_see_nor_act_on_another_reviewers_leases(
+    client: TestClient, pool: ConnectionPool, database_url: str
+) -> None:
+    seed(database_url, 6)
+    _, alice = make_user(pool, "alice")
+    _, bob = make_user(pool, "bob")
+    held = {item["id"] for item in client.post("/review/claim", json={"count": 4}, headers=alice).json()}
+    assert len(held) == 4
+    theirs = {item["id"] for item in client.post("/review/claim", json={"count": 10}, headers=bob).json()}
+    assert theirs and not theirs & held  # bob is given only what alice does not hold
+    one = next(iter(held))
+    acted = client.post("/review/verdicts", json={"verdicts": [{"prediction_id": one, "verdict": "correct"}]},
+                        headers=bob)  # fmt: skip
+    assert acted.status_code == 409 and "no live lease" in acted.json()["detail"]
+    assert client.post("/review/undo", json={"prediction_id": one}, headers=bob).status_code == 409
+    listed = client.get("/review/items", headers=bob).json()["items"]
+    assert {i["id"] for i in listed} >= held and not any("lease" in key for i in listed for key in i)
+    assert [h["verdict"] for h in client.get(f"/review/items/{one}/history", headers=alice).json()] == []

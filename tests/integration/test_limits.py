@@ -101,3 +101,27 @@ def test_a_chunked_body_over_the_limit_gets_413(start_service: Callable[..., Run
     )
     assert response.status_code == 413, response.text
     assert "over the limit of 4194304 bytes" in response.json()["detail"]
+
+
+def test_requests_beyond_a_workers_concurrency_get_429_as_problem_details(
+    start_service: Callable[..., RunningService],
+) -> None:
+    service = start_service(LOOP_MAX_CONCURRENCY="2")
+    parts = urlsplit(service.url)
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n{"
+    ).encode()
+    held = [socket.create_connection((parts.hostname, parts.port), timeout=10) for _ in range(2)]
+    try:
+        for s in held:  # two requests whose bodies never finish: each holds one of the two places
+            s.sendall(head)
+        refused = httpx.post(f"{service.url}/predict", json={"samples": [DIGIT]}, timeout=10)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert httpx.get(f"{service.url}/readyz", timeout=10).status_code == 200  # probes are never refused
+    finally:
+        for s in held:
+            s.close()
+    answered = httpx.post(f"{service.url}/predict", json={"samples": [DIGIT]}, timeout=10)
+    assert answered.status_code == 200, answered.text  # the places are free again
