@@ -185,6 +185,11 @@ def _error(status: int, message: str, ctx: bentoml.Context | None = None, *, v2:
     return problem_response(status, message, extra={"error": message} if v2 else None)
 
 
+def _statement_timeout(settings: Settings) -> str:
+    """libpq options: no statement of the service's runs longer than the setting (it is then a 503)."""
+    return f"-c statement_timeout={round(settings.statement_timeout_s * 1000)}"
+
+
 def _count_log_event(event: Event, n: int) -> None:
     metrics.log_records.labels(event=event.value).inc(n)
 
@@ -331,7 +336,7 @@ class Predictor:
                 min_size=1,
                 max_size=4,
                 open=False,
-                kwargs={"autocommit": True, "connect_timeout": 5},
+                kwargs={"autocommit": True, "connect_timeout": 5, "options": _statement_timeout(settings)},
             )
             await self._pool.open(wait=False)  # serving must not wait for Postgres
             self._review_pool = ConnectionPool(
@@ -339,7 +344,7 @@ class Predictor:
                 min_size=1,
                 max_size=8,
                 open=False,
-                kwargs={"autocommit": True, "connect_timeout": 5},
+                kwargs={"autocommit": True, "connect_timeout": 5, "options": _statement_timeout(settings)},
             )
             self._review_pool.open(wait=False)
             routes.state.moderation = ModerationContext(

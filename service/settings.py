@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
+    statement_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest a Postgres statement of the service may run (then 503)."
+    )
     max_concurrency: int = Field(
         512, ge=1, le=65536, description="Requests one worker takes at once; beyond, 429 (bounds every queue)."
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
+import psycopg
 import pytest
 from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
@@ -117,3 +118,15 @@ def test_bentoml_operations_document_problem_details_and_its_error_models_go() -
     assert all(list(predict[s]["content"]) == [PROBLEM_JSON] for s in predict if s != "200")
     assert list(finished["paths"]["/mine"]["get"]["responses"]["422"]["content"]) == [PROBLEM_JSON]
     assert finished["components"]["schemas"] == {"Mine": {}}
+
+
+def test_a_statement_past_the_services_timeout_is_cancelled(database_url: str) -> None:
+    from service.app import _statement_timeout
+    from service.settings import Settings
+
+    options = _statement_timeout(Settings(statement_timeout_s=0.2))
+    assert options == "-c statement_timeout=200"
+    with psycopg.connect(database_url, autocommit=True, options=options) as conn:
+        conn.execute("SELECT pg_sleep(0.05)")  # within it
+        with pytest.raises(psycopg.OperationalError, match="statement timeout"):  # the routes answer 503 for it
+            conn.execute("SELECT pg_sleep(2)")
