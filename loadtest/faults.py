@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import psutil
 import psycopg
 
 from feedback import review_store
+from loadtest import servers as spawned
 from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 logger = logging.getLogger("faults")
@@ -113,13 +113,7 @@ class Servers:
     def __exit__(self, *_: object) -> None:
         if self.serve is not None:
             family = _family(self.serve.pid)
-            if self.serve.poll() is None:
-                os.killpg(self.serve.pid, signal.SIGTERM)
-                try:
-                    self.serve.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.serve.pid, signal.SIGKILL)
-                    self.serve.wait(timeout=10)
+            spawned.stop(self.serve)
             for process in family:  # whatever outlived `loop serve`
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()
@@ -263,7 +257,7 @@ def run(fault: str, *, seconds: float = 30, users: int = 12, env: dict[str, str]
         user_ids = [user.id for user, _ in made]
         tokens = [token for _, token in made]
         locust = _locust(servers, tokens, users, seconds, out)
-        stack.callback(_stop_locust, locust)
+        stack.callback(spawned.stop, locust)
         time.sleep(seconds / 3)  # traffic and reviews under way
         logger.info("%s: injecting the fault", fault)
         began = time.monotonic()
@@ -295,16 +289,6 @@ def run(fault: str, *, seconds: float = 30, users: int = 12, env: dict[str, str]
             recovered_s=recovered,
         )
     raise AssertionError("unreachable")  # the with block returns or raises
-
-
-def _stop_locust(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def run_all(faults: list[str], *, seconds: float, users: int, env: dict[str, str] | None = None,
