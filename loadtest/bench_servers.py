@@ -12,6 +12,8 @@ Writes results.json, results.md (table and ratios) and PNG plots of throughput a
 concurrency to `--out`. wrk runs with one thread; its CPU use is reported beside each point, so the
 share of the two cores the load generator took is visible.
 
+- plain FastAPI + uvicorn, the same model, no batching, no logging, no access log: the cheapest
+  Python server;
 - peers from the package registry, the same model, no logging: LitServe (Python front end,
   the closest in design to ours) and MOSEC (Rust front end, the fastest we know of); install them
   with `pip install -e '.[bench]'`. Both batch up to 64 with a 5 ms wait, as measured before.
@@ -168,6 +170,10 @@ def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: lis
 
     best_ceiling = max(ceilings.values(), default=0.0)
 
+    def p50_ratio(a: str, b: str, c: int) -> str:
+        pa, pb = by.get((a, c)), by.get((b, c))
+        return "-" if pa is None or pb is None or pb.p50_ms == 0 else f"{pa.p50_ms / pb.p50_ms:.2f}"
+
     def of_ceiling(c: int) -> str:
         p = by.get(("ours batched, log on", c))
         return "-" if p is None or not best_ceiling else f"{p.requests_per_s / best_ceiling:.3f}"
@@ -178,8 +184,10 @@ def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: lis
             f"ours / MOSEC {ratio('ours batched, log on', 'mosec (batch 64, 5 ms)', c)}; "
             f"ours / LitServe {ratio('ours batched, log on', 'litserve (batch 64, 5 ms)', c)}; "
             f"ours / bare BentoML {ratio('ours batched, log on', 'bare bentoml batchable', c)}; "
+            f"ours / plain FastAPI {ratio('ours batched, log on', 'plain fastapi (no batching)', c)}; "
             f"batched / unbatched {ratio('ours batched, log on', 'ours unbatched, log on', c)}; "
-            f"logging on / off {ratio('ours batched, log on', 'ours batched, log off', c)}"
+            f"logging on / off {ratio('ours batched, log on', 'ours batched, log off', c)}; "
+            f"p50 ours / plain FastAPI {p50_ratio('ours batched, log on', 'plain fastapi (no batching)', c)}"
         )
     cpu = max((p.client_cpu for p in points), default=0.0)
     lines += ["", f"wrk used at most {cpu:.2f} of a core (one thread) at any point; the server had the rest."]
@@ -208,6 +216,11 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
         Target(
             "bare bentoml batchable",
             [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
+            {"LOOP_MODEL_TAG": model},
+        ),
+        Target(
+            "plain fastapi (no batching)",
+            [sys.executable, "-m", "loadtest.peers.fastapi_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(

@@ -239,7 +239,22 @@ _V2_INFER: dict[str, Any] = {
 }
 
 
-@bentoml.service(name="loop", traffic={"timeout": 30})
+# The prediction routes: what a per-request access log line and a trace span cost there is about
+# as much as the prediction itself (see the README's measurements), so both are off by default.
+PREDICTION_PATHS = ["/predict", "/predict/npy", UPLOAD_ROUTE]
+PREDICTION_URLS = [r"/predict(/npy|/files)?$", r"/v2/models/[^/]+(/versions/[^/]+)?/infer$"]
+
+
+def _bentoml_config(settings: Settings) -> dict[str, Any]:
+    """BentoML's per-service settings: the access log and tracing skip predictions unless asked."""
+    return {
+        "traffic": {"timeout": 30},
+        "logging": {"access": {"skip_paths": [] if settings.access_log_predictions else PREDICTION_PATHS}},
+        "tracing": {"excluded_urls": [] if settings.trace_predictions else PREDICTION_URLS},
+    }
+
+
+@bentoml.service(name="loop", **_bentoml_config(Settings()))
 @bentoml.asgi_app(routes, path="/")
 class Predictor:
     """Serves one or several models from the BentoML store, each with its own adaptive batcher

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
+    access_log_predictions: bool = Field(
+        False, description="BentoML's access log line for every prediction request (off: the other routes only)."
+    )
+    trace_predictions: bool = Field(
+        False, description="OpenTelemetry spans for prediction requests (off: the other routes only)."
+    )
     statement_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest a Postgres statement of the service may run (then 503)."
     )

@@ -1,0 +1,90 @@
+"""What each piece of the prediction path costs: the service started once per configuration, the
+same load on each, in one run on one machine.
+
+    python -m loadtest.bench_path --concurrency 1,64 --seconds 10
+
+Configurations, each `loop serve` with prediction logging on (its ingest worker running) unless
+said: BentoML's access log and OpenTelemetry tracing on for predictions (BentoML's defaults),
+each of the two alone, neither (our defaults), our defaults with BentoML's own HTTP metrics off,
+and our defaults with prediction logging off (what the Redis append costs). One digit per request,
+wrk, closed loop; prints a table of req/s and p50 / p99 and each configuration's ratio to our
+defaults, and writes it to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from loadtest import scratch, servers, wrk
+from models import digits
+
+logger = logging.getLogger("bench_path")
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "access log + tracing on (BentoML's defaults)": {"LOOP_ACCESS_LOG_PREDICTIONS": "true",
+                                                      "LOOP_TRACE_PREDICTIONS": "true"},
+    "access log on": {"LOOP_ACCESS_LOG_PREDICTIONS": "true"},
+    "tracing on": {"LOOP_TRACE_PREDICTIONS": "true"},
+    "ours (both off)": {},
+    "ours, BentoML's HTTP metrics off": {"BENTOML_CONFIG_OPTIONS": "services.loop.metrics.enabled=false"},
+    "ours, prediction logging off": {"LOOP_LOG_PREDICTIONS": "false"},
+}  # fmt: skip
+BASELINE = "ours (both off)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,64")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--model", default="digits-cnn:latest")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--out", type=Path, default=Path("var/bench/path.md"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    name, _, version = args.model.partition(":")
+    body = {"samples": digits.load().images[:1].tolist()}
+    database, database_url = scratch.create_database(args.postgres)
+    prefix = scratch.new_prefix()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, int], wrk.WrkResult] = {}
+    try:
+        for label, overrides in CONFIGS.items():
+            port = servers.free_port()
+            env = {
+                "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": version or "latest", "LOOP_DATABASE_URL": database_url,
+                "LOOP_REDIS_URL": args.redis, "LOOP_REDIS_PREFIX": prefix, "LOOP_INGEST_METRICS_PORT": "0",
+                "LOOP_VAR_DIR": str(args.out.parent / "path-var"), "LOOP_PORT": str(port), **overrides,
+            }  # fmt: skip
+            command = [sys.executable, "-m", "service", "serve", "--no-train"]
+            log = args.out.parent / "path-serve.log"
+            with servers.running(command, env, ready_url=f"http://127.0.0.1:{port}/readyz", log=log):
+                url = f"http://127.0.0.1:{port}/predict"
+                for c in concurrencies:
+                    wrk.run(url, body, connections=c, seconds=args.warmup)
+                    results[label, c] = result = wrk.run(url, body, connections=c, seconds=args.seconds)
+                    logger.info("%s c=%d: %s", label, c, result)
+    finally:
+        scratch.drop_database(args.postgres, database)
+        scratch.delete_keys(args.redis, prefix)
+    header = " | ".join(f"c={c} req/s (p50 / p99 ms), to ours" for c in concurrencies)
+    lines = [f"| configuration | {header} |", "|---" * (len(concurrencies) + 1) + "|"]
+    for label in CONFIGS:
+        cells = []
+        for c in concurrencies:
+            r, base = results[label, c], results[BASELINE, c]
+            ratio = r.requests_per_s / base.requests_per_s
+            cells.append(f"{r.requests_per_s:,.0f} ({r.p50_ms:.2f} / {r.p99_ms:.1f}), {ratio:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    report = "\n".join(lines)
+    args.out.write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
