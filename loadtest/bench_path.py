@@ -5,7 +5,8 @@ same load on each, in one run on one machine.
 
 Configurations, each `loop serve` with prediction logging on (its ingest worker running) unless
 said: BentoML's access log and OpenTelemetry tracing on for predictions (BentoML's defaults),
-each of the two alone, neither (our defaults), our defaults with BentoML's own HTTP metrics off,
+each of the two alone, neither with uvicorn's h11 parser, neither with httptools (our defaults),
+our defaults with BentoML's own HTTP metrics off,
 and our defaults with prediction logging off (what the Redis append costs). One digit per request,
 wrk, closed loop; prints a table of req/s and p50 / p99 and each configuration's ratio to our
 defaults, and writes it to `--out`.
@@ -28,11 +29,12 @@ CONFIGS: dict[str, dict[str, str]] = {
                                                       "LOOP_TRACE_PREDICTIONS": "true"},
     "access log on": {"LOOP_ACCESS_LOG_PREDICTIONS": "true"},
     "tracing on": {"LOOP_TRACE_PREDICTIONS": "true"},
-    "ours (both off)": {},
+    "ours, h11 parser (pure Python)": {"LOOP_HTTP_PARSER": "h11"},
+    "ours (both off, httptools parser)": {},
     "ours, BentoML's HTTP metrics off": {"BENTOML_CONFIG_OPTIONS": "services.loop.metrics.enabled=false"},
     "ours, prediction logging off": {"LOOP_LOG_PREDICTIONS": "false"},
 }  # fmt: skip
-BASELINE = "ours (both off)"
+BASELINE = "ours (both off, httptools parser)"
 
 
 def main() -> None:

@@ -1044,4 +1044,4 @@ cast(Any, Predictor).add_asgi_middleware(RequestLimits, limits=lambda: Settings(
 cast(Any, Predictor).add_asgi_middleware(ConcurrencyLimit, limit=lambda: Settings().max_concurrency)
 cast(Any, Predictor).add_asgi_middleware(ProblemDetails)  # errors of BentoML's own as problem details too
 cast(Any, Predictor).add_asgi_middleware(OpenAPIContract)  # the schema documents those problem details
-use_bounded_heads()
+use_bounded_heads(Settings().http_parser)

@@ -9,10 +9,11 @@ upload route (image models' files); other form bodies there get 415 (BentoML wou
 at once and answers the next 429 at once, so every queue in memory (the batcher's, the log's) is
 bounded by it; the health probes always pass.
 
-`BoundedHeadProtocol` is uvicorn's h11 protocol with one bound for the request line and headers,
-whether they arrive in one piece or many: over it, the answer is 431, and the rest of what the
-client sends is read and dropped for a moment before the connection closes, so the client sees
-the answer rather than a connection reset.
+`BoundedHttpToolsProtocol` (uvicorn's httptools protocol, the C parser; the default) and
+`BoundedHeadProtocol` (its h11 protocol, pure Python) have one bound for the request line and
+headers, whether they arrive in one piece or many: over it, the answer is 431, and the rest of
+what the client sends is read and dropped for a moment before the connection closes, so the
+client sees the answer rather than a connection reset.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from typing import Any
 import h11
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    _HAS_HTTPTOOLS = True
+except ImportError:  # httptools is not installed: h11 only
+    HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
+    _HAS_HTTPTOOLS = False
 
 from service.problems import PROBLEM_JSON, problem, problem_response
 
@@ -195,51 +204,119 @@ class _BoundedConnection(h11.Connection):
         return event
 
 
-class BoundedHeadProtocol(H11Protocol):
+def _head_refusal() -> bytes:
+    """The whole 431 answer, as bytes: the connection is closed after it."""
+    detail = f"the request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"
+    body = json.dumps(problem(431, detail)).encode()
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _RefusesHeads:
+    """What both bounded protocols do once a head is over the limit: answer 431, then read and drop
+    the rest for a moment before closing. Closing at once would reset a connection the client is
+    still writing to, and the reset can overtake the answer."""
+
+    transport: asyncio.Transport
+    client: Any
+    _drain_left: int | None = None
+
+    def _refuse_head(self) -> None:
+        logger.info("refused a request head over %d bytes from %s", MAX_HEAD_BYTES, self.client)
+        self.transport.write(_head_refusal())
+        self._drain_left = DRAIN_BYTES
+        asyncio.get_running_loop().call_later(DRAIN_SECONDS, self.transport.close)
+
+    def _drained(self, data: bytes) -> bool:
+        """True when `data` was dropped, the head having been refused."""
+        if self._drain_left is None:
+            return False
+        self._drain_left -= len(data)
+        if self._drain_left <= 0:
+            self.transport.close()
+        return True
+
+
+class BoundedHeadProtocol(_RefusesHeads, H11Protocol):
     """uvicorn's h11 protocol answering 431 to request heads over `MAX_HEAD_BYTES`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _BoundedConnection()
-        self._drain_left: int | None = None
 
     def data_received(self, data: bytes) -> None:
-        if self._drain_left is None:
+        if not self._drained(data):
             super().data_received(data)
-            return
-        self._drain_left -= len(data)
-        if self._drain_left <= 0:
-            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn calls this from inside its `except h11.RemoteProtocolError`: the error is at hand.
         error = sys.exc_info()[1]
-        status = getattr(error, "error_status_hint", 400)
-        if status != 431:
+        if getattr(error, "error_status_hint", 400) != 431:
             super().send_400_response(msg)
             return
-        logger.info("refused a request head over %d bytes from %s", MAX_HEAD_BYTES, self.client)
-        detail = f"the request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"
-        body = json.dumps(problem(431, detail)).encode()
-        headers = [
-            (b"content-type", PROBLEM_JSON.encode()),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        for event in (
-            h11.Response(status_code=431, headers=headers, reason=b"Request Header Fields Too Large"),
-            h11.Data(data=body),
-            h11.EndOfMessage(),
-        ):
-            self.transport.write(self.conn.send(event) or b"")
-        # Closing now would reset a connection the client is still writing to, and the reset can
-        # overtake the answer: read and drop the rest for a moment first.
-        self._drain_left = DRAIN_BYTES
-        asyncio.get_running_loop().call_later(DRAIN_SECONDS, self.transport.close)
+        self._refuse_head()
 
 
-def use_bounded_heads() -> None:
-    """Make uvicorn's default ("auto") HTTP protocol the bounded one, for servers configured after this."""
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BoundedHttpToolsProtocol(_RefusesHeads, HttpToolsProtocol):
+    """uvicorn's httptools protocol (llhttp, in C: the faster parser) with the same bound.
+
+    The parser hands over the URL in pieces and each header whole, and keeps an unfinished header
+    to itself: the bytes of a head still unfinished after a read are counted too, so a head that
+    never ends is refused once it is over the limit, whatever it is made of."""
+
+    _in_head = False
+    _head_size = 0  # the URL's and headers' bytes seen by the callbacks
+    _head_read = 0  # bytes read while the head was unfinished
+
+    def data_received(self, data: bytes) -> None:
+        if self._drained(data):
+            return
+        was_in_head = self._in_head
+        super().data_received(data)
+        if self._drain_left is None and self._in_head:
+            self._head_read += len(data) if was_in_head else 0
+            if self._head_read > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_size, self._head_read = True, 0, 0
+
+    def _grow(self, n: int) -> None:
+        self._head_size += n
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _HeadTooLarge  # the parser stops; uvicorn answers through send_400_response
+
+    def on_url(self, url: bytes) -> None:
+        self._grow(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_size > MAX_HEAD_BYTES:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+
+def use_bounded_heads(parser: str = "httptools") -> None:
+    """Make uvicorn's default ("auto") HTTP protocol a bounded one, for servers configured after
+    this: on `httptools` (when installed) or `h11`."""
     from uvicorn import config
 
-    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:{BoundedHeadProtocol.__name__}"
+    chosen = BoundedHttpToolsProtocol if parser == "httptools" and _HAS_HTTPTOOLS else BoundedHeadProtocol
+    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:{chosen.__name__}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools", description="uvicorn's HTTP parser: httptools (C, the faster) or h11 (pure Python)."
+    )
     access_log_predictions: bool = Field(
         False, description="BentoML's access log line for every prediction request (off: the other routes only)."
     )
