@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from loadtest import scratch, servers, wrk
@@ -42,14 +41,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=3)
-    parser.add_argument("--model", default="digits-cnn:latest")
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    servers.add_loop_options(parser)
     parser.add_argument("--out", type=Path, default=Path("var/bench/path.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    name, _, version = args.model.partition(":")
     body = {"samples": digits.load().images[:1].tolist()}
     database, database_url = scratch.create_database(args.postgres)
     prefix = scratch.new_prefix()
@@ -57,16 +53,12 @@ def main() -> None:
     results: dict[tuple[str, int], wrk.WrkResult] = {}
     try:
         for label, overrides in CONFIGS.items():
-            port = servers.free_port()
-            env = {
-                "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": version or "latest", "LOOP_DATABASE_URL": database_url,
-                "LOOP_REDIS_URL": args.redis, "LOOP_REDIS_PREFIX": prefix, "LOOP_INGEST_METRICS_PORT": "0",
-                "LOOP_VAR_DIR": str(args.out.parent / "path-var"), "LOOP_PORT": str(port), **overrides,
-            }  # fmt: skip
-            command = [sys.executable, "-m", "service", "serve", "--no-train"]
-            log = args.out.parent / "path-serve.log"
-            with servers.running(command, env, ready_url=f"http://127.0.0.1:{port}/readyz", log=log):
-                url = f"http://127.0.0.1:{port}/predict"
+            serving = servers.loop_serve(
+                args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
+                var_dir=args.out.parent / "path-var", log=args.out.parent / "path-serve.log", overrides=overrides,
+            )  # fmt: skip
+            with serving as root:
+                url = f"{root}/predict"
                 for c in concurrencies:
                     wrk.run(url, body, connections=c, seconds=args.warmup)
                     results[label, c] = result = wrk.run(url, body, connections=c, seconds=args.seconds)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
@@ -69,29 +68,22 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--model", default="digits-cnn:latest")
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    servers.add_loop_options(parser)
     parser.add_argument("--out", type=Path, default=Path("var/bench"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    name, _, version = args.model.partition(":")
     body = {"samples": digits.load().images[:1].tolist()}
     database, database_url = scratch.create_database(args.postgres)
     prefix = scratch.new_prefix()
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         for workers in args.workers.split(","):
-            port = servers.free_port()
-            env = {
-                "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": version or "latest", "LOOP_DATABASE_URL": database_url,
-                "LOOP_REDIS_URL": args.redis, "LOOP_REDIS_PREFIX": prefix, "LOOP_INGEST_METRICS_PORT": "0",
-                "LOOP_VAR_DIR": str(args.out / "cpu-var"), "LOOP_PORT": str(port), "LOOP_WORKERS": workers,
-            }  # fmt: skip
-            command = [sys.executable, "-m", "service", "serve", "--no-train"]
-            log = args.out / "cpu-serve.log"
-            with servers.running(command, env, ready_url=f"http://127.0.0.1:{port}/readyz", log=log):
-                url = f"http://127.0.0.1:{port}/predict"
+            serving = servers.loop_serve(
+                args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
+                var_dir=args.out / "cpu-var", log=args.out / "cpu-serve.log", overrides={"LOOP_WORKERS": workers},
+            )  # fmt: skip
+            with serving as root:
+                url = f"{root}/predict"
                 wrk.run(url, body, connections=args.concurrency, seconds=3)
                 result: list[wrk.WrkResult] = []
                 load = threading.Thread(target=_drive, args=(result, url, body, args.concurrency, args.seconds))
