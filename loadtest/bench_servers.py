@@ -224,6 +224,11 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
+            "plain fastapi (no batching), 2 workers",
+            [sys.executable, "-m", "loadtest.peers.fastapi_peer", "--port", "{port}", "--workers", "2"],
+            {"LOOP_MODEL_TAG": model},
+        ),
+        Target(
             "litserve (batch 64, 5 ms)",
             [sys.executable, "-m", "loadtest.peers.litserve_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},

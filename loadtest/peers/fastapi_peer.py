@@ -49,8 +49,10 @@ def predict(body: Body) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=3996)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    target = app if args.workers == 1 else f"{__name__.replace('__main__', 'loadtest.peers.fastapi_peer')}:app"
+    uvicorn.run(target, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, workers=args.workers)
 
 
 if __name__ == "__main__":
