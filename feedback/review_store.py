@@ -235,8 +235,8 @@ def claim(
             params["start"] = datetime(1970, 1, 1, tzinfo=UTC)  # wrap around to the beginning
             return claim(
                 conn=conn, user=user, count=count, strategy=Strategy.OLDEST, lease_seconds=lease_seconds,
-                overlap=overlap, overlap_share=overlap_share, filters=filters, max_leases=max_leases,
-            )  # fmt: skip
+                overlap=overlap, overlap_share=overlap_share, filters=filters,
+            )  # fmt: skip  # `count` is within the lease limit already
         if not locked:
             return []
         # 2. Re-check under the locks with a fresh snapshot: a claimer that held one of these rows

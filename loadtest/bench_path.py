@@ -47,11 +47,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     body = {"samples": digits.load().images[:1].tolist()}
-    database, database_url = scratch.create_database(args.postgres)
-    prefix = scratch.new_prefix()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], wrk.WrkResult] = {}
-    try:
+    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
         for label, overrides in CONFIGS.items():
             serving = servers.loop_serve(
                 args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
@@ -63,9 +61,6 @@ def main() -> None:
                     wrk.run(url, body, connections=c, seconds=args.warmup)
                     results[label, c] = result = wrk.run(url, body, connections=c, seconds=args.seconds)
                     logger.info("%s c=%d: %s", label, c, result)
-    finally:
-        scratch.drop_database(args.postgres, database)
-        scratch.delete_keys(args.redis, prefix)
     header = " | ".join(f"c={c} req/s (p50 / p99 ms), to ours" for c in concurrencies)
     lines = [f"| configuration | {header} |", "|---" * (len(concurrencies) + 1) + "|"]
     for label in CONFIGS:

@@ -73,10 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     body = {"samples": digits.load().images[:1].tolist()}
-    database, database_url = scratch.create_database(args.postgres)
-    prefix = scratch.new_prefix()
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
         for workers in args.workers.split(","):
             serving = servers.loop_serve(
                 args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
@@ -102,9 +100,6 @@ def main() -> None:
                 print(f"  {what:16s} {used:.2f} cores")
             print(f"  all of these    {sum(cores.values()):.2f} of {psutil.cpu_count()} cores; "
                   f"{1000 * cores.get('service workers', 0.0) / rate:.2f} ms of worker CPU a request")  # fmt: skip
-    finally:
-        scratch.drop_database(args.postgres, database)
-        scratch.delete_keys(args.redis, prefix)
 
 
 if __name__ == "__main__":

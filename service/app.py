@@ -930,9 +930,8 @@ class Predictor:
         return self._public(*found)
 
     async def _find(self, prediction_id: uuid.UUID) -> tuple[StoredPrediction, bool] | Refusal:
-        """The stored prediction and whether it is ingested yet: Postgres first, then the stream."""
-        if prediction_id.version != 7:
-            return Refusal(422, f"{prediction_id} is not a prediction id (UUIDv7)")
+        """The stored prediction and whether it is ingested yet: Postgres first, then the stream.
+        `prediction_id` is a UUIDv7: the routes' `ItemId` took nothing else."""
         if self._pool is None and self._log is None:
             return Refusal(503, "no prediction store is configured")
         failures = []

@@ -341,13 +341,7 @@ def serve(train_if_missing: bool, ingest: bool) -> None:
             # Migrations run before the children start, so neither races the other over them.
             subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True)
         env["BENTOML_CONFIG_OPTIONS"] = " ".join(
-            filter(
-                None,
-                [
-                    env.get("BENTOML_CONFIG_OPTIONS", ""),
-                    f"services.loop.workers={settings.workers}",
-                ],
-            )
+            filter(None, [env.get("BENTOML_CONFIG_OPTIONS", ""), f"services.loop.workers={settings.workers}"])
         )
         what = f"{settings.model_name} (the champion)" if settings.follows_champion else settings.model_ref
         click.echo(f"serving {what} on http://{settings.host}:{settings.port} (OpenAPI page at /)")
