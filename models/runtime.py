@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -67,6 +67,20 @@ def _preload_cuda_wheels() -> None:
         ort.preload_dlls()
 
 
+class Session(Protocol):
+    """What serving needs of a model's session: this process's `OnnxModel`, or one in another
+    process that runs the same ONNX file."""
+
+    provider: str
+    providers: list[str]
+    fallback_reason: str | None
+    exact_math: bool
+
+    def run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]: ...
+
+    def close(self) -> None: ...
+
+
 class OnnxModel:
     """One inference session; `run` is safe to call from one thread at a time per batch."""
 
@@ -119,6 +133,9 @@ class OnnxModel:
         outputs: list[Any] = self.session.run(None, {self.input_name: batch})
         return np.asarray(outputs[0], dtype=np.float32)
 
+    def close(self) -> None:
+        """Nothing to release by hand: the session is freed with the object."""
+
 
 REFERENCE_SAMPLES = 16
 
@@ -152,7 +169,7 @@ class ReferenceCheck:
         return self.max_abs_diff <= self.tolerance
 
 
-def check_reference(model: OnnxModel, reference: Path, tolerance: float) -> ReferenceCheck:
+def check_reference(model: Session, reference: Path, tolerance: float) -> ReferenceCheck:
     with np.load(reference) as saved:
         inputs, expected = saved["inputs"], saved["outputs"]
     got = model.run(inputs)

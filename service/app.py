@@ -48,6 +48,7 @@ from models.spec import ImageInput
 from service import metrics
 from service.batching import BatcherClosed, Overloaded
 from service.contract import NO_NUL, ContractRoute, ItemId, ModelVersion, OpenAPIContract, method_not_allowed
+from service.inference import InferenceUnavailable
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
 from service.problems import ProblemDetails, documented, problem_response
 from service.routes import v2
@@ -275,6 +276,7 @@ class Predictor:
             max_latency_s=self.settings.max_latency_ms / 1000,
             reference_tolerance=self.settings.reference_tolerance,
             exact_math_fallback=self.settings.exact_math_fallback,
+            inference_socket=self.settings.inference_socket_path,
         )
         self.slots = {name: ModelSlot(name, tag, where) for name, tag in self.settings.served_models}
         self.default = next(iter(self.slots.values()))
@@ -592,7 +594,7 @@ class Predictor:
         """Batch, infer, and log every sample before anything is answered."""
         try:
             logits, used = await slot.batcher().submit(batch)
-        except (Overloaded, BatcherClosed) as exc:
+        except (Overloaded, BatcherClosed, InferenceUnavailable) as exc:
             return Refusal(503, str(exc))
         answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=postprocess(logits), served=used)
         out, names = answered.outputs, answered.class_names

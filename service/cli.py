@@ -309,6 +309,24 @@ def ingest() -> None:
 
 
 @main.command()
+def inference() -> None:
+    """Run the shared inference process (LOOP_INFERENCE=shared; `loop serve` starts it): one ONNX
+    Runtime session per model version for every service worker, batches merged across them."""
+    from service.inference import InferenceHost, onnx_opener, run_host
+
+    settings = Settings()
+    path = settings.inference_socket_path
+    if path is None:
+        raise click.ClickException("LOOP_INFERENCE is 'worker': each worker runs its own sessions")
+    host = InferenceHost(
+        onnx_opener(settings.device, settings.ort_threads),
+        max_batch_size=settings.inference_max_batch_size,
+        max_latency_s=settings.max_latency_ms / 1000,
+    )
+    run_host(host, path)
+
+
+@main.command()
 @click.option("--train-if-missing/--no-train", default=True, help="Train the default model if absent.")
 @click.option(
     "--ingest/--no-ingest",
@@ -335,6 +353,8 @@ def serve(train_if_missing: bool, ingest: bool) -> None:
                 "--host", settings.host, "--port", str(settings.port),
             ],
         }  # fmt: skip
+        if settings.inference_socket_path is not None:
+            children["inference"] = [sys.executable, "-m", "service", "inference"]
         if settings.log_predictions and ingest:
             children["ingest"] = [sys.executable, "-m", "service", "ingest"]
         if settings.log_predictions:
@@ -428,8 +448,9 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
             time.sleep(0.2)
     finally:
         logger.info("stopping")
-        # The service first (no new predictions), then the ingest worker (drains what it holds).
-        for name in ("service", "ingest"):
+        # The service first (no new predictions), then the models it ran, then the ingest worker
+        # (it drains what it holds).
+        for name in ("service", "inference", "ingest"):
             child = processes.get(name)
             if child is None or child.poll() is not None:
                 continue

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -21,12 +23,15 @@ from numpy.typing import NDArray
 from feedback import dataset_store
 from feedback.keys import Keys
 from models import store
-from models.runtime import CPU, DevicePreference, OnnxModel, ReferenceCheck, check_reference
+from models.runtime import CPU, DevicePreference, OnnxModel, ReferenceCheck, Session, check_reference
 from service import metrics
 from service.batching import AdaptiveBatcher
+from service.inference import InferenceUnavailable, RemoteSession
 from service.settings import CHAMPION
 
 logger = logging.getLogger(__name__)
+
+INFERENCE_WAIT_S = 60.0  # how long a worker waits for the shared inference process to come up
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Served:
     """A loaded model: what the store says about it and the session that runs it."""
 
     stored: store.StoredModel
-    runtime: OnnxModel
+    runtime: Session
     reference: ReferenceCheck | None = None  # None: the model was stored without a reference
 
 
@@ -51,6 +56,7 @@ class Where:
     max_latency_s: float
     reference_tolerance: float = 1e-3
     exact_math_fallback: bool = True  # above tolerance, load again with the provider's exact math
+    inference_socket: Path | None = None  # set: the sessions run in the shared inference process
 
 
 class ReferenceMismatch(RuntimeError):
@@ -69,6 +75,7 @@ class ModelSlot:
         self.loaded = threading.Event()
         self._swap_lock = threading.Lock()
         self._batcher: AdaptiveBatcher[Served] | None = None
+        self._retired: Session | None = None  # the session served before the current one
 
     @property
     def follows_champion(self) -> bool:
@@ -85,7 +92,16 @@ class ModelSlot:
     def _load(self) -> None:
         ref = self.resolve()
         try:
-            self.swap(ref)
+            deadline = time.monotonic() + INFERENCE_WAIT_S
+            while True:
+                try:
+                    self.swap(ref)
+                    break
+                except InferenceUnavailable as exc:  # it is starting beside the workers
+                    if time.monotonic() > deadline:
+                        raise
+                    logger.info("%s waits for the inference process: %s", ref, exc)
+                    time.sleep(1.0)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("could not load model %s", ref)
@@ -124,6 +140,11 @@ class ModelSlot:
             runtime, reference = self._load_checked(stored)
             self.served = Served(stored=stored, runtime=runtime, reference=reference)
             self.load_error = None
+            # The session before `current` is surely idle now (a batch takes milliseconds, a
+            # promotion minutes); `current`'s may still finish a batch, so it is kept one swap longer.
+            if self._retired is not None:
+                self._retired.close()
+            self._retired = None if current is None else current.runtime
         for served, value in ((current, 0), (self.served, 1)):
             if served is not None:
                 info = {"model_name": served.stored.name, "model_version": served.stored.version}
@@ -134,12 +155,18 @@ class ModelSlot:
             logger.info("swapped %s for %s on %s", current.stored.tag, stored.tag, runtime.provider)
         return True
 
-    def _load_checked(self, stored: store.StoredModel) -> tuple[OnnxModel, ReferenceCheck | None]:
+    def _open(self, path: Path, *, exact_math: bool = False) -> Session:
+        where = self.where
+        if where.inference_socket is not None:
+            return RemoteSession(where.inference_socket, path, exact_math=exact_math)
+        return OnnxModel(path, device=where.device, intra_op_threads=where.ort_threads, exact_math=exact_math)
+
+    def _load_checked(self, stored: store.StoredModel) -> tuple[Session, ReferenceCheck | None]:
         """A session for `stored` whose outputs match its stored reference on this provider: with
         the provider's exact math when the default math is beyond tolerance (if allowed), else
         `ReferenceMismatch`, so that a model is never served with answers it was not validated for."""
         where = self.where
-        runtime = OnnxModel(stored.onnx_path, device=where.device, intra_op_threads=where.ort_threads)
+        runtime = self._open(stored.onnx_path)
         if stored.reference_path is None:
             logger.warning(
                 "%s has no stored reference; its outputs on %s are not checked", stored.tag, runtime.provider
@@ -149,10 +176,11 @@ class ModelSlot:
         if not check.passed and where.exact_math_fallback and runtime.provider != CPU:
             logger.warning("%s differs from its reference by %.2e on %s (tolerance %.0e): loading it with exact math",
                            stored.tag, check.max_abs_diff, runtime.provider, check.tolerance)  # fmt: skip
-            runtime = OnnxModel(stored.onnx_path, device=where.device, intra_op_threads=where.ort_threads,
-                                exact_math=True)  # fmt: skip
+            runtime.close()
+            runtime = self._open(stored.onnx_path, exact_math=True)
             check = check_reference(runtime, stored.reference_path, where.reference_tolerance)
         if not check.passed:
+            runtime.close()
             raise ReferenceMismatch(
                 f"{stored.tag} answers differ from its stored reference by {check.max_abs_diff:.2e} on "
                 f"{check.provider} (tolerance {check.tolerance:.0e}); refused"
@@ -199,3 +227,6 @@ class ModelSlot:
     async def close(self) -> None:
         if self._batcher is not None:
             await self._batcher.close()
+        for session in (self._retired, None if self.served is None else self.served.runtime):
+            if session is not None:
+                session.close()

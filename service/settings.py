@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +65,17 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
+    inference: Literal["worker", "shared"] = Field(
+        "worker",
+        description="worker: each service worker runs its own ONNX Runtime sessions; shared: `loop serve` "
+        "starts one inference process that batches across all workers (for a GPU).",
+    )
+    inference_socket: Path | None = Field(
+        None, description="Unix socket of the shared inference process; unset: in the temp folder, by port."
+    )
+    inference_max_batch_size: int = Field(
+        256, ge=1, le=65536, description="Most samples the shared inference process merges into one model call."
+    )
     http_parser: Literal["httptools", "h11"] = Field(
         "httptools", description="uvicorn's HTTP parser: httptools (C, the faster) or h11 (pure Python)."
     )
@@ -171,6 +183,13 @@ class Settings(BaseSettings):
     @property
     def body_limits(self) -> BodyLimits:
         return BodyLimits(predict=self.max_body_bytes, other=self.max_other_body_bytes)
+
+    @property
+    def inference_socket_path(self) -> Path | None:
+        """Where the shared inference process listens; None when each worker runs its own sessions."""
+        if self.inference != "shared":
+            return None
+        return self.inference_socket or Path(tempfile.gettempdir()) / f"loop-inference-{self.port}.sock"
 
     @property
     def spool_dir(self) -> Path:
