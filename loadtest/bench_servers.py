@@ -6,7 +6,9 @@ Measures, after a warm-up, at each concurrency (closed loop, wrk, single-digit J
 throughput, p50, p99 and errors of
 - ours: `loop serve` batched and unbatched (`LOOP_MAX_BATCH_SIZE=1`), prediction logging on
   (with its ingest worker) and off;
-- bare BentoML: the same model behind `@bentoml.api(batchable=True)`, no logging;
+- bare BentoML: the same model behind `@bentoml.api(batchable=True)`, no logging; and BentoML's own
+  way to batch across workers: two API workers calling one batchable service through
+  `bentoml.depends`;
 and the ceiling: ONNX Runtime in-process (one thread) at batch sizes 1, 32 and 128.
 Writes results.json, results.md (table and ratios) and PNG plots of throughput and p99 against
 concurrency to `--out`. wrk runs with one thread; its CPU use is reported beside each point, so the
@@ -14,6 +16,8 @@ share of the two cores the load generator took is visible.
 
 - plain FastAPI + uvicorn, the same model, no batching, no logging, no access log: the cheapest
   Python server;
+- a prototype of our path without BentoML and Starlette (loadtest.peers.lean_asgi_peer: bare ASGI
+  on uvicorn, the same checks, batcher and Redis log), 2 workers: what a front end of our own reaches;
 - peers from the package registry, the same model, no logging: LitServe (Python front end,
   the closest in design to ours) and MOSEC (Rust front end, the fastest we know of); install them
   with `pip install -e '.[bench]'`. Both batch up to 64 with a 5 ms wait, as measured before.
@@ -175,23 +179,44 @@ def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: lis
         return "-" if pa is None or pb is None or pb.p50_ms == 0 else f"{pa.p50_ms / pb.p50_ms:.2f}"
 
     def of_ceiling(c: int) -> str:
-        p = by.get(("ours batched, log on", c))
+        p = by.get((OURS, c))
         return "-" if p is None or not best_ceiling else f"{p.requests_per_s / best_ceiling:.3f}"
 
     for c in concurrencies:
-        lines.append(
-            f"- c={c}: ours / ceiling (best batch) {of_ceiling(c)}; "
-            f"ours / MOSEC {ratio('ours batched, log on', 'mosec (batch 64, 5 ms)', c)}; "
-            f"ours / LitServe {ratio('ours batched, log on', 'litserve (batch 64, 5 ms)', c)}; "
-            f"ours / bare BentoML {ratio('ours batched, log on', 'bare bentoml batchable', c)}; "
-            f"ours / plain FastAPI {ratio('ours batched, log on', 'plain fastapi (no batching)', c)}; "
-            f"batched / unbatched {ratio('ours batched, log on', 'ours unbatched, log on', c)}; "
-            f"logging on / off {ratio('ours batched, log on', 'ours batched, log off', c)}; "
-            f"p50 ours / plain FastAPI {p50_ratio('ours batched, log on', 'plain fastapi (no batching)', c)}"
-        )
+        found = [f"ours / ceiling (best batch) {of_ceiling(c)}"] if of_ceiling(c) != "-" else []
+        found += [f"{label} {r}" for label, a, b in RATIOS if (r := ratio(a, b, c)) != "-"]
+        p50 = p50_ratio(OURS, FASTAPI, c)
+        found += [] if p50 == "-" else [f"p50 ours / plain FastAPI {p50}"]
+        lines.append(f"- c={c}: " + ("; ".join(found) or "-"))
     cpu = max((p.client_cpu for p in points), default=0.0)
     lines += ["", f"wrk used at most {cpu:.2f} of a core (one thread) at any point; the server had the rest."]
     return "\n".join(lines)
+
+
+OURS, OURS_2W = "ours batched, log on", "ours batched, log on, 2 workers"
+SHARED = "ours batched, log on, 2 workers + shared inference"
+SHARED_2T = "ours batched, log on, 2 workers + shared inference (2 ORT threads)"
+DEPENDS = "bentoml depends (2 API workers + 1 batchable)"
+LEAN = "lean asgi prototype, log on, 2 workers"
+MOSEC, LITSERVE, BENTOML = "mosec (batch 64, 5 ms)", "litserve (batch 64, 5 ms)", "bare bentoml batchable"
+FASTAPI, FASTAPI_2W = "plain fastapi (no batching)", "plain fastapi (no batching), 2 workers"
+RATIOS = [  # label, numerator, denominator: printed where both were measured
+    ("ours / MOSEC", OURS, MOSEC),
+    ("ours / LitServe", OURS, LITSERVE),
+    ("ours / bare BentoML", OURS, BENTOML),
+    ("ours / plain FastAPI", OURS, FASTAPI),
+    ("batched / unbatched", OURS, "ours unbatched, log on"),
+    ("logging on / off", OURS, "ours batched, log off"),
+    ("ours 2 workers / MOSEC", OURS_2W, MOSEC),
+    ("ours 2 workers / plain FastAPI", OURS_2W, FASTAPI),
+    ("ours 2 workers / plain FastAPI 2 workers", OURS_2W, FASTAPI_2W),
+    ("shared inference / self-contained (2 workers)", SHARED, OURS_2W),
+    ("shared inference, 2 ORT threads / self-contained", SHARED_2T, OURS_2W),
+    ("BentoML depends / shared inference", DEPENDS, SHARED),
+    ("lean prototype / MOSEC", LEAN, MOSEC),
+    ("lean prototype / ours 2 workers", LEAN, OURS_2W),
+    ("lean prototype / plain FastAPI 2 workers", LEAN, FASTAPI_2W),
+]
 
 
 def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out: Path) -> list[Target]:
@@ -212,10 +237,25 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
         Target("ours batched, log off", loop, {**common, "LOOP_LOG_PREDICTIONS": "false"}),
         Target("ours unbatched, log on", loop, {**common, "LOOP_MAX_BATCH_SIZE": "1"}),
         Target("ours batched, log on, 2 workers", loop, {**common, "LOOP_WORKERS": "2"}),
+        Target(
+            "ours batched, log on, 2 workers + shared inference",
+            loop,
+            {**common, "LOOP_WORKERS": "2", "LOOP_INFERENCE": "shared"},
+        ),
+        Target(
+            "ours batched, log on, 2 workers + shared inference (2 ORT threads)",
+            loop,
+            {**common, "LOOP_WORKERS": "2", "LOOP_INFERENCE": "shared", "LOOP_ORT_THREADS": "2"},
+        ),
         Target("ours batched, log on, npy body", loop, common, path="/predict/npy", npy=True),
         Target(
             "bare bentoml batchable",
             [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
+            {"LOOP_MODEL_TAG": model},
+        ),
+        Target(
+            "bentoml depends (2 API workers + 1 batchable)",
+            [bentoml, "serve", "loadtest.peers.bentoml_depends:DependsApi", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
@@ -227,6 +267,11 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
             "plain fastapi (no batching), 2 workers",
             [sys.executable, "-m", "loadtest.peers.fastapi_peer", "--port", "{port}", "--workers", "2"],
             {"LOOP_MODEL_TAG": model},
+        ),
+        Target(
+            "lean asgi prototype, log on, 2 workers",
+            [sys.executable, "-m", "loadtest.peers.lean_asgi_peer", "--port", "{port}", "--workers", "2"],
+            {"LOOP_MODEL_TAG": model, "LOOP_REDIS_URL": redis_url, "LOOP_REDIS_PREFIX": prefix},
         ),
         Target(
             "litserve (batch 64, 5 ms)",
