@@ -14,6 +14,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Annotated, Any, cast
 
 import bentoml
@@ -276,7 +277,7 @@ class Predictor:
             max_latency_s=self.settings.max_latency_ms / 1000,
             reference_tolerance=self.settings.reference_tolerance,
             exact_math_fallback=self.settings.exact_math_fallback,
-            inference_socket=self.settings.inference_socket_path,
+            inference_socket=self._inference_socket(),
         )
         self.slots = {name: ModelSlot(name, tag, where) for name, tag in self.settings.served_models}
         self.default = next(iter(self.slots.values()))
@@ -291,6 +292,14 @@ class Predictor:
         # Loading runs beside the server so that /livez answers at once and /readyz tells the truth.
         for slot in self.slots.values():
             slot.start_loading()
+
+    def _inference_socket(self) -> Path | None:
+        """The shared inference process this worker sends its batches to: worker i (from 1) uses
+        process i-1 mod N, so that the workers spread evenly over the GPUs."""
+        if not self.settings.shared_inference:
+            return None
+        worker = bentoml.server_context.worker_index or 1
+        return self.settings.inference_socket_for((worker - 1) % (self.settings.inference_processes or 1))
 
     async def _follow_champion(self, redis_url: str) -> None:
         """Swap to each new champion: at once on a promotion message, and on a periodic check that

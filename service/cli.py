@@ -309,21 +309,24 @@ def ingest() -> None:
 
 
 @main.command()
-def inference() -> None:
-    """Run the shared inference process (LOOP_INFERENCE=shared; `loop serve` starts it): one ONNX
-    Runtime session per model version for every service worker, batches merged across them."""
+@click.option("--index", type=click.IntRange(min=0), default=0, help="Which process (its socket) this is.")
+@click.option("--gpu", default=None, help="Pin this process to one GPU (a CUDA_VISIBLE_DEVICES entry).")
+def inference(index: int, gpu: str | None) -> None:
+    """Run a shared inference process (LOOP_INFERENCE=shared; `loop serve` starts one per GPU): one
+    ONNX Runtime session per model version for its service workers, their batches merged."""
     from service.inference import InferenceHost, onnx_opener, run_host
 
     settings = Settings()
-    path = settings.inference_socket_path
-    if path is None:
+    if not settings.shared_inference:
         raise click.ClickException("LOOP_INFERENCE is 'worker': each worker runs its own sessions")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before ONNX Runtime first asks the driver
     host = InferenceHost(
         onnx_opener(settings.device, settings.ort_threads),
         max_batch_size=settings.inference_max_batch_size,
         max_latency_s=settings.max_latency_ms / 1000,
     )
-    run_host(host, path)
+    run_host(host, settings.inference_socket_for(index))
 
 
 @main.command()
@@ -336,6 +339,9 @@ def inference() -> None:
 def serve(train_if_missing: bool, ingest: bool) -> None:
     """Run everything: Postgres and Redis (embedded unless configured), the ingest worker and the
     BentoML service. Ctrl-C stops it all; data stays under var/."""
+    from models.runtime import cuda_devices
+    from service.inference import gpu_pins
+
     settings = Settings()
     if not store.exists(settings.model_ref):
         if not train_if_missing:
@@ -353,8 +359,12 @@ def serve(train_if_missing: bool, ingest: bool) -> None:
                 "--host", settings.host, "--port", str(settings.port),
             ],
         }  # fmt: skip
-        if settings.inference_socket_path is not None:
-            children["inference"] = [sys.executable, "-m", "service", "inference"]
+        if settings.shared_inference:
+            pins = gpu_pins(settings.inference_processes, cuda_devices()[0], env.get("CUDA_VISIBLE_DEVICES"))
+            env["LOOP_INFERENCE_PROCESSES"] = str(len(pins))
+            for i, gpu in enumerate(pins):
+                pin = [] if gpu is None else ["--gpu", gpu]
+                children[f"inference-{i}"] = [sys.executable, "-m", "service", "inference", "--index", str(i), *pin]
         if settings.log_predictions and ingest:
             children["ingest"] = [sys.executable, "-m", "service", "ingest"]
         if settings.log_predictions:
@@ -450,7 +460,7 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
         logger.info("stopping")
         # The service first (no new predictions), then the models it ran, then the ingest worker
         # (it drains what it holds).
-        for name in ("service", "inference", "ingest"):
+        for name in ["service", *sorted(n for n in processes if n.startswith("inference")), "ingest"]:
             child = processes.get(name)
             if child is None or child.poll() is not None:
                 continue

@@ -67,7 +67,7 @@ def _array(header: dict[str, Any], payload: bytes | bytearray) -> NDArray[Any]:
     shape = header.get("shape")
     if dtype is None:
         raise ProtocolError(f"dtype must be one of {sorted(DTYPES)}, got {header.get('dtype')!r}")
-    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
         raise ProtocolError(f"shape must be a list of sizes, got {shape!r}")
     if math.prod(shape) * dtype.itemsize != len(payload):
         raise ProtocolError(f"shape {shape} of {dtype} is not {len(payload)} bytes")
@@ -77,6 +77,15 @@ def _array(header: dict[str, Any], payload: bytes | bytearray) -> NDArray[Any]:
 def _encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> tuple[bytes, bytes | memoryview]:
     raw = json.dumps(header, separators=(",", ":")).encode()
     return _FRAME.pack(len(raw), len(payload)) + raw, payload
+
+
+def gpu_pins(processes: int | None, gpus: int, visible: str | None) -> list[str | None]:
+    """The GPU each shared inference process is pinned to (a CUDA_VISIBLE_DEVICES entry), one
+    process per GPU unless `processes` says otherwise; None: no GPU, no pin."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(gpus)]
+    if not gpus or not ids:
+        return [None] * (processes or 1)
+    return [ids[i % len(ids)] for i in range(processes or len(ids))]
 
 
 # The host: an asyncio Unix-socket server in the inference process.

@@ -70,8 +70,17 @@ class Settings(BaseSettings):
         description="worker: each service worker runs its own ONNX Runtime sessions; shared: `loop serve` "
         "starts one inference process that batches across all workers (for a GPU).",
     )
+    inference_processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Shared inference processes, each on a GPU of its own; unset: one per GPU the NVIDIA "
+        "driver sees (one without a GPU). Worker i uses process i mod N.",
+    )
     inference_socket: Path | None = Field(
-        None, description="Unix socket of the shared inference process; unset: in the temp folder, by port."
+        None,
+        description="Unix socket of the first shared inference process (the next ones add -1, -2, ...); "
+        "unset: in the temp folder, by port.",
     )
     inference_max_batch_size: int = Field(
         256, ge=1, le=65536, description="Most samples the shared inference process merges into one model call."
@@ -185,11 +194,13 @@ class Settings(BaseSettings):
         return BodyLimits(predict=self.max_body_bytes, other=self.max_other_body_bytes)
 
     @property
-    def inference_socket_path(self) -> Path | None:
-        """Where the shared inference process listens; None when each worker runs its own sessions."""
-        if self.inference != "shared":
-            return None
-        return self.inference_socket or Path(tempfile.gettempdir()) / f"loop-inference-{self.port}.sock"
+    def shared_inference(self) -> bool:
+        return self.inference == "shared"
+
+    def inference_socket_for(self, index: int) -> Path:
+        """Where shared inference process `index` (from 0) listens."""
+        first = self.inference_socket or Path(tempfile.gettempdir()) / f"loop-inference-{self.port}.sock"
+        return first if index == 0 else first.with_name(f"{first.stem}-{index}{first.suffix}")
 
     @property
     def spool_dir(self) -> Path:
