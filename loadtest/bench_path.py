@@ -4,8 +4,9 @@ same load on each, in one run on one machine.
     python -m loadtest.bench_path --concurrency 1,64 --seconds 10
 
 Configurations, each `loop serve` with prediction logging on (its ingest worker running) unless
-said: BentoML's access log and OpenTelemetry tracing on for predictions (BentoML's defaults),
-each of the two alone, neither with uvicorn's h11 parser, neither with httptools (our defaults),
+said: BentoML's access log and OpenTelemetry tracing on for predictions (BentoML's defaults; either
+sends predictions through BentoML's API), each of the two alone, neither but through BentoML's API
+(`LOOP_FAST_PATH=false`), uvicorn's h11 parser, our defaults (service.fast_path, httptools),
 our defaults with BentoML's own HTTP metrics off,
 and our defaults with prediction logging off (what the Redis append costs). One digit per request,
 wrk, closed loop; prints a table of req/s and p50 / p99 and each configuration's ratio to our
@@ -28,12 +29,13 @@ CONFIGS: dict[str, dict[str, str]] = {
                                                       "LOOP_TRACE_PREDICTIONS": "true"},
     "access log on": {"LOOP_ACCESS_LOG_PREDICTIONS": "true"},
     "tracing on": {"LOOP_TRACE_PREDICTIONS": "true"},
+    "both off, through BentoML's API (LOOP_FAST_PATH=false)": {"LOOP_FAST_PATH": "false"},
     "ours, h11 parser (pure Python)": {"LOOP_HTTP_PARSER": "h11"},
-    "ours (both off, httptools parser)": {},
+    "ours (fast path; both off, httptools parser)": {},
     "ours, BentoML's HTTP metrics off": {"BENTOML_CONFIG_OPTIONS": "services.loop.metrics.enabled=false"},
     "ours, prediction logging off": {"LOOP_LOG_PREDICTIONS": "false"},
 }  # fmt: skip
-BASELINE = "ours (both off, httptools parser)"
+BASELINE = "ours (fast path; both off, httptools parser)"
 
 
 def main() -> None:
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=3)
     servers.add_loop_options(parser)
+    parser.add_argument("--only", default="", help="configurations to run, separated by ; (default: all)")
     parser.add_argument("--out", type=Path, default=Path("var/bench/path.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -49,8 +52,9 @@ def main() -> None:
     body = {"samples": digits.load().images[:1].tolist()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], wrk.WrkResult] = {}
+    configs = {k: v for k, v in CONFIGS.items() if not args.only or k in args.only.split(";") or k == BASELINE}
     with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
-        for label, overrides in CONFIGS.items():
+        for label, overrides in configs.items():
             serving = servers.loop_serve(
                 args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
                 var_dir=args.out.parent / "path-var", log=args.out.parent / "path-serve.log", overrides=overrides,
@@ -63,7 +67,7 @@ def main() -> None:
                     logger.info("%s c=%d: %s", label, c, result)
     header = " | ".join(f"c={c} req/s (p50 / p99 ms), to ours" for c in concurrencies)
     lines = [f"| configuration | {header} |", "|---" * (len(concurrencies) + 1) + "|"]
-    for label in CONFIGS:
+    for label in configs:
         cells = []
         for c in concurrencies:
             r, base = results[label, c], results[BASELINE, c]

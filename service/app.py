@@ -46,12 +46,12 @@ from models.images import to_tensor as image_tensor
 from models.provenance import code_version
 from models.signature import InputError, Outputs, Signature, postprocess, read_npy, to_batch
 from models.spec import ImageInput
-from service import metrics
+from service import fast_path, metrics
 from service.batching import BatcherClosed, Overloaded
 from service.contract import NO_NUL, ContractRoute, ItemId, ModelVersion, OpenAPIContract, method_not_allowed
 from service.inference import InferenceUnavailable
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
-from service.problems import ProblemDetails, documented, problem_response
+from service.problems import PROBLEM_JSON, ProblemDetails, documented, problem_response
 from service.routes import v2
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -72,6 +72,8 @@ from service.serving import ModelSlot, Served, Where
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "loop"
 
 STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model load before a 503
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
@@ -256,7 +258,7 @@ def _bentoml_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-@bentoml.service(name="loop", **_bentoml_config(Settings()))
+@bentoml.service(name=SERVICE_NAME, **_bentoml_config(Settings()))
 @bentoml.asgi_app(routes, path="/")
 class Predictor:
     """Serves one or several models from the BentoML store, each with its own adaptive batcher
@@ -339,6 +341,9 @@ class Predictor:
     @bentoml.on_startup
     async def startup(self) -> None:
         settings = self.settings
+        if settings.fast_path and not (settings.access_log_predictions or settings.trace_predictions):
+            fast_path.take("/predict", self._predict_json, max_body_bytes=settings.body_limits.predict,
+                           max_in_flight=settings.max_concurrency)  # fmt: skip
         # Everything imported so far lives as long as the worker: out of the collector's sight, a
         # full collection no longer walks the libraries' millions of objects while requests wait.
         gc.collect()
@@ -424,6 +429,7 @@ class Predictor:
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
+        fast_path.release("/predict")
         for slot in self.slots.values():
             await slot.close()
         for task in self._background:
@@ -498,6 +504,27 @@ class Predictor:
             ctx.response.headers["X-Request-ID"] = request_id
             ctx.response.headers["X-Loop-Worker"] = self.worker
         return answer
+
+    async def _predict_json(self, body: bytes, headers: Mapping[bytes, bytes]) -> fast_path.Answer | None:
+        """`predict` for service.fast_path: the same checks and answers, without BentoML's dispatch.
+        A body `PredictRequest` refuses is left to `predict` (None), whose 422 is the one documented."""
+        try:
+            request = PredictRequest.model_validate_json(body or b"{}")
+        except ValidationError:
+            return None
+        given = headers.get(b"x-request-id")
+        request_id = _request_id_of({} if given is None else {"x-request-id": given.decode("latin-1")})
+        answer = await self._classify(self._slot(request.model), request.samples, request.tags or {}, request_id)
+        if isinstance(answer, Refusal):
+            refused = problem_response(answer.status, answer.message)
+            return fast_path.Answer(answer.status, bytes(refused.body), [(b"content-type", PROBLEM_JSON.encode())])
+        answered = [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", request_id.encode("latin-1")),
+            (b"x-loop-worker", self.worker.encode("latin-1")),
+            (b"server", f"BentoML Service/{SERVICE_NAME}".encode()),  # as BentoML's own answers say
+        ]
+        return fast_path.Answer(200, answer.model_dump_json().encode(), answered)
 
     @routes.post(
         "/predict/npy",
@@ -1055,3 +1082,4 @@ cast(Any, Predictor).add_asgi_middleware(ConcurrencyLimit, limit=lambda: Setting
 cast(Any, Predictor).add_asgi_middleware(ProblemDetails)  # errors of BentoML's own as problem details too
 cast(Any, Predictor).add_asgi_middleware(OpenAPIContract)  # the schema documents those problem details
 use_bounded_heads(Settings().http_parser)
+fast_path.install()

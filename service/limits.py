@@ -78,13 +78,23 @@ def _refusal(status: int, message: str) -> JSONResponse:
 PROBES = frozenset({"/readyz", "/livez", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
+class InFlight:
+    """How many requests this worker has in hand, whichever way they are answered."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+WORKER_IN_FLIGHT = InFlight()
+
+
 class ConcurrencyLimit:
     """ASGI middleware: at most `limit` requests at once in this worker; beyond, 429."""
 
-    def __init__(self, app: ASGIApp, limit: int | Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, limit: int | Callable[[], int], in_flight: InFlight = WORKER_IN_FLIGHT) -> None:
         self.app = app
         self._limit = limit
-        self.in_flight = 0
+        self.in_flight = in_flight
 
     @property
     def limit(self) -> int:
@@ -96,15 +106,15 @@ class ConcurrencyLimit:
         if scope["type"] != "http" or scope["path"] in PROBES:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            message = f"this worker has {self.in_flight} requests in hand, its most; try again in a moment"
+        if self.in_flight.n >= self.limit:
+            message = f"this worker has {self.in_flight.n} requests in hand, its most; try again in a moment"
             await problem_response(429, message, headers={"Retry-After": "1"})(scope, receive, send)
             return
-        self.in_flight += 1
+        self.in_flight.n += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self.in_flight.n -= 1
 
 
 class RequestLimits:

@@ -21,6 +21,13 @@ predictions = bentoml.metrics.Counter(
     documentation="Samples answered",
     labelnames=["model_name", "model_version"],
 )
+fast_path_seconds = bentoml.metrics.Histogram(
+    name="loop_fast_path_request_seconds",
+    documentation="Prediction requests answered in front of BentoML's stack (service.fast_path): time "
+    "from the whole body read to the answer, by route and status (BentoML's request metrics do not see them)",
+    labelnames=["route", "status"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 model_info = bentoml.metrics.Gauge(
     name="loop_model_info",
     documentation="The model a worker serves (value 1) and its ONNX Runtime provider",

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     trace_predictions: bool = Field(
         False, description="OpenTelemetry spans for prediction requests (off: the other routes only)."
     )
+    fast_path: bool = Field(
+        True,
+        description="Answer POST /predict with a JSON body in front of BentoML's ASGI stack (off: through "
+        "BentoML's API, as when prediction requests are access-logged or traced).",
+    )
     statement_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest a Postgres statement of the service may run (then 503)."
     )
