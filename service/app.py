@@ -507,7 +507,7 @@ class Predictor:
 
     async def _predict_json(self, body: bytes, headers: Mapping[bytes, bytes]) -> fast_path.Answer | None:
         """`predict` for service.fast_path: the same checks and answers, without BentoML's dispatch.
-        A body `PredictRequest` refuses is left to `predict` (None), whose 422 is the one documented."""
+        A body `PredictRequest` refuses is left to `predict` (None): its answer is the documented one."""
         try:
             request = PredictRequest.model_validate_json(body or b"{}")
         except ValidationError:

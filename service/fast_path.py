@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.limits import WORKER_IN_FLIGHT, InFlight, _replay
+from service.limits import WORKER_IN_FLIGHT, InFlight, replay_body
 from service.problems import PROBLEM_JSON, problem_response
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class FastRoutes:
         finally:
             self.in_flight.n -= 1
         if answer is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
             return
         metrics.fast_path_seconds.labels(route=scope["path"], status=str(answer.status)).observe(
             time.perf_counter() - started

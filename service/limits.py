@@ -163,7 +163,7 @@ class RequestLimits:
         if body is None:
             await _refusal(413, f"the body is over the limit of {limit} bytes for {path}")(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
 
 async def _read_at_most(receive: Receive, limit: int) -> bytes | None:
@@ -183,7 +183,8 @@ async def _read_at_most(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands over `body` (already read) first, then whatever the client sends."""
     sent = False
 
     async def replay() -> Message:

@@ -94,10 +94,15 @@ def as_problem(status: int, body: bytes, *, protocol_error: bool = False) -> byt
     return json.dumps(problem(status, text, errors=errors, extra={"error": text} if protocol_error else None)).encode()
 
 
+# Starlette's router answers these in plain text when no route matches a path (one holding a line
+# break, say, which its catch-all mount does not match) or a method.
+ROUTING_ERRORS = frozenset({404, 405})
+
+
 class ProblemDetails:
     """ASGI middleware: an error answer in JSON that is not problem details yet (BentoML's own
-    `{"error": …}`, FastAPI's `{"detail": …}` for a route that does not exist) is rewritten as one,
-    so every route answers errors in the same format."""
+    `{"error": …}`, FastAPI's `{"detail": …}` for a route that does not exist), or a routing error
+    in plain text, is rewritten as one, so every route answers errors in the same format."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -115,7 +120,10 @@ class ProblemDetails:
             if message["type"] == "http.response.start":
                 if message["status"] >= 400:  # a success passes untouched: no header is even looked at
                     given = {k.lower(): v for k, v in message.get("headers", [])}
-                    if given.get(b"content-type", b"").startswith(b"application/json"):
+                    media_type = given.get(b"content-type", b"")
+                    if media_type.startswith(b"application/json") or (
+                        message["status"] in ROUTING_ERRORS and media_type.startswith(b"text/plain")
+                    ):
                         held = message  # answered once the whole body is in
                         return
                 await send(message)

@@ -49,9 +49,12 @@ def test_errors_of_any_origin_become_problem_details() -> None:
     v2 = client.get("/v2/models/m/infer").json()
     assert v2["detail"] == v2["error"] == "samples must be a list"  # the protocol's clients read `error`
     assert client.get("/fine").json() == {"error": "not an error: a 200"}  # success is left alone
-    assert client.get("/text").text == "teapot"
-    unknown = client.get("/nowhere")
-    assert unknown.status_code == 404 and unknown.text == "Not Found"  # not JSON: left alone
+    assert client.get("/text").text == "teapot"  # other plain text: left alone
+    unknown = client.get("/nowhere")  # Starlette's router's own plain-text answers
+    assert unknown.headers["content-type"] == PROBLEM_JSON
+    assert unknown.json() == {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "Not Found"}
+    wrong_method = client.delete("/fine")
+    assert wrong_method.status_code == 405 and wrong_method.json()["title"] == "Method Not Allowed"
 
 
 def test_validation_problems_name_fields_without_echoing_input() -> None:
