@@ -81,6 +81,33 @@ class Point:
     client_cpu: float
 
 
+OURS, OURS_2W = "ours batched, log on", "ours batched, log on, 2 workers"
+SHARED = "ours batched, log on, 2 workers + shared inference"
+SHARED_2T = "ours batched, log on, 2 workers + shared inference (2 ORT threads)"
+DEPENDS = "bentoml depends (2 API workers + 1 batchable)"
+LEAN = "lean asgi prototype, log on, 2 workers"
+MOSEC, LITSERVE, BENTOML = "mosec (batch 64, 5 ms)", "litserve (batch 64, 5 ms)", "bare bentoml batchable"
+FASTAPI, FASTAPI_2W = "plain fastapi (no batching)", "plain fastapi (no batching), 2 workers"
+UNBATCHED, LOG_OFF = "ours unbatched, log on", "ours batched, log off"
+RATIOS = [  # label, numerator, denominator: printed where both were measured
+    ("ours / MOSEC", OURS, MOSEC),
+    ("ours / LitServe", OURS, LITSERVE),
+    ("ours / bare BentoML", OURS, BENTOML),
+    ("ours / plain FastAPI", OURS, FASTAPI),
+    ("batched / unbatched", OURS, UNBATCHED),
+    ("logging on / off", OURS, LOG_OFF),
+    ("ours 2 workers / MOSEC", OURS_2W, MOSEC),
+    ("ours 2 workers / plain FastAPI", OURS_2W, FASTAPI),
+    ("ours 2 workers / plain FastAPI 2 workers", OURS_2W, FASTAPI_2W),
+    ("shared inference / self-contained (2 workers)", SHARED, OURS_2W),
+    ("shared inference, 2 ORT threads / self-contained", SHARED_2T, OURS_2W),
+    ("BentoML depends / shared inference", DEPENDS, SHARED),
+    ("lean prototype / MOSEC", LEAN, MOSEC),
+    ("lean prototype / ours 2 workers", LEAN, OURS_2W),
+    ("lean prototype / plain FastAPI 2 workers", LEAN, FASTAPI_2W),
+]
+
+
 def ceiling(model_tag: str, seconds: float) -> dict[int, float]:
     """Samples per second of ONNX Runtime in-process, one intra-op thread, by batch size."""
     model = OnnxModel(store.get(model_tag).onnx_path, device=DevicePreference.CPU, intra_op_threads=1)
@@ -193,35 +220,9 @@ def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: lis
     return "\n".join(lines)
 
 
-OURS, OURS_2W = "ours batched, log on", "ours batched, log on, 2 workers"
-SHARED = "ours batched, log on, 2 workers + shared inference"
-SHARED_2T = "ours batched, log on, 2 workers + shared inference (2 ORT threads)"
-DEPENDS = "bentoml depends (2 API workers + 1 batchable)"
-LEAN = "lean asgi prototype, log on, 2 workers"
-MOSEC, LITSERVE, BENTOML = "mosec (batch 64, 5 ms)", "litserve (batch 64, 5 ms)", "bare bentoml batchable"
-FASTAPI, FASTAPI_2W = "plain fastapi (no batching)", "plain fastapi (no batching), 2 workers"
-RATIOS = [  # label, numerator, denominator: printed where both were measured
-    ("ours / MOSEC", OURS, MOSEC),
-    ("ours / LitServe", OURS, LITSERVE),
-    ("ours / bare BentoML", OURS, BENTOML),
-    ("ours / plain FastAPI", OURS, FASTAPI),
-    ("batched / unbatched", OURS, "ours unbatched, log on"),
-    ("logging on / off", OURS, "ours batched, log off"),
-    ("ours 2 workers / MOSEC", OURS_2W, MOSEC),
-    ("ours 2 workers / plain FastAPI", OURS_2W, FASTAPI),
-    ("ours 2 workers / plain FastAPI 2 workers", OURS_2W, FASTAPI_2W),
-    ("shared inference / self-contained (2 workers)", SHARED, OURS_2W),
-    ("shared inference, 2 ORT threads / self-contained", SHARED_2T, OURS_2W),
-    ("BentoML depends / shared inference", DEPENDS, SHARED),
-    ("lean prototype / MOSEC", LEAN, MOSEC),
-    ("lean prototype / ours 2 workers", LEAN, OURS_2W),
-    ("lean prototype / plain FastAPI 2 workers", LEAN, FASTAPI_2W),
-]
-
-
 def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out: Path) -> list[Target]:
     name, _, version = model.partition(":")
-    loop = [sys.executable, "-m", "service", "serve", "--no-train"]
+    loop = servers.LOOP_SERVE
     common = {
         "LOOP_MODEL_NAME": name,
         "LOOP_MODEL_TAG": version or "latest",
@@ -233,53 +234,53 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
     }
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     return [
-        Target("ours batched, log on", loop, {**common, "LOOP_LOG_PREDICTIONS": "true"}),
-        Target("ours batched, log off", loop, {**common, "LOOP_LOG_PREDICTIONS": "false"}),
-        Target("ours unbatched, log on", loop, {**common, "LOOP_MAX_BATCH_SIZE": "1"}),
-        Target("ours batched, log on, 2 workers", loop, {**common, "LOOP_WORKERS": "2"}),
+        Target(OURS, loop, {**common, "LOOP_LOG_PREDICTIONS": "true"}),
+        Target(LOG_OFF, loop, {**common, "LOOP_LOG_PREDICTIONS": "false"}),
+        Target(UNBATCHED, loop, {**common, "LOOP_MAX_BATCH_SIZE": "1"}),
+        Target(OURS_2W, loop, {**common, "LOOP_WORKERS": "2"}),
         Target(
-            "ours batched, log on, 2 workers + shared inference",
+            SHARED,
             loop,
             {**common, "LOOP_WORKERS": "2", "LOOP_INFERENCE": "shared"},
         ),
         Target(
-            "ours batched, log on, 2 workers + shared inference (2 ORT threads)",
+            SHARED_2T,
             loop,
             {**common, "LOOP_WORKERS": "2", "LOOP_INFERENCE": "shared", "LOOP_ORT_THREADS": "2"},
         ),
         Target("ours batched, log on, npy body", loop, common, path="/predict/npy", npy=True),
         Target(
-            "bare bentoml batchable",
+            BENTOML,
             [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
-            "bentoml depends (2 API workers + 1 batchable)",
+            DEPENDS,
             [bentoml, "serve", "loadtest.peers.bentoml_depends:DependsApi", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
-            "plain fastapi (no batching)",
+            FASTAPI,
             [sys.executable, "-m", "loadtest.peers.fastapi_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
-            "plain fastapi (no batching), 2 workers",
+            FASTAPI_2W,
             [sys.executable, "-m", "loadtest.peers.fastapi_peer", "--port", "{port}", "--workers", "2"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
-            "lean asgi prototype, log on, 2 workers",
+            LEAN,
             [sys.executable, "-m", "loadtest.peers.lean_asgi_peer", "--port", "{port}", "--workers", "2"],
             {"LOOP_MODEL_TAG": model, "LOOP_REDIS_URL": redis_url, "LOOP_REDIS_PREFIX": prefix},
         ),
         Target(
-            "litserve (batch 64, 5 ms)",
+            LITSERVE,
             [sys.executable, "-m", "loadtest.peers.litserve_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
-            "mosec (batch 64, 5 ms)",
+            MOSEC,
             [sys.executable, "-m", "loadtest.peers.mosec_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
             path="/inference",

@@ -51,7 +51,7 @@ from service.batching import BatcherClosed, Overloaded
 from service.contract import NO_NUL, ContractRoute, ItemId, ModelVersion, OpenAPIContract, method_not_allowed
 from service.inference import InferenceUnavailable
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
-from service.problems import PROBLEM_JSON, ProblemDetails, documented, problem_response
+from service.problems import ProblemDetails, documented, problem_response
 from service.routes import v2
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -291,6 +291,11 @@ class Predictor:
         if self.settings.log_predictions and self.settings.redis_url is None:
             self._log_error = "LOOP_REDIS_URL is not set (`loop serve` starts an embedded Redis)"
         self.worker = f"{socket.gethostname()}-{os.getpid()}"
+        self._answered_headers = [  # of every prediction answered by the fast path, as BentoML's route answers
+            (b"content-type", b"application/json"),
+            (b"x-loop-worker", self.worker.encode("latin-1")),
+            (b"server", f"BentoML Service/{SERVICE_NAME}".encode()),
+        ]
         # Loading runs beside the server so that /livez answers at once and /readyz tells the truth.
         for slot in self.slots.values():
             slot.start_loading()
@@ -513,17 +518,11 @@ class Predictor:
         except ValidationError:
             return None
         given = headers.get(b"x-request-id")
-        request_id = _request_id_of({} if given is None else {"x-request-id": given.decode("latin-1")})
+        request_id = _chosen_request_id(None if given is None else given.decode("latin-1"))
         answer = await self._classify(self._slot(request.model), request.samples, request.tags or {}, request_id)
         if isinstance(answer, Refusal):
-            refused = problem_response(answer.status, answer.message)
-            return fast_path.Answer(answer.status, bytes(refused.body), [(b"content-type", PROBLEM_JSON.encode())])
-        answered = [
-            (b"content-type", b"application/json"),
-            (b"x-request-id", request_id.encode("latin-1")),
-            (b"x-loop-worker", self.worker.encode("latin-1")),
-            (b"server", f"BentoML Service/{SERVICE_NAME}".encode()),  # as BentoML's own answers say
-        ]
+            return fast_path.Answer.problem(answer.status, answer.message)
+        answered = [(b"x-request-id", request_id.encode("latin-1")), *self._answered_headers]
         return fast_path.Answer(200, answer.model_dump_json().encode(), answered)
 
     @routes.post(
@@ -1069,7 +1068,11 @@ def _request_id(ctx: bentoml.Context | None) -> str:
 
 
 def _request_id_of(headers: Mapping[str, str]) -> str:
-    given = headers.get("x-request-id")
+    return _chosen_request_id(headers.get("x-request-id"))
+
+
+def _chosen_request_id(given: str | None) -> str:
+    """The client's X-Request-ID when it is short printable text, else a new one."""
     if given and len(given) <= 128 and given.isprintable():
         return given
     return uuid.uuid4().hex

@@ -37,6 +37,11 @@ class Answer:
     body: bytes
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # besides content-length
 
+    @classmethod
+    def problem(cls, status: int, detail: str) -> Answer:
+        """An error as problem details, as `problem_response` answers it."""
+        return cls(status, bytes(problem_response(status, detail).body), [(b"content-type", PROBLEM_JSON.encode())])
+
 
 # The request's body and headers (lower-case names) -> its answer, or None: not here, answer it as always.
 Handler = Callable[[bytes, Mapping[bytes, bytes]], Awaitable[Answer | None]]
@@ -93,8 +98,7 @@ class FastRoutes:
                 answer = await route.handler(body, headers)
             except Exception:
                 logger.exception("%s failed", scope["path"])
-                failed = problem_response(500, "the service failed to answer; its log says why")
-                answer = Answer(500, bytes(failed.body), [(b"content-type", PROBLEM_JSON.encode())])
+                answer = Answer.problem(500, "the service failed to answer; its log says why")
         finally:
             self.in_flight.n -= 1
         if answer is None:

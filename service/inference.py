@@ -74,6 +74,14 @@ def _array(header: dict[str, Any], payload: bytes | bytearray) -> NDArray[Any]:
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
 
 
+def _sizes(prefix: bytes) -> tuple[int, int]:
+    """A frame's header and payload lengths, from its first `_FRAME.size` bytes."""
+    header_bytes, payload_bytes = _FRAME.unpack(prefix)
+    if header_bytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"a header of {header_bytes} bytes (at most {MAX_HEADER_BYTES})")
+    return header_bytes, payload_bytes
+
+
 def _encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> tuple[bytes, bytes | memoryview]:
     raw = json.dumps(header, separators=(",", ":")).encode()
     return _FRAME.pack(len(raw), len(payload)) + raw, payload
@@ -239,9 +247,7 @@ class InferenceHost:
 
     @staticmethod
     async def _read(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
-        header_bytes, payload_bytes = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-        if header_bytes > MAX_HEADER_BYTES:
-            raise ProtocolError(f"a header of {header_bytes} bytes (at most {MAX_HEADER_BYTES})")
+        header_bytes, payload_bytes = _sizes(await reader.readexactly(_FRAME.size))
         header = _header(await reader.readexactly(header_bytes))
         return header, await reader.readexactly(payload_bytes)
 
@@ -328,9 +334,7 @@ class RemoteSession:
         sock.sendall(head)
         if body:
             sock.sendall(body)
-        header_bytes, payload_bytes = _FRAME.unpack(_recv(sock, _FRAME.size))
-        if header_bytes > MAX_HEADER_BYTES:
-            raise ProtocolError(f"a header of {header_bytes} bytes (at most {MAX_HEADER_BYTES})")
+        header_bytes, payload_bytes = _sizes(bytes(_recv(sock, _FRAME.size)))
         return _header(bytes(_recv(sock, header_bytes))), _recv(sock, payload_bytes)
 
 
