@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from models.runtime import DevicePreference, OnnxModel
-from models.signature import softmax
+from models.signature import to_probabilities
 from models.store import StoredModel
 
 
@@ -83,5 +83,5 @@ def evaluate_stored(
     """Evaluate a stored model's ONNX graph (what is served) on labelled data, on the CPU."""
     runtime = OnnxModel(stored.onnx_path, device=DevicePreference.CPU)
     logits = np.concatenate([runtime.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    probabilities = softmax(logits)
+    probabilities = to_probabilities(logits, stored.card.model_spec.output_kind)
     return evaluate(probabilities, y, stored.card.signature.class_names), probabilities

@@ -10,18 +10,21 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import NDArray
 
 from models import store
 from models.provenance import code_version
 from models.runtime import DevicePreference, OnnxModel
-from models.spec import ModelSpec
+from models.spec import ModelSpec, OutputKind
 
 logger = logging.getLogger(__name__)
 
 _FLOAT = onnx.TensorProto.FLOAT
+PROBABILITY_TOLERANCE = 1e-3  # float32 rows of a Softmax sum to 1 within about 1e-6
 
 
 class ImportRefused(ValueError):
@@ -97,6 +100,38 @@ def check_graph(model: onnx.ModelProto, spec: ModelSpec) -> None:
             )
 
 
+def _sums_to_one(rows: NDArray[np.float64]) -> bool:
+    return bool(np.all(rows >= -PROBABILITY_TOLERANCE) and np.allclose(rows.sum(axis=1), 1.0, atol=PROBABILITY_TOLERANCE))
+
+
+def found_output_kind(scores: NDArray[np.floating[Any]]) -> OutputKind:
+    """What a probe batch's output rows look like: probabilities (non-negative, each row summing
+    to 1), log probabilities (their exponentials do) or logits (anything else)."""
+    rows = np.asarray(scores, dtype=np.float64)
+    if _sums_to_one(rows):
+        return "probabilities"
+    if np.all(rows <= PROBABILITY_TOLERANCE) and _sums_to_one(np.exp(rows)):
+        return "log_probabilities"
+    return "logits"
+
+
+def check_output_kind(scores: NDArray[np.floating[Any]], spec: ModelSpec) -> None:
+    """Refuse a declared `output_kind` the probe batch contradicts: probabilities declared as logits
+    would be softmaxed twice, logits declared as probabilities would not be scores at all."""
+    found = found_output_kind(scores)
+    if found != spec.output_kind:
+        rows = "; ".join(f"[{', '.join(f'{v:.4g}' for v in row[:4])}{', …' if len(row) > 4 else ''}]" for row in scores)
+        looks = {
+            "probabilities": "non-negative and each sums to 1",
+            "log_probabilities": "non-positive and their exponentials each sum to 1",
+            "logits": "neither probabilities nor log probabilities",
+        }[found]
+        raise ImportRefused(
+            f"output_kind: the spec says {spec.output_kind}, but the graph's {spec.onnx_output!r} rows on a probe "
+            f"batch are {looks} ({rows}): write `output_kind: {found}`"
+        )
+
+
 def import_model(
     name: str, onnx_path: Path, spec: ModelSpec, *, device: DevicePreference = DevicePreference.CPU
 ) -> store.StoredModel:
@@ -129,6 +164,7 @@ def import_model(
         )
     if not np.isfinite(scores).all():
         raise ImportRefused("the graph's scores are not finite on inputs within the spec's range")
+    check_output_kind(scores, spec)
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     card = store.ModelCard(
         signature=signature,

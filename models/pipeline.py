@@ -21,7 +21,7 @@ from models.digits import digits_signature, digits_spec
 from models.evaluate import Evaluation, evaluate
 from models.network import WideMLP
 from models.provenance import code_version
-from models.signature import Signature, softmax
+from models.signature import Signature, to_probabilities
 from models.spec import ModelSpec
 from models.train import EpochMetrics, History, Normalised, TrainConfig, predict_logits, seed_everything
 from models.trainers import Examples, Trainer, TrainerNotFound, TrainRequest, load_trainer
@@ -90,7 +90,7 @@ def train_and_store(
     trainer = trainer or trainer_of(spec)
     trained = trainer(TrainRequest(spec=spec, train=train, validation=validation, config=config, on_epoch=on_epoch))
     model = trained.module.eval()
-    probabilities = softmax(predict_logits(model, validation.inputs))
+    probabilities = to_probabilities(predict_logits(model, validation.inputs), spec.output_kind)
     if probabilities.shape != (len(validation.labels), len(spec.classes)):
         raise ValueError(
             f"the trainer's module answers {list(probabilities.shape[1:])} scores per sample; "

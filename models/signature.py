@@ -187,9 +187,21 @@ def softmax(logits: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
     return probabilities
 
 
-def postprocess(logits: NDArray[np.floating[Any]]) -> Outputs:
-    """Logits (N, C) to labels, confidences and class probabilities."""
-    probabilities = softmax(logits)
+def to_probabilities(scores: NDArray[np.floating[Any]], kind: str = "logits") -> NDArray[np.float32]:
+    """A graph's output (N, C) as class probabilities, by what it holds (the spec's `output_kind`):
+    softmax of logits, probabilities as they are, exp of log probabilities."""
+    if kind == "logits":
+        return softmax(scores)
+    if kind == "probabilities":
+        return np.asarray(scores, dtype=np.float32)
+    if kind == "log_probabilities":
+        return np.exp(scores).astype(np.float32)
+    raise ValueError(f"unknown output kind {kind!r}")
+
+
+def postprocess(scores: NDArray[np.floating[Any]], kind: str = "logits") -> Outputs:
+    """A graph's output (N, C) to labels, confidences and class probabilities."""
+    probabilities = to_probabilities(scores, kind)
     labels = probabilities.argmax(axis=-1).astype(np.int64)
     confidences = probabilities[np.arange(len(labels)), labels]
     return Outputs(labels=labels, confidences=confidences, probabilities=probabilities)

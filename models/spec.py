@@ -28,11 +28,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.signature import Signature
 
 ImageFormat = Literal["png", "jpeg", "webp"]
+# What the graph's output holds per class; the service's scores are probabilities in every case.
+OutputKind = Literal["logits", "probabilities", "log_probabilities"]
+Resize = Literal["stretch", "fit", "crop", "shorter-side-crop", "fit-height"]
+# pillow-bilinear: Pillow's BILINEAR (it averages over the footprint when shrinking), the default
+# since the first image models; the others are OpenCV's cv2.resize flags INTER_NEAREST, INTER_LINEAR,
+# INTER_CUBIC, INTER_AREA and INTER_LANCZOS4, as the many projects that pre-process with OpenCV use.
+Interpolation = Literal["pillow-bilinear", "nearest", "linear", "cubic", "area", "lanczos4"]
 TRAINER_PATTERN = r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$"
 ClassName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Dimension = Annotated[int, Field(ge=1, le=65536)]
@@ -63,18 +70,37 @@ class TensorInput(_Strict):
 
 
 class ImageInput(_Strict):
-    """Samples sent as encoded images, decoded and pre-processed into the model's tensor."""
+    """Samples sent as encoded images, decoded and pre-processed into the model's tensor.
+
+    The steps, in order (`models.images.to_tensor`): colour mode; channel order; resize by
+    `resize` with `interpolation`; pixel values scaled to [0, `max_pixel`]; `(x - mean) / std`
+    per channel; padding (fit, fit-height) with `pad_value`; layout.
+    """
 
     kind: Literal["image"] = "image"
     formats: tuple[ImageFormat, ...] = Field(("png", "jpeg", "webp"), min_length=1)
     width: Dimension
     height: Dimension
     mode: Literal["L", "RGB"] = "RGB"
-    # stretch: resize to width x height ignoring the aspect ratio; fit: keep it, pad with black;
-    # crop: keep it, scale to cover, cut the centre out.
-    resize: Literal["stretch", "fit", "crop"] = "stretch"
+    # BGR: the colour channels reversed, as OpenCV reads images (only with mode RGB).
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    # stretch: to width x height ignoring the aspect ratio; fit: a letterbox, scaled to fit inside
+    # and padded (`align`, `pad_value`); crop: scaled to cover, the centre cut out;
+    # shorter-side-crop: the shorter side scaled to `shorter_side`, then the centre width x height
+    # cut out (ImageNet's recipe); fit-height: scaled to `height` keeping the aspect ratio up to
+    # `width` (stretched to `width` beyond it), placed on the left and padded on the right.
+    resize: Resize = "stretch"
+    shorter_side: Dimension | None = None
+    align: Literal["center", "top-left"] = "center"
+    interpolation: Interpolation = "pillow-bilinear"
+    # The value of a white pixel before normalisation: 1 (pixels scaled to [0, 1]) or 255 (kept).
+    max_pixel: Literal[1, 255] = 1
     mean: tuple[float, ...] = Field(default=(0.0,), min_length=1, max_length=3)
     std: tuple[float, ...] = Field(default=(1.0,), min_length=1, max_length=3)
+    # The padding's value, one or per channel (in the channel order above): an 8-bit pixel value
+    # (0-255) painted before normalisation, or a value of the normalised tensor.
+    pad_value: tuple[float, ...] = Field(default=(0.0,), min_length=1, max_length=3)
+    pad_units: Literal["pixels", "normalised"] = "pixels"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     max_pixels: int = Field(40_000_000, ge=1, description="Larger images are refused before decoding.")
 
@@ -84,12 +110,26 @@ class ImageInput(_Strict):
 
     @model_validator(mode="after")
     def _normalisation(self) -> ImageInput:
-        for name in ("mean", "std"):
+        for name in ("mean", "std", "pad_value"):
             values = getattr(self, name)
             if len(values) not in (1, self.channels):
                 raise ValueError(f"{name} has {len(values)} values; mode {self.mode} needs 1 or {self.channels}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {list(self.std)}")
+        if self.pad_units == "pixels" and any(not 0 <= v <= 255 for v in self.pad_value):
+            raise ValueError(f"pad_value in pixels is an 8-bit value (0 to 255), got {list(self.pad_value)}")
+        if self.channel_order == "BGR" and self.mode == "L":
+            raise ValueError("channel_order BGR needs mode RGB (a grey image has one channel)")
+        if self.resize == "shorter-side-crop":
+            if self.shorter_side is None:
+                raise ValueError("resize shorter-side-crop needs shorter_side (e.g. 256 for a 224 crop)")
+            if self.shorter_side < max(self.width, self.height):
+                raise ValueError(
+                    f"shorter_side {self.shorter_side} must be at least the crop's larger side "
+                    f"({max(self.width, self.height)})"
+                )
+        elif self.shorter_side is not None:
+            raise ValueError(f"shorter_side is only read by resize shorter-side-crop, not {self.resize}")
         return self
 
     @property
@@ -100,12 +140,28 @@ class ImageInput(_Strict):
         return (self.height, self.width, self.channels)
 
     def value_range(self) -> tuple[float, float]:
-        """The range of pre-processed values: pixels in [0, 1], normalised per channel."""
-        lows = [(0.0 - m) / s for m, s in zip(self._per_channel(self.mean), self._per_channel(self.std), strict=True)]
-        highs = [(1.0 - m) / s for m, s in zip(self._per_channel(self.mean), self._per_channel(self.std), strict=True)]
+        """The range of pre-processed values: pixels in [0, max_pixel], normalised per channel,
+        and the padding."""
+        mean, std = self.per_channel(self.mean), self.per_channel(self.std)
+        lows = [(0.0 - m) / s for m, s in zip(mean, std, strict=True)]
+        highs = [(self.max_pixel - m) / s for m, s in zip(mean, std, strict=True)]
+        if self.resize in ("fit", "fit-height"):
+            pads = self.normalised_pad()
+            lows, highs = [*lows, *pads], [*highs, *pads]
         return min(lows), max(highs)
 
-    def _per_channel(self, values: tuple[float, ...]) -> tuple[float, ...]:
+    def normalised_pad(self) -> tuple[float, ...]:
+        """The padding per channel as a value of the normalised tensor."""
+        pad = self.per_channel(self.pad_value)
+        if self.pad_units == "normalised":
+            return pad
+        scale = self.max_pixel / 255.0
+        return tuple(
+            (v * scale - m) / s
+            for v, m, s in zip(pad, self.per_channel(self.mean), self.per_channel(self.std), strict=True)
+        )
+
+    def per_channel(self, values: tuple[float, ...]) -> tuple[float, ...]:
         return values if len(values) == self.channels else values * self.channels
 
 
@@ -116,7 +172,18 @@ class ModelSpec(_Strict):
     classes: tuple[ClassName, ...] = Field(min_length=2, max_length=100_000)
     onnx_input: str = Field("input", min_length=1)
     onnx_output: str = Field("logits", min_length=1)
+    # What `onnx_output` holds: scores are softmax(logits), the probabilities as they are, or
+    # exp(log probabilities). A graph that ends in Softmax answers probabilities.
+    output_kind: OutputKind = "logits"
     trainer: str | None = Field(None, pattern=TRAINER_PATTERN, description="package.module:function")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, value: Any) -> Any:
+        """`classes: [0, 180]` in YAML: numbers are names too (as written; booleans are not)."""
+        if isinstance(value, list | tuple):
+            return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
+        return value
 
     @model_validator(mode="after")
     def _distinct_classes(self) -> ModelSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ class ModelCard:
     extra: dict[str, Any] = field(default_factory=dict)
     spec: ModelSpec | None = None  # None for models stored before specs: `model_spec` derives one
 
-    @property
+    @cached_property  # read on every batch served
     def model_spec(self) -> ModelSpec:
         return self.spec if self.spec is not None else ModelSpec.of_signature(self.signature)
 

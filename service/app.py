@@ -631,7 +631,8 @@ class Predictor:
             logits, used = await slot.batcher().submit(batch)
         except (Overloaded, BatcherClosed, InferenceUnavailable) as exc:
             return Refusal(503, str(exc))
-        answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=postprocess(logits), served=used)
+        outputs = postprocess(logits, used.stored.card.model_spec.output_kind)
+        answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=outputs, served=used)
         out, names = answered.outputs, answered.class_names
         if self._log is not None:
             records = [

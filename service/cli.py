@@ -118,7 +118,8 @@ def models_import(name: str, onnx_path: Path, spec_path: Path) -> None:
     model_spec = stored.card.model_spec
     click.echo(
         f"imported {stored.tag}: {model_spec.input.kind} input {list(stored.card.signature.input_shape)}, "
-        f"{len(model_spec.classes)} classes; serve it with LOOP_MODEL_NAME={stored.name}"
+        f"{len(model_spec.classes)} classes, output {model_spec.output_kind}; "
+        f"serve it with LOOP_MODELS={stored.name} (or beside others: LOOP_MODELS={Settings().model_name},{stored.name})"
     )
 
 
