@@ -7,10 +7,11 @@ CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: install browser run train test lint audit format clean demo-loop
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements/no-deps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/no-deps.txt
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create the virtual environment and install the project (once).
