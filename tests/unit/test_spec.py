@@ -163,3 +163,15 @@ def test_bad_images_are_refused_naming_the_problem(data: bytes, fragment: str) -
     with pytest.raises(ImageError) as info:
         images.preprocess(data, spec)
     assert fragment in str(info.value)
+
+
+def test_numeric_class_names_in_yaml_become_names_and_booleans_are_refused() -> None:
+    import yaml
+
+    head = "input: {kind: tensor, shape: [4], min_value: 0, max_value: 1}\nclasses: "
+    assert parse(yaml.safe_load(head + "[0, 180]")).classes == ("0", "180")
+    assert parse(yaml.safe_load(head + "[90, left]")).signature().class_names == ("90", "left")
+    with pytest.raises(SpecError, match="classes"):
+        parse(yaml.safe_load(head + "[true, false]"))
+    with pytest.raises(SpecError, match="repeated: 0"):
+        parse(yaml.safe_load(head + "[0, '0']"))
