@@ -53,6 +53,9 @@ CHUNK = 20_000
 
 IMAGES = "images"
 MIN_PER_CLASS = 5  # an imported class needs this many samples for the split to hold out one of each
+VALIDATION_FRACTION = 0.2  # of a model's data held out as its frozen validation version
+MIN_JUDGED_PER_CLASS = 5  # judged items a class needs before a validation version is drawn from verdicts
+MIN_VALIDATION_PER_CLASS = 2  # held out of each class, at the least, when drawing from verdicts
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 Progress = Callable[[int, int], None]  # (rows done, rows expected)
@@ -152,18 +155,15 @@ def bundled_originals(
     )
 
 
-def originals_for(conn: psycopg.Connection, model_name: str, split_path: Path) -> Originals:
+def originals_for(conn: psycopg.Connection, model_name: str, split_path: Path) -> Originals | None:
     """A model's original data: bundled with a built-in model, else the version `import_originals`
-    recorded; `Invalid` saying how to provide it when there is neither."""
+    recorded; None for a model that came without data (its reviewers' verdicts are its data)."""
     bundled = bundled_originals(model_name, split_path)
     if bundled is not None:
         return bundled
     imported = dataset_store.list_versions(conn=conn, model_name=model_name, kind=Kind.ORIGINAL)
     if not imported:
-        raise Invalid(
-            f"{model_name} has no original data: import it with `loop datasets import {model_name} DIR`, "
-            "or compile without the original rows"
-        )
+        return None
     version = imported[-1]
     loaded = read_version(version.uri)
     source = version.manifest["source"]
@@ -220,6 +220,17 @@ class _Chunk:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def append(self, other: _Chunk, i: int) -> None:
+        self.ids.append(other.ids[i])
+        self.sources.append(other.sources[i])
+        self.labels.append(other.labels[i])
+        self.revisions.append(other.revisions[i])
+        self.inputs.append(other.inputs[i])
+
+    def extend(self, other: _Chunk) -> None:
+        for i in range(len(other)):
+            self.append(other, i)
 
 
 def _schema(schema: LabelSchema) -> pa.Schema:
@@ -504,6 +515,114 @@ def freeze_validation(
     )
     logger.info("froze validation version %s (%d rows)", written.id, written.rows)
     return _record(conn, written, Kind.VALIDATION, model_name, actor=actor)
+
+
+def freeze_validation_from_verdicts(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    schema: LabelSchema,
+    root_url: str,
+    seed: int = 0,
+    fraction: float = VALIDATION_FRACTION,
+    actor: User | None = None,
+) -> DatasetVersion:
+    """The validation version of a model that came without data, drawn once from its judged items.
+
+    Stratified by current label and seeded: of each class's judged items (in id order, permuted
+    by `seed`), `max(MIN_VALIDATION_PER_CLASS, round(fraction * n))` are held out; every class
+    needs MIN_JUDGED_PER_CLASS judged items, so at least three of each are left to train on. The
+    held-out items never enter a training version (`compile_training` leaves validation items
+    and equal inputs out). Like any validation version it is frozen: later verdicts change it
+    only through a fix, which makes a new version."""
+    current = dataset_store.current_validation(conn=conn, model_name=model_name)
+    if current is not None:
+        return current
+    if not conn.autocommit:
+        raise ValueError("freeze_validation_from_verdicts needs a connection in autocommit mode")
+    watermark = dataset_store.settled_watermark(conn=conn)
+    skipped: Counter[str] = Counter()
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        judged = _Chunk()
+        for chunk in _chunks(
+            _labelled(conn, model_name, watermark), schema=schema, held_ids=set(), held_inputs=set(), skipped=skipped
+        ):
+            judged.extend(chunk)
+    by_class: dict[str, list[int]] = {name: [] for name in schema.class_names}
+    for i, label in enumerate(judged.labels):
+        by_class[label].append(i)
+    short = {name: len(rows) for name, rows in by_class.items() if len(rows) < MIN_JUDGED_PER_CLASS}
+    if short:
+        counts = ", ".join(f"{name!r} has {n}" for name, n in short.items())
+        raise Conflict(
+            f"{model_name} has no validation version and too few judged items to draw one from verdicts "
+            f"({counts}; at least {MIN_JUDGED_PER_CLASS} of each class): judge more of its predictions, "
+            f"or import its original data with `loop datasets import {model_name} DIR`"
+        )
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for rows in by_class.values():
+        held = max(MIN_VALIDATION_PER_CLASS, round(fraction * len(rows)))
+        chosen.extend(rows[i] for i in rng.permutation(len(rows))[:held])
+    chosen.sort(key=lambda i: judged.ids[i])
+    held_out = _Chunk()
+    for i in chosen:
+        held_out.append(judged, i)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "kind": Kind.VALIDATION.value,
+        "model_name": model_name,
+        "label_schema": schema.to_dict(),
+        "source": {
+            "verdicts": {
+                "watermark": watermark,
+                "seed": seed,
+                "fraction": fraction,
+                "min_per_class": MIN_VALIDATION_PER_CLASS,
+                "judged": len(judged),
+            },
+        },
+        "parent_id": None,
+        "fixes": [],
+        "code_version": code_version(),
+    }
+    written = _write_version([held_out], schema=schema, manifest=manifest, root_url=root_url, progress=None)
+    logger.info("froze validation version %s from verdicts: %d of %d judged items", written.id, written.rows,
+                len(judged))  # fmt: skip
+    return _record(conn, written, Kind.VALIDATION, model_name, actor=actor)
+
+
+def compile_with_validation(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    schema: LabelSchema,
+    originals: Callable[[], Originals | None],
+    include_original: bool,
+    root_url: str,
+    watermark: int | None = None,
+    actor: User | None = None,
+    progress: Progress | None = None,
+) -> DatasetVersion:
+    """Compile a training version, freezing the model's validation version first if it has none:
+    from its original split when it has original data, else from its judged items. `originals`
+    is called only when they are needed; a model without any compiles from verdicts alone."""
+    validation = dataset_store.current_validation(conn=conn, model_name=model_name)
+    found = originals() if include_original or validation is None else None
+    if validation is None:
+        if found is not None:
+            validation = freeze_validation(
+                conn=conn, model_name=model_name, originals=found, schema=schema, root_url=root_url, actor=actor
+            )
+        else:
+            validation = freeze_validation_from_verdicts(
+                conn=conn, model_name=model_name, schema=schema, root_url=root_url, actor=actor
+            )
+    return compile_training(
+        conn=conn, model_name=model_name, schema=schema, originals=found if include_original else None,
+        validation=validation, root_url=root_url, watermark=watermark, actor=actor, progress=progress,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import psycopg
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from numpy.typing import NDArray
+from pydantic import ValidationError
 
 from feedback import dataset_store
 from feedback.champion import champion_or_baseline, evaluation_on, gate, record_evaluation
@@ -26,13 +27,14 @@ from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
 from feedback.datasets import read_version, verify
 from feedback.review_store import Invalid
 from feedback.tracking import Tracking
-from models import builtin, plots
+from models import builtin, plots, store
 from models.evaluate import Evaluation, evaluate_stored
+from models.finetune import Unconvertible
 from models.pipeline import BuildResult, train_and_store, trainer_of
 from models.provenance import code_version
 from models.spec import ModelSpec
 from models.train import EpochMetrics, TrainConfig
-from models.trainers import Examples, TrainerNotFound
+from models.trainers import FINE_TUNE, Examples, Trainer, TrainerNotFound, check_before_training
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,14 @@ def retrain(
     announcer: Callable[[str, str], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     spec: ModelSpec | None = None,
+    trainer: str | None = None,
 ) -> RetrainResult:
     """Train on `dataset` with the trainer of the model's spec (`builtin.spec_of`, unless `spec` is
-    given), evaluate on the current validation version, log the run, gate, promote.
+    given; `trainer` replaces the spec's, and the candidate is stored with it, so later retrains use
+    it too), evaluate on the current validation version, log the run, gate, promote.
 
-    Everything that can be refused (the versions, the trainer) is checked before training starts."""
+    Everything that can be refused (the versions, the trainer, a graph fine-tuning cannot convert)
+    is checked before training starts."""
     config = config or TrainConfig()
     if dataset.kind is not Kind.TRAINING:
         raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; retrain takes a training version")
@@ -72,11 +77,7 @@ def retrain(
     validation = dataset_store.current_validation(conn=conn, model_name=model_name)
     if validation is None:
         raise Invalid(f"{model_name} has no validation version")
-    spec = spec or builtin.spec_of(model_name)
-    try:
-        trainer = trainer_of(spec)
-    except TrainerNotFound as exc:
-        raise Invalid(f"{model_name} cannot be retrained: {exc}") from None
+    spec, train_with, base = _trainer(model_name, spec or builtin.spec_of(model_name), trainer)
     if list(spec.classes) != dataset.manifest["label_schema"]["class_names"]:
         raise Invalid(f"{dataset.id} was compiled for other classes than {model_name}'s spec names")
     verify(dataset.uri, dataset.id)
@@ -94,7 +95,9 @@ def retrain(
     )
     run_id = run.info.run_id
     try:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in _params(config, dataset, validation).items()])
+        params = {**_params(config, dataset, validation), "trainer": spec.trainer,
+                  "base_version": "" if base is None else base.version}  # fmt: skip
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
         def log_epoch(m: EpochMetrics) -> None:
             values = {
@@ -113,14 +116,15 @@ def retrain(
         build = train_and_store(
             name=model_name,
             spec=spec,
-            trainer=trainer,
+            trainer=train_with,
+            base=None if base is None else base.onnx_path,
             train=Examples(train_rows.inputs, train_rows.labels, folder=_local(dataset.uri)),
             validation=Examples(val_rows.inputs, val_rows.labels, folder=_local(validation.uri)),
             dataset_id=dataset.id,
             validation_id=validation.id,
             config=config,
             on_epoch=log_epoch,
-            extra={"mlflow_run_id": run_id},
+            extra={"mlflow_run_id": run_id, **({} if base is None else {"base_version": base.version})},
         )
         version = build.stored.version
         evaluation, probabilities = evaluate_stored(build.stored, val_rows.inputs, val_rows.labels)
@@ -162,6 +166,37 @@ def retrain(
     if promoted and announcer is not None:
         announcer(model_name, version)
     return RetrainResult(build=build, run_id=run_id, evaluation=evaluation, promotion=promotion)
+
+
+def _trainer(
+    model_name: str, spec: ModelSpec, trainer: str | None
+) -> tuple[ModelSpec, Trainer, store.StoredModel | None]:
+    """The spec to train by (with `trainer` in place of its own), its trainer, and the model's own
+    graph; `Invalid` for a trainer that is missing or refuses the graph, before any run starts."""
+    if trainer is not None:
+        try:
+            spec = ModelSpec.model_validate({**spec.to_dict(), "trainer": trainer})
+        except ValidationError:
+            raise Invalid(f"trainer {trainer!r} is not of the form package.module:function") from None
+    base = own_graph(model_name)
+    try:
+        train_with = trainer_of(spec)
+        assert spec.trainer is not None  # trainer_of refuses a spec without one
+        check_before_training(spec.trainer, None if base is None else base.onnx_path)
+    except TrainerNotFound as exc:
+        hint = f"; to fine-tune its own graph, retrain with --trainer {FINE_TUNE}" if base is not None else ""
+        raise Invalid(f"{model_name} cannot be retrained: {exc}{hint}") from None
+    except Unconvertible as exc:
+        raise Invalid(f"{model_name} cannot be retrained with {spec.trainer}: {exc}") from None
+    return spec, train_with, base
+
+
+def own_graph(model_name: str) -> store.StoredModel | None:
+    """The graph a team brought: the newest version of `model_name` that was imported (the one
+    fine-tuning starts from, so every fine-tune of the same data gives the same model); None for
+    a model that was never imported."""
+    imported = [m for m in store.list_models(model_name) if "imported_from" in m.card.extra]
+    return imported[-1] if imported else None
 
 
 def _local(uri: str) -> Path | None:

@@ -58,6 +58,13 @@ def export_onnx(
     return path
 
 
+def opset_of(path: Path) -> int:
+    """The default-domain opset a graph was written for."""
+    model = onnx.load(str(path), load_external_data=False)
+    opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    return opsets[0] if opsets else 0
+
+
 def check_parity(
     model: nn.Module,
     onnx_path: Path,

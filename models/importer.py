@@ -101,7 +101,8 @@ def check_graph(model: onnx.ModelProto, spec: ModelSpec) -> None:
 
 
 def _sums_to_one(rows: NDArray[np.float64]) -> bool:
-    return bool(np.all(rows >= -PROBABILITY_TOLERANCE) and np.allclose(rows.sum(axis=1), 1.0, atol=PROBABILITY_TOLERANCE))
+    sums = rows.sum(axis=1)
+    return bool(np.all(rows >= -PROBABILITY_TOLERANCE) and np.allclose(sums, 1.0, atol=PROBABILITY_TOLERANCE))
 
 
 def found_output_kind(scores: NDArray[np.floating[Any]]) -> OutputKind:

@@ -85,10 +85,14 @@ def train_and_store(
     trainer: Trainer | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     extra: dict[str, Any] | None = None,
+    base: Path | None = None,
 ) -> BuildResult:
-    """Train with the spec's trainer (or `trainer`), evaluate, export, check parity, save: in that order."""
+    """Train with the spec's trainer (or `trainer`), evaluate, export, check parity, save: in that order.
+    `base`: the model's own ONNX graph, handed to the trainer (fine-tuning starts from it)."""
     trainer = trainer or trainer_of(spec)
-    trained = trainer(TrainRequest(spec=spec, train=train, validation=validation, config=config, on_epoch=on_epoch))
+    trained = trainer(
+        TrainRequest(spec=spec, train=train, validation=validation, config=config, on_epoch=on_epoch, base=base)
+    )
     model = trained.module.eval()
     probabilities = to_probabilities(predict_logits(model, validation.inputs), spec.output_kind)
     if probabilities.shape != (len(validation.labels), len(spec.classes)):
@@ -116,6 +120,7 @@ def train_and_store(
         dataset_id=dataset_id,
         validation_id=validation_id,
         extra={"train": config.to_dict(), "per_class": _per_class(evaluation), **(extra or {})},
+        graph=trained.graph,
     )
     return BuildResult(
         stored=stored,
@@ -165,24 +170,30 @@ def export_and_store(
     dataset_id: str,
     validation_id: str,
     extra: dict[str, Any],
+    graph: bytes | None = None,
 ) -> store.StoredModel:
-    """Export to ONNX, check it against PyTorch on `parity_inputs` (raises past the tolerance),
-    and save it to the store with its card: nothing is stored that failed parity."""
+    """Export to ONNX (unless the trainer made its `graph`), check it against PyTorch on
+    `parity_inputs` (raises past the tolerance), and save it to the store with its card: nothing
+    is stored that failed parity."""
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export.export_onnx(
-            model,
-            Path(tmp) / store.ONNX_FILE,
-            sample_shape=signature.input_shape,
-            input_name=signature.input_name,
-            output_name=signature.output_name,
-        )
+        onnx_path = Path(tmp) / store.ONNX_FILE
+        if graph is not None:
+            onnx_path.write_bytes(graph)
+        else:
+            export.export_onnx(
+                model,
+                onnx_path,
+                sample_shape=signature.input_shape,
+                input_name=signature.input_name,
+                output_name=signature.output_name,
+            )
         parity = export.check_parity(model, onnx_path, parity_inputs)
         card = store.ModelCard(
             signature=signature,
             metrics=metrics,
             dataset_id=dataset_id,
             validation_id=validation_id,
-            opset=export.OPSET,
+            opset=export.OPSET if graph is None else export.opset_of(onnx_path),
             code_version=code_version(),
             parity_max_abs_diff=parity,
             extra=extra,

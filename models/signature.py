@@ -195,7 +195,8 @@ def to_probabilities(scores: NDArray[np.floating[Any]], kind: str = "logits") ->
     if kind == "probabilities":
         return np.asarray(scores, dtype=np.float32)
     if kind == "log_probabilities":
-        return np.exp(scores).astype(np.float32)
+        probabilities: NDArray[np.float32] = np.exp(scores).astype(np.float32)
+        return probabilities
     raise ValueError(f"unknown output kind {kind!r}")
 
 

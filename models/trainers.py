@@ -6,7 +6,8 @@ a torch module that maps a batch of the spec's input tensors to (batch, classes)
 per-epoch history. Everything else (evaluation, ONNX export with a dynamic batch axis, the parity
 check, the store, MLflow, the gate) is the project's, the same for every model.
 
-Two ship here: `digits_cnn` (the default model) and `image_cnn` (any image spec, from scratch).
+Three ship here: `digits_cnn` (the default model), `image_cnn` (any image spec, from scratch) and
+`fine_tune` (the model's own imported ONNX graph, its weights trained further: `models.finetune`).
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ class TrainRequest:
     validation: Examples
     config: TrainConfig  # the fixed protocol, its seed included
     on_epoch: Callable[[EpochMetrics], None] | None = None
+    base: Path | None = None  # the model's own ONNX graph, for a trainer that starts from it
 
 
 @dataclass(frozen=True)
 class Trained:
-    module: nn.Module  # (batch, *spec input shape) -> (batch, classes) logits
+    module: nn.Module  # (batch, *spec input shape) -> (batch, classes) scores of the spec's output kind
     history: History
+    graph: bytes | None = None  # an ONNX graph the trainer made itself; else the module is exported
+
+
+FINE_TUNE = "models.trainers:fine_tune"
 
 
 Trainer = Callable[[TrainRequest], Trained]
@@ -80,6 +86,18 @@ def load_trainer(path: str) -> Trainer:
         raise TrainerNotFound(f"trainer {path!r}: {function_name!r} is a {type(function).__name__}, not a function")
     trainer: Trainer = function
     return trainer
+
+
+def check_before_training(trainer: str, base: Path | None) -> None:
+    """What a trainer refuses before any run starts: fine-tuning without a graph, or a graph the
+    converter cannot convert (`models.finetune.Unconvertible`, naming the operator)."""
+    if trainer != FINE_TUNE:
+        return
+    from models import finetune
+
+    if base is None:
+        raise finetune.Unconvertible("fine_tune needs the model's own ONNX graph, and none is stored")
+    finetune.convert(base)
 
 
 def _fit(model: nn.Module, request: TrainRequest) -> Trained:
@@ -122,3 +140,23 @@ def image_cnn(request: TrainRequest) -> Trained:
         len(request.spec.classes),
     )  # fmt: skip
     return _fit(model, request)
+
+
+def fine_tune(request: TrainRequest) -> Trained:
+    """The model's own graph (`request.base`, as imported), its weights trained on the version."""
+    from models import finetune
+
+    if request.base is None:
+        raise finetune.Unconvertible("fine_tune needs the model's own ONNX graph (TrainRequest.base)")
+    converted = finetune.convert(request.base)
+    history, graph = finetune.fine_tune(
+        converted,
+        request.spec,
+        request.train.inputs,
+        request.train.labels,
+        request.config,
+        x_validation=request.validation.inputs,
+        y_validation=request.validation.labels,
+        on_epoch=request.on_epoch,
+    )
+    return Trained(module=converted.module, history=history, graph=graph)

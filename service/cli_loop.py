@@ -72,7 +72,7 @@ def _schema(model_name: str) -> LabelSchema:
     return LabelSchema.of(spec_of(model_name))
 
 
-def _originals(conn: psycopg.Connection, settings: Settings, model_name: str) -> Originals:
+def _originals(conn: psycopg.Connection, settings: Settings, model_name: str) -> Originals | None:
     from feedback.datasets import originals_for
 
     return originals_for(conn, model_name, settings.split_path)
@@ -156,24 +156,15 @@ def compile_version(
     conn: psycopg.Connection, settings: Settings, model_name: str, *, watermark: int | None = None,
     original: bool = True, actor: User | None = None,
 ) -> Any:  # fmt: skip
-    """Freeze the validation version if need be and compile a training version, with a progress bar."""
-    from feedback import dataset_store
+    """Freeze the validation version if need be (from the original split, else from verdicts) and
+    compile a training version, with a progress bar."""
     from feedback import datasets as ds
 
-    schema = _schema(model_name)
-    validation = dataset_store.current_validation(conn=conn, model_name=model_name)
-    originals = _originals(conn, settings, model_name) if original or validation is None else None
-    if validation is None:
-        assert originals is not None
-        validation = ds.freeze_validation(
-            conn=conn, model_name=model_name, originals=originals, schema=schema, root_url=settings.datasets_root,
-            actor=actor,
-        )  # fmt: skip
     with contextlib.ExitStack() as stack:
-        return ds.compile_training(
-            conn=conn, model_name=model_name, schema=schema, originals=originals if original else None,
-            validation=validation, root_url=settings.datasets_root, watermark=watermark, actor=actor,
-            progress=_progress(stack, "compiling"),
+        return ds.compile_with_validation(
+            conn=conn, model_name=model_name, schema=_schema(model_name),
+            originals=lambda: _originals(conn, settings, model_name), include_original=original,
+            root_url=settings.datasets_root, watermark=watermark, actor=actor, progress=_progress(stack, "compiling"),
         )  # fmt: skip
 
 
@@ -211,7 +202,12 @@ def datasets_import(name: str, source: Path, seed: int, validation_fraction: flo
 @datasets.command("compile")
 @model_option
 @click.option("--watermark", type=click.IntRange(min=0), help="Highest annotation revision to include (default: all).")
-@click.option("--original/--no-original", default=True, show_default=True, help="Include the original training data.")
+@click.option(
+    "--original/--no-original",
+    default=True,
+    show_default=True,
+    help="Include the original training data (if the model has any).",
+)
 @click.option("--admin", "admin_name", help="Admin to record as the author.")
 def datasets_compile(model_name: str | None, watermark: int | None, original: bool, admin_name: str | None) -> None:
     """Compile a training version; prints its id (DVC's directory hash)."""
@@ -333,7 +329,7 @@ def validation_fix(model_name: str | None, items: tuple[str, ...], reason: str, 
 
 def retrain_version(
     conn: psycopg.Connection, settings: Settings, model_name: str, dataset: Any, *, epochs: int | None = None,
-    seed: int | None = None, margin: float | None = None,
+    seed: int | None = None, margin: float | None = None, trainer: str | None = None,
 ) -> Any:  # fmt: skip
     """Retrain `model_name` on a training version with a progress bar per epoch; prints the outcome."""
     from dataclasses import replace
@@ -351,7 +347,7 @@ def retrain_version(
         result = loop.retrain(
             conn=conn, model_name=model_name, dataset=dataset, tracking=_tracking(settings), config=config,
             margin=settings.promotion_margin if margin is None else margin, announcer=_announcer(settings),
-            on_epoch=on_epoch,
+            on_epoch=on_epoch, trainer=trainer,
         )  # fmt: skip
     p = result.promotion
     click.echo(
@@ -367,9 +363,12 @@ def retrain_version(
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the protocol's epochs (recorded in the run).")
 @click.option("--seed", type=int, help="Override the protocol's seed (recorded in the run).")
 @click.option("--margin", type=click.FloatRange(0, 1), help="Gate margin (default LOOP_PROMOTION_MARGIN).")
-def retrain(
-    model_name: str | None, dataset_id: str, epochs: int | None, seed: int | None, margin: float | None
-) -> None:
+@click.option("--trainer", help="Train with this package.module:function instead of the spec's, and store it in the "
+              "candidate's spec (models.trainers:fine_tune: the model's own imported graph, fine-tuned).")  # fmt: skip
+def retrain(  # noqa: PLR0917  (each option is an argument, as click passes them)
+    model_name: str | None, dataset_id: str, epochs: int | None, seed: int | None, margin: float | None,
+    trainer: str | None,
+) -> None:  # fmt: skip
     """Train on a dataset version with the model's trainer, evaluate, log to MLflow, and promote
     if it beats the champion."""
     from feedback import dataset_store
@@ -380,7 +379,7 @@ def retrain(
         if dataset is None:
             raise click.ClickException(f"no dataset version {dataset_id} (see `loop datasets list`)")
         name = model_name or dataset.model_name
-        retrain_version(conn, settings, name, dataset, epochs=epochs, seed=seed, margin=margin)
+        retrain_version(conn, settings, name, dataset, epochs=epochs, seed=seed, margin=margin, trainer=trainer)
 
 
 @click.command("promote")

@@ -172,13 +172,15 @@ class ModelSlot:
                 "%s has no stored reference; its outputs on %s are not checked", stored.tag, runtime.provider
             )
             return runtime, None
-        check = check_reference(runtime, stored.reference_path, where.reference_tolerance, kind=stored.card.model_spec.output_kind)
+        kind = stored.card.model_spec.output_kind
+        check = check_reference(runtime, stored.reference_path, where.reference_tolerance, kind=kind)
         if not check.passed and where.exact_math_fallback and runtime.provider != CPU:
             logger.warning("%s differs from its reference by %.2e on %s (tolerance %.0e): loading it with exact math",
                            stored.tag, check.max_abs_diff, runtime.provider, check.tolerance)  # fmt: skip
             runtime.close()
             runtime = self._open(stored.onnx_path, exact_math=True)
-            check = check_reference(runtime, stored.reference_path, where.reference_tolerance, kind=stored.card.model_spec.output_kind)
+            kind = stored.card.model_spec.output_kind
+        check = check_reference(runtime, stored.reference_path, where.reference_tolerance, kind=kind)
         if not check.passed:
             runtime.close()
             raise ReferenceMismatch(

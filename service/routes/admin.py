@@ -31,7 +31,7 @@ from service.routes.review import Admin, Context, GuardedRoute, Name, Reason, Re
 class DataLoopContext:
     model_name: str  # the default model
     schema: Callable[[str], ds.LabelSchema]  # a served model's classes and input; LookupError if not served
-    originals: Callable[[psycopg.Connection, str], ds.Originals]
+    originals: Callable[[psycopg.Connection, str], ds.Originals | None]
     datasets_root: str
     announcer: Callable[[str, str], None] | None = None
 
@@ -104,7 +104,7 @@ class DatasetVersionPublic(BaseModel):
 
 class CompileIn(RequestBody):
     watermark: Integer | None = Field(None, ge=0, description="Highest annotation revision; default: all settled.")
-    include_original: Flag = Field(True, description="Include the data the model was first trained on.")
+    include_original: Flag = Field(True, description="Include the data the model was first trained on, if it has any.")
 
 
 class LabelFixIn(RequestBody):
@@ -155,20 +155,11 @@ class PromotionPublic(BaseModel):
 @router.post("/datasets", response_model=DatasetVersionPublic, status_code=201)
 def compile_dataset(body: CompileIn, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
     """Compile a training version of the model from the current labels (the same labels give the same id)."""
-    schema = model.schema
     with db_connection(context) as conn:
-        validation = dataset_store.current_validation(conn=conn, model_name=model.name)
-        need_originals = body.include_original or validation is None
-        originals = loop.originals(conn, model.name) if need_originals else None
-        if validation is None:
-            assert originals is not None
-            validation = ds.freeze_validation(
-                conn=conn, model_name=model.name, originals=originals, schema=schema, root_url=loop.datasets_root,
-                actor=admin,
-            )  # fmt: skip
-        version = ds.compile_training(
-            conn=conn, model_name=model.name, schema=schema, originals=originals if body.include_original else None,
-            validation=validation, root_url=loop.datasets_root, watermark=body.watermark, actor=admin,
+        version = ds.compile_with_validation(
+            conn=conn, model_name=model.name, schema=model.schema, originals=lambda: loop.originals(conn, model.name),
+            include_original=body.include_original, root_url=loop.datasets_root, watermark=body.watermark,
+            actor=admin,
         )  # fmt: skip
     return DatasetVersionPublic.of(version)
 

@@ -119,7 +119,7 @@ def test_reviewed_images_go_into_a_training_version_as_sent_and_erased_ones_stay
                   reason=None)  # fmt: skip
 
     originals = originals_for(conn, MODEL, tmp_path / "unused-split.json")
-    assert originals.validation is None and len(originals.train) == imported.original.rows
+    assert originals is not None and originals.validation is None and len(originals.train) == imported.original.rows
     version = compile_training(conn=conn, model_name=MODEL, schema=SCHEMA, originals=originals,
                                validation=imported.validation, root_url=root)  # fmt: skip
     loaded = read_version(version.uri)
