@@ -175,3 +175,23 @@ def test_numeric_class_names_in_yaml_become_names_and_booleans_are_refused() -> 
         parse(yaml.safe_load(head + "[true, false]"))
     with pytest.raises(SpecError, match="repeated: 0"):
         parse(yaml.safe_load(head + "[0, '0']"))
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"resize": "shorter-side-crop"}, "resize shorter-side-crop needs shorter_side"),
+        ({"resize": "shorter-side-crop", "shorter_side": 7}, "shorter_side 7 must be at least the crop's larger"),
+        ({"resize": "fit", "shorter_side": 9}, "shorter_side is only read by resize shorter-side-crop, not fit"),
+        ({"mode": "L", "mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "channel_order BGR needs mode RGB"),
+        ({"pad_value": [256]}, "pad_value in pixels is an 8-bit value (0 to 255), got [256.0]"),
+        ({"pad_value": [0, -1, 0]}, "pad_value in pixels is an 8-bit value"),
+        ({"interpolation": "bicubic"}, "input.image.interpolation"),
+    ],
+)  # fmt: skip
+def test_invalid_preprocessing_options_are_refused(change: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse({**IMAGE_SPEC, "input": {**IMAGE_SPEC["input"], **change}})
+    assert fragment in str(info.value)
+    if "pad_value" in change:  # the same values are fine as values of the normalised tensor
+        parse({**IMAGE_SPEC, "input": {**IMAGE_SPEC["input"], **change, "pad_units": "normalised"}})
