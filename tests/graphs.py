@@ -20,17 +20,27 @@ def linear_classifier(
     features: int = 3 * 6 * 8,
     elem_type: int = TensorProto.FLOAT,
     extra_input: bool = False,
+    softmax: bool = False,
+    last_op: str | None = None,
+    weight_scale: float = 1.0,
 ) -> Path:
-    """Flatten -> MatMul -> Add: a classifier of any shape, with seeded weights."""
+    """Flatten -> MatMul -> Add: a classifier of any shape, with seeded weights; `softmax` ends it
+    in a Softmax (it answers probabilities, as many exported classifiers do); `last_op` appends a
+    one-input operator of that name (e.g. one a converter does not know)."""
     rng = np.random.default_rng(0)
-    weights = numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np.float32), "w")
+    weights = numpy_helper.from_array((weight_scale * rng.normal(size=(features, classes))).astype(np.float32), "w")
     bias = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
     nodes = [
         helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
         helper.make_node("Flatten", ["x"], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "w"], ["mm"]),
-        helper.make_node("Add", ["mm", "b"], [output_name]),
+        helper.make_node("Add", ["mm", "b"], ["scores"]),
     ]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["scores"], ["probabilities"], axis=-1))
+    if last_op is not None:
+        nodes.append(helper.make_node(last_op, [nodes[-1].output[0]], ["last"]))
+    nodes.append(helper.make_node("Identity", [nodes[-1].output[0]], [output_name]))
     inputs = [helper.make_tensor_value_info(input_name, elem_type, input_dims or ["batch", 3, 6, 8])]
     if extra_input:
         inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1]))

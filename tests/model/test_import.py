@@ -106,3 +106,28 @@ def test_the_import_and_list_commands(tmp_path: Path) -> None:
     listed = loop("models", "list", "team-cli")
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1
     assert "image 3x6x8\t3 classes" in listed.stdout
+
+
+def test_an_output_kind_the_probe_batch_contradicts_is_refused_saying_which_to_write(tmp_path: Path) -> None:
+    ends_in_softmax = linear_classifier(tmp_path / "p.onnx", softmax=True)
+    with pytest.raises(ImportRefused, match="rows on a probe batch are non-negative and each sums to 1") as refused:
+        import_model("team-probs", ends_in_softmax, parse(SPEC))
+    assert "write `output_kind: probabilities`" in str(refused.value)
+    logits = linear_classifier(tmp_path / "l.onnx")
+    with pytest.raises(ImportRefused, match="write `output_kind: logits`"):
+        import_model("team-probs", logits, parse({**SPEC, "output_kind": "probabilities"}))
+    assert store.list_models("team-probs") == []
+
+
+def test_a_model_that_answers_probabilities_is_scored_as_it_answers(tmp_path: Path) -> None:
+    """Scores are the graph's probabilities, not softmax of them: confident rows stay confident."""
+    from models.signature import postprocess
+
+    path = linear_classifier(tmp_path / "p.onnx", softmax=True, weight_scale=20.0)
+    stored = import_model("team-probs", path, parse({**SPEC, "output_kind": "probabilities"}))
+    assert store.get(stored.tag).card.model_spec.output_kind == "probabilities"
+    batch = np.random.default_rng(1).uniform(-2, 2, size=(16, 3, 6, 8)).astype(np.float32)
+    raw = OnnxModel(stored.onnx_path).run(batch)
+    answered = postprocess(raw, stored.card.model_spec.output_kind)
+    np.testing.assert_allclose(answered.probabilities, raw, atol=1e-7)
+    assert float(answered.confidences.max()) > 0.99  # softmax applied again would keep every one below 0.58
