@@ -55,7 +55,9 @@ def test_a_model_without_data_is_fine_tuned_from_verdicts_and_swapped_in(
     assert "output probabilities" in imported and f"LOOP_MODELS={MODEL}" in imported
     first = store.get(f"{MODEL}:latest").version
 
-    service = start_service(LOOP_MODELS=MODEL, LOOP_MODEL_NAME=MODEL, LOOP_MODEL_TAG="champion", LOOP_REVIEW_OVERLAP_SHARE="0")
+    service = start_service(
+        LOOP_MODELS=MODEL, LOOP_MODEL_NAME=MODEL, LOOP_MODEL_TAG="champion", LOOP_REVIEW_OVERLAP_SHARE="0"
+    )
     http = httpx.Client(base_url=service.url, timeout=30)
     traffic = blobs(seed=5, per_class=30)
     truth: dict[str, str] = {}

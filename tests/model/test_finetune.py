@@ -48,7 +48,8 @@ def test_the_graph_itself_is_fine_tuned_and_keeps_its_operators(tmp_path: Path) 
     spec = parse({**SPEC, "trainer": FINE_TUNE})
     train, validation = blobs(0), blobs(1)
     before = accuracy(base, validation)
-    request = TrainRequest(spec=spec, train=train, validation=validation, config=TrainConfig(epochs=20, batch_size=8), base=base)
+    config = TrainConfig(epochs=20, batch_size=8)
+    request = TrainRequest(spec=spec, train=train, validation=validation, config=config, base=base)
     trained = load_trainer(FINE_TUNE)(request)
     assert trained.graph is not None and len(trained.history.epochs) == 20
     tuned = tmp_path / "tuned.onnx"
@@ -83,5 +84,5 @@ def test_a_graph_the_converter_cannot_convert_is_refused_before_training_naming_
         check_before_training(FINE_TUNE, None)
     check_before_training("models.trainers:image_cnn", None)  # other trainers need no graph
     request = TrainRequest(spec=parse(SPEC), train=blobs(0, 5), validation=blobs(1, 5), config=TrainConfig(epochs=1))
-    with pytest.raises(finetune.Unconvertible, match="TrainRequest.base"):
+    with pytest.raises(finetune.Unconvertible, match=r"TrainRequest\.base"):
         fine_tune(request)
