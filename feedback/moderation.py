@@ -58,6 +58,14 @@ def effective_label(verdict: Verdict, label: str | None, predicted: str) -> str 
     return None
 
 
+def verdict_problem(verdict: Verdict, label: str | None, *, predicted: str) -> str | None:
+    """Why a reviewer's verdict contradicts itself on an item the model labelled `predicted`, or None."""
+    if verdict is Verdict.WRONG and label == predicted:
+        # Stored as is, it would count as a correction that corrects nothing (and a disagreement).
+        return f"{label!r} is the model's own prediction; a 'correct' verdict says that"
+    return None
+
+
 def latest_by_reviewer(history: Sequence[Annotation], predicted: str) -> dict[int, str]:
     """Each reviewer's latest opinion on an item (a later verdict of theirs replaces an earlier)."""
     latest: dict[int, str] = {}

@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from feedback.ids import uuid7
-from feedback.moderation import REVIEWER_VERDICTS, Annotation, Status, Verdict, decide
+from feedback.moderation import REVIEWER_VERDICTS, Annotation, Status, Verdict, decide, verdict_problem
 from feedback.records import created_at as uuid_created_at
 
 
@@ -374,7 +374,7 @@ def record_verdicts(
     """Record verdicts on items the user holds, all or none. A verdict consumes its lease.
 
     `labels_of` gives a model's class names by model name: a corrected label must be one of the
-    item's model (a model it does not know is not checked)."""
+    item's model (a model it does not know is not checked), and not the one the model predicted."""
     for v in verdicts:
         if v.verdict not in (Verdict.CORRECT, Verdict.WRONG, Verdict.DISCARD, Verdict.UNSURE):
             raise Invalid(f"{v.verdict.value!r} is not a reviewer's verdict")
@@ -386,16 +386,24 @@ def record_verdicts(
             raise Invalid(f"{v.prediction_id}: 'discard' needs a reason")
     ids = [v.prediction_id for v in verdicts]
     labelled = [v for v in verdicts if v.label is not None]
-    if labelled and labels_of is not None:
-        models: dict[uuid.UUID, str] = dict(
-            conn.execute(
-                "SELECT id, model_name FROM predictions WHERE id = ANY(%s)", ([v.prediction_id for v in labelled],)
-            ).fetchall()
-        )
+    if labelled:
+        items: dict[uuid.UUID, tuple[str, str]] = {
+            r[0]: (r[1], r[2])
+            for r in conn.execute(
+                "SELECT id, model_name, label FROM predictions WHERE id = ANY(%s)",
+                ([v.prediction_id for v in labelled],),
+            )
+        }
         for v in labelled:
-            labels = labels_of(models[v.prediction_id]) if v.prediction_id in models else None
+            if v.prediction_id not in items:
+                continue  # no such item: the lease check below refuses it
+            model_name, predicted = items[v.prediction_id]
+            labels = labels_of(model_name) if labels_of is not None else None
             if labels is not None and v.label not in labels:
                 raise Invalid(f"{v.prediction_id}: unknown label {v.label!r}; labels are {', '.join(labels)}")
+            problem = verdict_problem(v.verdict, v.label, predicted=predicted)
+            if problem is not None:
+                raise Invalid(f"{v.prediction_id}: {problem}")
     if len(set(ids)) != len(ids):
         raise Invalid("an item appears twice in one call")
     with conn.transaction():
@@ -700,9 +708,16 @@ def list_items(*, conn: psycopg.Connection, filters: ItemFilter, limit: int, cur
     return Page(items=items, next_cursor=encode_cursor(items[-1], filters.sort) if more and items else None)
 
 
-def counts(*, conn: psycopg.Connection, created_from: datetime | None, created_to: datetime | None) -> dict[str, Any]:
-    """Moderated and unmoderated per model version and day; verdict breakdown; judged accuracy."""
-    f = ItemFilter(created_from=created_from, created_to=created_to)
+def counts(
+    *,
+    conn: psycopg.Connection,
+    created_from: datetime | None,
+    created_to: datetime | None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Moderated and unmoderated per model version and day; verdict breakdown; judged accuracy.
+    `model_name` narrows every figure to that model's predictions."""
+    f = ItemFilter(created_from=created_from, created_to=created_to, model_name=model_name)
     clauses, params = _where(f)
     clauses.append(sql.SQL("p.source = 'model'"))
     where = sql.SQL(" AND ").join(clauses)

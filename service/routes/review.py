@@ -420,10 +420,11 @@ def counts(
     user: Reviewer,
     created_from: Annotated[Instant | None, Query(alias="from")] = None,
     created_to: Annotated[Instant | None, Query(alias="to")] = None,
+    model: Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="Only this model's items.")] = None,
 ) -> dict[str, Any]:
     """Moderated and unmoderated per model version and day, verdicts, accuracy as judged."""
     with db_connection(context) as conn:
-        return rs.counts(conn=conn, created_from=created_from, created_to=created_to)
+        return rs.counts(conn=conn, created_from=created_from, created_to=created_to, model_name=model)
 
 
 @router.post("/claim", response_model=list[ClaimedPublic])

@@ -30,8 +30,9 @@ T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def seed(
-    database_url: str, n: int, *, start: datetime = T0, step_s: float = 60, seed_: int = 0
-) -> list[dict[str, Any]]:
+    database_url: str, n: int, *, start: datetime = T0, step_s: float = 60, seed_: int = 0,
+    model_name: str = "digits-cnn",
+) -> list[dict[str, Any]]:  # fmt: skip
     """n predictions, one every `step_s` seconds from `start`, with varied labels, models, confidences."""
     rng = np.random.default_rng(seed_)
     rows, truth = [], []
@@ -40,15 +41,15 @@ def seed(
         pid = compose_uuid7(int(at.timestamp() * 1000), 0, int(rng.integers(0, 2**62)))
         label = str(rng.integers(0, 10))
         confidence = float(np.float32(rng.uniform(0.3, 1.0)))
-        model = ("digits-cnn", "v1" if i % 3 else "v2")
+        model = (model_name, "v1" if i % 3 else "v2")
         record = PredictionRecord(
             id=pid, model_name=model[0], model_version=model[1],
             input=rng.integers(0, 17, size=(8, 8)).astype(np.float32),
             scores=np.full(10, 0.05, np.float32), label=label, confidence=confidence, request_id=f"r{i}",
         )  # fmt: skip
         rows.append(decode_row(encode(record)))
-        truth.append({"id": str(pid), "created_at": record.created_at, "model_version": model[1], "label": label,
-                      "confidence": confidence})  # fmt: skip
+        truth.append({"id": str(pid), "created_at": record.created_at, "model_name": model[0],
+                      "model_version": model[1], "label": label, "confidence": confidence})  # fmt: skip
     with psycopg.connect(database_url, autocommit=True) as conn:
         store.insert_rows(conn=conn, rows=rows)
     return truth
@@ -220,6 +221,31 @@ def test_bad_verdicts_are_refused(client: TestClient, pool: ConnectionPool, data
     item = client.post("/review/claim", json={"count": 1}, headers=ann).json()[0]["id"]
     response = client.post("/review/verdicts", headers=ann, json={"verdicts": [{"prediction_id": item, **verdict}]})
     assert response.status_code == status, response.text
+
+
+def test_a_wrong_verdict_naming_the_models_own_label_is_refused(
+    client: TestClient, pool: ConnectionPool, database_url: str
+) -> None:
+    seed(database_url, 2)
+    _, ann = make_user(pool, "ann")
+    first, second = client.post("/review/claim", json={"count": 2}, headers=ann).json()
+    before = table_sizes(database_url)
+    own = {"prediction_id": first["id"], "verdict": "wrong", "label": first["label"]}
+    other = "0" if second["label"] != "0" else "1"
+    response = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": second["id"], "verdict": "wrong", "label": other}, own]})  # fmt: skip
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 422 and problem["title"] == "Unprocessable Entity"
+    assert f"{first['label']!r} is the model's own prediction" in problem["detail"]
+    assert "'correct' verdict" in problem["detail"] and first["id"] in problem["detail"]
+    assert table_sizes(database_url) == before  # all or none: nothing stored, both leases kept
+    judged = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": second["id"], "verdict": "wrong", "label": other},
+        {"prediction_id": first["id"], "verdict": "correct"}]})  # fmt: skip
+    assert judged.status_code == 200, judged.text
+    assert [(s["status"], s["label"]) for s in judged.json()] == [("reviewed", other), ("reviewed", first["label"])]
 
 
 def as_stored(_model: str, sample: Any) -> tuple[bytes, str | None]:
@@ -483,6 +509,52 @@ def test_counts(client: TestClient, pool: ConnectionPool, database_url: str) -> 
     assert days == expected_days
     windowed = client.get("/review/counts", params={"from": (T0 + timedelta(hours=24)).isoformat()}, headers=ann)
     assert windowed.json()["moderated"] + windowed.json()["unmoderated"] == 6
+
+
+def test_counts_of_one_model(client: TestClient, pool: ConnectionPool, database_url: str) -> None:
+    digits = seed(database_url, 12, step_s=3600)
+    shapes = seed(database_url, 5, start=T0 + timedelta(minutes=1), step_s=7200, seed_=1, model_name="shapes-cnn")
+    _, ann = make_user(pool, "ann")
+    claimed = client.post("/review/claim", json={"count": 17}, headers=ann).json()
+    assert len(claimed) == 17
+    # Every digits item judged correct but one (corrected); every shapes item but the last discarded.
+    verdicts: list[dict[str, Any]] = []
+    for c in claimed:
+        if c["model_name"] == "digits-cnn":
+            verdicts.append({"prediction_id": c["id"], "verdict": "correct"})
+        elif c["id"] != shapes[-1]["id"]:
+            verdicts.append({"prediction_id": c["id"], "verdict": "discard", "reason": "not a shape"})
+    verdicts[0] = {"prediction_id": verdicts[0]["prediction_id"], "verdict": "wrong",
+                   "label": "0" if claimed[0]["label"] != "0" else "1"}  # fmt: skip
+    assert claimed[0]["model_name"] == "digits-cnn"
+    assert client.post("/review/verdicts", json={"verdicts": verdicts}, headers=ann).status_code == 200
+
+    everything = client.get("/review/counts", headers=ann).json()
+    assert (everything["moderated"], everything["unmoderated"]) == (16, 1)
+    of_digits = client.get("/review/counts", params={"model": "digits-cnn"}, headers=ann)
+    assert of_digits.status_code == 200, of_digits.text
+    body = of_digits.json()
+    assert (body["moderated"], body["unmoderated"]) == (12, 0)
+    assert body["verdicts"] == {"correct": 11, "corrected": 1, "discarded": 0, "disputed": 0}
+    assert body["accuracy_by_reviewers"] == pytest.approx(11 / 12)
+    assert {r["model_name"] for r in body["per_model_day"]} == {"digits-cnn"}
+    assert {(v["model_name"], v["model_version"]) for v in body["per_version"]} == {
+        ("digits-cnn", t["model_version"]) for t in digits
+    }
+    of_shapes = client.get("/review/counts", params={"model": "shapes-cnn"}, headers=ann).json()
+    assert (of_shapes["moderated"], of_shapes["unmoderated"]) == (4, 1)
+    assert of_shapes["verdicts"] == {"correct": 0, "corrected": 0, "discarded": 4, "disputed": 0}
+    assert of_shapes["accuracy_by_reviewers"] is None and of_shapes["per_version"] == []
+    assert {r["model_name"] for r in of_shapes["per_model_day"]} == {"shapes-cnn"}
+    windowed = client.get("/review/counts", params={"model": "shapes-cnn", "to": (T0 + timedelta(hours=3)).isoformat()},
+                          headers=ann).json()  # fmt: skip
+    assert windowed["moderated"] + windowed["unmoderated"] == 2  # 0:01 and 2:01
+    nobody = client.get("/review/counts", params={"model": "no-such-model"}, headers=ann).json()
+    assert (nobody["moderated"], nobody["unmoderated"], nobody["per_model_day"]) == (0, 0, [])
+    for hostile in ("\x00", "a" * 201):  # the same checks as /review/items' model_name
+        refused = client.get("/review/counts", params={"model": hostile}, headers=ann)
+        assert refused.status_code == 422 and refused.headers["content-type"] == "application/problem+json"
+        assert client.get("/review/items", params={"model_name": hostile}, headers=ann).status_code == 422
 
 
 def test_the_review_page_is_served_and_its_script_parses(client: TestClient, tmp_path: Any) -> None:

@@ -6,6 +6,9 @@ Screenshots go to `LOOP_TEST_ARTIFACTS` (default `.artifacts/browser/`).
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import re
 import time
@@ -16,11 +19,15 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from PIL import Image, ImageDraw
+from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
 
 from feedback import review_store as rs
-from models import digits
+from models import digits, store
+from models.importer import import_model
 from models.pipeline import BuildResult
+from models.spec import ModelSpec
+from tests.graphs import linear_classifier
 from tests.integration.conftest import ROOT, RunningService
 
 pytestmark = pytest.mark.browser
@@ -264,4 +271,118 @@ def test_a_reviewer_works_by_keyboard_and_an_admin_settles_a_dispute(
         reviewer.close()
         if admin is not None:
             admin.close()
+        http.close()
+
+
+# -- an image model: a wide line of text keeps its shape -------------------------------------------
+
+LINE_CLASSES = ("hello", "world", "other")
+
+
+@pytest.fixture(scope="module")
+def line_model(tmp_path_factory: pytest.TempPathFactory) -> store.StoredModel:
+    """A team's model of one line of text (any weights): grey images scaled to 16 high, up to 64 wide."""
+    spec = ModelSpec.model_validate({
+        "input": {"kind": "image", "width": 64, "height": 16, "mode": "L", "resize": "fit-height",
+                  "pad_value": [255]},
+        "classes": list(LINE_CLASSES), "onnx_input": "image",
+    })  # fmt: skip
+    path = linear_classifier(tmp_path_factory.mktemp("onnx") / "lines.onnx", input_dims=["batch", 1, 16, 64],
+                             features=16 * 64)  # fmt: skip
+    return import_model("team-lines-browser", path, spec)
+
+
+def wide_png(width: int = 400, height: int = 100) -> bytes:
+    """A 4:1 line of 'text': black strokes on white, a frame to show its edges."""
+    image = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, width - 1, height - 1), outline=0, width=3)
+    for x in range(20, width - 40, 40):
+        draw.line((x, 25, x + 20, height - 25), fill=0, width=6)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def shown_size(page: Page) -> tuple[float, float]:
+    box = page.locator("#sample").bounding_box()
+    assert box is not None
+    return box["width"], box["height"]
+
+
+def own_label_refused_then_accepted(session: Session, item: str, label: str, database_url: str) -> None:
+    """The page's next verdict is rewritten into a 'wrong' one naming the model's own label, as a
+    stale or faulty client might send it: the page shows the service's refusal and keeps the item;
+    the page's own verdict ('correct') is then saved."""
+    page = session.page
+
+    def rewrite(route: Route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        body["verdicts"] = [{"prediction_id": v["prediction_id"], "verdict": "wrong", "label": label}
+                            for v in body["verdicts"]]  # fmt: skip
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/review/verdicts", rewrite, times=1)
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_contain_text("is the model's own prediction; a 'correct' verdict says that")
+    assert current(page) == item and stored_verdicts(database_url) == []
+    page.keyboard.press("Enter")
+    wait_for(lambda: stored_verdicts(database_url) == [(item, "ann", "correct", None)], "the verdict in Postgres")
+    expect(page.locator("#error")).to_have_text("")
+    # The one console error is the browser's own line about the refused request.
+    assert len(session.errors) == 1 and "422" in session.errors[0], session.errors
+
+
+def test_a_wide_image_keeps_its_shape_and_can_be_seen_at_its_own_size(
+    browser: Browser,
+    start_service: Callable[..., RunningService],
+    trained_model: BuildResult,
+    line_model: store.StoredModel,
+    database_url: str,
+) -> None:
+    service = start_service(LOOP_MODELS=f"{trained_model.stored.tag},{line_model.name}", LOOP_REVIEW_OVERLAP_SHARE="0")
+    http = httpx.Client(base_url=service.url, timeout=30)
+    sent = {"model": line_model.name, "samples": [base64.b64encode(wide_png()).decode()]}
+    answer = http.post("/predict", json=sent)
+    assert answer.status_code == 200, answer.text
+    (prediction,) = answer.json()["predictions"]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _, ann = rs.create_user(conn=conn, name="ann", role=rs.Role.REVIEWER)
+    as_ann = {"Authorization": f"Bearer {ann}"}
+    of_lines = {"model": line_model.name}
+    wait_for(lambda: http.get("/review/counts", params=of_lines, headers=as_ann).json()["unmoderated"] == 1, "stored")
+
+    reviewer = Session(browser, service.url, ann)
+    try:
+        page = reviewer.page
+        page.locator("#f-model").select_option(line_model.name)
+        page.get_by_role("button", name="Start reviewing").click()
+        page.wait_for_selector("#stage:not([hidden])")
+        assert current(page) == prediction["id"]
+        sample = page.locator("#sample")
+        expect(sample).to_have_attribute("width", "400")  # drawn once the image has loaded
+        expect(sample).to_have_attribute("height", "100")
+        width, height = shown_size(page)
+        assert width / height == pytest.approx(4.0, rel=0.02), (width, height)  # not squashed into a square
+        assert width < 400  # fitted to the column
+        reviewer.shot("7-wide-image")
+
+        page.keyboard.press("=")  # the image at its own size: one image pixel per CSS pixel
+        expect(page.locator("#natural")).to_have_attribute("aria-pressed", "true")
+        assert shown_size(page) == pytest.approx((400, 100), abs=1)
+        reviewer.shot("8-wide-image-natural")
+        sample.click()  # a click fits it again
+        expect(page.locator("#natural")).to_have_attribute("aria-pressed", "false")
+        assert shown_size(page) == pytest.approx((width, height), abs=1)
+        page.get_by_role("button", name="Actual size").click()
+        assert shown_size(page)[0] == pytest.approx(400, abs=1)
+        page.keyboard.press("=")
+        assert shown_size(page)[0] == pytest.approx(width, abs=1)
+        page.keyboard.press("?")
+        expect(page.locator("#help")).to_contain_text("its own size")
+        page.keyboard.press("Escape")
+
+        own_label_refused_then_accepted(reviewer, prediction["id"], prediction["label"], database_url)
+    finally:
+        reviewer.close()
         http.close()

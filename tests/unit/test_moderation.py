@@ -16,6 +16,7 @@ from feedback.moderation import (
     cohen_kappa,
     decide,
     fleiss_kappa,
+    verdict_problem,
 )
 
 pytestmark = pytest.mark.unit
@@ -46,6 +47,24 @@ def a(revision: int, actor: int, verdict: str, label: str | None = None) -> Anno
 def test_decide(history: list[Annotation], required: int, status: Status, label: str | None) -> None:
     decision = decide(history, predicted="3", required=required)
     assert (decision.status, decision.label) == (status, label)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "label", "refused"),
+    [
+        (Verdict.WRONG, "3", True),  # the model said 3: that is a 'correct' verdict
+        (Verdict.WRONG, "8", False),
+        (Verdict.CORRECT, None, False),
+        (Verdict.DISCARD, None, False),
+        (Verdict.UNSURE, None, False),
+    ],
+)
+def test_a_wrong_verdict_cannot_name_the_models_own_label(verdict: Verdict, label: str | None, refused: bool) -> None:
+    problem = verdict_problem(verdict, label, predicted="3")
+    if refused:
+        assert problem is not None and "model's own prediction" in problem and "'correct'" in problem
+    else:
+        assert problem is None
 
 
 def test_cohen_kappa_matches_scikit_learn() -> None:
