@@ -95,8 +95,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 claimed = rs.claim(conn=conn, user=user, count=10, strategy=strategy, lease_seconds=300)
                 t1 = time.perf_counter()
-                verdicts = [
-                    rs.VerdictIn(c.prediction_id, Verdict.CORRECT if j % 3 else Verdict.WRONG, None if j % 3 else "0")
+                verdicts = [  # a wrong verdict names a label other than the model's own
+                    rs.VerdictIn(c.prediction_id, Verdict.CORRECT, None)
+                    if j % 3
+                    else rs.VerdictIn(c.prediction_id, Verdict.WRONG, "1" if c.label == "0" else "0")
                     for j, c in enumerate(claimed)
                 ]
                 rs.record_verdicts(conn=conn, user=user, verdicts=verdicts)
