@@ -26,12 +26,10 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from numpy.typing import NDArray
 from onnx import numpy_helper
 from torch import nn
 
-from models.spec import ModelSpec
-from models.train import TrainConfig, train
+from models.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -189,26 +187,17 @@ class _Tuning(nn.Module):
         return self
 
 
-def fine_tune(
-    converted: Convertible,
-    spec: ModelSpec,
-    x: NDArray[np.float32],
-    y: NDArray[np.int64],
-    config: TrainConfig,
-    **validation: Any,
-) -> tuple[Any, bytes]:
-    """Train `converted` in place (history), and the graph with the trained weights (ONNX bytes)."""
-    tuned_config = TrainConfig(**{**config.to_dict(), "learning_rate": config.learning_rate * LEARNING_RATE_FACTOR})
+def tuning(converted: Convertible, output_kind: str, config: TrainConfig) -> tuple[nn.Module, TrainConfig]:
+    """What the training loop runs for a fine-tune: the converted graph as it trains (`_Tuning`),
+    and the protocol at the fine-tuning learning rate."""
+    tuned = TrainConfig(**{**config.to_dict(), "learning_rate": config.learning_rate * LEARNING_RATE_FACTOR})
     logger.info(
-        "fine-tuning %d weight tensors (%d values) on %d samples, learning rate %.2g",
+        "fine-tuning %d weight tensors (%d values), learning rate %.2g",
         len(converted.weights),
         sum(p.numel() for p in converted.module.parameters() if p.requires_grad),
-        len(y),
-        tuned_config.learning_rate,
+        tuned.learning_rate,
     )
-    history = train(_Tuning(converted.module, spec.output_kind), x, y, tuned_config, **validation)
-    converted.module.eval()
-    return history, transplant(converted)
+    return _Tuning(converted.module, output_kind), tuned
 
 
 def transplant(converted: Convertible) -> bytes:

@@ -100,16 +100,20 @@ def check_before_training(trainer: str, base: Path | None) -> None:
     finetune.convert(base)
 
 
-def _fit(model: nn.Module, request: TrainRequest) -> Trained:
-    history = train(
+def _train(model: nn.Module, request: TrainRequest, config: TrainConfig | None = None) -> History:
+    return train(
         model,
         request.train.inputs,
         request.train.labels,
-        request.config,
+        config or request.config,
         x_validation=request.validation.inputs,
         y_validation=request.validation.labels,
         on_epoch=request.on_epoch,
     )
+
+
+def _fit(model: nn.Module, request: TrainRequest) -> Trained:
+    history = _train(model, request)
     return Trained(module=model.eval(), history=history)
 
 
@@ -149,14 +153,6 @@ def fine_tune(request: TrainRequest) -> Trained:
     if request.base is None:
         raise finetune.Unconvertible("fine_tune needs the model's own ONNX graph (TrainRequest.base)")
     converted = finetune.convert(request.base)
-    history, graph = finetune.fine_tune(
-        converted,
-        request.spec,
-        request.train.inputs,
-        request.train.labels,
-        request.config,
-        x_validation=request.validation.inputs,
-        y_validation=request.validation.labels,
-        on_epoch=request.on_epoch,
-    )
-    return Trained(module=converted.module, history=history, graph=graph)
+    module, config = finetune.tuning(converted, request.spec.output_kind, request.config)
+    history = _train(module, request, config)
+    return Trained(module=converted.module.eval(), history=history, graph=finetune.transplant(converted))
