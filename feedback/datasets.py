@@ -74,10 +74,6 @@ Input = NDArray[np.float32] | Blob  # a tensor model's sample, or an image model
 _Row = tuple[str, str, str, int | None, Input | None, bytes | None, str | None]
 
 
-class VersionNotFound(LookupError):
-    """No such dataset version."""
-
-
 @dataclass(frozen=True)
 class LabelSchema:
     """The classes of a model and what its inputs are: tensors of `input_shape`, or images as sent

@@ -1,7 +1,8 @@
 """The ingest worker: Redis stream -> Postgres, at least once, stored exactly once.
 
-Each round reads a batch with the consumer group, stores it with one idempotent INSERT, and only
-then acknowledges it. A worker that dies between the two leaves its entries pending; any worker
+Each round reads a batch with the consumer group, stores it idempotently (a binary COPY into a
+staging table, then one INSERT ... ON CONFLICT DO NOTHING: `feedback/store.py`), and only then
+acknowledges it. A worker that dies between the two leaves its entries pending; any worker
 of the group claims them (XAUTOCLAIM) once they have been idle for `claim_idle_ms`, and the
 insert skips ids already stored. Entries that cannot be decoded or stored go to the dead-letter
 stream with the reason, so they are neither retried forever nor fatal. Acknowledged entries are

@@ -208,12 +208,6 @@ class PredictionLog:
             cursor = "(" + entries[-1][0].decode()
         return None
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except UNREACHABLE:
-            return False
-
     async def close(self) -> None:
         self._closed = True
         if self._flusher is not None:

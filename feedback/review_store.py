@@ -15,7 +15,7 @@ import secrets
 import unicodedata
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -603,7 +603,6 @@ class Item:
 class Page:
     items: list[Item]
     next_cursor: str | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def encode_cursor(item: Item, sort: SortKey) -> str:

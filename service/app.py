@@ -1,5 +1,6 @@
-"""The BentoML inference service: `POST /predict`, `GET /models`, `GET /predictions/{id}`, and
-BentoML's probes and metrics."""
+"""The BentoML service: the prediction routes (`POST /predict` with JSON, uploads and `.npy`; the
+Open Inference Protocol under `/v2`), `GET /models`, `GET /predictions/{id}` and its input, the
+review and admin routers (`service/routes/`), and BentoML's probes and metrics."""
 
 from __future__ import annotations
 

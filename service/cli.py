@@ -1,4 +1,5 @@
-"""The `loop` command line: train the default model, inspect the store, run the service."""
+"""The `loop` command line: train and import models, inspect the store, run the service and its
+workers, manage users and dead letters; the data-loop commands are in `service/cli_loop.py`."""
 
 from __future__ import annotations
 

@@ -52,10 +52,6 @@ class StoredPredictionPublic(BaseModel):
     ingested: bool = Field(description="True once in Postgres; false while only in the Redis stream.")
 
 
-class ErrorPublic(BaseModel):
-    error: str = Field(description="What was wrong, in words.")
-
-
 class SignaturePublic(BaseModel):
     input_shape: list[int] = Field(description="Shape of one sample.", examples=[[8, 8]])
     dtype: str = Field(examples=["float32"])

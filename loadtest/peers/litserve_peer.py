@@ -50,7 +50,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=3995)
     args = parser.parse_args()
     api = DigitsAPI(max_batch_size=64, batch_timeout=0.005)
-    ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/readyz").run(port=args.port)
+    ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/readyz").run(
+        port=args.port,
+        generate_client_file=False,  # it would write a client.py into the working folder
+    )
 
 
 if __name__ == "__main__":
