@@ -245,7 +245,7 @@ _V2_INFER: dict[str, Any] = {
 
 
 # The prediction routes: what a per-request access log line and a trace span cost there is about
-# as much as the prediction itself (see the README's measurements), so both are off by default.
+# as much as the prediction itself (see docs/benchmarks.md, "The prediction path's cost"), so both are off by default.
 PREDICTION_PATHS = ["/predict", "/predict/npy", UPLOAD_ROUTE]
 PREDICTION_URLS = [r"/predict(/npy|/files)?$", r"/v2/models/[^/]+(/versions/[^/]+)?/infer$"]
 

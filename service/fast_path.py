@@ -2,7 +2,7 @@
 
 A worker spent most of a one-digit `POST /predict` in the layers around our handler: BentoML's
 middlewares, Starlette's router and BentoML's API dispatch, which binds the method's signature
-again for every request (README, "The prediction path's cost"). A bare ASGI handler doing the same
+again for every request (docs/benchmarks.md, "The prediction path's cost"). A bare ASGI handler doing the same
 work (the checks, the batcher, the log append) answered about four times as many requests on the
 same cores. `FastRoutes` wraps the worker's whole ASGI application and answers the requests it can
 answer exactly as the service would: POST to a route a handler has taken (`take`), no query

@@ -32,7 +32,7 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
 
 
 class Settings(BaseSettings):
-    """Every variable is documented in the README; keep the two in step."""
+    """Every variable is documented in docs/settings.md; keep the two in step."""
 
     model_config = SettingsConfigDict(env_prefix="LOOP_", env_file=".env", extra="ignore")
 
