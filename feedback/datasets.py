@@ -589,38 +589,6 @@ def freeze_validation_from_verdicts(
     return _record(conn, written, Kind.VALIDATION, model_name, actor=actor)
 
 
-def compile_with_validation(
-    *,
-    conn: psycopg.Connection,
-    model_name: str,
-    schema: LabelSchema,
-    originals: Callable[[], Originals | None],
-    include_original: bool,
-    root_url: str,
-    watermark: int | None = None,
-    actor: User | None = None,
-    progress: Progress | None = None,
-) -> DatasetVersion:
-    """Compile a training version, freezing the model's validation version first if it has none:
-    from its original split when it has original data, else from its judged items. `originals`
-    is called only when they are needed; a model without any compiles from verdicts alone."""
-    validation = dataset_store.current_validation(conn=conn, model_name=model_name)
-    found = originals() if include_original or validation is None else None
-    if validation is None:
-        if found is not None:
-            validation = freeze_validation(
-                conn=conn, model_name=model_name, originals=found, schema=schema, root_url=root_url, actor=actor
-            )
-        else:
-            validation = freeze_validation_from_verdicts(
-                conn=conn, model_name=model_name, schema=schema, root_url=root_url, actor=actor
-            )
-    return compile_training(
-        conn=conn, model_name=model_name, schema=schema, originals=found if include_original else None,
-        validation=validation, root_url=root_url, watermark=watermark, actor=actor, progress=progress,
-    )  # fmt: skip
-
-
 @dataclass(frozen=True)
 class LabelFix:
     item_id: str

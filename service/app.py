@@ -33,13 +33,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from feedback import dead_letters, ingest
-from feedback.champion import announce
 from feedback.datasets import LabelSchema, originals_for
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
 from feedback.records import PredictionRecord, input_json, npy_bytes, unstorable_text
 from feedback.store import StoredPrediction, fetch_prediction
+from feedback.use_cases import announcer
 from models import store
 from models.images import ImageError
 from models.images import decode as decode_image
@@ -400,13 +400,8 @@ class Predictor:
                 schema=self._label_schema,
                 originals=lambda conn, name: originals_for(conn, name, settings.split_path),
                 datasets_root=settings.datasets_root,
-                announcer=self._announce if settings.redis_url is not None else None,
+                announcer=None if settings.redis_url is None else announcer(settings.redis_url, self.keys),
             )
-
-    def _announce(self, model_name: str, version: str) -> None:
-        assert self.settings.redis_url is not None
-        with redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5) as client:
-            announce(client, self.keys, model_name, version)
 
     async def _watch_stream(self, redis_url: str) -> None:
         """Keep the stream-lag and dead-letter gauges current."""

@@ -118,17 +118,16 @@ def _tracking(settings: Settings) -> Tracking:
 def _announcer(settings: Settings) -> Any:
     import redis
 
-    from feedback.champion import announce
     from feedback.keys import Keys
+    from feedback.use_cases import announcer as on_redis
+
+    announce = on_redis(redis_url(settings), Keys(settings.redis_prefix))
 
     def announcer(model_name: str, version: str) -> None:
-        client = redis.Redis.from_url(redis_url(settings), socket_connect_timeout=2, socket_timeout=5)
         try:
-            announce(client, Keys(settings.redis_prefix), model_name, version)
+            announce(model_name, version)
         except redis.RedisError as exc:
             click.echo(f"warning: promotion recorded but not announced ({exc}); workers pick it up on start", err=True)
-        finally:
-            client.close()
 
     return announcer
 
@@ -158,10 +157,10 @@ def compile_version(
 ) -> Any:  # fmt: skip
     """Freeze the validation version if need be (from the original split, else from verdicts) and
     compile a training version, with a progress bar."""
-    from feedback import datasets as ds
+    from feedback.use_cases import compile_with_validation
 
     with contextlib.ExitStack() as stack:
-        return ds.compile_with_validation(
+        return compile_with_validation(
             conn=conn, model_name=model_name, schema=_schema(model_name),
             originals=lambda: _originals(conn, settings, model_name), include_original=original,
             root_url=settings.datasets_root, watermark=watermark, actor=actor, progress=_progress(stack, "compiling"),
@@ -298,9 +297,8 @@ def validation_show(model_name: str | None) -> None:
 @click.option("--admin", "admin_name", required=True, help="The admin making the change.")
 def validation_fix(model_name: str | None, items: tuple[str, ...], reason: str, admin_name: str) -> None:
     """Fix labels: a new validation version; every model compared on the old one is re-evaluated."""
-    from feedback import dataset_store
     from feedback import datasets as ds
-    from feedback.champion import reevaluate
+    from feedback.use_cases import fix_and_reevaluate
 
     fixes = []
     for item in items:
@@ -313,14 +311,11 @@ def validation_fix(model_name: str | None, items: tuple[str, ...], reason: str, 
     with connection(settings) as conn, clean_errors():
         actor = _admin(conn, admin_name, required=True)
         assert actor is not None
-        old = dataset_store.current_validation(conn=conn, model_name=name)
-        new = ds.fix_validation(
-            conn=conn, model_name=name, fixes=fixes, schema=_schema(name),
-            root_url=settings.datasets_root, actor=actor,
-        )  # fmt: skip
-        assert old is not None
-        click.echo(f"validation version {new.id} replaces {old.id}")
-        for name, version, accuracy in reevaluate(conn, old=old, new=new):
+        fixed = fix_and_reevaluate(
+            conn=conn, model_name=name, fixes=fixes, schema=_schema(name), root_url=settings.datasets_root, actor=actor
+        )
+        click.echo(f"validation version {fixed.new.id} replaces {fixed.old.id}")
+        for name, version, accuracy in fixed.reevaluated:
             click.echo(f"  {name}:{version} re-evaluated: accuracy {accuracy:.4f}")
 
 

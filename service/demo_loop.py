@@ -348,12 +348,9 @@ class Demo:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
 
     def _announce(self, model_name: str, version: str) -> None:
-        import redis
+        from feedback.use_cases import announcer
 
-        from feedback.champion import announce
-
-        with redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5) as client:
-            announce(client, self.keys, model_name, version)
+        announcer(self.redis_url, self.keys)(model_name, version)
 
     @contextlib.contextmanager
     def _service(self) -> Iterator[httpx.Client]:

@@ -19,8 +19,9 @@ from pydantic import BaseModel, Field
 
 from feedback import dataset_store
 from feedback import datasets as ds
-from feedback.champion import promote, reevaluate
+from feedback.champion import promote
 from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
+from feedback.use_cases import compile_with_validation, fix_and_reevaluate
 from models.store import InvalidModelTag, ModelNotFound
 from service.contract import NO_NUL, Flag, Integer, ModelVersion
 from service.problems import documented
@@ -156,7 +157,7 @@ class PromotionPublic(BaseModel):
 def compile_dataset(body: CompileIn, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
     """Compile a training version of the model from the current labels (the same labels give the same id)."""
     with db_connection(context) as conn:
-        version = ds.compile_with_validation(
+        version = compile_with_validation(
             conn=conn, model_name=model.name, schema=model.schema, originals=lambda: loop.originals(conn, model.name),
             include_original=body.include_original, root_url=loop.datasets_root, watermark=body.watermark,
             actor=admin,
@@ -187,16 +188,13 @@ def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, model: M
     """Fix validation labels: a new validation version; models compared on the old one are re-evaluated."""
     fixes = [ds.LabelFix(item_id=f.item_id, label=f.label, reason=body.reason) for f in body.fixes]
     with db_connection(context) as conn:
-        old = dataset_store.current_validation(conn=conn, model_name=model.name)
-        new = ds.fix_validation(
+        fixed = fix_and_reevaluate(
             conn=conn, model_name=model.name, fixes=fixes, schema=model.schema, root_url=loop.datasets_root,
             actor=admin,
         )  # fmt: skip
-        assert old is not None  # fix_validation refuses when there is none
-        again = reevaluate(conn, old=old, new=new)
     return ValidationFixed(
-        version=DatasetVersionPublic.of(new),
-        reevaluated=[Reevaluated(model_name=n, model_version=v, accuracy=a) for n, v, a in again],
+        version=DatasetVersionPublic.of(fixed.new),
+        reevaluated=[Reevaluated(model_name=n, model_version=v, accuracy=a) for n, v, a in fixed.reevaluated],
     )
 
 

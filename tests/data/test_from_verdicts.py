@@ -15,11 +15,11 @@ from feedback import review_store as rs
 from feedback.datasets import (
     MIN_JUDGED_PER_CLASS,
     LabelSchema,
-    compile_with_validation,
     freeze_validation_from_verdicts,
     read_version,
 )
 from feedback.records import npy_bytes
+from feedback.use_cases import compile_with_validation
 
 pytestmark = pytest.mark.data
 

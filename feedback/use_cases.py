@@ -1,0 +1,94 @@
+"""What the command line, the HTTP routes and the demos share: each use case written once.
+
+Compile a training version with the model's validation version (freezing it on first use), fix
+validation labels and re-evaluate every model compared on the old version, announce a champion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+import redis
+
+from feedback import dataset_store
+from feedback.champion import announce, reevaluate
+from feedback.dataset_store import DatasetVersion
+from feedback.datasets import (
+    LabelFix,
+    LabelSchema,
+    Originals,
+    Progress,
+    compile_training,
+    fix_validation,
+    freeze_validation,
+    freeze_validation_from_verdicts,
+)
+from feedback.keys import Keys
+from feedback.review_store import User
+
+
+def compile_with_validation(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    schema: LabelSchema,
+    originals: Callable[[], Originals | None],
+    include_original: bool,
+    root_url: str,
+    watermark: int | None = None,
+    actor: User | None = None,
+    progress: Progress | None = None,
+) -> DatasetVersion:
+    """Compile a training version, freezing the model's validation version first if it has none:
+    from its original split when it has original data, else from its judged items. `originals`
+    is called only when they are needed; a model without any compiles from verdicts alone."""
+    validation = dataset_store.current_validation(conn=conn, model_name=model_name)
+    found = originals() if include_original or validation is None else None
+    if validation is None:
+        if found is not None:
+            validation = freeze_validation(
+                conn=conn, model_name=model_name, originals=found, schema=schema, root_url=root_url, actor=actor
+            )
+        else:
+            validation = freeze_validation_from_verdicts(
+                conn=conn, model_name=model_name, schema=schema, root_url=root_url, actor=actor
+            )
+    return compile_training(
+        conn=conn, model_name=model_name, schema=schema, originals=found if include_original else None,
+        validation=validation, root_url=root_url, watermark=watermark, actor=actor, progress=progress,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ValidationFixed:
+    old: DatasetVersion
+    new: DatasetVersion
+    reevaluated: list[tuple[str, str, float]]  # (model name, version, accuracy on the new version)
+
+
+def fix_and_reevaluate(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    fixes: list[LabelFix],
+    schema: LabelSchema,
+    root_url: str,
+    actor: User,
+) -> ValidationFixed:
+    """A new validation version with `fixes`; every model compared on the old one is evaluated on it."""
+    old = dataset_store.current_validation(conn=conn, model_name=model_name)
+    new = fix_validation(conn=conn, model_name=model_name, fixes=fixes, schema=schema, root_url=root_url, actor=actor)
+    assert old is not None  # fix_validation refuses when there is none
+    return ValidationFixed(old=old, new=new, reevaluated=reevaluate(conn, old=old, new=new))
+
+
+def announcer(redis_url: str, keys: Keys) -> Callable[[str, str], None]:
+    """A function that announces a champion on `redis_url` (a connection each time: promotions are rare)."""
+
+    def announce_on_redis(model_name: str, version: str) -> None:
+        with redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5) as client:
+            announce(client, keys, model_name, version)
+
+    return announce_on_redis
