@@ -1,0 +1,164 @@
+"""`loop serve|ingest|inference|migrate`: the whole service under one supervisor, and each of the
+processes it runs on its own (as a container runs them)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import click
+
+from models import store
+from service.cli.models import train
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    import redis
+
+    from feedback.ingest import IngestStats
+    from feedback.keys import Keys
+
+logger = logging.getLogger("loop")
+
+
+def _require(url: str | None, name: str) -> str:
+    if url is None:
+        raise click.ClickException(f"{name} is not set; `loop serve` starts embedded servers and sets it")
+    return url
+
+
+@click.command()
+def migrate() -> None:
+    """Apply the database migrations not yet applied (LOOP_DATABASE_URL)."""
+    import psycopg
+
+    from feedback.migrate import migrate as apply
+
+    with psycopg.connect(_require(Settings().database_url, "LOOP_DATABASE_URL"), connect_timeout=5) as conn:
+        applied = apply(conn)
+    click.echo(f"applied {len(applied)} migration(s)" if applied else "the schema is up to date")
+
+
+def _ingest_metrics(settings: Settings, client: redis.Redis, keys: Keys) -> Callable[[IngestStats], None]:
+    """Prometheus counters and lag gauges fed by the worker's stats (served on
+    LOOP_INGEST_METRICS_PORT when it is set)."""
+    import prometheus_client
+
+    from feedback.ingest import IngestStats, lag
+
+    counters = {
+        name: prometheus_client.Counter(f"loop_ingest_{name}", doc)
+        for name, doc in {
+            "ingested": "Rows newly stored in Postgres",
+            "duplicates": "Entries whose prediction id was already stored",
+            "dead": "Entries moved to the dead-letter stream",
+            "claimed": "Entries taken over from a dead consumer",
+        }.items()
+    }
+    lag_entries = prometheus_client.Gauge("loop_stream_lag_entries", "Entries not yet acknowledged")
+    lag_seconds = prometheus_client.Gauge("loop_stream_lag_seconds", "Age of the oldest unacknowledged entry")
+    seen = IngestStats()
+
+    def on_stats(stats: IngestStats) -> None:
+        for name, counter in counters.items():
+            counter.inc(getattr(stats, name) - getattr(seen, name))
+            setattr(seen, name, getattr(stats, name))
+        entries, seconds = lag(client, keys)
+        lag_entries.set(entries)
+        lag_seconds.set(seconds)
+
+    if settings.ingest_metrics_port:
+        try:
+            prometheus_client.start_http_server(settings.ingest_metrics_port, addr="127.0.0.1")
+        except OSError as exc:
+            logger.warning("no metrics endpoint: port %d: %s", settings.ingest_metrics_port, exc)
+    return on_stats
+
+
+@click.command()
+def ingest() -> None:
+    """Run an ingest worker: Redis stream -> Postgres, until SIGTERM or Ctrl-C."""
+    import threading
+
+    import psycopg
+    import redis
+
+    from feedback.ingest import IngestConfig, IngestWorker
+    from feedback.keys import Keys
+    from feedback.migrate import migrate as apply
+
+    settings = Settings()
+    database_url = _require(settings.database_url, "LOOP_DATABASE_URL")
+    redis_url = _require(settings.redis_url, "LOOP_REDIS_URL")
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        apply(conn)
+    keys = Keys(settings.redis_prefix)
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=5)
+    worker = IngestWorker(
+        redis_client=client,
+        connect=lambda: psycopg.connect(database_url, autocommit=True, connect_timeout=3),
+        keys=keys,
+        consumer=settings.ingest_consumer or f"{socket.gethostname()}-{os.getpid()}",
+        config=IngestConfig(
+            batch_size=settings.ingest_batch_size,
+            claim_idle_ms=settings.ingest_claim_idle_ms,
+            linger_ms=settings.ingest_linger_ms,
+        ),
+        on_stats=_ingest_metrics(settings, client, keys),
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker.run(stop)
+
+
+@click.command()
+@click.option("--index", type=click.IntRange(min=0), default=0, help="Which process (its socket) this is.")
+@click.option("--gpu", default=None, help="Pin this process to one GPU (a CUDA_VISIBLE_DEVICES entry).")
+def inference(index: int, gpu: str | None) -> None:
+    """Run a shared inference process (LOOP_INFERENCE=shared; `loop serve` starts one per GPU): one
+    ONNX Runtime session per model version for its service workers, their batches merged."""
+    from service.inference import InferenceHost, onnx_opener, run_host
+
+    settings = Settings()
+    if not settings.shared_inference:
+        raise click.ClickException("LOOP_INFERENCE is 'worker': each worker runs its own sessions")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before ONNX Runtime first asks the driver
+    host = InferenceHost(
+        onnx_opener(settings.device, settings.ort_threads),
+        max_batch_size=settings.inference_max_batch_size,
+        max_latency_s=settings.max_latency_ms / 1000,
+    )
+    run_host(host, settings.inference_socket_for(index))
+
+
+@click.command()
+@click.option("--train-if-missing/--no-train", default=True, help="Train the default model if absent.")
+@click.option(
+    "--ingest/--no-ingest",
+    default=True,
+    help="Run an ingest worker beside the service (--no-ingest: it runs elsewhere).",
+)
+def serve(train_if_missing: bool, ingest: bool) -> None:
+    """Run everything: Postgres and Redis (embedded unless configured), the ingest worker and the
+    BentoML service. Ctrl-C stops it all; data stays under var/."""
+    from service import supervisor
+
+    settings = Settings()
+    if not store.exists(settings.model_ref):
+        if not train_if_missing:
+            raise click.ClickException(f"{settings.model_ref} is not in the model store; run `loop train`")
+        click.get_current_context().invoke(train)
+    with contextlib.ExitStack() as stack:
+        commands, env = supervisor.prepare(settings, stack, ingest=ingest)
+        what = f"{settings.model_name} (the champion)" if settings.follows_champion else settings.model_ref
+        click.echo(f"serving {what} on http://{settings.host}:{settings.port} (OpenAPI page at /)")
+        code = supervisor.supervise(commands, env)
+    sys.exit(code)
