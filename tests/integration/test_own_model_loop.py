@@ -19,7 +19,7 @@ import onnx
 import psycopg
 import pytest
 
-from feedback import review_store as rs
+from feedback import review as rs
 from models import store
 from models.trainers import FINE_TUNE
 from tests.graphs import linear_classifier
@@ -45,6 +45,7 @@ output_kind: probabilities
 """
 
 
+@pytest.mark.timeout(600)  # two `loop` processes (torch, MLflow) and a fine-tune, on two cores
 def test_a_model_without_data_is_fine_tuned_from_verdicts_and_swapped_in(
     start_service: Callable[..., RunningService], service_env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
