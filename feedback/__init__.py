@@ -1,5 +1,7 @@
-"""The data loop: the prediction log (Redis stream) and its ingest worker (stream -> Postgres), the
-stores (the product's SQL lives here; the loop demo in `service/demo_loop.py` counts rows of
-its own scratch database), moderation rules and agreement, the dataset compiler, retraining and
-promotion. Imports models/, never service/; the HTTP routes over it live in service/routes/.
+"""The data loop, by subject, with all the product's SQL: predictions (the log, its spool, ingest,
+dead letters), review (users, the queue and its claims, verdicts, browsing, moderation rules),
+datasets (original data, versions, compiling, validation), the champion and its promotions, and
+retraining; `errors` holds the domain exceptions every layer raises, `use_cases` what the command
+line, the HTTP routes and the demos share. The loop demo counts rows of its own scratch database.
+Imports models/, never service/; the faces over it live in service/.
 """

@@ -21,11 +21,18 @@ from mlflow.tracking import MlflowClient
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
-from feedback import dataset_store
-from feedback.champion import champion_or_baseline, evaluation_on, gate, record_evaluation
-from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
-from feedback.datasets import read_version, verify
-from feedback.review_store import Invalid
+from feedback.champion import (
+    Decision,
+    Promotion,
+    champion_or_baseline,
+    evaluation_on,
+    gate,
+    record_evaluation,
+    record_promotion,
+)
+from feedback.datasets.store import DatasetVersion, Kind, current_validation
+from feedback.datasets.versions import Loaded, read_version, verify
+from feedback.errors import Invalid
 from feedback.tracking import Tracking
 from models import builtin, plots, store
 from models.evaluate import Evaluation, evaluate_stored
@@ -70,21 +77,8 @@ def retrain(
     Everything that can be refused (the versions, the trainer, a graph fine-tuning cannot convert)
     is checked before training starts."""
     config = config or TrainConfig()
-    if dataset.kind is not Kind.TRAINING:
-        raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; retrain takes a training version")
-    if dataset.model_name != model_name:
-        raise Invalid(f"{dataset.id} was compiled for {dataset.model_name}, not {model_name}")
-    validation = dataset_store.current_validation(conn=conn, model_name=model_name)
-    if validation is None:
-        raise Invalid(f"{model_name} has no validation version")
-    spec, train_with, base = _trainer(model_name, spec or builtin.spec_of(model_name), trainer)
-    if list(spec.classes) != dataset.manifest["label_schema"]["class_names"]:
-        raise Invalid(f"{dataset.id} was compiled for other classes than {model_name}'s spec names")
-    verify(dataset.uri, dataset.id)
-    train_rows, val_rows = read_version(dataset.uri), read_version(validation.uri)
-    # Items can be relabelled in a later validation version, never added: the hold-out still holds.
-    if set(train_rows.item_ids) & set(val_rows.item_ids):
-        raise Invalid(f"{dataset.id} shares items with validation version {validation.id}")
+    plan = _plan(conn, model_name, dataset, spec=spec, trainer=trainer)
+    validation, val_rows = plan.validation, plan.val_rows
     champion = champion_or_baseline(conn, model_name, validation, rows=val_rows)
 
     client = tracking.client()
@@ -95,60 +89,14 @@ def retrain(
     )
     run_id = run.info.run_id
     try:
-        params = {**_params(config, dataset, validation), "trainer": spec.trainer,
-                  "base_version": "" if base is None else base.version}  # fmt: skip
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-
-        def log_epoch(m: EpochMetrics) -> None:
-            values = {
-                "train_loss": m.train_loss,
-                "train_error": m.train_error,
-                "validation_loss": m.validation_loss,
-                "validation_error": m.validation_error,
-            }
-            now = _millis()
-            client.log_batch(
-                run_id, metrics=[Metric(k, float(v), now, m.epoch) for k, v in values.items() if v is not None]
-            )
-            if on_epoch is not None:
-                on_epoch(m)
-
-        build = train_and_store(
-            name=model_name,
-            spec=spec,
-            trainer=train_with,
-            base=None if base is None else base.onnx_path,
-            train=Examples(train_rows.inputs, train_rows.labels, folder=_local(dataset.uri)),
-            validation=Examples(val_rows.inputs, val_rows.labels, folder=_local(validation.uri)),
-            dataset_id=dataset.id,
-            validation_id=validation.id,
-            config=config,
-            on_epoch=log_epoch,
-            extra={"mlflow_run_id": run_id, **({} if base is None else {"base_version": base.version})},
-        )
+        build = _build(client, run_id, plan, model_name=model_name, dataset=dataset, config=config, on_epoch=on_epoch)
         version = build.stored.version
         evaluation, probabilities = evaluate_stored(build.stored, val_rows.inputs, val_rows.labels)
         record_evaluation(conn, model_name, version, validation.id, evaluation)
-        champion_accuracy = (
-            None
-            if champion is None
-            else evaluation_on(conn, model_name, champion.model_version, validation, rows=val_rows)
-        )
-        promoted, reason = gate(evaluation.accuracy, champion_accuracy, margin)
-        promotion = dataset_store.record_promotion(
-            conn=conn,
-            model_name=model_name,
-            model_version=version,
-            decision=Decision.PROMOTED if promoted else Decision.REJECTED,
-            reason=reason,
-            validation_id=validation.id,
-            dataset_id=dataset.id,
-            accuracy=evaluation.accuracy,
-            champion_version=None if champion is None else champion.model_version,
-            champion_accuracy=champion_accuracy,
-            margin=margin,
-            run_id=run_id,
-        )
+        promotion = _gate(
+            conn, model_name, version, evaluation, champion=champion, validation=validation, rows=val_rows,
+            dataset=dataset, margin=margin, run_id=run_id,
+        )  # fmt: skip
         _log_outcome(
             client,
             run_id,
@@ -162,10 +110,136 @@ def retrain(
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
-    logger.info("%s:%s %s: %s", model_name, version, promotion.decision.value, reason)
-    if promoted and announcer is not None:
+    logger.info("%s:%s %s: %s", model_name, version, promotion.decision.value, promotion.reason)
+    if promotion.decision is Decision.PROMOTED and announcer is not None:
         announcer(model_name, version)
     return RetrainResult(build=build, run_id=run_id, evaluation=evaluation, promotion=promotion)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a retrain trains with, every check passed."""
+
+    spec: ModelSpec
+    trainer: Trainer
+    base: store.StoredModel | None  # the model's own graph, which fine-tuning starts from
+    validation: DatasetVersion
+    train_rows: Loaded
+    val_rows: Loaded
+
+
+def _plan(
+    conn: psycopg.Connection, model_name: str, dataset: DatasetVersion, *, spec: ModelSpec | None, trainer: str | None
+) -> _Plan:
+    """Everything a retrain needs, checked before any run starts; `Invalid` naming what is refused."""
+    validation = _validation_for(conn, model_name, dataset)
+    spec, train_with, base = _trainer(model_name, spec or builtin.spec_of(model_name), trainer)
+    if list(spec.classes) != dataset.manifest["label_schema"]["class_names"]:
+        raise Invalid(f"{dataset.id} was compiled for other classes than {model_name}'s spec names")
+    verify(dataset.uri, dataset.id)
+    train_rows, val_rows = read_version(dataset.uri), read_version(validation.uri)
+    # Items can be relabelled in a later validation version, never added: the hold-out still holds.
+    if set(train_rows.item_ids) & set(val_rows.item_ids):
+        raise Invalid(f"{dataset.id} shares items with validation version {validation.id}")
+    return _Plan(spec, train_with, base, validation, train_rows, val_rows)
+
+
+def _build(
+    client: MlflowClient,
+    run_id: str,
+    plan: _Plan,
+    *,
+    model_name: str,
+    dataset: DatasetVersion,
+    config: TrainConfig,
+    on_epoch: Callable[[EpochMetrics], None] | None,
+) -> BuildResult:
+    """Log the run's parameters, train, export and store the candidate."""
+    base, validation = plan.base, plan.validation
+    params = {**_params(config, dataset, validation), "trainer": plan.spec.trainer,
+              "base_version": "" if base is None else base.version}  # fmt: skip
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return train_and_store(
+        name=model_name,
+        spec=plan.spec,
+        trainer=plan.trainer,
+        base=None if base is None else base.onnx_path,
+        train=Examples(plan.train_rows.inputs, plan.train_rows.labels, folder=_local(dataset.uri)),
+        validation=Examples(plan.val_rows.inputs, plan.val_rows.labels, folder=_local(validation.uri)),
+        dataset_id=dataset.id,
+        validation_id=validation.id,
+        config=config,
+        on_epoch=_epoch_logger(client, run_id, on_epoch),
+        extra={"mlflow_run_id": run_id, **({} if base is None else {"base_version": base.version})},
+    )
+
+
+def _validation_for(conn: psycopg.Connection, model_name: str, dataset: DatasetVersion) -> DatasetVersion:
+    """The model's current validation version; `Invalid` unless `dataset` is a training version of the model."""
+    if dataset.kind is not Kind.TRAINING:
+        raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; retrain takes a training version")
+    if dataset.model_name != model_name:
+        raise Invalid(f"{dataset.id} was compiled for {dataset.model_name}, not {model_name}")
+    validation = current_validation(conn=conn, model_name=model_name)
+    if validation is None:
+        raise Invalid(f"{model_name} has no validation version")
+    return validation
+
+
+def _epoch_logger(
+    client: MlflowClient, run_id: str, on_epoch: Callable[[EpochMetrics], None] | None
+) -> Callable[[EpochMetrics], None]:
+    """Log each epoch's figures to the run, then pass them on to `on_epoch`."""
+
+    def log_epoch(m: EpochMetrics) -> None:
+        values = {
+            "train_loss": m.train_loss,
+            "train_error": m.train_error,
+            "validation_loss": m.validation_loss,
+            "validation_error": m.validation_error,
+        }
+        now = _millis()
+        client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, m.epoch) for k, v in values.items() if v is not None]
+        )
+        if on_epoch is not None:
+            on_epoch(m)
+
+    return log_epoch
+
+
+def _gate(
+    conn: psycopg.Connection,
+    model_name: str,
+    version: str,
+    evaluation: Evaluation,
+    *,
+    champion: Promotion | None,
+    validation: DatasetVersion,
+    rows: Loaded,
+    dataset: DatasetVersion,
+    margin: float,
+    run_id: str,
+) -> Promotion:
+    """The candidate against the champion on the same validation version, the decision recorded."""
+    champion_accuracy = (
+        None if champion is None else evaluation_on(conn, model_name, champion.model_version, validation, rows=rows)
+    )
+    promoted, reason = gate(evaluation.accuracy, champion_accuracy, margin)
+    return record_promotion(
+        conn=conn,
+        model_name=model_name,
+        model_version=version,
+        decision=Decision.PROMOTED if promoted else Decision.REJECTED,
+        reason=reason,
+        validation_id=validation.id,
+        dataset_id=dataset.id,
+        accuracy=evaluation.accuracy,
+        champion_version=None if champion is None else champion.model_version,
+        champion_accuracy=champion_accuracy,
+        margin=margin,
+        run_id=run_id,
+    )
 
 
 def _trainer(

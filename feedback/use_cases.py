@@ -12,21 +12,13 @@ from dataclasses import dataclass
 import psycopg
 import redis
 
-from feedback import dataset_store
 from feedback.champion import announce, reevaluate
-from feedback.dataset_store import DatasetVersion
-from feedback.datasets import (
-    LabelFix,
-    LabelSchema,
-    Originals,
-    Progress,
-    compile_training,
-    fix_validation,
-    freeze_validation,
-    freeze_validation_from_verdicts,
-)
+from feedback.datasets.compiling import compile_training
+from feedback.datasets.schema import LabelSchema, Originals, Progress
+from feedback.datasets.store import DatasetVersion, current_validation
+from feedback.datasets.validation import LabelFix, fix_validation, freeze_validation, freeze_validation_from_verdicts
 from feedback.keys import Keys
-from feedback.review_store import User
+from feedback.review.users import User
 
 
 def compile_with_validation(
@@ -44,7 +36,7 @@ def compile_with_validation(
     """Compile a training version, freezing the model's validation version first if it has none:
     from its original split when it has original data, else from its judged items. `originals`
     is called only when they are needed; a model without any compiles from verdicts alone."""
-    validation = dataset_store.current_validation(conn=conn, model_name=model_name)
+    validation = current_validation(conn=conn, model_name=model_name)
     found = originals() if include_original or validation is None else None
     if validation is None:
         if found is not None:
@@ -78,7 +70,7 @@ def fix_and_reevaluate(
     actor: User,
 ) -> ValidationFixed:
     """A new validation version with `fixes`; every model compared on the old one is evaluated on it."""
-    old = dataset_store.current_validation(conn=conn, model_name=model_name)
+    old = current_validation(conn=conn, model_name=model_name)
     new = fix_validation(conn=conn, model_name=model_name, fixes=fixes, schema=schema, root_url=root_url, actor=actor)
     assert old is not None  # fix_validation refuses when there is none
     return ValidationFixed(old=old, new=new, reevaluated=reevaluate(conn, old=old, new=new))

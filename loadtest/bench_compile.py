@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from feedback import review_store as rs
+from feedback import review as rs
 from feedback.datasets import LabelSchema, bundled_originals, compile_training, freeze_validation
 from feedback.migrate import migrate
 from loadtest import scratch

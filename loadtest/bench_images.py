@@ -52,7 +52,7 @@ PHASES = (
     ("decode (Pillow, in models.images.decode)", ("decode (models/images.py",)),
     ("pre-process (resize, normalise, layout)", ("to_tensor (models/images.py",)),
     ("inference (ONNX Runtime)", ("run (models/runtime.py",)),
-    ("prediction log (Redis append)", ("(feedback/prediction_log.py",)),
+    ("prediction log (Redis append)", ("(feedback/predictions/log.py",)),
     ("multipart parsing (Starlette)", ("(starlette/formparsers.py",)),
 )
 

@@ -19,10 +19,10 @@ import psycopg
 import redis
 
 from feedback.ids import uuid7
-from feedback.ingest import IngestConfig, IngestWorker, lag
 from feedback.keys import Keys
 from feedback.migrate import migrate
-from feedback.records import PredictionRecord, encode
+from feedback.predictions.ingest import IngestConfig, IngestWorker, lag
+from feedback.predictions.records import PredictionRecord, encode
 from loadtest import scratch
 
 logger = logging.getLogger("bench_ingest")

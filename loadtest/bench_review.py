@@ -18,13 +18,14 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import psycopg
 
-from feedback import review_store as rs
-from feedback import store
+from feedback import review as rs
 from feedback.ids import compose_uuid7
 from feedback.migrate import migrate
-from feedback.moderation import Status, Verdict
-from feedback.records import Row, npy_bytes
+from feedback.predictions import store
+from feedback.predictions.records import Row
+from feedback.review.moderation import Status, Verdict
 from loadtest import scratch
+from models.npy import npy_bytes
 
 logger = logging.getLogger("bench_review")
 

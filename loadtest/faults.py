@@ -33,7 +33,7 @@ import httpx
 import psutil
 import psycopg
 
-from feedback import review_store
+from feedback import review as review_store
 from loadtest import servers as spawned
 from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 

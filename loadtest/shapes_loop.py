@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from feedback import review_store as rs
+from feedback import review as rs
 from loadtest import scratch, servers
 from models import builtin, shapes
 from models.spec import ModelSpec

@@ -6,9 +6,7 @@ the model it actually serves rather than against constants compiled into the ser
 
 from __future__ import annotations
 
-import io
 import itertools
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -125,38 +123,6 @@ def _leaves(nested: list[Any], depth: int) -> Iterable[Any]:
     for _ in range(depth - 1):
         level = itertools.chain.from_iterable(level)
     return level
-
-
-def read_npy(data: bytes) -> NDArray[Any]:
-    """The array held by one `.npy` file's bytes, or `InputError` saying why it is not one.
-
-    The header is read and checked against the payload's length before anything is allocated,
-    so a header that declares a huge shape over a short body costs nothing.
-    """
-    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        raise InputError("the body is a zip archive (.npz?): send one .npy array")
-    buffer = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buffer)
-    except ValueError as exc:
-        raise InputError(f"the body is not an .npy array: {exc}") from None
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise InputError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
-    try:
-        shape, fortran, dtype = readers[version](buffer)
-    except ValueError as exc:
-        raise InputError(f"the body is not an .npy array: {exc}") from None
-    if dtype.hasobject:  # Python objects: only a pickle could carry them
-        raise InputError(f"the body is not an .npy array of numbers (its dtype is {dtype.str})")
-    if len(shape) == 0:
-        raise InputError("the array is 0-d (a single number): send one sample or an array of samples")
-    count = math.prod(shape)
-    declared, sent = count * dtype.itemsize, len(data) - buffer.tell()
-    if declared != sent:
-        raise InputError(f"the header declares shape {list(shape)} ({declared} bytes) but {sent} bytes follow it")
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _ragged_message(samples: Sequence[Any], expected: tuple[int, ...]) -> str:

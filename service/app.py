@@ -32,20 +32,21 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from feedback import dead_letters, ingest
 from feedback.datasets import LabelSchema, originals_for
 from feedback.ids import uuid7
 from feedback.keys import Keys
-from feedback.prediction_log import Event, LogPolicy, LogUnavailable, PredictionLog
-from feedback.records import PredictionRecord, input_json, npy_bytes, unstorable_text
-from feedback.store import StoredPrediction, fetch_prediction
+from feedback.predictions import dead_letters, ingest
+from feedback.predictions.log import Event, LogPolicy, LogUnavailable, PredictionLog
+from feedback.predictions.records import PredictionRecord, input_json, unstorable_text
+from feedback.predictions.store import StoredPrediction, fetch_prediction
 from feedback.use_cases import announcer
 from models import store
 from models.images import ImageError
 from models.images import decode as decode_image
 from models.images import to_tensor as image_tensor
+from models.npy import npy_bytes, read_npy
 from models.provenance import code_version
-from models.signature import InputError, Outputs, Signature, postprocess, read_npy, to_batch
+from models.signature import InputError, Outputs, Signature, postprocess, to_batch
 from models.spec import ImageInput
 from service import fast_path, metrics
 from service.batching import BatcherClosed, Overloaded

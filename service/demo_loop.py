@@ -37,8 +37,9 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from feedback import dataset_store
-from feedback import review_store as rs
+from feedback import review as rs
+from feedback.champion import champion as current_champion
+from feedback.datasets import store as dataset_store
 from feedback.keys import Keys
 from feedback.migrate import migrate
 from models import builtin
@@ -229,7 +230,7 @@ class Demo:
                 margin=self.config.margin, announcer=self._announce if announce else None,
                 on_epoch=lambda _: bar.update(1), spec=self.task.spec,
             )  # fmt: skip
-        champion = dataset_store.champion(conn=conn, model_name=self.model_name)
+        champion = current_champion(conn=conn, model_name=self.model_name)
         assert champion is not None and champion.accuracy is not None  # retrain recorded a decision
         traffic = len(self.truth)
         row = RoundResult(

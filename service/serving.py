@@ -20,7 +20,7 @@ import psycopg
 import redis
 from numpy.typing import NDArray
 
-from feedback import dataset_store
+from feedback.champion import champion as current_champion
 from feedback.keys import Keys
 from models import store
 from models.runtime import CPU, DevicePreference, OnnxModel, ReferenceCheck, Session, check_reference
@@ -116,7 +116,7 @@ class ModelSlot:
         if self.where.database_url is not None:
             try:
                 with psycopg.connect(self.where.database_url, connect_timeout=3) as conn:
-                    found = dataset_store.champion(conn=conn, model_name=self.name)
+                    found = current_champion(conn=conn, model_name=self.name)
                 version = found.model_version if found is not None else None
             except psycopg.Error as exc:
                 logger.warning("champion of %s not read from Postgres: %s", self.name, exc)

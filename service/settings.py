@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from feedback.prediction_log import LogPolicy
+from feedback.predictions.log import LogPolicy
 from models.builtin import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
 from service.limits import BodyLimits

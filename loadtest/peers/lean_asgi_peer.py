@@ -23,8 +23,8 @@ import uvicorn
 
 from feedback.ids import uuid7
 from feedback.keys import Keys
-from feedback.prediction_log import PredictionLog
-from feedback.records import PredictionRecord
+from feedback.predictions.log import PredictionLog
+from feedback.predictions.records import PredictionRecord
 from models import store
 from models.runtime import DevicePreference, OnnxModel
 from models.signature import InputError, postprocess, to_batch

@@ -20,7 +20,7 @@ from service.settings import Settings
 if TYPE_CHECKING:
     import psycopg
 
-    from feedback.review_store import User
+    from feedback.review import User
 
 
 def database_url(settings: Settings) -> str:
@@ -52,7 +52,7 @@ def connection(settings: Settings) -> Iterator[psycopg.Connection]:
 @contextlib.contextmanager
 def clean_errors() -> Iterator[None]:
     """Errors a user can fix are one line on stderr and exit status 1, not a traceback."""
-    from feedback.review_store import Invalid
+    from feedback.errors import Invalid
     from models.store import ModelNotFound
 
     try:
@@ -80,7 +80,7 @@ def progress(stack: contextlib.ExitStack, label: str) -> Any:
 
 def admin(conn: psycopg.Connection, name: str | None, *, required: bool) -> User | None:
     """The admin named by `--admin NAME` (None when not named and not required)."""
-    from feedback import review_store
+    from feedback import review as review_store
 
     if name is None:
         if required:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from feedback.datasets import LabelSchema, Originals
-    from feedback.review_store import User
+    from feedback.review import User
 
 
 def _schema(model_name: str) -> LabelSchema:
@@ -120,7 +120,7 @@ def datasets_compile(model_name: str | None, watermark: int | None, original: bo
 @model_option
 def datasets_list(model_name: str | None) -> None:
     """List original, training and validation versions, oldest first."""
-    from feedback import dataset_store
+    from feedback.datasets import store as dataset_store
 
     settings = Settings()
     with connection(settings) as conn:
@@ -129,7 +129,7 @@ def datasets_list(model_name: str | None) -> None:
 
 
 def _version(version_id: str) -> Any:
-    from feedback import dataset_store
+    from feedback.datasets import store as dataset_store
 
     with connection(Settings()) as conn:
         version = dataset_store.get_version(conn=conn, version_id=version_id)
@@ -172,8 +172,8 @@ def validation() -> None:
 @model_option
 def validation_show(model_name: str | None) -> None:
     """The current validation version and its ancestors."""
-    from feedback import dataset_store
-    from feedback.dataset_store import Kind
+    from feedback.datasets import Kind
+    from feedback.datasets import store as dataset_store
 
     settings = Settings()
     name = model_name or settings.model_name

@@ -19,8 +19,8 @@ def dead_letters_list(limit: int) -> None:
     """The oldest dead letters: entry id, prediction id and why they were refused."""
     import redis
 
-    from feedback import dead_letters
     from feedback.keys import Keys
+    from feedback.predictions import dead_letters
 
     settings = Settings()
     keys = Keys(settings.redis_prefix)
@@ -43,8 +43,8 @@ def dead_letters_replay(entry_ids: tuple[str, ...], everything: bool) -> None:
     """Move dead letters back onto the prediction stream (after fixing why they were refused)."""
     import redis
 
-    from feedback import dead_letters
     from feedback.keys import Keys
+    from feedback.predictions import dead_letters
 
     if bool(entry_ids) == everything:
         raise click.UsageError("name the entries to replay, or pass --all")

@@ -86,7 +86,7 @@ def retrain(  # noqa: PLR0917  (each option is an argument, as click passes them
 ) -> None:  # fmt: skip
     """Train on a dataset version with the model's trainer, evaluate, log to MLflow, and promote
     if it beats the champion."""
-    from feedback import dataset_store
+    from feedback.datasets import store as dataset_store
 
     settings = Settings()
     with connection(settings) as conn, clean_errors():
@@ -121,12 +121,12 @@ def promote(model_name: str | None, version: str, reason: str, admin_name: str) 
 @model_option
 def champion(model_name: str | None) -> None:
     """The champion and every gate decision, oldest first."""
-    from feedback import dataset_store
+    from feedback.champion import promotions
 
     settings = Settings()
     name = model_name or settings.model_name
     with connection(settings) as conn:
-        history = dataset_store.promotions(conn=conn, model_name=name)
+        history = promotions(conn=conn, model_name=name)
     if not history:
         click.echo(f"no decision recorded yet: services serve the newest {name} in the store")
     for p in history:

@@ -21,8 +21,8 @@ from service.settings import Settings
 if TYPE_CHECKING:
     import redis
 
-    from feedback.ingest import IngestStats
     from feedback.keys import Keys
+    from feedback.predictions.ingest import IngestStats
 
 logger = logging.getLogger("loop")
 
@@ -50,7 +50,7 @@ def _ingest_metrics(settings: Settings, client: redis.Redis, keys: Keys) -> Call
     LOOP_INGEST_METRICS_PORT when it is set)."""
     import prometheus_client
 
-    from feedback.ingest import IngestStats, lag
+    from feedback.predictions.ingest import IngestStats, lag
 
     counters = {
         name: prometheus_client.Counter(f"loop_ingest_{name}", doc)
@@ -89,9 +89,9 @@ def ingest() -> None:
     import psycopg
     import redis
 
-    from feedback.ingest import IngestConfig, IngestWorker
     from feedback.keys import Keys
     from feedback.migrate import migrate as apply
+    from feedback.predictions.ingest import IngestConfig, IngestWorker
 
     settings = Settings()
     database_url = _require(settings.database_url, "LOOP_DATABASE_URL")

@@ -20,7 +20,7 @@ def users_add(name: str, role: str) -> None:
     """Create a user and print its API token (shown this once)."""
     import psycopg
 
-    from feedback import review_store
+    from feedback import review as review_store
     from feedback.migrate import migrate as apply
 
     with psycopg.connect(database_url(Settings()), autocommit=True, connect_timeout=5) as conn:
@@ -38,7 +38,7 @@ def users_list() -> None:
     """List users."""
     import psycopg
 
-    from feedback import review_store
+    from feedback import review as review_store
 
     with psycopg.connect(database_url(Settings()), connect_timeout=5) as conn:
         for user in review_store.list_users(conn=conn):

@@ -17,10 +17,10 @@ import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from feedback import dataset_store
 from feedback import datasets as ds
-from feedback.champion import promote
-from feedback.dataset_store import DatasetVersion, Decision, Kind, Promotion
+from feedback.champion import Decision, Promotion, promote, promotions
+from feedback.datasets import DatasetVersion, Kind
+from feedback.datasets import store as dataset_store
 from feedback.use_cases import compile_with_validation, fix_and_reevaluate
 from models.store import InvalidModelTag, ModelNotFound
 from service.contract import NO_NUL, Flag, Integer, ModelVersion
@@ -221,5 +221,5 @@ def list_promotions(context: Context, model: Model, admin: Admin) -> Any:
     """Every gate decision and forced promotion of the model, oldest first; the last baseline,
     promoted or forced one is the champion."""
     with db_connection(context) as conn:
-        found = dataset_store.promotions(conn=conn, model_name=model.name)
+        found = promotions(conn=conn, model_name=model.name)
     return [PromotionPublic.of(p) for p in found]

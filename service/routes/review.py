@@ -28,9 +28,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
-from feedback import review_store as rs
-from feedback.moderation import Opinion, Status, Verdict, agreement
-from feedback.records import input_json
+from feedback import review as rs
+from feedback.predictions.records import input_json
+from feedback.review.moderation import Opinion, Status, Verdict, agreement
 from service.contract import NO_NUL, ContractRoute, Instant, Integer, ItemId, Number
 from service.problems import documented, problem_response
 

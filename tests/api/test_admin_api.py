@@ -11,10 +11,10 @@ from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
-from feedback import review_store as rs
+from feedback import review as rs
 from feedback.datasets import LabelSchema, Originals, bundled_originals
-from feedback.records import npy_bytes
 from models import digits
+from models.npy import npy_bytes
 from models.pipeline import BuildResult
 from models.signature import to_batch
 from service.routes.admin import DataLoopContext

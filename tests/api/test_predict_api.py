@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from starlette.testclient import TestClient
 
-from feedback.ingest import IngestWorker, ensure_group
 from feedback.keys import INGEST_GROUP, Keys
+from feedback.predictions.ingest import IngestWorker, ensure_group
 from models import digits, store
 from models.importer import import_model
 from models.pipeline import BuildResult
@@ -289,7 +289,7 @@ def test_the_review_api_is_mounted_with_the_served_models_labels(
 ) -> None:
     import psycopg
 
-    from feedback import review_store
+    from feedback import review as review_store
 
     assert client.get("/review/me").status_code == 401
     with psycopg.connect(module_database, autocommit=True) as conn:
@@ -444,7 +444,7 @@ def test_a_body_over_the_limit_gets_413_before_it_is_parsed(client: TestClient, 
 def test_values_are_checked_as_sent_on_predict_and_added_samples(
     client: TestClient, module_database: str, module_keys: Keys, sample: Any, fragment: str
 ) -> None:
-    from feedback import review_store
+    from feedback import review as review_store
 
     before = stream_length(module_keys)
     response = client.post("/predict", json={"samples": [sample]})
@@ -496,7 +496,7 @@ def png(size: tuple[int, int] = (20, 12), seed: int = 0, fmt: str = "PNG") -> by
 def test_an_uploaded_png_is_answered_stored_as_sent_and_reviewable(
     client: TestClient, module_database: str, module_keys: Keys, image_model: store.StoredModel
 ) -> None:
-    from feedback import review_store
+    from feedback import review as review_store
 
     sent = png(seed=1)
     response = client.post(

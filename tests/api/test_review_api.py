@@ -17,10 +17,11 @@ from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
-from feedback import review_store as rs
-from feedback import store
+from feedback import review as rs
 from feedback.ids import compose_uuid7
-from feedback.records import PredictionRecord, decode_row, encode, npy_bytes
+from feedback.predictions import store
+from feedback.predictions.records import PredictionRecord, decode_row, encode
+from models.npy import npy_bytes
 from service.routes.review import ModerationContext, router
 
 pytestmark = pytest.mark.api

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
 
-from feedback import review_store as rs
+from feedback import review as rs
 from models import digits, store
 from models.importer import import_model
 from models.pipeline import BuildResult

@@ -13,8 +13,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import NDArray
 
-from feedback import dataset_store
-from feedback import review_store as rs
+from feedback import review as rs
 from feedback.datasets import (
     LabelFix,
     LabelSchema,
@@ -28,8 +27,9 @@ from feedback.datasets import (
     read_version,
     verify,
 )
-from feedback.records import npy_bytes
+from feedback.datasets import store as dataset_store
 from models import builtin, digits
+from models.npy import npy_bytes
 
 pytestmark = pytest.mark.data
 

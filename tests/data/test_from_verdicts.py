@@ -10,16 +10,16 @@ import numpy as np
 import psycopg
 import pytest
 
-from feedback import dataset_store
-from feedback import review_store as rs
+from feedback import review as rs
 from feedback.datasets import (
     MIN_JUDGED_PER_CLASS,
     LabelSchema,
     freeze_validation_from_verdicts,
     read_version,
 )
-from feedback.records import npy_bytes
+from feedback.datasets import store as dataset_store
 from feedback.use_cases import compile_with_validation
+from models.npy import npy_bytes
 
 pytestmark = pytest.mark.data
 

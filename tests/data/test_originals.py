@@ -11,10 +11,9 @@ import psycopg
 import pytest
 from PIL import Image
 
-from feedback import dataset_store
-from feedback import review_store as rs
-from feedback.dataset_store import Kind
+from feedback import review as rs
 from feedback.datasets import (
+    Kind,
     LabelSchema,
     compile_training,
     dir_hash,
@@ -23,7 +22,8 @@ from feedback.datasets import (
     originals_for,
     read_version,
 )
-from feedback.review_store import Invalid
+from feedback.datasets import store as dataset_store
+from feedback.errors import Invalid
 from models import shapes
 from models.spec import ModelSpec, TensorInput
 

@@ -8,11 +8,11 @@ import psycopg
 import pytest
 import torch
 
-from feedback import dataset_store
-from feedback import review_store as rs
-from feedback.champion import gate, promote, reevaluate
-from feedback.dataset_store import DatasetVersion, Decision
+from feedback import champion as dataset_store
+from feedback import review as rs
+from feedback.champion import Decision, gate, promote, reevaluate
 from feedback.datasets import (
+    DatasetVersion,
     LabelFix,
     LabelSchema,
     Originals,
@@ -21,10 +21,10 @@ from feedback.datasets import (
     fix_validation,
     freeze_validation,
 )
-from feedback.records import npy_bytes
 from feedback.retrain import RetrainResult, retrain
 from feedback.tracking import Tracking
 from models import builtin, digits, store
+from models.npy import npy_bytes
 from models.train import Normalised, TrainConfig, train
 from models.trainers import Trained, TrainRequest
 

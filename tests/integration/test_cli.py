@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from feedback import review_store
+from feedback import review as review_store
 from feedback.keys import Keys
 from tests.conftest import REDIS
 

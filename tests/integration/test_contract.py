@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from feedback import review_store
+from feedback import review as review_store
 from tests.integration.conftest import ROOT, RunningService
 
 pytestmark = pytest.mark.integration

@@ -16,11 +16,11 @@ import psycopg
 import pytest
 import redis
 
-from feedback import dead_letters
 from feedback.ids import uuid7
-from feedback.ingest import IngestWorker, ensure_group
 from feedback.keys import INGEST_GROUP, Keys
-from feedback.records import PredictionRecord, encode
+from feedback.predictions import dead_letters
+from feedback.predictions.ingest import IngestWorker, ensure_group
+from feedback.predictions.records import PredictionRecord, encode
 from tests.conftest import REDIS
 from tests.integration.conftest import RunningService
 

@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from feedback import dataset_store
 from feedback.datasets import read_version
-from feedback.review_store import Strategy
+from feedback.datasets import store as dataset_store
+from feedback.review import Strategy
 from models import digits
 from models.pipeline import BuildResult
 from service.demo_loop import DemoConfig, Servers, run_demo

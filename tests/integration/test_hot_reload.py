@@ -14,9 +14,8 @@ import psycopg
 import pytest
 import redis
 
-from feedback import dataset_store
-from feedback.champion import announce
-from feedback.dataset_store import Decision
+from feedback import champion as dataset_store
+from feedback.champion import Decision, announce
 from feedback.keys import Keys
 from models import digits, store
 from models.pipeline import BuildResult

@@ -20,7 +20,7 @@ import httpx
 import psycopg
 import pytest
 
-from feedback import review_store as rs
+from feedback import review as rs
 from feedback.datasets import image_file, read_version
 from models import builtin, shapes
 from models.pipeline import BuildResult

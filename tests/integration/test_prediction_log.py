@@ -16,13 +16,13 @@ import psycopg
 import pytest
 import redis
 
-from feedback import store
 from feedback.ids import uuid7
-from feedback.ingest import IngestConfig, IngestWorker, ensure_group, lag
 from feedback.keys import INGEST_GROUP, Keys
 from feedback.migrate import available, migrate
-from feedback.prediction_log import Destination, PredictionLog
-from feedback.records import PredictionRecord, encode
+from feedback.predictions import store
+from feedback.predictions.ingest import IngestConfig, IngestWorker, ensure_group, lag
+from feedback.predictions.log import Destination, PredictionLog
+from feedback.predictions.records import PredictionRecord, encode
 from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from tests.conftest import REDIS
 

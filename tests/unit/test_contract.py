@@ -12,7 +12,7 @@ from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ValidationError
 
-from feedback.records import created_at
+from feedback.predictions.records import created_at
 from service.contract import ContractRoute, Instant, ItemId, Number, finish_openapi, method_not_allowed
 from service.problems import PROBLEM_JSON
 

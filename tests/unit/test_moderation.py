@@ -6,7 +6,7 @@ from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.inter_rater import aggregate_raters
 from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss
 
-from feedback.moderation import (
+from feedback.review.moderation import (
     DISCARDED,
     Annotation,
     Opinion,

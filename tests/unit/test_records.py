@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from feedback.ids import uuid7, uuid7_time_ms
-from feedback.records import MalformedEntry, PredictionRecord, decode, encode, npy_bytes, npy_load, unstorable_text
+from feedback.predictions.records import MalformedEntry, PredictionRecord, decode, encode, unstorable_text
+from models.npy import npy_bytes
+from models.npy import read_npy as npy_load
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.signature import InputError, Signature, postprocess, read_npy, softmax, to_batch
+from models.npy import read_npy
+from models.signature import InputError, Signature, postprocess, softmax, to_batch
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from feedback import spool
-from feedback.records import Fields
+from feedback.predictions import spool
+from feedback.predictions.records import Fields
 
 pytestmark = pytest.mark.unit
 

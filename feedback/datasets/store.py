@@ -1,4 +1,4 @@
-"""All SQL of the data loop: labelled items at a watermark, dataset versions, evaluations, promotions.
+"""All SQL of the data sets: labelled items as of a watermark, and the registry of dataset versions.
 
 Functions take a connection and keyword arguments; queries are parameterised, always.
 """
@@ -15,21 +15,15 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.moderation import Annotation, Status, Verdict, decide
-from feedback.review_store import User, audit
+from feedback.review.audit import audit
+from feedback.review.moderation import Annotation, Status, Verdict, decide
+from feedback.review.users import User
 
 
 class Kind(StrEnum):
     TRAINING = "training"  # compiled from current labels (and the original data) for retraining
     VALIDATION = "validation"  # frozen; changed only by an explicit admin action
     ORIGINAL = "original"  # the training side of a model's imported original data
-
-
-class Decision(StrEnum):
-    BASELINE = "baseline"  # the model served before the first gate decision, taken as champion
-    PROMOTED = "promoted"  # the gate found the candidate better than the champion
-    REJECTED = "rejected"  # kept as a candidate; `reason` says why
-    FORCED = "forced"  # an admin made it champion regardless of the gate
 
 
 @dataclass(frozen=True)
@@ -58,23 +52,6 @@ class DatasetVersion:
     manifest: dict[str, Any]
     created_by: str | None
     created_at: datetime
-
-
-@dataclass(frozen=True)
-class Promotion:
-    id: int
-    model_name: str
-    model_version: str
-    decision: Decision
-    reason: str
-    validation_id: str | None
-    dataset_id: str | None
-    accuracy: float | None
-    champion_version: str | None
-    champion_accuracy: float | None
-    run_id: str | None
-    actor: str | None
-    at: datetime
 
 
 # -- labelled items -------------------------------------------------------------------------------
@@ -246,129 +223,3 @@ def _version(row: tuple[Any, ...]) -> DatasetVersion:
         created_by=row[10],
         created_at=row[11],
     )
-
-
-# -- evaluations ----------------------------------------------------------------------------------
-
-
-def record_evaluation(
-    *,
-    conn: psycopg.Connection,
-    model_name: str,
-    model_version: str,
-    validation_id: str,
-    accuracy: float,
-    figures: dict[str, Any],
-) -> None:
-    conn.execute(
-        """INSERT INTO evaluations (model_name, model_version, validation_id, accuracy, figures)
-           VALUES (%s, %s, %s, %s, %s)
-           ON CONFLICT (model_name, model_version, validation_id)
-           DO UPDATE SET accuracy = EXCLUDED.accuracy, figures = EXCLUDED.figures, evaluated_at = now()""",
-        (model_name, model_version, validation_id, accuracy, Jsonb(figures)),
-    )
-
-
-def get_evaluation(
-    *, conn: psycopg.Connection, model_name: str, model_version: str, validation_id: str
-) -> float | None:
-    row = conn.execute(
-        "SELECT accuracy FROM evaluations WHERE model_name = %s AND model_version = %s AND validation_id = %s",
-        (model_name, model_version, validation_id),
-    ).fetchone()
-    return None if row is None else float(row[0])
-
-
-def evaluated_models(*, conn: psycopg.Connection, validation_id: str) -> list[tuple[str, str]]:
-    """(model name, version) of every model evaluated on a validation version."""
-    rows = conn.execute(
-        "SELECT model_name, model_version FROM evaluations WHERE validation_id = %s ORDER BY model_name, model_version",
-        (validation_id,),
-    ).fetchall()
-    return [(r[0], r[1]) for r in rows]
-
-
-# -- promotions -----------------------------------------------------------------------------------
-
-
-def record_promotion(
-    *,
-    conn: psycopg.Connection,
-    model_name: str,
-    model_version: str,
-    decision: Decision,
-    reason: str,
-    validation_id: str | None = None,
-    dataset_id: str | None = None,
-    accuracy: float | None = None,
-    champion_version: str | None = None,
-    champion_accuracy: float | None = None,
-    margin: float | None = None,
-    run_id: str | None = None,
-    actor: User | None = None,
-) -> Promotion:
-    with conn.transaction():
-        row = conn.execute(
-            """INSERT INTO promotions (model_name, model_version, decision, reason, validation_id, dataset_id,
-                   accuracy, champion_version, champion_accuracy, margin, run_id, actor_id)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-            (
-                model_name,
-                model_version,
-                decision.value,
-                reason,
-                validation_id,
-                dataset_id,
-                accuracy,
-                champion_version,
-                champion_accuracy,
-                margin,
-                run_id,
-                actor.id if actor else None,
-            ),
-        ).fetchone()
-        assert row is not None
-        audit(conn, actor, f"model.{decision.value}", f"{model_name}:{model_version}", reason=reason)
-    found = _promotions(conn, "p.id = %s", (int(row[0]),))
-    return found[0]
-
-
-def champion(*, conn: psycopg.Connection, model_name: str) -> Promotion | None:
-    """The model's latest baseline, promotion or forced promotion; None before the first."""
-    found = _promotions(
-        conn,
-        "p.model_name = %s AND p.decision IN ('baseline', 'promoted', 'forced') ORDER BY p.id DESC LIMIT 1",
-        (model_name,),
-    )
-    return found[0] if found else None
-
-
-def promotions(*, conn: psycopg.Connection, model_name: str) -> list[Promotion]:
-    return _promotions(conn, "p.model_name = %s ORDER BY p.id", (model_name,))
-
-
-def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> list[Promotion]:
-    rows = conn.execute(
-        "SELECT p.id, p.model_name, p.model_version, p.decision, p.reason, p.validation_id, p.dataset_id, p.accuracy,"
-        " p.champion_version, p.champion_accuracy, p.run_id, u.name, p.at"
-        f" FROM promotions p LEFT JOIN users u ON u.id = p.actor_id WHERE {where}",
-        params,
-    ).fetchall()
-    return [
-        Promotion(
-            id=int(r[0]),
-            model_name=r[1],
-            model_version=r[2],
-            decision=Decision(r[3]),
-            reason=r[4],
-            validation_id=r[5],
-            dataset_id=r[6],
-            accuracy=r[7],
-            champion_version=r[8],
-            champion_accuracy=r[9],
-            run_id=r[10],
-            actor=r[11],
-            at=r[12],
-        )
-        for r in rows
-    ]

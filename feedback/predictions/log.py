@@ -25,10 +25,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from feedback import spool
+from feedback.errors import Unavailable
 from feedback.ids import uuid7_time_ms
 from feedback.keys import Keys
-from feedback.records import Fields, PredictionRecord, decode, encode
+from feedback.predictions import spool
+from feedback.predictions.records import Fields, PredictionRecord, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Destination(StrEnum):
     SPOOL = "spool"
 
 
-class LogUnavailable(RuntimeError):
+class LogUnavailable(Unavailable):
     """Redis is unreachable and the policy is to refuse."""
 
 

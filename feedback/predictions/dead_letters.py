@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from feedback.keys import Keys
-from feedback.records import Fields
+from feedback.predictions.records import Fields
 
 REASON = b"reason"  # why the entry was refused
 SOURCE_ID = b"source_id"  # its id in the prediction stream

@@ -1,7 +1,7 @@
 """The ingest worker: Redis stream -> Postgres, at least once, stored exactly once.
 
 Each round reads a batch with the consumer group, stores it idempotently (a binary COPY into a
-staging table, then one INSERT ... ON CONFLICT DO NOTHING: `feedback/store.py`), and only then
+staging table, then one INSERT ... ON CONFLICT DO NOTHING: `feedback/predictions/store.py`), and only then
 acknowledges it. A worker that dies between the two leaves its entries pending; any worker
 of the group claims them (XAUTOCLAIM) once they have been idle for `claim_idle_ms`, and the
 insert skips ids already stored. Entries that cannot be decoded or stored go to the dead-letter
@@ -27,10 +27,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from feedback import store
-from feedback.dead_letters import dead_fields
 from feedback.keys import INGEST_GROUP, Keys
-from feedback.records import Fields, MalformedEntry, Row, decode_row
+from feedback.predictions import store
+from feedback.predictions.dead_letters import dead_fields
+from feedback.predictions.records import Fields, MalformedEntry, Row, decode_row
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from feedback.records import Fields
+from feedback.predictions.records import Fields
 
 logger = logging.getLogger(__name__)
 

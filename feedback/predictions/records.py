@@ -11,7 +11,6 @@ The prediction time is not a field: it is the UUIDv7's embedded timestamp.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import re
@@ -19,13 +18,13 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from feedback.ids import uuid7_time_ms
+from models.npy import MAGIC, NpyError, npy_bytes, read_header, read_npy
 
 Fields = dict[bytes, bytes]
 
@@ -93,29 +92,11 @@ def created_at(prediction_id: uuid.UUID) -> datetime:
     return _EPOCH + timedelta(milliseconds=min(uuid7_time_ms(prediction_id), _LAST_MS))
 
 
-@lru_cache(maxsize=64)
-def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
-    return buffer.getvalue()
-
-
-def npy_bytes(array: NDArray[Any]) -> bytes:
-    """The .npy file bytes of `array` (C order), without going through np.save per call."""
-    array = np.ascontiguousarray(array)
-    return _npy_header(tuple(array.shape), array.dtype.str) + array.tobytes()
-
-
 def input_json(data: bytes, input_type: str | None) -> Any:
     """A stored input as JSON: the array as nested lists, or the image as sent (media type, base64)."""
     if input_type is None:
-        return npy_load(data).tolist()
+        return read_npy(data).tolist()
     return {"media_type": input_type, "base64": base64.b64encode(data).decode()}
-
-
-def npy_load(data: bytes) -> NDArray[Any]:
-    array: NDArray[Any] = np.load(io.BytesIO(data), allow_pickle=False)
-    return array
 
 
 def encode(record: PredictionRecord) -> Fields:
@@ -163,31 +144,15 @@ class Row(NamedTuple):
     input_type: str | None = None  # None: .npy; else the media type of an image as sent
 
 
-@lru_cache(maxsize=256)
-def _npy_layout(header: bytes) -> tuple[int, int] | None:
-    """(header length, payload length) of a plain .npy header, or None if it is not one."""
-    buffer = io.BytesIO(header)
-    try:
-        version = np.lib.format.read_magic(buffer)
-        if version != (1, 0):
-            return None
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer, max_header_size=1024)
-    except ValueError:
-        return None
-    if fortran or dtype.hasobject or dtype.kind not in "iuf":
-        return None
-    return buffer.tell(), int(np.prod(shape)) * dtype.itemsize
-
-
 def _check_npy(data: bytes) -> None:
-    # Version 1.0 headers keep their length in bytes 8-9; the header bytes identify the layout,
-    # so the parse happens once per distinct shape and dtype, not once per entry.
-    if len(data) < 10 or data[:6] != b"\x93NUMPY":
-        raise MalformedEntry("input is not .npy data")
-    header_length = 10 + int.from_bytes(data[8:10], "little")
-    layout = _npy_layout(bytes(data[:header_length]))
-    if layout is None or len(data) != layout[0] + layout[1]:
-        raise MalformedEntry("input is not .npy data of numbers")
+    """The log keeps plain .npy of numbers, as `npy_bytes` writes them: version 1.0, C order."""
+    try:
+        plain = read_header(data).plain
+    except NpyError:
+        plain = False
+    if not plain:
+        numpy = len(data) >= 10 and data[:6] == MAGIC
+        raise MalformedEntry("input is not .npy data of numbers" if numpy else "input is not .npy data")
 
 
 def decode_row(fields: Fields) -> Row:
@@ -246,7 +211,7 @@ def decode(fields: Fields) -> PredictionRecord:
         id=row.id,
         model_name=row.model_name,
         model_version=row.model_version,
-        input=np.zeros(0, np.float32) if image else npy_load(row.input_npy),
+        input=np.zeros(0, np.float32) if image else read_npy(row.input_npy),
         scores=np.frombuffer(row.scores, dtype="<f4").astype(np.float32),
         label=row.label,
         confidence=row.confidence,

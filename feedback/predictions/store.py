@@ -13,7 +13,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.records import PredictionRecord, Row, created_at
+from feedback.predictions.records import PredictionRecord, Row, created_at
 
 _COLUMNS = (
     "id, created_at, model_name, model_version, label, label_index, confidence, scores, input, request_id, tags,"

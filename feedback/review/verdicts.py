@@ -1,0 +1,297 @@
+"""Verdicts and every other revision of an item's label: a reviewer's verdicts (all or none, each
+consuming its lease), taking one back, a sample the model missed, an admin's resolution, an
+erased input, and an item's history.
+
+Annotations are only ever appended; an item's state (`review_state`) is recomputed from its whole
+history by the moderation rules after each write. Every write also appends to the audit log, in
+the same transaction. Functions take a connection and keyword arguments; queries are
+parameterised, always.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from feedback.errors import Conflict, Invalid, NotFound
+from feedback.ids import uuid7
+from feedback.predictions.records import created_at as uuid_created_at
+from feedback.review.audit import audit
+from feedback.review.moderation import REVIEWER_VERDICTS, Annotation, Status, Verdict, decide, verdict_problem
+from feedback.review.queue import REQUIRED_REVIEWS, Claimed, lease_again
+from feedback.review.users import User
+
+
+@dataclass(frozen=True)
+class VerdictIn:
+    prediction_id: uuid.UUID
+    verdict: Verdict
+    label: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ItemState:
+    prediction_id: uuid.UUID
+    status: Status
+    label: str | None
+    revision: int
+
+
+def _refresh_state(conn: psycopg.Connection, prediction_id: uuid.UUID) -> ItemState:
+    """Recompute an item's state from its whole annotation history (the only way it changes)."""
+    return _refresh_states(conn, [prediction_id])[0]
+
+
+def _refresh_states(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> list[ItemState]:
+    """Recompute the states of several items, in three statements whatever their number."""
+    keys = {"ids": list(ids), "created": [uuid_created_at(i) for i in ids], "overlap": 1, "overlap_per_10k": 0}
+    items = {
+        r[0]: r[1:]
+        for r in conn.execute(
+            sql.SQL(
+                "SELECT p.id, p.label, p.created_at, coalesce(s.required_reviews, {required})"
+                " FROM predictions p LEFT JOIN review_state s"
+                " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
+                " WHERE (p.created_at, p.id) IN (SELECT * FROM unnest(%(created)s::timestamptz[], %(ids)s::uuid[]))"
+            ).format(required=REQUIRED_REVIEWS),
+            keys,
+        )
+    }
+    missing = [str(i) for i in ids if i not in items]
+    if missing:
+        raise NotFound(f"no item {', '.join(missing)}")
+    histories: dict[uuid.UUID, list[Annotation]] = {i: [] for i in ids}
+    for r in conn.execute(
+        "SELECT prediction_id, id, actor_id, verdict, label FROM annotations WHERE prediction_id = ANY(%s) ORDER BY id",
+        (list(ids),),
+    ):
+        histories[r[0]].append(Annotation(revision=r[1], actor_id=r[2], verdict=Verdict(r[3]), label=r[4]))
+    states, rows = [], []
+    for i in ids:
+        predicted, item_created, required = items[i]
+        decision = decide(histories[i], predicted=predicted, required=int(required))
+        revision = histories[i][-1].revision if histories[i] else 0
+        states.append(ItemState(i, decision.status, decision.label, revision))
+        rows.append(
+            (i, item_created, int(required), decision.status.value, decision.label, revision, decision.reviewers)
+        )
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            """INSERT INTO review_state (prediction_id, item_created_at, required_reviews, status, label, revision,
+                                         reviewers)
+               VALUES (%s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (prediction_id) DO UPDATE SET status = EXCLUDED.status, label = EXCLUDED.label,
+                   revision = EXCLUDED.revision, reviewers = EXCLUDED.reviewers""",
+            rows,
+        )
+    return states
+
+
+def _annotate(
+    conn: psycopg.Connection,
+    user: User,
+    prediction_id: uuid.UUID,
+    *,
+    verdict: Verdict,
+    label: str | None,
+    reason: str | None,
+) -> int:
+    row = conn.execute(
+        "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason)"
+        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+        (prediction_id, uuid_created_at(prediction_id), user.id, verdict.value, label, reason),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def record_verdicts(
+    *,
+    conn: psycopg.Connection,
+    user: User,
+    verdicts: Sequence[VerdictIn],
+    labels_of: Callable[[str], Sequence[str] | None] | None = None,
+) -> list[ItemState]:
+    """Record verdicts on items the user holds, all or none. A verdict consumes its lease.
+
+    `labels_of` gives a model's class names by model name: a corrected label must be one of the
+    item's model (a model it does not know is not checked), and not the one the model predicted."""
+    for v in verdicts:
+        _check_form(v)
+    ids = [v.prediction_id for v in verdicts]
+    _check_labels(conn, [v for v in verdicts if v.label is not None], labels_of)
+    if len(set(ids)) != len(ids):
+        raise Invalid("an item appears twice in one call")
+    with conn.transaction():
+        held = {
+            r[0]
+            for r in conn.execute(
+                "DELETE FROM leases WHERE user_id = %s AND expires_at > now() AND prediction_id = ANY(%s)"
+                " RETURNING prediction_id",
+                (user.id, ids),
+            )
+        }
+        not_held = [str(i) for i in ids if i not in held]
+        if not_held:
+            raise Conflict(f"you hold no live lease on {', '.join(not_held)} (claim first)")
+        conn.execute(
+            "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason)"
+            " SELECT i, c, %s, v, l, r FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])"
+            " AS u(i, c, v, l, r)",
+            (
+                user.id,
+                ids,
+                [uuid_created_at(i) for i in ids],
+                [v.verdict.value for v in verdicts],
+                [v.label for v in verdicts],
+                [v.reason for v in verdicts],
+            ),
+        )
+        states = _refresh_states(conn, ids)
+        audit(conn, user, "verdicts", None, items=[str(i) for i in ids])
+    return states
+
+
+def _check_form(v: VerdictIn) -> None:
+    """`Invalid` for a verdict a reviewer cannot give, or one without what it needs."""
+    if v.verdict not in (Verdict.CORRECT, Verdict.WRONG, Verdict.DISCARD, Verdict.UNSURE):
+        raise Invalid(f"{v.verdict.value!r} is not a reviewer's verdict")
+    if v.verdict is Verdict.WRONG and not v.label:
+        raise Invalid(f"{v.prediction_id}: 'wrong' needs the right label")
+    if v.verdict is not Verdict.WRONG and v.label is not None:
+        raise Invalid(f"{v.prediction_id}: only 'wrong' takes a label")
+    if v.verdict is Verdict.DISCARD and not v.reason:
+        raise Invalid(f"{v.prediction_id}: 'discard' needs a reason")
+
+
+def _check_labels(
+    conn: psycopg.Connection,
+    labelled: Sequence[VerdictIn],
+    labels_of: Callable[[str], Sequence[str] | None] | None,
+) -> None:
+    """`Invalid` for a corrected label the item's model does not have, or the one it predicted."""
+    if not labelled:
+        return
+    items: dict[uuid.UUID, tuple[str, str]] = {
+        r[0]: (r[1], r[2])
+        for r in conn.execute(
+            "SELECT id, model_name, label FROM predictions WHERE id = ANY(%s)",
+            ([v.prediction_id for v in labelled],),
+        )
+    }
+    for v in labelled:
+        if v.prediction_id not in items:
+            continue  # no such item: the lease check refuses it
+        model_name, predicted = items[v.prediction_id]
+        labels = labels_of(model_name) if labels_of is not None else None
+        if labels is not None and v.label not in labels:
+            raise Invalid(f"{v.prediction_id}: unknown label {v.label!r}; labels are {', '.join(labels)}")
+        problem = verdict_problem(v.verdict, v.label, predicted=predicted)
+        if problem is not None:
+            raise Invalid(f"{v.prediction_id}: {problem}")
+
+
+def undo(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, lease_seconds: float) -> Claimed:
+    """Take back the user's own latest verdict on an item, while the lease it consumed would still be
+    live and nobody has annotated the item since. An `undo` revision withdraws the reviewer's
+    opinion; the item is leased to them again, to judge anew."""
+    created = uuid_created_at(prediction_id)
+    with conn.transaction():
+        found = conn.execute(
+            "SELECT id FROM predictions WHERE created_at = %s AND id = %s FOR UPDATE", (created, prediction_id)
+        ).fetchone()
+        if found is None:
+            raise NotFound(f"no item {prediction_id}")
+        last = conn.execute(
+            "SELECT actor_id, verdict, at > now() - make_interval(secs => %s) FROM annotations"
+            " WHERE prediction_id = %s ORDER BY id DESC LIMIT 1",
+            (lease_seconds, prediction_id),
+        ).fetchone()
+        if last is None or last[0] != user.id or Verdict(last[1]) not in REVIEWER_VERDICTS:
+            raise Conflict(f"{prediction_id}: the item's latest revision is not a verdict of yours; nothing to undo")
+        if not last[2]:
+            raise Conflict(
+                f"{prediction_id}: the verdict is older than its lease ({lease_seconds:g} s); too late to undo"
+            )
+        _annotate(conn, user, prediction_id, verdict=Verdict.UNDO, label=None, reason="undone by the reviewer")
+        _refresh_state(conn, prediction_id)
+        audit(conn, user, "undo", str(prediction_id))
+    return lease_again(conn, user, prediction_id, lease_seconds)
+
+
+def add_sample(
+    *,
+    conn: psycopg.Connection,
+    user: User,
+    model_name: str,
+    input: bytes,
+    label: str,
+    reason: str | None,
+    input_type: str | None = None,
+) -> ItemState:
+    """A sample `model_name` missed, with its label: enters the pool as a reviewed item.
+
+    `input` is .npy bytes, or an image as sent when `input_type` is its media type."""
+    prediction_id = uuid7()
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO predictions (id, created_at, model_name, model_version, label, label_index, confidence,"
+            " scores, input, input_type, request_id, source) VALUES (%s, %s, %s, 'added', %s, -1, 1.0, '{}', %s, %s,"
+            " %s, 'reviewer')",
+            (prediction_id, uuid_created_at(prediction_id), model_name, label, input, input_type,
+             f"added-by-{user.name}"),
+        )  # fmt: skip
+        _annotate(conn, user, prediction_id, verdict=Verdict.ADDED, label=label, reason=reason)
+        state = _refresh_state(conn, prediction_id)
+        audit(conn, user, "sample.add", str(prediction_id), label=label)
+    return state
+
+
+def resolve(
+    *, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, label: str | None, reason: str
+) -> ItemState:
+    """An admin settles an item: `label`, or discard when it is None. Recorded as a revision."""
+    with conn.transaction():
+        _exists(conn, prediction_id)
+        _annotate(conn, user, prediction_id, verdict=Verdict.RESOLVE, label=label, reason=reason)
+        state = _refresh_state(conn, prediction_id)
+        audit(conn, user, "resolve", str(prediction_id), label=label, reason=reason)
+    return state
+
+
+def erase_input(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, reason: str) -> None:
+    """Erase an item's input for a data-removal request; the audit row of the erasure remains."""
+    with conn.transaction():
+        _exists(conn, prediction_id)
+        conn.execute(
+            "UPDATE predictions SET input = NULL WHERE created_at = %s AND id = %s",
+            (uuid_created_at(prediction_id), prediction_id),
+        )
+        _annotate(conn, user, prediction_id, verdict=Verdict.ERASE, label=None, reason=reason)
+        audit(conn, user, "input.erase", str(prediction_id), reason=reason)
+
+
+def _exists(conn: psycopg.Connection, prediction_id: uuid.UUID) -> None:
+    found = conn.execute(
+        "SELECT 1 FROM predictions WHERE created_at = %s AND id = %s",
+        (uuid_created_at(prediction_id), prediction_id),
+    ).fetchone()
+    if found is None:
+        raise NotFound(f"no item {prediction_id}")
+
+
+def history(*, conn: psycopg.Connection, prediction_id: uuid.UUID) -> list[dict[str, Any]]:
+    _exists(conn, prediction_id)
+    with conn.cursor(row_factory=dict_row) as cursor:
+        return cursor.execute(
+            "SELECT a.id AS revision, a.verdict, a.label, a.reason, a.at, u.name AS actor"
+            " FROM annotations a JOIN users u ON u.id = a.actor_id WHERE a.prediction_id = %s ORDER BY a.id",
+            (prediction_id,),
+        ).fetchall()
