@@ -1,0 +1,193 @@
+"""The Open Inference Protocol's routes (KServe v2 REST): server and model metadata, health, and
+inference through the same data plane as `POST /predict`. Messages are read and written by
+`service.routes.v2`; every refusal is problem details with the protocol's `error` member."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+from fastapi import APIRouter
+from numpy.typing import NDArray
+from starlette.requests import Request
+from starlette.responses import Response
+
+from models.images import ImageError
+from models.provenance import code_version
+from models.signature import InputError, to_batch
+from models.spec import ImageInput
+from service.contract import ContractRoute, ModelVersion
+from service.predictions import Images, Predictions, Refused, base64_images
+from service.problems import documented
+from service.routes import v2
+from service.routes.faces import ModelName, Plane, answer_headers, refused, request_id_of
+from service.serving import Served
+
+router = APIRouter(route_class=ContractRoute, tags=["v2"])
+
+_READY: dict[int | str, dict[str, Any]] = {200: {"description": "Ready"}, **documented(404, 422, 503)}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": list(v2.DATATYPES)},
+        "parameters": {"type": "object"},
+        "data": {"type": "array", "description": "The tensor's elements, flat or nested (JSON tensors)."},
+    },
+}
+_INFER: dict[str, Any] = {
+    "responses": {
+        200: {
+            "description": "Probabilities and labels; the prediction ids in `parameters.prediction_ids`",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **documented(400, 404, 413, 415, 429, 503),
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "description": "An inference request (JSON tensors, or a JSON header followed by binary data "
+            "with Inference-Header-Content-Length).",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["inputs"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "parameters": {"type": "object"},
+                            "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+                            "outputs": {"type": "array", "items": {"type": "object"}},
+                        },
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+}
+
+
+def _served(plane: Predictions, name: str, version: str | None) -> Served:
+    slots = ", ".join(plane.slots)
+    return plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {slots}")[1]
+
+
+@router.get("/v2")
+def v2_server() -> Any:
+    """Server metadata: name, version and the protocol extensions it speaks."""
+    return {"name": "loop", "version": code_version(), "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/v2/health/live", response_class=Response, responses={200: {"description": "Live"}})
+def v2_live() -> Any:
+    """200 while the worker runs."""
+    return Response(status_code=200)
+
+
+@router.get("/v2/health/ready", response_class=Response, responses={200: {"description": "Ready"}, **documented(503)})
+def v2_ready(request: Request) -> Any:
+    """200 once every model is loaded and predictions can be kept."""
+    return Response(status_code=200) if request.app.state.is_ready() else refused(Refused(503, "not ready"), v2=True)
+
+
+@router.get("/v2/models/{name}", responses=documented(404, 422, 503))
+@router.get("/v2/models/{name}/versions/{version}", responses=documented(404, 422, 503))
+def v2_model(plane: Plane, name: ModelName, version: ModelVersion | None = None) -> Any:
+    """Model metadata: platform, versions, inputs and outputs (-1 is the batch axis)."""
+    try:
+        served = _served(plane, name, version)
+    except Refused as exc:
+        return refused(exc, v2=True)
+    card = served.stored.card
+    spec = card.model_spec
+    image = isinstance(spec.input, ImageInput)
+    return {
+        "name": served.stored.name,
+        "versions": [served.stored.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {
+                "name": spec.onnx_input,
+                "datatype": "BYTES" if image else "FP32",
+                "shape": [-1] if image else [-1, *card.signature.input_shape],
+            }
+        ],
+        "outputs": [
+            {"name": v2.SCORES, "datatype": "FP32", "shape": [-1, len(spec.classes)]},
+            {"name": v2.LABEL, "datatype": "BYTES", "shape": [-1]},
+        ],
+    }
+
+
+@router.get("/v2/models/{name}/ready", response_class=Response, responses=_READY)
+@router.get("/v2/models/{name}/versions/{version}/ready", response_class=Response, responses=_READY)
+def v2_model_ready(plane: Plane, name: ModelName, version: ModelVersion | None = None) -> Any:
+    """200 when that model (and version) is loaded here."""
+    try:
+        _served(plane, name, version)
+    except Refused as exc:
+        return refused(exc, v2=True)
+    return Response(status_code=200)
+
+
+@router.post("/v2/models/{name}/infer", **_INFER)
+@router.post("/v2/models/{name}/versions/{version}/infer", **_INFER)
+async def v2_infer(request: Request, plane: Plane, name: ModelName, version: ModelVersion | None = None) -> Any:
+    """Inference: JSON or binary tensors in; class probabilities and labels out, and the
+    prediction ids (stored like every prediction) in the answer's parameters."""
+    body = await request.body()  # bounded by `RequestLimits` before it is read
+    try:
+        parsed = v2.parse(body, request.headers.get("inference-header-content-length"))
+    except v2.ProtocolError as exc:
+        return refused(Refused(exc.status, str(exc)), v2=True)
+    try:
+        slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
+        batch, sent = await _batch(plane, served, parsed)
+        request_id = parsed.id or request_id_of(request.headers)
+        answer = await plane.run(slot, batch, sent, {}, request_id)
+    except Refused as exc:
+        return refused(exc, v2=True)
+    names = answer.class_names
+    content, header_length = v2.response(
+        parsed,
+        model_name=answer.served.stored.name,
+        model_version=answer.served.stored.version,
+        probabilities=answer.outputs.probabilities,
+        labels=[names[i] for i in answer.outputs.labels],
+        prediction_ids=[str(i) for i in answer.ids],
+    )
+    headers = answer_headers(request, request_id)
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+async def _batch(
+    plane: Predictions, served: Served, request: v2.InferRequest
+) -> tuple[NDArray[np.float32], Images | None]:
+    """The request's one input, checked like any `/predict` sample."""
+    spec = served.stored.card.model_spec
+    if len(request.inputs) != 1 or request.inputs[0].name != spec.onnx_input:
+        given = [t.name for t in request.inputs]
+        raise Refused(400, f"{served.stored.name} takes one input named {spec.onnx_input!r}, got {given}")
+    (tensor,) = request.inputs
+    try:
+        if isinstance(spec.input, ImageInput):
+            if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+                raise InputError(
+                    f"input {tensor.name!r} must be BYTES of shape [N] (encoded images), "
+                    f"got {tensor.datatype} {list(tensor.shape)}"
+                )
+            assert not isinstance(tensor.values, np.ndarray)  # BYTES are a list
+            # Binary elements are the images; JSON can only carry them as base64 text.
+            images = tensor.values if tensor.binary else base64_images([v.decode("latin-1") for v in tensor.values])
+            return await plane.images(spec.input, images)
+        if tensor.datatype in ("BYTES", "BOOL") or not isinstance(tensor.values, np.ndarray):
+            raise InputError(f"input {tensor.name!r} takes numbers (FP32 or an integer type), not {tensor.datatype}")
+        return to_batch(cast(Any, tensor.values), served.stored.card.signature, max_samples=plane.max_samples), None
+    except (InputError, ImageError) as exc:
+        raise Refused(400, str(exc)) from None
