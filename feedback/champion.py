@@ -53,6 +53,7 @@ class Promotion:
     accuracy: float | None
     champion_version: str | None
     champion_accuracy: float | None
+    margin: float | None  # the gate's: the candidate had to beat the champion by more than this
     run_id: str | None
     actor: str | None
     at: datetime
@@ -275,7 +276,7 @@ def promotions(*, conn: psycopg.Connection, model_name: str) -> list[Promotion]:
 def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> list[Promotion]:
     rows = conn.execute(
         "SELECT p.id, p.model_name, p.model_version, p.decision, p.reason, p.validation_id, p.dataset_id, p.accuracy,"
-        " p.champion_version, p.champion_accuracy, p.run_id, u.name, p.at"
+        " p.champion_version, p.champion_accuracy, p.margin, p.run_id, u.name, p.at"
         f" FROM promotions p LEFT JOIN users u ON u.id = p.actor_id WHERE {where}",
         params,
     ).fetchall()
@@ -291,9 +292,10 @@ def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -
             accuracy=r[7],
             champion_version=r[8],
             champion_accuracy=r[9],
-            run_id=r[10],
-            actor=r[11],
-            at=r[12],
+            margin=r[10],
+            run_id=r[11],
+            actor=r[12],
+            at=r[13],
         )
         for r in rows
     ]

@@ -212,10 +212,6 @@ class IngestWorker:
 
     # -- one batch -------------------------------------------------------------------------------
 
-    def handle(self, entries: Sequence[Entry]) -> None:
-        """Decode, store and acknowledge one batch."""
-        self.commit(self.prepare(entries))
-
     def prepare(self, entries: Sequence[Entry]) -> _Prepared:
         prepared = _Prepared(entries=entries)
         for entry in entries:

@@ -131,7 +131,8 @@ def champion(model_name: str | None) -> None:
         click.echo(f"no decision recorded yet: services serve the newest {name} in the store")
     for p in history:
         accuracy = "" if p.accuracy is None else f" accuracy {p.accuracy:.4f}"
-        click.echo(f"{p.at:%Y-%m-%d %H:%M:%S}  {p.model_version}  {p.decision.value:<9}{accuracy}  {p.reason}")
+        margin = "" if p.margin is None else f" margin {p.margin:.4f}"
+        click.echo(f"{p.at:%Y-%m-%d %H:%M:%S}  {p.model_version}  {p.decision.value:<9}{accuracy}{margin}  {p.reason}")
 
 
 @click.command("experiments")

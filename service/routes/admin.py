@@ -144,6 +144,7 @@ class PromotionPublic(BaseModel):
     accuracy: float | None
     champion_version: str | None
     champion_accuracy: float | None
+    margin: float | None = Field(description="The gate's margin: the candidate had to beat the champion by more.")
     run_id: str | None
     actor: str | None
     at: datetime

@@ -12,6 +12,7 @@ from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
 from feedback import review as rs
+from feedback.champion import Decision, record_promotion
 from feedback.datasets import LabelSchema, Originals, bundled_originals
 from models import digits
 from models.npy import npy_bytes
@@ -134,6 +135,14 @@ def test_validation_fixes_and_forced_promotion(
     assert fixed.json()["reevaluated"] == []
     history = client.get("/admin/promotions", headers=admin).json()
     assert [p["decision"] for p in history] == ["forced"]
+    # A gate decision, recorded as a retrain records it, is shown with the margin it was held to.
+    with pool.connection() as conn:
+        record_promotion(
+            conn=conn, model_name=trained_model.stored.name, model_version=version, decision=Decision.REJECTED,
+            reason="does not beat", accuracy=0.9, champion_version=version, champion_accuracy=0.95, margin=0.02,
+        )  # fmt: skip
+    history = client.get("/admin/promotions", headers=admin).json()
+    assert [(p["decision"], p["margin"]) for p in history] == [("forced", None), ("rejected", 0.02)]
 
 
 def digits_item(client: TestClient, headers: dict[str, str], validation_id: str) -> str:

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, cast
 
+import jsonschema_rs
 import numpy as np
 import psycopg
 import pytest
@@ -20,8 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from starlette.testclient import TestClient
 
-from feedback.keys import INGEST_GROUP, Keys
-from feedback.predictions.ingest import IngestWorker, ensure_group
+from feedback.keys import Keys
+from feedback.predictions.ingest import IngestConfig, IngestWorker
 from models import digits, store
 from models.importer import import_model
 from models.pipeline import BuildResult
@@ -215,17 +216,71 @@ def test_models_route_tells_what_is_served(client: TestClient, trained_model: Bu
         assert 0 <= reference["max_abs_diff"] <= reference["tolerance"] == 1e-3
 
 
-def test_openapi_documents_the_routes_with_examples(client: TestClient) -> None:
+def documented_examples(node: Any, at: str = "#", *, names: bool = False) -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """Every example an OpenAPI document gives, with the schema it is given for; `names`: `node`
+    maps names to schemas (`properties`, `schemas`), so a property called 'examples' is no keyword."""
+    if isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from documented_examples(value, f"{at}/{i}")
+        return
+    if not isinstance(node, dict):
+        return
+    if not names:
+        yield from examples_of(node, at)
+    for key, value in node.items():
+        if names or key not in ("example", "examples"):  # an example's value is data, not more document
+            yield from documented_examples(value, f"{at}/{key}", names=not names and key in ("properties", "schemas"))
+
+
+def examples_of(node: dict[str, Any], at: str) -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """A media type's (or parameter's) `example` and named `examples`, of its schema; else a
+    schema's own `examples` (and OpenAPI 3.0's `example`)."""
+    if "schema" in node:
+        named = node.get("examples")
+        for name, example in named.items() if isinstance(named, dict) else ():
+            yield f"{at}/examples/{name}", node["schema"], example["value"]
+        if "example" in node:
+            yield f"{at}/example", node["schema"], node["example"]
+        return
+    schema = {k: v for k, v in node.items() if k not in ("examples", "example")}
+    listed = node.get("examples")
+    for i, example in enumerate(listed if isinstance(listed, list) else []):
+        yield f"{at}/examples/{i}", schema, example
+    if "example" in node:
+        yield f"{at}/example", schema, node["example"]
+
+
+def conforms(spec: dict[str, Any], schema: dict[str, Any], value: Any) -> list[str]:
+    """What is wrong with `value` under `schema`, whose references point into `spec`."""
+    validator = jsonschema_rs.Draft202012Validator({**schema, "components": spec["components"]})
+    return [error.message for error in validator.iter_errors(value)]
+
+
+def test_openapi_documents_the_routes_with_examples_that_hold(client: TestClient) -> None:
     spec = client.get("/docs.json").json()
-    assert "/predict" in spec["paths"] and "/models" in spec["paths"]
-    text = json.dumps(spec)
-    assert "PredictionPublic" in text
-    assert "examples" in text
+    assert {"/predict", "/models", "/models/{name}"} <= set(spec["paths"])
+    examples = list(documented_examples(spec))
+    assert "#/components/schemas/PredictionPublic/properties/confidence/examples/0" in {at for at, _, _ in examples}
+    wrong = {at: problems for at, schema, value in examples if (problems := conforms(spec, schema, value))}
+    assert wrong == {}, "documented examples their own schema refuses"
 
+    # The operations a client starts with carry examples: the request that /predict takes ...
+    predict = spec["paths"]["/predict"]["post"]
+    request = predict["requestBody"]["content"]["application/json"]["schema"]
+    body = {name: p["examples"][0] for name, p in request["properties"].items() if p.get("examples")}
+    assert set(body) >= set(request["required"])
+    # ... and the answers it gives, field by field.
+    answer = predict["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["properties"]["predictions"]["items"] == {"$ref": "#/components/schemas/PredictionPublic"}
+    public = spec["components"]["schemas"]["PredictionPublic"]["properties"]
+    assert {name for name, p in public.items() if p.get("examples")} >= {"label", "confidence", "model_name"}
+    assert any(p.get("examples") for p in spec["components"]["schemas"]["ModelPublic"]["properties"].values())
 
-def test_probes(client: TestClient) -> None:
-    assert client.get("/livez").status_code == 200
-    assert client.get("/readyz").status_code == 200
+    # The documented request is one the service answers, with what the document says it answers.
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    assert conforms(spec, answer, response.json()) == []
+    assert len(response.json()["predictions"]) == len(body["samples"])
 
 
 def test_request_id_and_tags_are_echoed_and_stored(client: TestClient, data: digits.Digits) -> None:
@@ -367,13 +422,13 @@ def stream_length(keys: Keys) -> int:
 def ingest_everything(keys: Keys, database_url: str) -> None:
     """Run the ingest worker over the module's stream until it is drained."""
     with redis.Redis.from_url(REDIS) as r:
-        ensure_group(r, keys)
         worker = IngestWorker(
-            redis_client=r, connect=lambda: psycopg.connect(database_url, autocommit=True), keys=keys, consumer="t"
-        )
+            redis_client=r, connect=lambda: psycopg.connect(database_url, autocommit=True), keys=keys, consumer="t",
+            config=IngestConfig(block_ms=10),
+        )  # fmt: skip
         try:
-            while entries := r.xreadgroup(INGEST_GROUP, "t", {keys.stream: ">"}, count=1000):
-                worker.handle(entries[0][1])
+            while worker.step():  # the rounds `loop ingest` runs, until one finds nothing
+                pass
         finally:
             worker.close()
 

@@ -90,6 +90,15 @@ def table_sizes(database_url: str) -> dict[str, int]:
         }
 
 
+def review_rows(database_url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row reviewing writes: annotations, review states, leases (with their expiry), the audit log."""
+    with psycopg.connect(database_url) as conn:
+        return {
+            t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+            for t in ("annotations", "review_state", "leases", "audit_log")
+        }
+
+
 # -- claiming and leases --------------------------------------------------------------------------
 
 
@@ -215,13 +224,21 @@ def test_verdicts_corrections_disputes_and_append_only_history(
         ({"verdict": "approve"}, 422),
     ],
 )
-def test_bad_verdicts_are_refused(client: TestClient, pool: ConnectionPool, database_url: str,
-                                  verdict: dict[str, str], status: int) -> None:  # fmt: skip
-    seed(database_url, 1)
+def test_bad_verdicts_are_refused_and_nothing_is_written(client: TestClient, pool: ConnectionPool, database_url: str,
+                                                         verdict: dict[str, str], status: int) -> None:  # fmt: skip
+    seed(database_url, 2)
     _, ann = make_user(pool, "ann")
-    item = client.post("/review/claim", json={"count": 1}, headers=ann).json()[0]["id"]
-    response = client.post("/review/verdicts", headers=ann, json={"verdicts": [{"prediction_id": item, **verdict}]})
+    good, bad = (c["id"] for c in client.post("/review/claim", json={"count": 2}, headers=ann).json())
+    before = review_rows(database_url)
+    assert len(before["leases"]) == 2
+    response = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": good, "verdict": "correct"}, {"prediction_id": bad, **verdict}]})  # fmt: skip
     assert response.status_code == status, response.text
+    # All or none: not even the good verdict is written, and both leases are held as they were.
+    assert review_rows(database_url) == before
+    judged = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": good, "verdict": "correct"}, {"prediction_id": bad, "verdict": "unsure"}]})  # fmt: skip
+    assert judged.status_code == 200, judged.text
 
 
 def test_a_wrong_verdict_naming_the_models_own_label_is_refused(

@@ -70,11 +70,13 @@ def test_compile_retrain_and_report_from_the_command_line(database_url: str, key
 
     missing = loop("retrain", "--dataset", "0" * 32, database_url=database_url, **env)
     assert missing.returncode == 1 and "no dataset version" in missing.stderr
-    trained = loop("retrain", "--dataset", version.group(1), "--epochs", "2", database_url=database_url, **env)
+    trained = loop("retrain", "--dataset", version.group(1), "--epochs", "2", "--margin", "0.05",
+                   database_url=database_url, **env)  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert "promoted: no champion yet" in trained.stdout  # an empty store: nothing to beat
     champion = loop("champion", database_url=database_url, **env)
     assert "promoted" in champion.stdout and "no champion yet" in champion.stdout
+    assert "margin 0.0500" in champion.stdout  # the gate's margin, as recorded
     bad_fix = loop("validation", "fix", "--item", "nonsense", "--reason", "r", "--admin", "root",
                    database_url=database_url, **env)  # fmt: skip
     assert bad_fix.returncode == 2 and "ITEM=LABEL" in bad_fix.stderr

@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from feedback.ids import uuid7
-from feedback.keys import INGEST_GROUP, Keys
+from feedback.keys import Keys
 from feedback.predictions import dead_letters
-from feedback.predictions.ingest import IngestWorker, ensure_group
+from feedback.predictions.ingest import IngestConfig, IngestWorker
 from feedback.predictions.records import PredictionRecord, encode
 from tests.conftest import REDIS
 from tests.integration.conftest import RunningService
@@ -38,12 +38,13 @@ def record(**overrides: object) -> PredictionRecord:
 
 
 def ingest(client: redis.Redis, keys: Keys, database_url: str) -> IngestWorker:
-    ensure_group(client, keys)
+    """The rounds `loop ingest` runs, until one finds nothing."""
     worker = IngestWorker(
-        redis_client=client, connect=lambda: psycopg.connect(database_url, autocommit=True), keys=keys, consumer="t"
-    )
-    while entries := client.xreadgroup(INGEST_GROUP, "t", {keys.stream: ">"}, count=100):
-        worker.handle(entries[0][1])  # type: ignore[index,arg-type]
+        redis_client=client, connect=lambda: psycopg.connect(database_url, autocommit=True), keys=keys, consumer="t",
+        config=IngestConfig(block_ms=10),
+    )  # fmt: skip
+    while worker.step():
+        pass
     worker.close()
     return worker
 

@@ -8,8 +8,10 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import groupby
+from pathlib import Path
 
 import httpx
+import numpy as np
 import psycopg
 import pytest
 import redis
@@ -20,6 +22,7 @@ from feedback.keys import Keys
 from models import digits, store
 from models.pipeline import BuildResult
 from tests.conftest import REDIS
+from tests.graphs import linear_classifier
 from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
@@ -29,11 +32,16 @@ WORKERS = 2
 
 
 def test_promotion_swaps_every_worker_once_without_failing_a_request(
-    start_service: Callable[..., RunningService], trained_model: BuildResult, database_url: str, keys: Keys
+    start_service: Callable[..., RunningService],
+    trained_model: BuildResult,
+    database_url: str,
+    keys: Keys,
+    tmp_path: Path,
 ) -> None:
     name = f"reload-{uuid.uuid4().hex[:8]}"
-    old = store.save(name, trained_model.stored.onnx_path, trained_model.stored.card)
-    new = store.save(name, trained_model.stored.onnx_path, trained_model.stored.card)
+    card = trained_model.stored.card
+    old = store.save(name, trained_model.stored.onnx_path, card)
+    new = store.save(name, another_model(tmp_path / "other.onnx", card), card)
     with psycopg.connect(database_url, autocommit=True) as conn:
         # The champion, not the newest version, is what a worker loads on start.
         dataset_store.record_promotion(
@@ -49,6 +57,7 @@ def test_promotion_swaps_every_worker_once_without_failing_a_request(
 
     sample = digits.load().images[0].tolist()
     answers: list[tuple[str, str, str]] = []  # (worker, prediction id, model version)
+    scores: dict[str, list[dict[str, float]]] = defaultdict(list)  # by the version answers name
     failures: list[str] = []
     stop = threading.Event()
 
@@ -67,6 +76,7 @@ def test_promotion_swaps_every_worker_once_without_failing_a_request(
                         continue
                     (p,) = response.json()["predictions"]
                     answers.append((response.headers["x-loop-worker"], p["id"], p["model_version"]))
+                    scores[p["model_version"]].append(p["scores"])
 
     threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
     for t in threads:
@@ -93,6 +103,12 @@ def test_promotion_swaps_every_worker_once_without_failing_a_request(
             t.join(timeout=30)
 
     assert failures == []
+    assert_every_worker_swapped_once(answers, old=old.version, new=new.version)
+    assert httpx.get(f"{service.url}/models/{name}").json()["version"] == new.version
+    assert_sessions_swapped_with_versions(scores, old=old.version, new=new.version)
+
+
+def assert_every_worker_swapped_once(answers: list[tuple[str, str, str]], *, old: str, new: str) -> None:
     by_worker: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for worker, prediction_id, version in answers:
         by_worker[worker].append((prediction_id, version))
@@ -100,9 +116,28 @@ def test_promotion_swaps_every_worker_once_without_failing_a_request(
     for worker, seen in by_worker.items():
         # Ids of one worker increase with time: in id order, its versions go old → new exactly once.
         runs = [version for version, _ in groupby(v for _, v in sorted(seen))]
-        assert runs == [old.version, new.version], f"{worker}: {runs}"
-    assert httpx.get(f"{service.url}/models/{name}").json()["version"] == new.version
-    assert f"swapped {old.tag} for {new.tag}" in service.logs()
+        assert runs == [old, new], f"{worker}: {runs}"
+
+
+def another_model(path: Path, card: store.ModelCard) -> Path:
+    """A model of the card's signature that is nearly unsure of everything, where the trained
+    model is sure: its answers show which session made them, whatever version they name."""
+    signature = card.signature
+    return linear_classifier(
+        path, input_name=signature.input_name, input_dims=["batch", *signature.input_shape],
+        output_name=signature.output_name, classes=len(signature.class_names),
+        features=int(np.prod(signature.input_shape)), weight_scale=1e-3,
+        softmax=card.model_spec.output_kind == "probabilities",
+    )  # fmt: skip
+
+
+def assert_sessions_swapped_with_versions(scores: dict[str, list[dict[str, float]]], *, old: str, new: str) -> None:
+    """Every answer naming a version carries that version's model's scores (the sample is always the same)."""
+    first = {version: seen[0] for version, seen in scores.items()}
+    assert set(first) == {old, new}
+    assert max(abs(first[old][c] - first[new][c]) for c in first[old]) > 0.5, "the two models answer alike"
+    for version, seen in scores.items():
+        assert all(max(abs(s[c] - first[version][c]) for c in s) < 1e-3 for s in seen), f"{version}: mixed answers"
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:

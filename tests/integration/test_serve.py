@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psycopg
 import pytest
 
+from feedback.champion import Decision, record_promotion
 from models import digits
 from models.pipeline import BuildResult
 from tests.integration.conftest import RunningService
@@ -62,6 +65,38 @@ def test_concurrent_requests_are_answered_and_batched(
     total, single = buckets["+Inf"], buckets["1.0"]
     assert total < len(answers), "every request ran in a model call of its own"
     assert single < total, f"no batch was larger than one sample: {buckets}"
+
+
+def test_probes_say_not_ready_until_the_model_is_loaded(
+    start_service: Callable[..., RunningService], trained_model: BuildResult, database_url: str
+) -> None:
+    stored = trained_model.stored
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        record_promotion(
+            conn=conn, model_name=stored.name, model_version=stored.version, decision=Decision.FORCED, reason="test"
+        )
+    with psycopg.connect(database_url) as lock:
+        # The worker reads its champion before it loads a model: while this lock is held, it cannot.
+        lock.execute("LOCK TABLE promotions IN ACCESS EXCLUSIVE MODE")
+        service = start_service(wait_ready=False, via_cli=False, LOOP_MODEL_TAG="champion")
+        with httpx.Client(base_url=service.url, timeout=10) as http:
+            for _ in range(5):
+                assert http.get("/livez").status_code == 200
+                assert http.get("/readyz").status_code == 503
+                models = http.get("/models")
+                assert models.status_code == 503 and "still loading" in models.json()["detail"]
+                time.sleep(0.2)
+        lock.rollback()
+    with httpx.Client(base_url=service.url, timeout=10) as http:
+        deadline = time.monotonic() + 60
+        while (status := http.get("/readyz").status_code) != 200:
+            assert status == 503, status
+            assert time.monotonic() < deadline, "never ready once the model could load"
+            time.sleep(0.1)
+        assert http.get("/livez").status_code == 200
+        assert http.get(f"/models/{stored.name}").json()["version"] == stored.version
+        response = http.post("/predict", json={"samples": [[[1.0] * 8] * 8]})
+        assert response.status_code == 200, response.text
 
 
 def test_not_ready_without_a_model_and_says_why(start_service: Callable[..., RunningService]) -> None:
