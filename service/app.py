@@ -37,8 +37,8 @@ from service.routes import models as models_routes
 from service.routes import open_inference, predict
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
+from service.routes.dependencies import ModerationContext
 from service.routes.faces import PredictRequest, chosen_request_id
-from service.routes.review import ModerationContext
 from service.routes.review import router as review_router
 from service.schemas import BatchingPublic, PredictResponse
 from service.serving import ModelSlot, Where

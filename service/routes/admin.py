@@ -25,7 +25,7 @@ from feedback.use_cases import compile_with_validation, fix_and_reevaluate
 from models.store import InvalidModelTag, ModelNotFound
 from service.contract import NO_NUL, Flag, Integer, ModelVersion
 from service.problems import documented
-from service.routes.review import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
+from service.routes.dependencies import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
 
 
 @dataclass

@@ -8,159 +8,32 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import functools
-import hashlib
-import re
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
-from importlib import resources
 from typing import Annotated, Any, Literal
 
-import psycopg
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.dependencies.models import Dependant
-from fastapi.responses import HTMLResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from psycopg_pool import ConnectionPool, PoolTimeout
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, Field
 
 from feedback import review as rs
 from feedback.predictions.records import input_json
 from feedback.review.moderation import Opinion, Status, Verdict, agreement
-from service.contract import NO_NUL, ContractRoute, Instant, Integer, ItemId, Number
-from service.problems import documented, problem_response
-
-# Text Postgres can hold (no NUL character); a reason says something (not only spaces).
-Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]*$")]
-UserName = Annotated[
-    str,
-    StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"),
-    Field(description="1 to 64 letters, digits, '.', '_' or '-', starting and ending with a letter or digit; "
-                      "stored in lower case."),
-]  # fmt: skip
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
-
-
-@dataclass
-class ModerationContext:
-    pool: ConnectionPool
-    lease_seconds: float = 300.0
-    max_leases: int = 200  # live leases one reviewer may hold
-    overlap: int = 2
-    overlap_share: float = 0.0
-    # The served model's class names and a check of one sample's input, when a model is loaded.
-    labels: Callable[[], Sequence[str] | None] = lambda: None
-    # The class names of any served model, by name (None: not served here, so not checked).
-    labels_of: Callable[[str], Sequence[str] | None] | None = None
-    # (model name, numbers or image bytes) -> the input as stored (.npy or image bytes, media type);
-    # ValueError saying why a sample does not fit the model, LookupError for a model not served.
-    to_input: Callable[[str, Any], tuple[bytes, str | None]] | None = None
-    model_name: str = "reviewer"  # the model samples are added for by default (the service's default)
-
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-def _context(request: Request) -> ModerationContext:
-    context: ModerationContext | None = getattr(request.app.state, "moderation", None)
-    if context is None:
-        raise HTTPException(503, "moderation needs a database (LOOP_DATABASE_URL)")
-    return context
-
-
-@contextlib.contextmanager
-def db_connection(context: ModerationContext) -> Iterator[psycopg.Connection]:
-    try:
-        with context.pool.connection(timeout=5) as conn:
-            yield conn
-    except rs.Conflict as exc:
-        raise HTTPException(409, str(exc)) from None
-    except rs.NotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-    except rs.Invalid as exc:
-        raise HTTPException(422, str(exc)) from None
-    except psycopg.DataError as exc:  # a value Postgres cannot hold, e.g. text with a NUL byte
-        raise HTTPException(422, f"invalid value: {exc}") from None
-    except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise HTTPException(503, f"database unavailable: {exc}") from None
-
-
-Context = Annotated[ModerationContext, Depends(_context)]
-
-
-def _authenticate(context: ModerationContext, credentials: HTTPAuthorizationCredentials | None) -> rs.User:
-    if credentials is None or credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 512:
-        raise HTTPException(401, "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
-    with db_connection(context) as conn:
-        user = rs.authenticate(conn=conn, token=credentials.credentials)
-    if user is None:
-        raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
-    return user
-
-
-def _user(
-    request: Request,
-    context: Context,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> rs.User:
-    known: rs.User | None = getattr(request.state, "user", None)  # checked by `GuardedRoute`
-    return known if known is not None else _authenticate(context, credentials)
-
-
-def _admin(user: Annotated[rs.User, Depends(_user)]) -> rs.User:
-    if user.role is not rs.Role.ADMIN:
-        raise HTTPException(403, "this needs the admin role")
-    return user
-
-
-Reviewer = Annotated[rs.User, Depends(_user)]
-Admin = Annotated[rs.User, Depends(_admin)]
-
-
-class GuardedRoute(ContractRoute):
-    """A route that checks its caller before FastAPI reads the body (and, as every route of the
-    service, answers a body that fails validation with 422 without echoing it).
-
-    FastAPI parses a JSON body before it resolves dependencies, so a stranger's junk would get a
-    422 (after the whole body was parsed) instead of a 401, and a reviewer's junk sent to an admin
-    route a 422 instead of a 403. The role a route needs is read off its own dependencies. FastAPI's
-    own 422 echoes the input, which fails to render when it holds a NaN (a 500) and may be huge.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        needs = _role_needed(self.dependant)
-
-        async def guarded(request: Request) -> Response:
-            try:
-                if needs is not None:
-                    credentials = await _bearer(request)
-                    user = await run_in_threadpool(_authenticate, _context(request), credentials)
-                    if needs is rs.Role.ADMIN:
-                        _admin(user)
-                    request.state.user = user
-            except HTTPException as exc:
-                return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
-            return await handler(request)
-
-        return guarded
-
-
-def _role_needed(dependant: Dependant) -> rs.Role | None:
-    calls = set()
-    pending = [dependant]
-    while pending:
-        current = pending.pop()
-        calls.add(current.call)
-        pending.extend(current.dependencies)
-    if _admin in calls:
-        return rs.Role.ADMIN
-    return rs.Role.REVIEWER if _user in calls else None
-
+from service.contract import NO_NUL, Instant, Integer, ItemId, Number
+from service.problems import documented
+from service.routes import page
+from service.routes.dependencies import (
+    Admin,
+    Context,
+    GuardedRoute,
+    ModerationContext,
+    Name,
+    Reason,
+    RequestBody,
+    Reviewer,
+    UserName,
+    db_connection,
+)
 
 router = APIRouter(
     prefix="/review",
@@ -168,16 +41,10 @@ router = APIRouter(
     route_class=GuardedRoute,
     responses=documented(400, 401, 403, 404, 409, 413, 422, 429, 503),
 )
+router.include_router(page.router)
 
 
 # -- schemas ------------------------------------------------------------------------------------
-
-
-class RequestBody(BaseModel):
-    """A JSON request body: NaN and infinity are refused like any other invalid number, and so is
-    a member the body does not have (a misspelt one would otherwise be ignored in silence)."""
-
-    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
 
 class UserPublic(BaseModel):
@@ -335,38 +202,6 @@ class EraseIn(RequestBody):
 
 
 # -- routes -------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _page() -> tuple[str, dict[str, str]]:
-    """The page and its headers. Its one script and one style sheet are inline and allowed by
-    their hashes; nothing else may run, load, frame it or be posted from it."""
-    html = resources.files("service").joinpath("static/review.html").read_text()
-
-    def digest(tag: str) -> str:
-        body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.S)
-        assert body is not None, f"the review page has no <{tag}>"
-        return "'sha256-" + base64.b64encode(hashlib.sha256(body.group(1).encode()).digest()).decode() + "'"
-
-    policy = (
-        f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
-    )
-    return html, {
-        "Content-Security-Policy": policy,
-        "X-Content-Type-Options": "nosniff",
-        "X-Frame-Options": "DENY",
-        "Referrer-Policy": "no-referrer",
-        "Cross-Origin-Opener-Policy": "same-origin",
-        "Cache-Control": "no-store",
-    }
-
-
-@router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
-def ui() -> HTMLResponse:
-    """The reviewers' web page: a client of the routes below (it holds no data itself)."""
-    html, headers = _page()
-    return HTMLResponse(html, headers=headers)
 
 
 @router.get("/me", response_model=UserPublic)

@@ -20,7 +20,7 @@ from models.pipeline import BuildResult
 from models.signature import to_batch
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
-from service.routes.review import ModerationContext
+from service.routes.dependencies import ModerationContext
 from service.routes.review import router as review_router
 
 pytestmark = pytest.mark.api

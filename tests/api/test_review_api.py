@@ -22,7 +22,8 @@ from feedback.ids import compose_uuid7
 from feedback.predictions import store
 from feedback.predictions.records import PredictionRecord, decode_row, encode
 from models.npy import npy_bytes
-from service.routes.review import ModerationContext, router
+from service.routes.dependencies import ModerationContext
+from service.routes.review import router
 
 pytestmark = pytest.mark.api
 
