@@ -21,7 +21,9 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY models/ models/
 COPY feedback/ feedback/
 COPY service/ service/
-COPY loadtest/ loadtest/
+# The CLI imports `loop demo-loop` from experiments/, which starts its servers with harness/.
+COPY harness/ harness/
+COPY experiments/ experiments/
 RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt . \
  && if [ -n "${ORT_EXTRAS}" ]; then \
       /opt/venv/bin/pip install -c constraints.txt "onnxruntime-gpu${ORT_EXTRAS}"; fi

@@ -11,6 +11,10 @@ in a crash, then a start 3 s later) and `redis` (a restart 3 s later). Each runs
 Postgres and Redis of its own, with `loop serve` (ingest worker included) on a free port; the model
 is the one the environment names (`LOOP_MODEL_NAME`, `LOOP_MODEL_TAG`), so train one first.
 Prints one line of figures per fault and writes them as JSON to `--out`.
+
+Everything is driven from outside, as an operator would: `loop serve` and `loop users add` run as
+commands, the reviewers are made over HTTP, the faults are signals and server restarts, and what
+was stored is read from the run's own Postgres.
 """
 
 from __future__ import annotations
@@ -33,12 +37,11 @@ import httpx
 import psutil
 import psycopg
 
-from feedback import review as review_store
-from loadtest import servers as spawned
-from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+import harness
+from harness import embedded
+from loadtest.samples import served_model, zeros
 
 logger = logging.getLogger("faults")
-ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 FAULTS = ("worker", "ingest", "postgres", "redis")
 REVIEWERS = 3
@@ -82,55 +85,47 @@ class Servers:
 
     def __init__(self, folder: Path, env: dict[str, str]) -> None:
         self.folder = folder
-        self.postgres = EmbeddedPostgres(folder / "postgres", free_port())
-        self.redis = EmbeddedRedis(folder / "redis", free_port())
-        self.port = free_port()
+        self.port = harness.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env
-        self.serve: subprocess.Popen[bytes] | None = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Servers:
-        database_url = self.postgres.start()
-        redis_url = self.redis.start()
-        env = {
-            **os.environ, **self.env, "LOOP_DATABASE_URL": database_url, "LOOP_REDIS_URL": redis_url,
-            "LOOP_PORT": str(self.port), "LOOP_HOST": "127.0.0.1", "LOOP_VAR_DIR": str(self.folder / "var"),
-            "LOOP_INGEST_METRICS_PORT": "0", "BENTOML_DO_NOT_TRACK": "True",
-        }  # fmt: skip
-        self.database_url = database_url
-        with (self.folder / "serve.log").open("ab") as log:
-            self.serve = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--no-train"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while not _answers(f"{self.url}/readyz"):
-            if self.serve.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not come up; see {self.folder / 'serve.log'}")
-            time.sleep(0.2)
+        with contextlib.ExitStack() as stack:  # what started is stopped if the rest does not come up
+            self.postgres = stack.enter_context(embedded.postgres(self.folder / "postgres"))
+            self.redis = stack.enter_context(embedded.redis(self.folder / "redis"))
+            self.database_url = self.postgres.url
+            env = {
+                **self.env, "LOOP_DATABASE_URL": self.database_url, "LOOP_REDIS_URL": self.redis.url,
+                "LOOP_PORT": str(self.port), "LOOP_HOST": "127.0.0.1", "LOOP_VAR_DIR": str(self.folder / "var"),
+                "LOOP_INGEST_METRICS_PORT": "0", "BENTOML_DO_NOT_TRACK": "True",
+            }  # fmt: skip
+            self.serve = stack.enter_context(
+                harness.running(harness.LOOP_SERVE, env, ready_url=f"{self.url}/readyz", log=self.folder / "serve.log")
+            )
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.serve is not None:
-            family = _family(self.serve.pid)
-            spawned.stop(self.serve)
-            for process in family:  # whatever outlived `loop serve`
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
-            psutil.wait_procs(family, timeout=10)
-        self.redis.stop()
-        self.postgres.stop()
+        self._stack.close()  # `loop serve` and its family, then Redis, then Postgres
 
     def processes(self, marker: str) -> list[psutil.Process]:
-        assert self.serve is not None
-        return [p for p in _family(self.serve.pid) if marker in " ".join(_cmdline(p))]
+        return [p for p in harness.family(self.serve) if marker in " ".join(_cmdline(p))]
 
-
-def _family(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+    def reviewers(self, count: int) -> tuple[list[int], list[str]]:
+        """`count` reviewers, made by an admin over HTTP (the admin by `loop users add`): ids, tokens."""
+        command = [sys.executable, "-m", "service", "users", "add", "faults-admin", "--role", "admin"]
+        env = {**os.environ, **self.env, "LOOP_DATABASE_URL": self.database_url}
+        made = subprocess.run(command, cwd=harness.ROOT, env=env, capture_output=True, text=True, check=True)
+        admin = {"Authorization": f"Bearer {made.stdout.split()[-1]}"}
+        ids, tokens = [], []
+        with httpx.Client(base_url=self.url, headers=admin, timeout=10) as client:
+            for i in range(count):
+                answer = client.post("/review/users", json={"name": f"reviewer-{i}", "role": "reviewer"})
+                answer.raise_for_status()
+                ids.append(int(answer.json()["id"]))
+                tokens.append(str(answer.json()["token"]))
+        return ids, tokens
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -174,16 +169,17 @@ def inject(fault: str, servers: Servers) -> None:
         raise ValueError(f"unknown fault {fault!r}; faults are {', '.join(FAULTS)}")
 
 
-def _recovered_after(servers: Servers, token: str, since: float, deadline: float) -> tuple[float, set[str]]:
-    """Seconds from `since` until a prediction is answered and then stored in Postgres, and a
-    reviewer's call is answered; and the ids of the probes' predictions."""
-    digit = [[0.0] * 8 for _ in range(8)]
+def _recovered_after(
+    servers: Servers, token: str, probe_sample: object, since: float, deadline: float
+) -> tuple[float, set[str]]:
+    """Seconds from `since` until a prediction (of `probe_sample`) is answered and then stored in
+    Postgres, and a reviewer's call is answered; and the ids of the probes' predictions."""
     reviewer = {"Authorization": f"Bearer {token}"}
     probes: set[str] = set()
     with httpx.Client(base_url=servers.url, timeout=5) as client:
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
-                predicted = client.post("/predict", json={"samples": [digit], "tags": {"source": "probe"}})
+                predicted = client.post("/predict", json={"samples": [probe_sample], "tags": {"source": "probe"}})
                 if predicted.status_code == 200:
                     probe = predicted.json()["predictions"][0]["id"]
                     probes.add(probe)
@@ -207,8 +203,7 @@ def _locust(servers: Servers, tokens: list[str], users: int, seconds: float, out
         "--admin-weight", "0", "--ids-file", str(out / "ids.txt"), "--verdicts-file", str(out / "verdicts.txt"),
         "--sent-file", str(out / "sent.txt"),
     ]  # fmt: skip
-    with (out / "locust.log").open("ab") as log:
-        return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return harness.spawn(command, env=os.environ, log=out / "locust.log")
 
 
 def _requests(out: Path) -> tuple[int, int, int, int]:
@@ -251,18 +246,15 @@ def run(fault: str, *, seconds: float = 30, users: int = 12, env: dict[str, str]
         out = folder / "locust"
         out.mkdir(parents=True, exist_ok=True)
         servers = stack.enter_context(Servers(folder, env or {}))
-        with psycopg.connect(servers.database_url, autocommit=True) as conn:
-            made = [review_store.create_user(conn=conn, name=f"reviewer-{i}", role=review_store.Role.REVIEWER)
-                    for i in range(REVIEWERS)]  # fmt: skip
-        user_ids = [user.id for user, _ in made]
-        tokens = [token for _, token in made]
+        user_ids, tokens = servers.reviewers(REVIEWERS)
+        probe_sample = zeros(served_model(servers.url))
         locust = _locust(servers, tokens, users, seconds, out)
-        stack.callback(spawned.stop, locust)
+        stack.callback(harness.stop, locust)
         time.sleep(seconds / 3)  # traffic and reviews under way
         logger.info("%s: injecting the fault", fault)
         began = time.monotonic()
         inject(fault, servers)
-        recovered, probes = _recovered_after(servers, tokens[0], began, began + 120)
+        recovered, probes = _recovered_after(servers, tokens[0], probe_sample, began, began + 120)
         logger.info("%s: answering again %.1f s after the fault", fault, recovered)
         locust.wait(timeout=seconds * 2 + 60)
         ids_received = [line for line in (out / "ids.txt").read_text().split() if line]

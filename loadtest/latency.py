@@ -3,7 +3,7 @@
     python -m loadtest.latency http://127.0.0.1:3000/predict -n 500
 
 Reports client-side p50 and p99 in milliseconds; the load generator of the benchmark harness is
-the tool for throughput.
+the tool for throughput. The sample is random numbers of the served model's shape (`GET /models`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import time
 
 import httpx
 
-from models import digits
+from loadtest.samples import base_url, samples, served_model
 
 
 def measure(url: str, requests: int, warmup: int = 20) -> list[float]:
-    body = json.dumps({"samples": [digits.load().images[0].tolist()]})
+    body = json.dumps({"samples": samples(served_model(base_url(url)), 1)})
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     with httpx.Client(timeout=30) as client:

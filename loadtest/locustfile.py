@@ -8,6 +8,9 @@ separated: the reviewing users take them in turn. `--ids-file` collects every pr
 received (one per line), `--verdicts-file` every verdict answered 200 (`<prediction id> <token
 index> <verdict>`), so a run can be checked against what was stored (`python -m loadtest.run_locust`,
 `python -m loadtest.faults`); `--sent-file` the number of samples of every request sent.
+
+The samples are random numbers of the shape and range of the service's default model, and the
+reviewers' labels its class names, all as `GET /models` says when the run starts.
 """
 
 from __future__ import annotations
@@ -21,11 +24,10 @@ from locust import HttpUser, between, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 
-from models import digits
+from loadtest.samples import samples, served_model
 
-_DATA = digits.load()
-_SAMPLES = [image.tolist() for image in _DATA.images[:500]]
-_LABELS = [str(label) for label in range(10)]
+_SAMPLES: list[Any] = []  # filled when the run starts
+_LABELS: list[str] = []
 _ids_lock = threading.Lock()
 _reviewer_seats = itertools.count()  # which reviewer token the next reviewing user takes
 
@@ -46,6 +48,16 @@ def _options(parser: LocustArgumentParser) -> None:
     parser.add_argument("--ids-file", default="", help="Append every prediction id received here")
     parser.add_argument("--verdicts-file", default="", help="Append every verdict answered 200 here")
     parser.add_argument("--sent-file", default="", help="Append the number of samples of every request sent here")
+
+
+@events.test_start.add_listener
+def _served(environment: Environment, **_: Any) -> None:
+    """Samples and class names for the service's default model, before any user starts."""
+    if environment.host is None:
+        raise ValueError("no --host: the users need a service to ask for its model")
+    model = served_model(environment.host)
+    _SAMPLES[:] = samples(model, 500)
+    _LABELS[:] = model.class_names
 
 
 @events.init.add_listener

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
+from loadtest.samples import base_url, samples, served_model
+
 TIMEOUT_S = 10.0
 
 
@@ -102,14 +104,13 @@ def run(url: str, payload: object, *, rate: float, seconds: float, max_connectio
 
 
 def main() -> None:
-    from models import digits
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url")
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
-    result = run(args.url, {"samples": [digits.load().images[0].tolist()]}, rate=args.rate, seconds=args.seconds)
+    body = {"samples": samples(served_model(base_url(args.url)), 1)}  # the served model's shape (GET /models)
+    result = run(args.url, body, rate=args.rate, seconds=args.seconds)
     print(json.dumps(result.__dict__, indent=2))
 
 

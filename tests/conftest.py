@@ -13,16 +13,14 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="loop-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_HOME / "bentoml")
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 
-import uuid  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
-import redis  # noqa: E402
-from psycopg import sql  # noqa: E402
 
 from feedback.keys import Keys  # noqa: E402
 from feedback.migrate import migrate  # noqa: E402
+from harness import key_prefix, throwaway_database  # noqa: E402
 from models.pipeline import BuildResult, build_bundled_model  # noqa: E402
 
 # The machine's shared servers. Every test gets its own database and its own key prefix on them.
@@ -33,35 +31,17 @@ REDIS = os.environ.get("LOOP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 @contextmanager
 def fresh_database(server: str = POSTGRES) -> Iterator[str]:
     """A new, migrated database on `server`; dropped afterwards."""
-    name = f"loop_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = f"{server}/{name}"
-    try:
+    with throwaway_database(server, kind="test") as url:
         with psycopg.connect(url) as conn:
             migrate(conn)
         yield url
-    finally:
-        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @contextmanager
 def redis_namespace(url: str = REDIS) -> Iterator[Keys]:
     """A key prefix no other test uses; its keys are deleted afterwards."""
-    keys = Keys(f"test-{uuid.uuid4().hex[:12]}")
-    try:
-        yield keys
-    finally:
-        client = redis.Redis.from_url(url)
-        try:
-            stale = list(client.scan_iter(match=f"{keys.prefix}:*"))
-            if stale:
-                client.delete(*stale)
-        except redis.ConnectionError:
-            pass  # a throwaway server already gone
-        finally:
-            client.close()
+    with key_prefix(url, kind="test") as prefix:
+        yield Keys(prefix)
 
 
 @pytest.fixture

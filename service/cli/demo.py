@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
+from experiments.demo_loop import demo_loop
 from service.cli.common import progress
-from service.demo_loop import demo_loop
 
 __all__ = ["demo_data", "demo_loop"]
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness import ROOT, free_port, spawn, stop
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["ROOT", "RunningService", "start_ingest", "start_service"]
 
 
 @dataclass
@@ -36,56 +28,6 @@ class RunningService:
         return self.log.read_text(errors="replace")
 
 
-def _family(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    """The process's descendants: `loop serve` starts its children in sessions of their own."""
-    try:
-        return psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    family = _family(process)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-    # Whatever outlived its parent is stopped too: a test leaves no process behind.
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _, alive = psutil.wait_procs(family, timeout=20)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-
-
-def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped (or killed) as a whole
-        )
-
-
-def kill(process: subprocess.Popen[bytes]) -> None:
-    """kill -9 the process and everything it started."""
-    family = _family(process)
-    os.killpg(process.pid, signal.SIGKILL)
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    process.wait(timeout=10)
-    psutil.wait_procs(family, timeout=10)
-
-
 @pytest.fixture
 def start_ingest(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start `loop ingest` processes; all are stopped at the end."""
@@ -93,7 +35,7 @@ def start_ingest(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callab
 
     def start(**overrides: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, **service_env, **overrides}
-        process = _start([sys.executable, "-m", "service", "ingest"], env, tmp_path / "ingest.log")
+        process = spawn([sys.executable, "-m", "service", "ingest"], env=env, log=tmp_path / "ingest.log")
         started.append(process)
         return process
 
@@ -101,7 +43,7 @@ def start_ingest(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callab
         yield start
     finally:
         for process in started:
-            _stop(process)
+            stop(process, timeout_s=30)
 
 
 @pytest.fixture
@@ -123,7 +65,7 @@ def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Calla
         for key in without:
             env.pop(key, None)
         log = tmp_path / f"serve-{port}.log"
-        process = _start(command, env, log)
+        process = spawn(command, env=env, log=log)
         started.append(process)
         service = RunningService(url=f"http://127.0.0.1:{port}", process=process, log=log)
         deadline = time.monotonic() + 90
@@ -142,4 +84,4 @@ def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Calla
         yield start
     finally:
         for process in started:
-            _stop(process)
+            stop(process, timeout_s=30)

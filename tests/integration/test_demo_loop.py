@@ -9,12 +9,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from experiments.demo_loop import DemoConfig, Servers, run_demo
 from feedback.datasets import read_version
 from feedback.datasets import store as dataset_store
 from feedback.review import Strategy
 from models import digits
 from models.pipeline import BuildResult
-from service.demo_loop import DemoConfig, Servers, run_demo
 from tests.conftest import POSTGRES, REDIS
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,10 @@ import psycopg
 import pytest
 
 from feedback.migrate import migrate
+from harness import free_port, kill
 from models import digits
-from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from tests.integration.conftest import RunningService, kill
+from service.embedded import EmbeddedPostgres, EmbeddedRedis
+from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
 

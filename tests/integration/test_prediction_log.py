@@ -23,7 +23,8 @@ from feedback.predictions import store
 from feedback.predictions.ingest import IngestConfig, IngestWorker, ensure_group, lag
 from feedback.predictions.log import Destination, PredictionLog
 from feedback.predictions.records import PredictionRecord, encode
-from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from harness import free_port
+from service.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import REDIS
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.demo_loop import RoundResult, StrategyRun, simulated_verdict, verdict_on_targets, write_report
 from models import digits
-from service.demo_loop import RoundResult, StrategyRun, simulated_verdict, verdict_on_targets, write_report
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """One round of the loop for the built-in image model, measured: accuracy before and after, and timings.
 
-    python -m loadtest.shapes_loop --per-class 100 --traffic-per-class 200
+    python -m experiments.shapes_loop --per-class 100 --traffic-per-class 200
 
 Everything a user would type, in a scratch folder of its own (model store, var folder, a throwaway
 database and key prefix on the machine's Postgres and Redis): `loop demo-data shapes`, `loop
@@ -27,19 +27,17 @@ from pathlib import Path
 import httpx
 import psycopg
 
+import harness
 from feedback import review as rs
-from loadtest import scratch, servers
 from models import builtin, shapes
 from models.spec import ModelSpec
 
 logger = logging.getLogger("shapes_loop")
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _loop(env: dict[str, str], *args: str) -> tuple[str, float]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "service", *args], cwd=harness.ROOT, env=env, capture_output=True,
                           text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"loop {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
@@ -66,11 +64,11 @@ def main() -> None:
     spec: ModelSpec | None = builtin.builtin_spec(model)
     assert spec is not None
     work = Path(tempfile.mkdtemp(prefix="shapes-loop-"))
-    port = servers.free_port()
+    port = harness.free_port()
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     times: dict[str, float] = {}
     try:
-        with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+        with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
             env = {
                 **os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
                 "LOOP_VAR_DIR": str(work / "var"), "LOOP_DATABASE_URL": database_url, "LOOP_REDIS_URL": args.redis,
@@ -82,8 +80,8 @@ def main() -> None:
             _, times["import"] = _loop(env, "datasets", "import", model, str(work / "shapes"))
             first, times["first train"] = _loop(env, "train", "--model", model, *epochs)
             url = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "-m", "service", "serve", "--no-train"]
-            with servers.running(command, env, ready_url=f"{url}/readyz", log=work / "serve.log"):
+            command = harness.LOOP_SERVE
+            with harness.running(command, env, ready_url=f"{url}/readyz", log=work / "serve.log"):
                 truth = _traffic(url, work / "traffic", args.traffic_per_class, model, times)
                 with psycopg.connect(database_url, autocommit=True) as conn:
                     _, token = rs.create_user(conn=conn, name="reviewer", role=rs.Role.REVIEWER)

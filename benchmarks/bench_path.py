@@ -1,7 +1,7 @@
 """What each piece of the prediction path costs: the service started once per configuration, the
 same load on each, in one run on one machine.
 
-    python -m loadtest.bench_path --concurrency 1,64 --seconds 10
+    python -m benchmarks.bench_path --concurrency 1,64 --seconds 10
 
 Configurations, each `loop serve` with prediction logging on (its ingest worker running) unless
 said: BentoML's access log and OpenTelemetry tracing on for predictions (BentoML's defaults; either
@@ -19,7 +19,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from loadtest import scratch, servers, wrk
+import harness
+from loadtest import wrk
 from models import digits
 
 logger = logging.getLogger("bench_path")
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=3)
-    servers.add_loop_options(parser)
+    harness.add_loop_options(parser)
     parser.add_argument("--only", default="", help="configurations to run, separated by ; (default: all)")
     parser.add_argument("--out", type=Path, default=Path("var/bench/path.md"))
     args = parser.parse_args()
@@ -53,9 +54,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], wrk.WrkResult] = {}
     configs = {k: v for k, v in CONFIGS.items() if not args.only or k in args.only.split(";") or k == BASELINE}
-    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+    with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         for label, overrides in configs.items():
-            serving = servers.loop_serve(
+            serving = harness.loop_serve(
                 args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
                 var_dir=args.out.parent / "path-var", log=args.out.parent / "path-serve.log", overrides=overrides,
             )  # fmt: skip

@@ -5,7 +5,7 @@ stream before answering) and nothing else. It measures what a front end of our o
 the same machine, so that the design can be weighed against BentoML's server; it is not the product.
 
     LOOP_MODEL_TAG=digits-cnn:latest LOOP_REDIS_URL=redis://127.0.0.1:6379/0 LOOP_REDIS_PREFIX=bench \\
-        python -m loadtest.peers.lean_asgi_peer --port 3997 --workers 2
+        python -m benchmarks.peers.lean_asgi_peer --port 3997 --workers 2
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=3997)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
-    target = "loadtest.peers.lean_asgi_peer:app"
+    target = "benchmarks.peers.lean_asgi_peer:app"
     uvicorn.run(target, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
                 workers=args.workers, http="httptools", lifespan="off")  # fmt: skip
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -35,8 +32,8 @@ import click
 import httpx
 import numpy as np
 import psycopg
-from psycopg import sql
 
+import harness
 from feedback import review as rs
 from feedback.champion import champion as current_champion
 from feedback.datasets import store as dataset_store
@@ -46,8 +43,6 @@ from models import builtin
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = (rs.Strategy.LEAST_CONFIDENT, rs.Strategy.RANDOM)
 TARGET_ACCURACY = 0.97
 START_BELOW = 0.90
@@ -142,7 +137,7 @@ class Demo:
         self.keys = Keys(f"demo-{run}")
         self.database = f"loop_demo_{strategy.value}_{run}"
         self.server_url = servers.postgres
-        self.database_url = psycopg.conninfo.make_conninfo(servers.postgres, dbname=self.database)
+        self.database_url = harness.on_database(servers.postgres, self.database)
         self.redis_url = servers.redis
         self.var_dir = out / f"var-{strategy.value}"
         self.rng = np.random.default_rng(config.seed)
@@ -339,14 +334,12 @@ class Demo:
         return str((self.out / "datasets").resolve())
 
     def _create_database(self) -> None:
-        with psycopg.connect(self.server_url, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+        harness.create_database(self.server_url, name=self.database)
         with psycopg.connect(self.database_url, connect_timeout=5) as conn:
             migrate(conn)
 
     def drop_database(self) -> None:
-        with psycopg.connect(self.server_url, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
+        harness.drop_database(self.server_url, self.database)
 
     def _announce(self, model_name: str, version: str) -> None:
         from feedback.use_cases import announcer
@@ -356,56 +349,16 @@ class Demo:
     @contextlib.contextmanager
     def _service(self) -> Iterator[httpx.Client]:
         """`loop serve` on a free port, for this strategy's model, database and key prefix."""
-        from service.embedded import free_port
-
-        port = free_port()
-        env = {
-            **os.environ,
-            "LOOP_DATABASE_URL": self.database_url,
-            "LOOP_REDIS_URL": self.redis_url,
-            "LOOP_REDIS_PREFIX": self.keys.prefix,
-            "LOOP_MODEL_NAME": self.model_name,
-            "LOOP_MODEL_TAG": "champion",
-            "LOOP_HOST": "127.0.0.1",
-            "LOOP_PORT": str(port),
-            "LOOP_WORKERS": "1",
-            "LOOP_VAR_DIR": str(self.var_dir),
-            "LOOP_REVIEW_OVERLAP": "2",
-            "LOOP_REVIEW_OVERLAP_SHARE": str(self.config.overlap_share),
-            "LOOP_INGEST_METRICS_PORT": "0",
-        }
-        log = (self.out / f"serve-{self.strategy.value}.log").open("ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--no-train"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        serving = harness.loop_serve(
+            f"{self.model_name}:champion", database_url=self.database_url, redis_url=self.redis_url,
+            prefix=self.keys.prefix, var_dir=self.var_dir, log=self.out / f"serve-{self.strategy.value}.log",
+            overrides={
+                "LOOP_HOST": "127.0.0.1", "LOOP_WORKERS": "1", "LOOP_REVIEW_OVERLAP": "2",
+                "LOOP_REVIEW_OVERLAP_SHARE": str(self.config.overlap_share),
+            },
         )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            with httpx.Client(base_url=url, timeout=60) as http:
-                _wait_ready(http, process)
-                yield http
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            log.close()
-
-
-def _wait_ready(http: httpx.Client, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise click.ClickException(f"`loop serve` exited with {process.returncode}; see its log")
-        with contextlib.suppress(httpx.TransportError):
-            if http.get("/readyz", timeout=2).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise click.ClickException("`loop serve` did not become ready in time; see its log")
-        time.sleep(0.3)
+        with serving as url, httpx.Client(base_url=url, timeout=60) as http:
+            yield http
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -474,19 +427,11 @@ def verdict_on_targets(runs: Sequence[StrategyRun]) -> list[str]:
 @contextlib.contextmanager
 def demo_servers(settings: Settings, var_dir: Path) -> Iterator[Servers]:
     """The configured servers, else an embedded Postgres and Redis of the demo's own (free ports)."""
-    from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+    from harness import embedded
 
     with contextlib.ExitStack() as stack:
-        postgres = settings.database_url
-        if postgres is None:
-            server = EmbeddedPostgres(var_dir / "postgres", free_port())
-            postgres = server.start()
-            stack.callback(server.stop)
-        redis_url = settings.redis_url
-        if redis_url is None:
-            redis_server = EmbeddedRedis(var_dir / "redis", free_port())
-            redis_url = redis_server.start()
-            stack.callback(redis_server.stop)
+        postgres = settings.database_url or stack.enter_context(embedded.postgres(var_dir / "postgres")).url
+        redis_url = settings.redis_url or stack.enter_context(embedded.redis(var_dir / "redis")).url
         yield Servers(postgres=postgres, redis=redis_url)
 
 

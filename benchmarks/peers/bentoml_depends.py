@@ -2,7 +2,7 @@
 batchable inference service (one worker) through `bentoml.depends`. A benchmark prototype, beside
 our shared inference process (`LOOP_INFERENCE=shared`); no logging. Serves the same model.
 
-    LOOP_MODEL_TAG=digits-wide:latest bentoml serve loadtest.peers.bentoml_depends:DependsApi
+    LOOP_MODEL_TAG=digits-wide:latest bentoml serve benchmarks.peers.bentoml_depends:DependsApi
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which process uses the machine's cores while wrk drives `/predict`: what limits one more worker.
 
-    python -m loadtest.cpu_share --workers 1,2 --concurrency 64 --seconds 10
+    python -m benchmarks.cpu_share --workers 1,2 --concurrency 64 --seconds 10
 
 Starts `loop serve` (prediction logging on, its ingest worker running) on a throwaway database and
 key prefix, once per worker count; after a warm-up, measures the CPU time each kind of process
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from loadtest import scratch, servers, wrk
+import harness
+from loadtest import wrk
 from models import digits
 
 logger = logging.getLogger("cpu_share")
@@ -68,15 +69,15 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10)
-    servers.add_loop_options(parser)
+    harness.add_loop_options(parser)
     parser.add_argument("--out", type=Path, default=Path("var/bench"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     body = {"samples": digits.load().images[:1].tolist()}
     args.out.mkdir(parents=True, exist_ok=True)
-    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+    with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         for workers in args.workers.split(","):
-            serving = servers.loop_serve(
+            serving = harness.loop_serve(
                 args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
                 var_dir=args.out / "cpu-var", log=args.out / "cpu-serve.log", overrides={"LOOP_WORKERS": workers},
             )  # fmt: skip

@@ -1,6 +1,6 @@
 """Where a service worker's time goes under load: py-spy samples it while wrk drives it.
 
-    python -m loadtest.profile_service --concurrency 32 --seconds 10
+    python -m benchmarks.profile_service --concurrency 32 --seconds 10
 
 Starts `loop serve` (prediction logging on, with its ingest worker) on a throwaway database and
 key prefix, drives `/predict` with wrk, and samples the BentoML worker with py-spy (`pip install
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from loadtest import scratch, servers, wrk
+import harness
+from loadtest import wrk
 from models import digits
 
 logger = logging.getLogger("profile_service")
@@ -81,7 +82,7 @@ def main() -> None:
     body = {"samples": [digits.load().images[0].tolist()]}
     collapsed = out / "stacks.txt"
     result: list[wrk.WrkResult] = []
-    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+    with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         env = {
             "LOOP_MODEL_NAME": name,
             "LOOP_MODEL_TAG": version or "latest",
@@ -93,9 +94,9 @@ def main() -> None:
             "LOOP_LOG_PREDICTIONS": args.log_predictions,
             "LOOP_PORT": str(port),
         }
-        command = [sys.executable, "-m", "service", "serve", "--no-train"]
+        command = harness.LOOP_SERVE
         ready = f"http://127.0.0.1:{port}/readyz"
-        with servers.running(command, env, ready_url=ready, log=out / "serve.log") as process:
+        with harness.running(command, env, ready_url=ready, log=out / "serve.log") as process:
             wrk.run(url, body, connections=args.concurrency, seconds=3)  # warm-up
             pid = worker_pid(process.pid)
             load = threading.Thread(

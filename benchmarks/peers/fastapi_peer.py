@@ -1,7 +1,7 @@
 """The same model behind plain FastAPI and uvicorn, no batching and no logging: the cheapest
 Python server, each request run by itself as it comes.
 
-    LOOP_MODEL_TAG=digits-cnn:latest python -m loadtest.peers.fastapi_peer --port 3996
+    LOOP_MODEL_TAG=digits-cnn:latest python -m benchmarks.peers.fastapi_peer --port 3996
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=3996)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
-    target = app if args.workers == 1 else f"{__name__.replace('__main__', 'loadtest.peers.fastapi_peer')}:app"
+    target = app if args.workers == 1 else f"{__name__.replace('__main__', 'benchmarks.peers.fastapi_peer')}:app"
     uvicorn.run(target, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, workers=args.workers)
 
 

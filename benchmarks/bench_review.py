@@ -1,6 +1,6 @@
 """Moderation latency with a large store: claim + verdict, and a filtered page of the item list.
 
-    python -m loadtest.bench_review --predictions 1000000 --rounds 300
+    python -m benchmarks.bench_review --predictions 1000000 --rounds 300
 
 Fills a fresh database with synthetic predictions (binary COPY, as the ingest worker writes
 them), then times, through the same functions the HTTP routes call: claiming 10 items and giving
@@ -18,13 +18,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import psycopg
 
+import harness
 from feedback import review as rs
 from feedback.ids import compose_uuid7
 from feedback.migrate import migrate
 from feedback.predictions import store
 from feedback.predictions.records import Row
 from feedback.review.moderation import Status, Verdict
-from loadtest import scratch
 from models.npy import npy_bytes
 
 logger = logging.getLogger("bench_review")
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    database, database_url = scratch.create_database(args.postgres)
+    database, database_url = harness.create_database(args.postgres)
     try:
         with psycopg.connect(database_url, autocommit=True) as conn:
             migrate(conn)
@@ -137,7 +137,7 @@ def main() -> None:
         if args.keep:
             print(f"kept database {database}")
         else:
-            scratch.drop_database(args.postgres, database)
+            harness.drop_database(args.postgres, database)
 
 
 if __name__ == "__main__":

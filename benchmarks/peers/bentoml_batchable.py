@@ -1,7 +1,7 @@
 """A bare BentoML service with BentoML's own adaptive batching (`batchable=True`) and no logging:
 the baseline our service is compared with. Serves the same model from the same store.
 
-    LOOP_MODEL_TAG=digits-cnn:latest bentoml serve loadtest.peers.bentoml_batchable:BareBatchable
+    LOOP_MODEL_TAG=digits-cnn:latest bentoml serve benchmarks.peers.bentoml_batchable:BareBatchable
 """
 
 from __future__ import annotations

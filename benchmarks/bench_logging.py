@@ -1,6 +1,6 @@
 """Serving throughput with prediction logging on and off: same machine, same load, same run.
 
-    python -m loadtest.bench_logging --concurrency 32 --seconds 10 --rounds 2
+    python -m benchmarks.bench_logging --concurrency 32 --seconds 10 --rounds 2
 
 Starts `loop serve` twice on the configured servers (by default the machine's Postgres and
 Redis, in a fresh database and key prefix): once storing every prediction (with its ingest
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from loadtest import scratch, servers, wrk
+import harness
+from loadtest import wrk
 from models import digits
 
 logger = logging.getLogger("bench_logging")
@@ -34,8 +34,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.log_dir.mkdir(parents=True, exist_ok=True)
 
-    database, database_url = scratch.create_database(args.postgres)
-    prefix = scratch.new_prefix()
+    database, database_url = harness.create_database(args.postgres)
+    prefix = harness.new_prefix()
     base = {
         "LOOP_DATABASE_URL": database_url,
         "LOOP_REDIS_URL": args.redis,
@@ -49,8 +49,8 @@ def main() -> None:
             for mode in ("on", "off"):
                 port = 3900 + (mode == "off")
                 env = {**base, "LOOP_LOG_PREDICTIONS": "true" if mode == "on" else "false"}
-                process = servers.start(
-                    [sys.executable, "-m", "service", "serve", "--no-train"],
+                process = harness.start(
+                    harness.LOOP_SERVE,
                     {**env, "LOOP_PORT": str(port), "LOOP_INGEST_METRICS_PORT": "0"},
                     ready_url=f"http://127.0.0.1:{port}/readyz",
                     log=args.log_dir / f"serve-{mode}.log",
@@ -60,12 +60,12 @@ def main() -> None:
                     wrk.run(url, body, connections=args.concurrency, seconds=args.warmup)
                     result = wrk.run(url, body, connections=args.concurrency, seconds=args.seconds)
                 finally:
-                    servers.stop(process)
+                    harness.stop(process)
                 logger.info("round %d, logging %s: %s", round_ + 1, mode, result)
                 results[mode].append(result)
     finally:
-        scratch.drop_database(args.postgres, database)
-        scratch.delete_keys(args.redis, prefix)
+        harness.drop_database(args.postgres, database)
+        harness.delete_keys(args.redis, prefix)
 
     def mean(mode: str, attr: str) -> float:
         return sum(float(getattr(r, attr)) for r in results[mode]) / len(results[mode])

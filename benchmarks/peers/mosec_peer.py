@@ -1,6 +1,6 @@
 """The same model behind MOSEC (Rust HTTP front, batches up to 64, 5 ms wait), no logging.
 
-    LOOP_MODEL_TAG=digits-cnn:latest python -m loadtest.peers.mosec_peer --port 3996
+    LOOP_MODEL_TAG=digits-cnn:latest python -m benchmarks.peers.mosec_peer --port 3996
 
 MOSEC serves `POST /inference`; its `GET /` answers once it is up.
 """

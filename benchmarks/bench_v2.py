@@ -1,6 +1,6 @@
 """The Open Inference Protocol against `/predict`, in one run: requests per second and p99.
 
-    python -m loadtest.bench_v2 --seconds 8 --concurrency 1,32
+    python -m benchmarks.bench_v2 --seconds 8 --concurrency 1,32
 
 Starts `loop serve` with the digits model (prediction logging on, ingest running, a throwaway
 database and key prefix) and drives it with wrk, one digit per request, three ways: `/predict`
@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from loadtest import scratch, servers, wrk
+import harness
+from loadtest import wrk
 from models import digits
 
 logger = logging.getLogger("bench_v2")
@@ -47,14 +47,14 @@ def main() -> None:
                                     {"Inference-Header-Content-Length": str(len(header))}),
     }  # fmt: skip
     results: dict[tuple[str, int], wrk.WrkResult] = {}
-    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+    with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         env = {
             "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": "latest", "LOOP_DATABASE_URL": database_url,
             "LOOP_REDIS_URL": args.redis, "LOOP_REDIS_PREFIX": prefix, "LOOP_VAR_DIR": str(args.out / "var"),
             "LOOP_INGEST_METRICS_PORT": "0", "LOOP_PORT": "3982",
         }  # fmt: skip
-        command = [sys.executable, "-m", "service", "serve", "--no-train"]
-        with servers.running(command, env, ready_url=f"{base}/readyz", log=args.out / "serve.log"):
+        command = harness.LOOP_SERVE
+        with harness.running(command, env, ready_url=f"{base}/readyz", log=args.out / "serve.log"):
             for case, (path, body, content_type, headers) in cases.items():
                 wrk.run(base + path, body, connections=8, seconds=2, content_type=content_type, headers=headers)
                 for c in levels:

@@ -1,6 +1,6 @@
 """The same model behind LitServe (dynamic batching up to 64, 5 ms wait), no logging.
 
-LOOP_MODEL_TAG=digits-cnn:latest python -m loadtest.peers.litserve_peer --port 3995
+LOOP_MODEL_TAG=digits-cnn:latest python -m benchmarks.peers.litserve_peer --port 3995
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Ingest throughput: predictions per second from the Redis stream into Postgres, one worker.
 
-    python -m loadtest.bench_ingest --records 200000
+    python -m benchmarks.bench_ingest --records 200000
 
 Fills a stream (under a fresh key prefix) with synthetic digit predictions, then times one
 ingest worker draining it into a fresh database, and drops both afterwards. Needs Postgres and
@@ -18,12 +18,12 @@ import numpy as np
 import psycopg
 import redis
 
+import harness
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.migrate import migrate
 from feedback.predictions.ingest import IngestConfig, IngestWorker, lag
 from feedback.predictions.records import PredictionRecord, encode
-from loadtest import scratch
 
 logger = logging.getLogger("bench_ingest")
 
@@ -59,9 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    keys = Keys(scratch.new_prefix())
+    keys = Keys(harness.new_prefix())
     client = redis.Redis.from_url(args.redis)
-    database, url = scratch.create_database(args.postgres)
+    database, url = harness.create_database(args.postgres)
     try:
         with psycopg.connect(url) as conn:
             migrate(conn)
@@ -95,8 +95,8 @@ def main() -> None:
             f"(one worker, batch {args.batch_size}); {bytes_per_row:.0f} bytes per stored prediction"
         )
     finally:
-        scratch.delete_keys(args.redis, keys.prefix)
-        scratch.drop_database(args.postgres, database)
+        harness.delete_keys(args.redis, keys.prefix)
+        harness.drop_database(args.postgres, database)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Images per second per worker for 64x64 PNG uploads, beside JSON tensors, and where the time goes.
 
-    python -m loadtest.bench_images --seconds 8 --concurrency 1,32
+    python -m benchmarks.bench_images --seconds 8 --concurrency 1,32
 
 Builds a small image classifier (a 3-layer CNN on 64x64 RGB, seeded random weights, exported to
 ONNX and imported with its spec like a team's model), starts `loop serve` with it beside the digits
@@ -32,8 +32,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from loadtest import scratch, servers, wrk
-from loadtest.profile_service import worker_pid
+import harness
+from benchmarks.profile_service import worker_pid
+from loadtest import wrk
 from models import digits, export
 from models.importer import import_model
 from models.spec import ModelSpec
@@ -123,7 +124,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/predict"
     collapsed = args.out / "stacks-png.txt"
     rows = []
-    with scratch.throwaway(args.postgres, args.redis) as (database_url, prefix):
+    with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         env = {
             "LOOP_MODELS": f"{digits.DEFAULT_MODEL_NAME},{image_tag}",
             "LOOP_DATABASE_URL": database_url,
@@ -133,9 +134,9 @@ def main() -> None:
             "LOOP_INGEST_METRICS_PORT": "0",
             "LOOP_PORT": str(port),
         }
-        command = [sys.executable, "-m", "service", "serve", "--no-train"]
+        command = harness.LOOP_SERVE
         ready = f"http://127.0.0.1:{port}/readyz"
-        with servers.running(command, env, ready_url=ready, log=args.out / "serve.log") as process:
+        with harness.running(command, env, ready_url=ready, log=args.out / "serve.log") as process:
             for name, (body, content_type) in bodies.items():
                 wrk.run(url, body, connections=8, seconds=2, content_type=content_type)
                 for c in levels:

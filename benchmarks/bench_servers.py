@@ -1,6 +1,6 @@
 """One run, one machine, one model, one load generator: our service against the alternatives.
 
-    python -m loadtest.bench_servers --concurrency 1,8,32,64 --seconds 10
+    python -m benchmarks.bench_servers --concurrency 1,8,32,64 --seconds 10
 
 Measures, after a warm-up, at each concurrency (closed loop, wrk, single-digit JSON requests):
 throughput, p50, p99 and errors of
@@ -16,7 +16,7 @@ share of the two cores the load generator took is visible.
 
 - plain FastAPI + uvicorn, the same model, no batching, no logging, no access log: the cheapest
   Python server;
-- a prototype of our path without BentoML and Starlette (loadtest.peers.lean_asgi_peer: bare ASGI
+- a prototype of our path without BentoML and Starlette (benchmarks.peers.lean_asgi_peer: bare ASGI
   on uvicorn, the same checks, batcher and Redis log), 2 workers: what a front end of our own reaches;
 - peers from the package registry, the same model, no logging: LitServe (Python front end,
   the closest in design to ours) and MOSEC (Rust front end, the fastest we know of); install them
@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest import openloop, scratch, servers, wrk
+import harness
+from loadtest import openloop, wrk
 from models import digits, store
 from models.runtime import DevicePreference, OnnxModel
 
@@ -222,7 +223,7 @@ def markdown(points: list[Point], ceilings: dict[int, float], concurrencies: lis
 
 def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out: Path) -> list[Target]:
     name, _, version = model.partition(":")
-    loop = servers.LOOP_SERVE
+    loop = harness.LOOP_SERVE
     common = {
         "LOOP_MODEL_NAME": name,
         "LOOP_MODEL_TAG": version or "latest",
@@ -251,37 +252,37 @@ def make_targets(model: str, database_url: str, redis_url: str, prefix: str, out
         Target("ours batched, log on, npy body", loop, common, path="/predict/npy", npy=True),
         Target(
             BENTOML,
-            [bentoml, "serve", "loadtest.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
+            [bentoml, "serve", "benchmarks.peers.bentoml_batchable:BareBatchable", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
             DEPENDS,
-            [bentoml, "serve", "loadtest.peers.bentoml_depends:DependsApi", "--port", "{port}"],
+            [bentoml, "serve", "benchmarks.peers.bentoml_depends:DependsApi", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
             FASTAPI,
-            [sys.executable, "-m", "loadtest.peers.fastapi_peer", "--port", "{port}"],
+            [sys.executable, "-m", "benchmarks.peers.fastapi_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
             FASTAPI_2W,
-            [sys.executable, "-m", "loadtest.peers.fastapi_peer", "--port", "{port}", "--workers", "2"],
+            [sys.executable, "-m", "benchmarks.peers.fastapi_peer", "--port", "{port}", "--workers", "2"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
             LEAN,
-            [sys.executable, "-m", "loadtest.peers.lean_asgi_peer", "--port", "{port}", "--workers", "2"],
+            [sys.executable, "-m", "benchmarks.peers.lean_asgi_peer", "--port", "{port}", "--workers", "2"],
             {"LOOP_MODEL_TAG": model, "LOOP_REDIS_URL": redis_url, "LOOP_REDIS_PREFIX": prefix},
         ),
         Target(
             LITSERVE,
-            [sys.executable, "-m", "loadtest.peers.litserve_peer", "--port", "{port}"],
+            [sys.executable, "-m", "benchmarks.peers.litserve_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
         ),
         Target(
             MOSEC,
-            [sys.executable, "-m", "loadtest.peers.mosec_peer", "--port", "{port}"],
+            [sys.executable, "-m", "benchmarks.peers.mosec_peer", "--port", "{port}"],
             {"LOOP_MODEL_TAG": model},
             path="/inference",
             ready="/",
@@ -307,7 +308,7 @@ def measure(
         np.save(buffer, image)
         body = buffer.getvalue()
     points, open_points = [], []
-    process = servers.start(
+    process = harness.start(
         [part.replace("{port}", str(port)) for part in target.command],
         {**target.env, "LOOP_PORT": str(port)},
         ready_url=f"http://127.0.0.1:{port}{target.ready}",
@@ -329,7 +330,7 @@ def measure(
             )
             logger.info("%s rate=%.0f: %s", target.name, rate, o)
     finally:
-        servers.stop(process)
+        harness.stop(process)
     return points, open_points
 
 
@@ -350,8 +351,8 @@ def main() -> None:
     out = args.out or Path("var/bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
-    database, database_url = scratch.create_database(args.postgres)
-    prefix = scratch.new_prefix()
+    database, database_url = harness.create_database(args.postgres)
+    prefix = harness.new_prefix()
     if args.model.startswith("digits-wide") and not store.exists(args.model):
         from models.pipeline import build_wide_model
 
@@ -374,8 +375,8 @@ def main() -> None:
             points += closed
             open_points += opened
     finally:
-        scratch.drop_database(args.postgres, database)
-        scratch.delete_keys(args.redis, prefix)
+        harness.drop_database(args.postgres, database)
+        harness.delete_keys(args.redis, prefix)
 
     (out / "results.json").write_text(
         json.dumps(

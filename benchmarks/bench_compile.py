@@ -1,6 +1,6 @@
 """Compile a training version from a million labelled samples: time and peak memory.
 
-    python -m loadtest.bench_compile --samples 1000000
+    python -m benchmarks.bench_compile --samples 1000000
 
 Fills a throwaway database with synthetic predictions (binary COPY, as the ingest worker writes
 them), labels them all in SQL (90% 'correct', 9% 'wrong' with another label, 1% discarded), then
@@ -23,11 +23,11 @@ from typing import Any
 
 import psycopg
 
+import harness
+from benchmarks.bench_review import fill
 from feedback import review as rs
 from feedback.datasets import LabelSchema, bundled_originals, compile_training, freeze_validation
 from feedback.migrate import migrate
-from loadtest import scratch
-from loadtest.bench_review import fill
 from models import digits
 
 logger = logging.getLogger("bench_compile")
@@ -103,7 +103,7 @@ def main() -> None:
         print(json.dumps(result))  # read by the parent
         return
 
-    name, url = scratch.create_database(args.postgres)
+    name, url = harness.create_database(args.postgres)
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             migrate(conn)
@@ -114,7 +114,7 @@ def main() -> None:
             for watermark in ("-", "same"):
                 given = "-" if watermark == "-" else str(results[0]["watermark"])
                 out = subprocess.run(
-                    [sys.executable, "-m", "loadtest.bench_compile", "--child", url, f"{tmp}/datasets-{len(results)}",
+                    [sys.executable, "-m", "benchmarks.bench_compile", "--child", url, f"{tmp}/datasets-{len(results)}",
                      f"{tmp}/split.json", given],
                     check=True, capture_output=True, text=True,
                 )  # fmt: skip
@@ -131,7 +131,7 @@ def main() -> None:
         if args.keep:
             logger.info("kept database %s", name)
         else:
-            scratch.drop_database(args.postgres, name)
+            harness.drop_database(args.postgres, name)
 
 
 if __name__ == "__main__":
