@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser run train test lint audit format clean demo-loop
+.PHONY: install browser run train test test-fast lint audit format clean demo-loop
 
 $(STAMP): pyproject.toml constraints.txt requirements/no-deps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ demo-loop: install ## Measure how much review improves a model (both strategies,
 
 test: install browser ## Unit, model, API, integration and browser tests.
 	BENTOML_DO_NOT_TRACK=True $(BIN)/pytest
+
+test-fast: install ## Unit and API tests only: the quick round while developing (make test is the whole suite).
+	BENTOML_DO_NOT_TRACK=True $(BIN)/pytest -m "unit or api" -q
 
 lint: install ## ruff check, ruff format --check, mypy.
 	$(BIN)/ruff check .
