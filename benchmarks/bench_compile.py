@@ -72,9 +72,14 @@ def compile_once(database_url: str, root: str, split_path: Path, watermark: int 
         validation = freeze_validation(conn=conn, model_name=MODEL, originals=originals, schema=schema, root_url=root)
         started = time.perf_counter()
         version = compile_training(
-            conn=conn, model_name=MODEL, schema=schema, originals=originals, validation=validation, root_url=root,
+            conn=conn,
+            model_name=MODEL,
+            schema=schema,
+            originals=originals,
+            validation=validation,
+            root_url=root,
             watermark=watermark,
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in Path(version.uri).rglob("*") if p.is_file())
     return {
@@ -114,19 +119,36 @@ def main() -> None:
             for watermark in ("-", "same"):
                 given = "-" if watermark == "-" else str(results[0]["watermark"])
                 out = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.bench_compile", "--child", url, f"{tmp}/datasets-{len(results)}",
-                     f"{tmp}/split.json", given],
-                    check=True, capture_output=True, text=True,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.bench_compile",
+                        "--child",
+                        url,
+                        f"{tmp}/datasets-{len(results)}",
+                        f"{tmp}/split.json",
+                        given,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
                 results.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 logger.info("compile %d: %s", len(results), results[-1])
         first, second = results
         logger.info(
             "%d samples: %d rows in %.1f s (%.0f rows/s), peak RSS %.0f MiB, %.1f MiB on disk; "
             "again at watermark %s: %.1f s, same id: %s",
-            args.samples, first["rows"], first["seconds"], first["rows"] / first["seconds"], first["peak_rss_mib"],
-            first["bytes"] / 2**20, first["watermark"], second["seconds"], first["id"] == second["id"],
-        )  # fmt: skip
+            args.samples,
+            first["rows"],
+            first["seconds"],
+            first["rows"] / first["seconds"],
+            first["peak_rss_mib"],
+            first["bytes"] / 2**20,
+            first["watermark"],
+            second["seconds"],
+            first["id"] == second["id"],
+        )
     finally:
         if args.keep:
             logger.info("kept database %s", name)

@@ -61,14 +61,20 @@ PHASES = (
 def build_model() -> str:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3),
-    ).eval()  # fmt: skip
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    ).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        path = export.export_onnx(model, Path(tmp) / "model.onnx", sample_shape=(3, 64, 64), input_name="image",
-                                  output_name="logits")  # fmt: skip
+        path = export.export_onnx(
+            model, Path(tmp) / "model.onnx", sample_shape=(3, 64, 64), input_name="image", output_name="logits"
+        )
         return import_model(IMAGE_MODEL, path, ModelSpec.model_validate(SPEC)).tag
 
 
@@ -142,8 +148,15 @@ def main() -> None:
                 for c in levels:
                     result = wrk.run(url, body, connections=c, seconds=args.seconds, content_type=content_type)
                     rows.append((name, c, result))
-                    logger.info("%-30s c=%-3d %8.0f req/s  p50 %6.1f ms  p99 %6.1f ms  errors %d", name, c,
-                                result.requests_per_s, result.p50_ms, result.p99_ms, result.errors)  # fmt: skip
+                    logger.info(
+                        "%-30s c=%-3d %8.0f req/s  p50 %6.1f ms  p99 %6.1f ms  errors %d",
+                        name,
+                        c,
+                        result.requests_per_s,
+                        result.p50_ms,
+                        result.p99_ms,
+                        result.errors,
+                    )
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             upload, upload_type = bodies["64x64 PNG, multipart upload"]
 
@@ -153,9 +166,25 @@ def main() -> None:
             load = threading.Thread(target=drive)
             load.start()
             time.sleep(1)
-            subprocess.run([py_spy, "record", "--pid", str(worker_pid(process.pid)), "--duration",
-                            str(int(args.seconds)), "--rate", "200", "--format", "raw", "--output", str(collapsed),
-                            "--nonblocking"], check=True, capture_output=True)  # fmt: skip
+            subprocess.run(
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(worker_pid(process.pid)),
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(collapsed),
+                    "--nonblocking",
+                ],
+                check=True,
+                capture_output=True,
+            )
             load.join()
     total, shares = phase_shares(collapsed)
     print("\n| body | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|")

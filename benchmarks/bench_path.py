@@ -26,8 +26,10 @@ from models import digits
 logger = logging.getLogger("bench_path")
 
 CONFIGS: dict[str, dict[str, str]] = {
-    "access log + tracing on (BentoML's defaults)": {"LOOP_ACCESS_LOG_PREDICTIONS": "true",
-                                                      "LOOP_TRACE_PREDICTIONS": "true"},
+    "access log + tracing on (BentoML's defaults)": {
+        "LOOP_ACCESS_LOG_PREDICTIONS": "true",
+        "LOOP_TRACE_PREDICTIONS": "true",
+    },
     "access log on": {"LOOP_ACCESS_LOG_PREDICTIONS": "true"},
     "tracing on": {"LOOP_TRACE_PREDICTIONS": "true"},
     "both off, through BentoML's API (LOOP_FAST_PATH=false)": {"LOOP_FAST_PATH": "false"},
@@ -35,7 +37,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "ours (fast path; both off, httptools parser)": {},
     "ours, BentoML's HTTP metrics off": {"BENTOML_CONFIG_OPTIONS": "services.loop.metrics.enabled=false"},
     "ours, prediction logging off": {"LOOP_LOG_PREDICTIONS": "false"},
-}  # fmt: skip
+}
 BASELINE = "ours (fast path; both off, httptools parser)"
 
 
@@ -57,9 +59,14 @@ def main() -> None:
     with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         for label, overrides in configs.items():
             serving = harness.loop_serve(
-                args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
-                var_dir=args.out.parent / "path-var", log=args.out.parent / "path-serve.log", overrides=overrides,
-            )  # fmt: skip
+                args.model,
+                database_url=database_url,
+                redis_url=args.redis,
+                prefix=prefix,
+                var_dir=args.out.parent / "path-var",
+                log=args.out.parent / "path-serve.log",
+                overrides=overrides,
+            )
             with serving as root:
                 url = f"{root}/predict"
                 for c in concurrencies:

@@ -369,9 +369,14 @@ def main() -> None:
         logger.info("ceiling: %s", ceilings)
         for i, target in enumerate(targets):
             closed, opened = measure(
-                target, 3990 + i, concurrencies=concurrencies, rates=rates, seconds=args.seconds,
-                warmup=args.warmup, log=out / f"{i}.log",
-            )  # fmt: skip
+                target,
+                3990 + i,
+                concurrencies=concurrencies,
+                rates=rates,
+                seconds=args.seconds,
+                warmup=args.warmup,
+                log=out / f"{i}.log",
+            )
             points += closed
             open_points += opened
     finally:

@@ -43,23 +43,38 @@ def main() -> None:
     cases: dict[str, tuple[str, Mapping[str, object] | bytes, str | None, dict[str, str]]] = {
         "/predict, JSON": ("/predict", {"samples": [digit.tolist()]}, None, {}),
         "v2 infer, JSON": (f"/v2/models/{name}/infer", {"inputs": [{**tensor, "data": digit.tolist()}]}, None, {}),
-        "v2 infer, binary tensor": (f"/v2/models/{name}/infer", header + digit.tobytes(), "application/octet-stream",
-                                    {"Inference-Header-Content-Length": str(len(header))}),
-    }  # fmt: skip
+        "v2 infer, binary tensor": (
+            f"/v2/models/{name}/infer",
+            header + digit.tobytes(),
+            "application/octet-stream",
+            {"Inference-Header-Content-Length": str(len(header))},
+        ),
+    }
     results: dict[tuple[str, int], wrk.WrkResult] = {}
     with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         env = {
-            "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": "latest", "LOOP_DATABASE_URL": database_url,
-            "LOOP_REDIS_URL": args.redis, "LOOP_REDIS_PREFIX": prefix, "LOOP_VAR_DIR": str(args.out / "var"),
-            "LOOP_INGEST_METRICS_PORT": "0", "LOOP_PORT": "3982",
-        }  # fmt: skip
+            "LOOP_MODEL_NAME": name,
+            "LOOP_MODEL_TAG": "latest",
+            "LOOP_DATABASE_URL": database_url,
+            "LOOP_REDIS_URL": args.redis,
+            "LOOP_REDIS_PREFIX": prefix,
+            "LOOP_VAR_DIR": str(args.out / "var"),
+            "LOOP_INGEST_METRICS_PORT": "0",
+            "LOOP_PORT": "3982",
+        }
         command = harness.LOOP_SERVE
         with harness.running(command, env, ready_url=f"{base}/readyz", log=args.out / "serve.log"):
             for case, (path, body, content_type, headers) in cases.items():
                 wrk.run(base + path, body, connections=8, seconds=2, content_type=content_type, headers=headers)
                 for c in levels:
-                    result = wrk.run(base + path, body, connections=c, seconds=args.seconds,
-                                     content_type=content_type, headers=headers)  # fmt: skip
+                    result = wrk.run(
+                        base + path,
+                        body,
+                        connections=c,
+                        seconds=args.seconds,
+                        content_type=content_type,
+                        headers=headers,
+                    )
                     if result.errors:
                         raise SystemExit(f"{case} at c={c}: {result.errors} errors; see {args.out / 'serve.log'}")
                     results[case, c] = result

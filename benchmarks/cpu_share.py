@@ -78,9 +78,14 @@ def main() -> None:
     with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         for workers in args.workers.split(","):
             serving = harness.loop_serve(
-                args.model, database_url=database_url, redis_url=args.redis, prefix=prefix,
-                var_dir=args.out / "cpu-var", log=args.out / "cpu-serve.log", overrides={"LOOP_WORKERS": workers},
-            )  # fmt: skip
+                args.model,
+                database_url=database_url,
+                redis_url=args.redis,
+                prefix=prefix,
+                var_dir=args.out / "cpu-var",
+                log=args.out / "cpu-serve.log",
+                overrides={"LOOP_WORKERS": workers},
+            )
             with serving as root:
                 url = f"{root}/predict"
                 wrk.run(url, body, connections=args.concurrency, seconds=3)
@@ -99,8 +104,10 @@ def main() -> None:
             print(f"{workers} worker(s), c={args.concurrency}: {rate:,.0f} req/s, p50 {result[0].p50_ms:.1f} ms")
             for what, used in sorted(cores.items(), key=lambda item: -item[1]):
                 print(f"  {what:16s} {used:.2f} cores")
-            print(f"  all of these    {sum(cores.values()):.2f} of {psutil.cpu_count()} cores; "
-                  f"{1000 * cores.get('service workers', 0.0) / rate:.2f} ms of worker CPU a request")  # fmt: skip
+            print(
+                f"  all of these    {sum(cores.values()):.2f} of {psutil.cpu_count()} cores; "
+                f"{1000 * cores.get('service workers', 0.0) / rate:.2f} ms of worker CPU a request"
+            )
 
 
 if __name__ == "__main__":

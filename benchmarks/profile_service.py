@@ -105,10 +105,24 @@ def main() -> None:
             load.start()
             time.sleep(1)
             subprocess.run(
-                [py_spy, "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "200",
-                 "--format", "raw", "--output", str(collapsed), "--nonblocking"],
-                check=True, capture_output=True,
-            )  # fmt: skip
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(collapsed),
+                    "--nonblocking",
+                ],
+                check=True,
+                capture_output=True,
+            )
             load.join()
     report = f"load: {result[0]}\n\n" + summarise(collapsed, args.top)
     (out / "summary.txt").write_text(report + "\n")

@@ -169,13 +169,19 @@ class Demo:
         self._create_database()
         with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
             admin, _ = rs.create_user(conn=conn, name="demo-admin", role=rs.Role.ADMIN)
-            tokens = [rs.create_user(conn=conn, name=f"reviewer-{i}", role=rs.Role.REVIEWER)[1]
-                      for i in range(self.config.reviewers)]  # fmt: skip
+            tokens = [
+                rs.create_user(conn=conn, name=f"reviewer-{i}", role=rs.Role.REVIEWER)[1]
+                for i in range(self.config.reviewers)
+            ]
             admin_token = rs.create_user(conn=conn, name="demo-resolver", role=rs.Role.ADMIN)[1]
             validation = ds.freeze_validation(
-                conn=conn, model_name=self.model_name, originals=self.originals, schema=self.schema,
-                root_url=self._datasets_root(), actor=admin,
-            )  # fmt: skip
+                conn=conn,
+                model_name=self.model_name,
+                originals=self.originals,
+                schema=self.schema,
+                root_url=self._datasets_root(),
+                actor=admin,
+            )
             self.echo(f"[{self.strategy.value}] training the first model on {len(self.originals.train)} rows")
             first = self._compile_and_retrain(conn, admin, validation, round_=0, announce=False)
             result.rounds.append(first[0])
@@ -214,17 +220,29 @@ class Demo:
         from models.train import TrainConfig
 
         version = ds.compile_training(
-            conn=conn, model_name=self.model_name, schema=self.schema, originals=self.originals,
-            validation=validation, root_url=self._datasets_root(), actor=admin,
-        )  # fmt: skip
+            conn=conn,
+            model_name=self.model_name,
+            schema=self.schema,
+            originals=self.originals,
+            validation=validation,
+            root_url=self._datasets_root(),
+            actor=admin,
+        )
         config = TrainConfig() if self.config.epochs is None else TrainConfig(epochs=self.config.epochs)
-        with click.progressbar(length=config.epochs, label=f"round {round_}: training on {version.rows} rows",
-                               file=sys.stderr) as bar:  # fmt: skip
+        with click.progressbar(
+            length=config.epochs, label=f"round {round_}: training on {version.rows} rows", file=sys.stderr
+        ) as bar:
             outcome = retrain(
-                conn=conn, model_name=self.model_name, dataset=version, tracking=self.tracking, config=config,
-                margin=self.config.margin, announcer=self._announce if announce else None,
-                on_epoch=lambda _: bar.update(1), spec=self.task.spec,
-            )  # fmt: skip
+                conn=conn,
+                model_name=self.model_name,
+                dataset=version,
+                tracking=self.tracking,
+                config=config,
+                margin=self.config.margin,
+                announcer=self._announce if announce else None,
+                on_epoch=lambda _: bar.update(1),
+                spec=self.task.spec,
+            )
         champion = current_champion(conn=conn, model_name=self.model_name)
         assert champion is not None and champion.accuracy is not None  # retrain recorded a decision
         traffic = len(self.truth)
@@ -288,12 +306,18 @@ class Demo:
                     if not items:
                         continue
                     verdicts = [
-                        {"prediction_id": item["id"], **simulated_verdict(
-                            self.rng, model_label=item["label"], true_label=self.truth[item["id"]],
-                            class_names=self.task.class_names, error_rate=self.config.error_rate,
-                        )}
+                        {
+                            "prediction_id": item["id"],
+                            **simulated_verdict(
+                                self.rng,
+                                model_label=item["label"],
+                                true_label=self.truth[item["id"]],
+                                class_names=self.task.class_names,
+                                error_rate=self.config.error_rate,
+                            ),
+                        }
                         for item in items
-                    ]  # fmt: skip
+                    ]
                     http.post(
                         "/review/verdicts", json={"verdicts": verdicts}, headers=_bearer(token)
                     ).raise_for_status()
@@ -350,13 +374,19 @@ class Demo:
     def _service(self) -> Iterator[httpx.Client]:
         """`loop serve` on a free port, for this strategy's model, database and key prefix."""
         serving = harness.loop_serve(
-            f"{self.model_name}:champion", database_url=self.database_url, redis_url=self.redis_url,
-            prefix=self.keys.prefix, var_dir=self.var_dir, log=self.out / f"serve-{self.strategy.value}.log",
+            f"{self.model_name}:champion",
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            prefix=self.keys.prefix,
+            var_dir=self.var_dir,
+            log=self.out / f"serve-{self.strategy.value}.log",
             overrides={
-                "LOOP_HOST": "127.0.0.1", "LOOP_WORKERS": "1", "LOOP_REVIEW_OVERLAP": "2",
+                "LOOP_HOST": "127.0.0.1",
+                "LOOP_WORKERS": "1",
+                "LOOP_REVIEW_OVERLAP": "2",
                 "LOOP_REVIEW_OVERLAP_SHARE": str(self.config.overlap_share),
             },
-        )  # fmt: skip
+        )
         with serving as url, httpx.Client(base_url=url, timeout=60) as http:
             yield http
 
@@ -459,19 +489,43 @@ def run_demo(
 
 @click.command("demo-loop")
 @click.option("--rounds", type=click.IntRange(min=1), default=DemoConfig.rounds, show_default=True)
-@click.option("--labels-per-round", type=click.IntRange(min=1), default=DemoConfig.labels_per_round,
-              show_default=True, help="Reviewer verdicts per round (admin resolutions come on top).")  # fmt: skip
-@click.option("--traffic", "traffic_rows", type=click.IntRange(min=1), default=None,
-              help="Predictions sent in all (default: every training row the first model has not seen).")  # fmt: skip
+@click.option(
+    "--labels-per-round",
+    type=click.IntRange(min=1),
+    default=DemoConfig.labels_per_round,
+    show_default=True,
+    help="Reviewer verdicts per round (admin resolutions come on top).",
+)
+@click.option(
+    "--traffic",
+    "traffic_rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Predictions sent in all (default: every training row the first model has not seen).",
+)
 @click.option("--error-rate", type=click.FloatRange(0, 1), default=DemoConfig.error_rate, show_default=True)
-@click.option("--overlap-share", type=click.FloatRange(0, 1), default=DemoConfig.overlap_share, show_default=True,
-              help="Share of items that get two reviewers.")  # fmt: skip
+@click.option(
+    "--overlap-share",
+    type=click.FloatRange(0, 1),
+    default=DemoConfig.overlap_share,
+    show_default=True,
+    help="Share of items that get two reviewers.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the protocol's epochs.")
-@click.option("--strategy", "strategy_names", multiple=True, type=click.Choice([s.value for s in STRATEGIES]),
-              help="Run only these strategies (default: both).")  # fmt: skip
+@click.option(
+    "--strategy",
+    "strategy_names",
+    multiple=True,
+    type=click.Choice([s.value for s in STRATEGIES]),
+    help="Run only these strategies (default: both).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the table, plot, datasets and MLflow runs (default var/demo-loop).")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the table, plot, datasets and MLflow runs (default var/demo-loop).",
+)
 @click.option("--keep", is_flag=True, help="Keep each strategy's database afterwards.")
 def demo_loop(  # noqa: PLR0917  (each option is an argument, as click passes them)
     rounds: int,
@@ -491,9 +545,14 @@ def demo_loop(  # noqa: PLR0917  (each option is an argument, as click passes th
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the table
     out = out or settings.var_dir / "demo-loop"
     config = DemoConfig(
-        rounds=rounds, labels_per_round=labels_per_round, traffic_rows=traffic_rows, error_rate=error_rate,
-        overlap_share=overlap_share, epochs=epochs, seed=seed,
-    )  # fmt: skip
+        rounds=rounds,
+        labels_per_round=labels_per_round,
+        traffic_rows=traffic_rows,
+        error_rate=error_rate,
+        overlap_share=overlap_share,
+        epochs=epochs,
+        seed=seed,
+    )
     strategies = [rs.Strategy(s) for s in strategy_names] or list(STRATEGIES)
     with demo_servers(settings, out / "servers") as servers:
         runs = run_demo(config, servers, out, strategies=strategies, keep=keep)

@@ -37,8 +37,9 @@ logger = logging.getLogger("shapes_loop")
 
 def _loop(env: dict[str, str], *args: str) -> tuple[str, float]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "service", *args], cwd=harness.ROOT, env=env, capture_output=True,
-                          text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "service", *args], cwd=harness.ROOT, env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"loop {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout, time.perf_counter() - started
@@ -70,13 +71,22 @@ def main() -> None:
     try:
         with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
             env = {
-                **os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
-                "LOOP_VAR_DIR": str(work / "var"), "LOOP_DATABASE_URL": database_url, "LOOP_REDIS_URL": args.redis,
-                "LOOP_REDIS_PREFIX": prefix, "LOOP_MODEL_NAME": model, "LOOP_PORT": str(port),
-                "LOOP_HOST": "127.0.0.1", "LOOP_REVIEW_OVERLAP_SHARE": "0", "LOOP_INGEST_METRICS_PORT": "0",
-            }  # fmt: skip
-            _, times["demo-data"] = _loop(env, "demo-data", "shapes", str(work / "shapes"), "--per-class",
-                                          str(args.per_class))  # fmt: skip
+                **os.environ,
+                "BENTOML_HOME": str(work / "bentoml"),
+                "BENTOML_DO_NOT_TRACK": "True",
+                "LOOP_VAR_DIR": str(work / "var"),
+                "LOOP_DATABASE_URL": database_url,
+                "LOOP_REDIS_URL": args.redis,
+                "LOOP_REDIS_PREFIX": prefix,
+                "LOOP_MODEL_NAME": model,
+                "LOOP_PORT": str(port),
+                "LOOP_HOST": "127.0.0.1",
+                "LOOP_REVIEW_OVERLAP_SHARE": "0",
+                "LOOP_INGEST_METRICS_PORT": "0",
+            }
+            _, times["demo-data"] = _loop(
+                env, "demo-data", "shapes", str(work / "shapes"), "--per-class", str(args.per_class)
+            )
             _, times["import"] = _loop(env, "datasets", "import", model, str(work / "shapes"))
             first, times["first train"] = _loop(env, "train", "--model", model, *epochs)
             url = f"http://127.0.0.1:{port}"
@@ -93,8 +103,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     originals = args.per_class * len(spec.classes)
-    print(f"\n{model}: {originals} original images ({originals - originals // 5} train, {originals // 5} validation), "
-          f"{len(truth)} uploads judged")  # fmt: skip
+    print(
+        f"\n{model}: {originals} original images ({originals - originals // 5} train, {originals // 5} validation), "
+        f"{len(truth)} uploads judged"
+    )
     print(f"  first model (original data only):     validation accuracy {_accuracy(first):.4f}")
     print(f"  after one round of corrected traffic: validation accuracy {_accuracy(second):.4f}")
     print("  " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in times.items()))
@@ -108,8 +120,9 @@ def _traffic(url: str, folder: Path, per_class: int, model: str, times: dict[str
     with httpx.Client(base_url=url, timeout=30) as http:
         for kind in shapes.CLASS_NAMES:
             for path in sorted((folder / kind).iterdir()):
-                response = http.post("/predict", data={"model": model},
-                                     files=[("image", (path.name, path.read_bytes(), "image/png"))])  # fmt: skip
+                response = http.post(
+                    "/predict", data={"model": model}, files=[("image", (path.name, path.read_bytes(), "image/png"))]
+                )
                 response.raise_for_status()
                 truth[response.json()["predictions"][0]["id"]] = kind
     times["uploads"] = time.perf_counter() - started

@@ -166,9 +166,13 @@ def promote(
         raise Invalid("a forced promotion needs a reason")
     stored = store.get(f"{model_name}:{model_version}")  # ModelNotFound if it is not there
     promotion = record_promotion(
-        conn=conn, model_name=model_name, model_version=stored.version, decision=Decision.FORCED, reason=reason,
+        conn=conn,
+        model_name=model_name,
+        model_version=stored.version,
+        decision=Decision.FORCED,
+        reason=reason,
         actor=actor,
-    )  # fmt: skip
+    )
     if announcer is not None:
         announcer(model_name, stored.version)
     return promotion

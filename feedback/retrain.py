@@ -156,8 +156,11 @@ def _build(
 ) -> BuildResult:
     """Log the run's parameters, train, export and store the candidate."""
     base, validation = plan.base, plan.validation
-    params = {**_params(config, dataset, validation), "trainer": plan.spec.trainer,
-              "base_version": "" if base is None else base.version}  # fmt: skip
+    params = {
+        **_params(config, dataset, validation),
+        "trainer": plan.spec.trainer,
+        "base_version": "" if base is None else base.version,
+    }
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return train_and_store(
         name=model_name,

@@ -48,9 +48,16 @@ def compile_with_validation(
                 conn=conn, model_name=model_name, schema=schema, root_url=root_url, actor=actor
             )
     return compile_training(
-        conn=conn, model_name=model_name, schema=schema, originals=found if include_original else None,
-        validation=validation, root_url=root_url, watermark=watermark, actor=actor, progress=progress,
-    )  # fmt: skip
+        conn=conn,
+        model_name=model_name,
+        schema=schema,
+        originals=found if include_original else None,
+        validation=validation,
+        root_url=root_url,
+        watermark=watermark,
+        actor=actor,
+        progress=progress,
+    )
 
 
 @dataclass(frozen=True)

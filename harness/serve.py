@@ -22,17 +22,29 @@ def add_loop_options(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def loop_serve(
-    model: str, *, database_url: str, redis_url: str, prefix: str, var_dir: Path, log: Path,
+    model: str,
+    *,
+    database_url: str,
+    redis_url: str,
+    prefix: str,
+    var_dir: Path,
+    log: Path,
     overrides: Mapping[str, str] | None = None,
-) -> Iterator[str]:  # fmt: skip
+) -> Iterator[str]:
     """`loop serve` of `model` (`name:version`; its ingest worker included) on a free port, with
     `overrides` on top of its settings; yields its base URL and stops it with its family."""
     port = free_port()
     name, _, version = model.partition(":")
     env = {
-        "LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": version or "latest", "LOOP_DATABASE_URL": database_url,
-        "LOOP_REDIS_URL": redis_url, "LOOP_REDIS_PREFIX": prefix, "LOOP_INGEST_METRICS_PORT": "0",
-        "LOOP_VAR_DIR": str(var_dir), "LOOP_PORT": str(port), **(overrides or {}),
-    }  # fmt: skip
+        "LOOP_MODEL_NAME": name,
+        "LOOP_MODEL_TAG": version or "latest",
+        "LOOP_DATABASE_URL": database_url,
+        "LOOP_REDIS_URL": redis_url,
+        "LOOP_REDIS_PREFIX": prefix,
+        "LOOP_INGEST_METRICS_PORT": "0",
+        "LOOP_VAR_DIR": str(var_dir),
+        "LOOP_PORT": str(port),
+        **(overrides or {}),
+    }
     with running(LOOP_SERVE, env, ready_url=f"http://127.0.0.1:{port}/readyz", log=log):
         yield f"http://127.0.0.1:{port}"

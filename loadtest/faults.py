@@ -96,10 +96,15 @@ class Servers:
             self.redis = stack.enter_context(embedded.redis(self.folder / "redis"))
             self.database_url = self.postgres.url
             env = {
-                **self.env, "LOOP_DATABASE_URL": self.database_url, "LOOP_REDIS_URL": self.redis.url,
-                "LOOP_PORT": str(self.port), "LOOP_HOST": "127.0.0.1", "LOOP_VAR_DIR": str(self.folder / "var"),
-                "LOOP_INGEST_METRICS_PORT": "0", "BENTOML_DO_NOT_TRACK": "True",
-            }  # fmt: skip
+                **self.env,
+                "LOOP_DATABASE_URL": self.database_url,
+                "LOOP_REDIS_URL": self.redis.url,
+                "LOOP_PORT": str(self.port),
+                "LOOP_HOST": "127.0.0.1",
+                "LOOP_VAR_DIR": str(self.folder / "var"),
+                "LOOP_INGEST_METRICS_PORT": "0",
+                "BENTOML_DO_NOT_TRACK": "True",
+            }
             self.serve = stack.enter_context(
                 harness.running(harness.LOOP_SERVE, env, ready_url=f"{self.url}/readyz", log=self.folder / "serve.log")
             )
@@ -196,13 +201,39 @@ def _recovered_after(
 
 def _locust(servers: Servers, tokens: list[str], users: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", servers.url,
-        "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{int(seconds)}s",
-        "--csv", str(out / "locust"), "--only-summary", "--stop-timeout", "10",
-        f"--reviewer-token={','.join(tokens)}", "--predict-weight", "3", "--review-weight", "1",
-        "--admin-weight", "0", "--ids-file", str(out / "ids.txt"), "--verdicts-file", str(out / "verdicts.txt"),
-        "--sent-file", str(out / "sent.txt"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        servers.url,
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(users),
+        "--run-time",
+        f"{int(seconds)}s",
+        "--csv",
+        str(out / "locust"),
+        "--only-summary",
+        "--stop-timeout",
+        "10",
+        f"--reviewer-token={','.join(tokens)}",
+        "--predict-weight",
+        "3",
+        "--review-weight",
+        "1",
+        "--admin-weight",
+        "0",
+        "--ids-file",
+        str(out / "ids.txt"),
+        "--verdicts-file",
+        str(out / "verdicts.txt"),
+        "--sent-file",
+        str(out / "sent.txt"),
+    ]
     return harness.spawn(command, env=os.environ, log=out / "locust.log")
 
 
@@ -236,8 +267,9 @@ def _stored(database_url: str, ids: set[str], timeout_s: float) -> tuple[dict[st
         time.sleep(0.5)
 
 
-def run(fault: str, *, seconds: float = 30, users: int = 12, env: dict[str, str] | None = None,
-        folder: Path | None = None) -> Figures:  # fmt: skip
+def run(
+    fault: str, *, seconds: float = 30, users: int = 12, env: dict[str, str] | None = None, folder: Path | None = None
+) -> Figures:
     """One fault under load, on servers of its own; every process started here is stopped here."""
     with contextlib.ExitStack() as stack:
         if folder is None:
@@ -283,8 +315,14 @@ def run(fault: str, *, seconds: float = 30, users: int = 12, env: dict[str, str]
     raise AssertionError("unreachable")  # the with block returns or raises
 
 
-def run_all(faults: list[str], *, seconds: float, users: int, env: dict[str, str] | None = None,
-            say: Callable[[str], None] = print) -> Iterator[Figures]:  # fmt: skip
+def run_all(
+    faults: list[str],
+    *,
+    seconds: float,
+    users: int,
+    env: dict[str, str] | None = None,
+    say: Callable[[str], None] = print,
+) -> Iterator[Figures]:
     for fault in faults:
         figures = run(fault, seconds=seconds, users=users, env=env)
         say(figures.line())
@@ -299,8 +337,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("var/faults.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results = list(run_all(args.fault or list(FAULTS), seconds=args.seconds, users=args.users,
-                           say=lambda line: logger.info("%s", line)))  # fmt: skip
+    results = list(
+        run_all(
+            args.fault or list(FAULTS), seconds=args.seconds, users=args.users, say=lambda line: logger.info("%s", line)
+        )
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps([asdict(f) for f in results], indent=2))
     logger.info("figures in %s", args.out)

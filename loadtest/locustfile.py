@@ -135,8 +135,10 @@ class ReviewingUser(_Authenticated):
         answer = self.client.post("/review/verdicts", json={"verdicts": verdicts})
         if answer.status_code == 200:
             options = self.environment.parsed_options
-            _append(options.verdicts_file if options else "",
-                    [f"{v['prediction_id']} {self.seat} {v['verdict']}" for v in verdicts])  # fmt: skip
+            _append(
+                options.verdicts_file if options else "",
+                [f"{v['prediction_id']} {self.seat} {v['verdict']}" for v in verdicts],
+            )
 
     @task(2)
     def list_items(self) -> None:

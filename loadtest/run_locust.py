@@ -64,14 +64,37 @@ def main() -> None:
     ids_file = out / "ids.txt"
     ids_file.write_text("")
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
-        "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
-        "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        args.host,
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate),
+        "--run-time",
+        args.run_time,
+        "--csv",
+        str(out / "locust"),
+        "--html",
+        str(out / "report.html"),
+        "--only-summary",
         # `=` keeps a token that starts with "-" from reading as an option.
-        f"--reviewer-token={args.reviewer_token}", f"--admin-token={args.admin_token}",
-        "--predict-weight", str(args.predict_weight), "--review-weight", str(args.review_weight),
-        "--admin-weight", str(args.admin_weight), "--ids-file", str(ids_file),
-    ]  # fmt: skip
+        f"--reviewer-token={args.reviewer_token}",
+        f"--admin-token={args.admin_token}",
+        "--predict-weight",
+        str(args.predict_weight),
+        "--review-weight",
+        str(args.review_weight),
+        "--admin-weight",
+        str(args.admin_weight),
+        "--ids-file",
+        str(ids_file),
+    ]
     locust = subprocess.run(command, check=False)
     ids = [line for line in ids_file.read_text().splitlines() if line]
     missing = unstored(args.host, ids, args.store_timeout)

@@ -45,8 +45,10 @@ class Axis:
 def _axes(value: onnx.ValueInfoProto) -> list[Axis] | None:
     if not value.type.tensor_type.HasField("shape"):
         return None
-    return [Axis(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None, d.dim_param)
-            for d in value.type.tensor_type.shape.dim]  # fmt: skip
+    return [
+        Axis(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None, d.dim_param)
+        for d in value.type.tensor_type.shape.dim
+    ]
 
 
 def check_graph(model: onnx.ModelProto, spec: ModelSpec) -> None:
@@ -157,8 +159,9 @@ def import_model(
     try:
         scores = runtime.run(batch)
     except Exception as exc:  # ONNX Runtime raises its own types for graphs that do not run
-        raise ImportRefused(f"the graph does not run on a batch of 2 samples of {list(signature.input_shape)}: {exc}") \
-            from None  # fmt: skip
+        raise ImportRefused(
+            f"the graph does not run on a batch of 2 samples of {list(signature.input_shape)}: {exc}"
+        ) from None
     if scores.shape != (2, len(spec.classes)):
         raise ImportRefused(
             f"classes: the spec names {len(spec.classes)}, but a batch of 2 gave scores of shape {list(scores.shape)}"

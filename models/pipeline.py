@@ -143,8 +143,10 @@ def build_wide_model(*, name: str = "digits-wide", seed: int = 0) -> store.Store
     the digits signature, exported and parity-checked like any other model."""
     signature = digits_signature()
     seed_everything(seed)
-    model = Normalised(WideMLP(inputs=int(np.prod(signature.input_shape)), num_classes=len(signature.class_names)),
-                       scale=signature.max_value).eval()  # fmt: skip
+    model = Normalised(
+        WideMLP(inputs=int(np.prod(signature.input_shape)), num_classes=len(signature.class_names)),
+        scale=signature.max_value,
+    ).eval()
     rng = np.random.default_rng(seed)
     inputs = [rng.uniform(0, signature.max_value, size=(n, *signature.input_shape)).astype(np.float32) for n in (1, 64)]
     return export_and_store(

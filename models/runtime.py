@@ -175,5 +175,10 @@ def check_reference(model: Session, reference: Path, tolerance: float, *, kind: 
         inputs, expected = saved["inputs"], saved["outputs"]
     got = model.run(inputs)
     diff = float(np.max(np.abs(to_probabilities(got, kind) - to_probabilities(expected, kind)))) if len(inputs) else 0.0
-    return ReferenceCheck(max_abs_diff=diff, tolerance=tolerance, samples=len(inputs), provider=model.provider,
-                          exact_math=model.exact_math)  # fmt: skip
+    return ReferenceCheck(
+        max_abs_diff=diff,
+        tolerance=tolerance,
+        samples=len(inputs),
+        provider=model.provider,
+        exact_math=model.exact_math,
+    )

@@ -45,8 +45,20 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         radii = [r if k % 2 == 0 else r * 0.45 for k in range(10)]
     elif kind == "cross":
         w = 0.34  # half the bar width, as a share of r
-        outline = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w),
-                   (-w, 1)]  # fmt: skip
+        outline = [
+            (w, 1),
+            (w, w),
+            (1, w),
+            (1, -w),
+            (w, -w),
+            (w, -1),
+            (-w, -1),
+            (-w, -w),
+            (-1, -w),
+            (-1, w),
+            (-w, w),
+            (-w, 1),
+        ]
         corners = [math.atan2(y, x) for x, y in outline]
         radii = [r * math.hypot(x, y) / math.sqrt(2) * 1.3 for x, y in outline]
     else:
@@ -85,8 +97,13 @@ def draw(kind: str, rng: np.random.Generator) -> Image.Image:
     return image
 
 
-def write(folder: Path, *, per_class: int = DEFAULT_PER_CLASS, seed: int = 0,
-          progress: Callable[[int, int], None] | None = None) -> int:  # fmt: skip
+def write(
+    folder: Path,
+    *,
+    per_class: int = DEFAULT_PER_CLASS,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     """Write `per_class` PNGs of every class as `folder/<class>/<nnnnn>.png`; returns how many."""
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")

@@ -199,18 +199,25 @@ class ModelSpec(_Strict):
         else:
             shape, (low, high) = self.input.tensor_shape, self.input.value_range()
         return Signature(
-            input_shape=tuple(shape), class_names=tuple(self.classes), dtype="float32",
-            min_value=low, max_value=high, input_name=self.onnx_input, output_name=self.onnx_output,
-        )  # fmt: skip
+            input_shape=tuple(shape),
+            class_names=tuple(self.classes),
+            dtype="float32",
+            min_value=low,
+            max_value=high,
+            input_name=self.onnx_input,
+            output_name=self.onnx_output,
+        )
 
     @classmethod
     def of_signature(cls, signature: Signature) -> ModelSpec:
         """The spec of a model stored before specs existed: a tensor model, as its signature says."""
         tensor = TensorInput(shape=signature.input_shape, min_value=signature.min_value, max_value=signature.max_value)
         return cls(
-            input=tensor, classes=signature.class_names, onnx_input=signature.input_name,
+            input=tensor,
+            classes=signature.class_names,
+            onnx_input=signature.input_name,
             onnx_output=signature.output_name,
-        )  # fmt: skip
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, unset options left out (BentoML's metadata holds no nulls)."""

@@ -140,9 +140,13 @@ def image_cnn(request: TrainRequest) -> Trained:
     model = SmallConvNet(image.channels, len(request.spec.classes), channels_last=image.layout == "NHWC")
     logger.info(
         "image_cnn: %d training and %d validation images of %dx%d %s, %d classes",
-        len(request.train.labels), len(request.validation.labels), image.width, image.height, image.mode,
+        len(request.train.labels),
+        len(request.validation.labels),
+        image.width,
+        image.height,
+        image.mode,
         len(request.spec.classes),
-    )  # fmt: skip
+    )
     return _fit(model, request)
 
 

@@ -158,8 +158,13 @@ class InferenceHost:
             await asyncio.sleep(STATS_EVERY_S)
             batches, samples = self.batches - seen[0], self.samples - seen[1]
             if batches:
-                logger.info("%d model calls in %.0f s, %.1f samples each on average, %d sessions",
-                            batches, STATS_EVERY_S, samples / batches, len(self._sessions))  # fmt: skip
+                logger.info(
+                    "%d model calls in %.0f s, %.1f samples each on average, %d sessions",
+                    batches,
+                    STATS_EVERY_S,
+                    samples / batches,
+                    len(self._sessions),
+                )
             seen = (self.batches, self.samples)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -291,8 +296,9 @@ class RemoteSession:
         with self._lock:
             sock = self._sock or self._connect()
             try:
-                header, payload = self._call(sock, {"op": "run", "dtype": "float32", "shape": list(array.shape)},
-                                             array.data.cast("B"))  # fmt: skip
+                header, payload = self._call(
+                    sock, {"op": "run", "dtype": "float32", "shape": list(array.shape)}, array.data.cast("B")
+                )
             except (OSError, ProtocolError) as exc:
                 self._drop()
                 raise InferenceUnavailable(f"the inference process went away during a call: {exc}") from exc
@@ -361,5 +367,6 @@ def run_host(host: InferenceHost, path: Path) -> None:
         await host.serve(path, stop)
 
     asyncio.run(main())
-    logger.info("inference process stopped (%d model calls, %d samples; pid %d)", host.batches, host.samples,
-                os.getpid())  # fmt: skip
+    logger.info(
+        "inference process stopped (%d model calls, %d samples; pid %d)", host.batches, host.samples, os.getpid()
+    )

@@ -45,9 +45,12 @@ def _title(status: int) -> str:
 
 
 def problem(
-    status: int, detail: str, *, errors: Sequence[Mapping[str, str]] | None = None,
+    status: int,
+    detail: str,
+    *,
+    errors: Sequence[Mapping[str, str]] | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     body: dict[str, Any] = {"type": "about:blank", "title": _title(status), "status": status, "detail": detail}
     if errors is not None:
         body["errors"] = [dict(e) for e in errors]
@@ -56,17 +59,27 @@ def problem(
 
 
 def problem_response(
-    status: int, detail: str, *, errors: Sequence[Mapping[str, str]] | None = None,
-    headers: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None,
-) -> JSONResponse:  # fmt: skip
-    return JSONResponse(problem(status, detail, errors=errors, extra=extra), status_code=status, headers=headers,
-                        media_type=PROBLEM_JSON)  # fmt: skip
+    status: int,
+    detail: str,
+    *,
+    errors: Sequence[Mapping[str, str]] | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        problem(status, detail, errors=errors, extra=extra),
+        status_code=status,
+        headers=headers,
+        media_type=PROBLEM_JSON,
+    )
 
 
 def field_problems(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
     """pydantic's validation errors as (field, message), the input never echoed."""
-    return [{"field": ".".join(str(p) for p in e.get("loc", ())) or "body", "message": str(e.get("msg", ""))}
-            for e in errors]  # fmt: skip
+    return [
+        {"field": ".".join(str(p) for p in e.get("loc", ())) or "body", "message": str(e.get("msg", ""))}
+        for e in errors
+    ]
 
 
 def validation_response(errors: Iterable[Mapping[str, Any]]) -> JSONResponse:

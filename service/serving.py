@@ -175,8 +175,13 @@ class ModelSlot:
         kind = stored.card.model_spec.output_kind
         check = check_reference(runtime, stored.reference_path, where.reference_tolerance, kind=kind)
         if not check.passed and where.exact_math_fallback and runtime.provider != CPU:
-            logger.warning("%s differs from its reference by %.2e on %s (tolerance %.0e): loading it with exact math",
-                           stored.tag, check.max_abs_diff, runtime.provider, check.tolerance)  # fmt: skip
+            logger.warning(
+                "%s differs from its reference by %.2e on %s (tolerance %.0e): loading it with exact math",
+                stored.tag,
+                check.max_abs_diff,
+                runtime.provider,
+                check.tolerance,
+            )
             runtime.close()
             runtime = self._open(stored.onnx_path, exact_math=True)
             kind = stored.card.model_spec.output_kind
@@ -187,8 +192,13 @@ class ModelSlot:
                 f"{stored.tag} answers differ from its stored reference by {check.max_abs_diff:.2e} on "
                 f"{check.provider} (tolerance {check.tolerance:.0e}); refused"
             )
-        logger.info("%s matches its reference on %s: max abs difference %.2e over %d samples",
-                    stored.tag, check.provider, check.max_abs_diff, check.samples)  # fmt: skip
+        logger.info(
+            "%s matches its reference on %s: max abs difference %.2e over %d samples",
+            stored.tag,
+            check.provider,
+            check.max_abs_diff,
+            check.samples,
+        )
         return runtime, check
 
     async def reload(self, ref: str) -> None:

@@ -51,10 +51,17 @@ def _children(settings: Settings, env: dict[str, str], *, ingest: bool) -> dict[
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     children = {
         "service": [
-            bentoml, "serve", "service.app:Predictor", "--working-dir", str(ROOT),
-            "--host", settings.host, "--port", str(settings.port),
+            bentoml,
+            "serve",
+            "service.app:Predictor",
+            "--working-dir",
+            str(ROOT),
+            "--host",
+            settings.host,
+            "--port",
+            str(settings.port),
         ],
-    }  # fmt: skip
+    }
     if settings.shared_inference:
         pins = gpu_pins(settings.inference_processes, cuda_devices()[0], env.get("CUDA_VISIBLE_DEVICES"))
         env["LOOP_INFERENCE_PROCESSES"] = str(len(pins))
@@ -151,8 +158,9 @@ class _Supervisor:
             recent = [t for t in self.deaths[name] if now - t < 60] + [now]
             self.deaths[name] = recent
             if len(recent) > RESTARTS_PER_MINUTE:
-                logger.error("%s exited %d times in a minute (last code %s); stopping", name, len(recent),
-                             process.returncode)  # fmt: skip
+                logger.error(
+                    "%s exited %d times in a minute (last code %s); stopping", name, len(recent), process.returncode
+                )
                 self.code, self.stopping = process.returncode or 1, True
                 return
             wait = min(30.0, 2.0 ** (len(recent) - 1))

@@ -126,8 +126,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
     target = "benchmarks.peers.lean_asgi_peer:app"
-    uvicorn.run(target, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                workers=args.workers, http="httptools", lifespan="off")  # fmt: skip
+    uvicorn.run(
+        target,
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        workers=args.workers,
+        http="httptools",
+        lifespan="off",
+    )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ def compile_training(
         if originals is not None:
             sources.append(_original(originals))
         merged = heapq.merge(*sources, key=lambda row: row[0])
-        rows = accepted_chunks(merged, schema=schema, held_ids=held_out_ids, held_inputs=held_out_inputs,
-                               skipped=skipped)  # fmt: skip
+        rows = accepted_chunks(
+            merged, schema=schema, held_ids=held_out_ids, held_inputs=held_out_inputs, skipped=skipped
+        )
         manifest["skipped"] = skipped  # filled in while the rows are written
         written = write_version(
             rows, schema=schema, manifest=manifest, root_url=root_url, progress=progress, expected=expected

@@ -133,8 +133,10 @@ def _read_npz(source: Path, schema: LabelSchema) -> Rows:
     except (OSError, ValueError) as exc:
         raise Invalid(f"{source} cannot be read as an .npz file: {exc}") from None
     if inputs.shape[1:] != schema.input_shape or not np.issubdtype(inputs.dtype, np.number):
-        raise Invalid(f"inputs are {inputs.dtype} of shape {list(inputs.shape)}; the model takes numbers of shape "
-                      f"[N, {', '.join(map(str, schema.input_shape))}]")  # fmt: skip
+        raise Invalid(
+            f"inputs are {inputs.dtype} of shape {list(inputs.shape)}; the model takes numbers of shape "
+            f"[N, {', '.join(map(str, schema.input_shape))}]"
+        )
     if labels.shape != (len(inputs),):
         raise Invalid(f"labels have shape {list(labels.shape)}; one label per input needs [{len(inputs)}]")
     if np.issubdtype(labels.dtype, np.integer):
@@ -145,8 +147,10 @@ def _read_npz(source: Path, schema: LabelSchema) -> Rows:
         names = [str(x) for x in labels]
         unknown = sorted(set(names) - set(schema.class_names))
         if unknown:
-            raise Invalid(f"labels {', '.join(map(repr, unknown[:5]))} are not classes of the model "
-                          f"(classes: {', '.join(schema.class_names)})")  # fmt: skip
+            raise Invalid(
+                f"labels {', '.join(map(repr, unknown[:5]))} are not classes of the model "
+                f"(classes: {', '.join(schema.class_names)})"
+            )
     else:
         raise Invalid(f"labels are {labels.dtype}; give class names (strings) or indices (integers)")
     tensors = inputs.astype(np.float32)
@@ -178,11 +182,13 @@ def split_originals(
 
     def take(indices: Iterable[int]) -> Rows:
         chosen = sorted(indices, key=lambda i: rows.ids[i])
-        return Rows(tuple(rows.ids[i] for i in chosen), tuple(rows.labels[i] for i in chosen),
-                    [rows.inputs[i] for i in chosen])  # fmt: skip
+        return Rows(
+            tuple(rows.ids[i] for i in chosen), tuple(rows.labels[i] for i in chosen), [rows.inputs[i] for i in chosen]
+        )
 
-    return Originals(name=name, split_id=f"val-{digest.hexdigest()}", seed=seed, train=take(train_idx),
-                     validation=take(val_idx))  # fmt: skip
+    return Originals(
+        name=name, split_id=f"val-{digest.hexdigest()}", seed=seed, train=take(train_idx), validation=take(val_idx)
+    )
 
 
 @dataclass(frozen=True)
@@ -217,10 +223,15 @@ def import_originals(
         "kind": Kind.ORIGINAL.value,
         "model_name": model_name,
         "label_schema": schema.to_dict(),
-        "source": {"name": originals.name, "split_id": originals.split_id, "seed": seed,
-                   "validation_fraction": validation_fraction, "validation_rows": len(originals.validation)},
+        "source": {
+            "name": originals.name,
+            "split_id": originals.split_id,
+            "seed": seed,
+            "validation_fraction": validation_fraction,
+            "validation_rows": len(originals.validation),
+        },
         "code_version": code_version(),
-    }  # fmt: skip
+    }
     written = write_version(
         chunks_of(originals.train), schema=schema, manifest=manifest, root_url=root_url, progress=None
     )
@@ -228,6 +239,12 @@ def import_originals(
     validation = freeze_validation(
         conn=conn, model_name=model_name, originals=originals, schema=schema, root_url=root_url, actor=actor
     )
-    logger.info("imported %s's original data: %d training rows (%s), %d validation rows (%s)",
-                model_name, original.rows, original.id, validation.rows, validation.id)  # fmt: skip
+    logger.info(
+        "imported %s's original data: %d training rows (%s), %d validation rows (%s)",
+        model_name,
+        original.rows,
+        original.id,
+        validation.rows,
+        validation.id,
+    )
     return Imported(original=original, validation=validation)

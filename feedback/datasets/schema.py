@@ -52,14 +52,18 @@ class LabelSchema:
     def from_dict(cls, raw: Mapping[str, Any]) -> LabelSchema:
         image = raw.get("image")
         return cls(
-            class_names=tuple(raw["class_names"]), input_shape=tuple(raw["input_shape"]),
-            dtype=raw.get("dtype", "float32"), image=None if image is None else ImageInput.model_validate(image),
-        )  # fmt: skip
+            class_names=tuple(raw["class_names"]),
+            input_shape=tuple(raw["input_shape"]),
+            dtype=raw.get("dtype", "float32"),
+            image=None if image is None else ImageInput.model_validate(image),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "class_names": list(self.class_names), "input_shape": list(self.input_shape), "dtype": self.dtype,
-        }  # fmt: skip
+            "class_names": list(self.class_names),
+            "input_shape": list(self.input_shape),
+            "dtype": self.dtype,
+        }
         if self.image is not None:
             out["image"] = self.image.model_dump(mode="json")
         return out

@@ -136,9 +136,13 @@ def labelled_items(
         decision = decide(history, predicted=b[2], required=int(b[3]))
         if decision.status is Status.REVIEWED and decision.label is not None:
             yield LabelledItem(
-                id=b[0], source=b[1], label=decision.label, revision=history[-1].revision, input=b[4],
+                id=b[0],
+                source=b[1],
+                label=decision.label,
+                revision=history[-1].revision,
+                input=b[4],
                 input_type=b[5],
-            )  # fmt: skip
+            )
         b = next(changed, None)
 
 

@@ -114,8 +114,9 @@ def freeze_validation_from_verdicts(
         "code_version": code_version(),
     }
     written = write_version([held_out], schema=schema, manifest=manifest, root_url=root_url, progress=None)
-    logger.info("froze validation version %s from verdicts: %d of %d judged items", written.id, written.rows,
-                len(judged))  # fmt: skip
+    logger.info(
+        "froze validation version %s from verdicts: %d of %d judged items", written.id, written.rows, len(judged)
+    )
     return record(conn, written, Kind.VALIDATION, model_name, actor=actor)
 
 

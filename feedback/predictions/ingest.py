@@ -234,8 +234,10 @@ class IngestWorker:
             # A client may have been answered for each of these: someone must look (`loop dead-letters`).
             logger.error(
                 "moved %d prediction entries to %s, not stored: %s (inspect and replay with `loop dead-letters`)",
-                len(dead), self.keys.dead_letters, dead[0][1],
-            )  # fmt: skip
+                len(dead),
+                self.keys.dead_letters,
+                dead[0][1],
+            )
         if self._on_stats is not None:
             self._on_stats(self.stats)
 

@@ -22,8 +22,19 @@ _COLUMNS = (
 # The scores column is sent pre-encoded in Postgres's binary real[] format, hence "bytea" here:
 # the server reads a binary COPY field by the column's own type.
 _COLUMN_TYPES = [
-    "uuid", "timestamptz", "text", "text", "text", "int2", "float4", "bytea", "bytea", "text", "jsonb", "text",
-]  # fmt: skip
+    "uuid",
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "int2",
+    "float4",
+    "bytea",
+    "bytea",
+    "text",
+    "jsonb",
+    "text",
+]
 _FLOAT4_OID = 700
 
 
@@ -56,11 +67,20 @@ def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row]) -> int:
                 for r in rows:
                     copy.write_row(
                         (
-                            r.id, r.created_at, r.model_name, r.model_version, r.label, r.label_index,
-                            r.confidence, _float4_array(r.scores), r.input_npy, r.request_id,
-                            Jsonb(r.tags), r.input_type,
+                            r.id,
+                            r.created_at,
+                            r.model_name,
+                            r.model_version,
+                            r.label,
+                            r.label_index,
+                            r.confidence,
+                            _float4_array(r.scores),
+                            r.input_npy,
+                            r.request_id,
+                            Jsonb(r.tags),
+                            r.input_type,
                         )
-                    )  # fmt: skip
+                    )
             return conn.execute(_MOVE).rowcount
 
 

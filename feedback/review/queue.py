@@ -101,11 +101,11 @@ def claim(
         conn.execute("SET LOCAL enable_sort = off")
         locked = _lock(conn, strategy, narrowed, params)
         if not locked and strategy is Strategy.RANDOM and params["start"].year > 1970:
-            # Wrap around to the beginning.
+            # Wrap around to the beginning (`count` is within the lease limit already).
             return claim(
                 conn=conn, user=user, count=count, strategy=Strategy.OLDEST, lease_seconds=lease_seconds,
                 overlap=overlap, overlap_share=overlap_share, filters=filters,
-            )  # fmt: skip  # `count` is within the lease limit already
+            )  # fmt: skip
         expiry = _lease(conn, locked, params) if locked else {}
         if not expiry:
             return []
@@ -209,7 +209,15 @@ def lease_again(conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, 
         ).fetchone()
     assert row is not None and item is not None
     return Claimed(
-        prediction_id=prediction_id, created_at=item[0], model_name=item[1], model_version=item[2],
-        label=item[3], confidence=float(item[4]), input=item[5], expires_at=row[0], required_reviews=int(item[6]),
-        input_type=item[7], scores=tuple(float(x) for x in item[8] or ()),
-    )  # fmt: skip
+        prediction_id=prediction_id,
+        created_at=item[0],
+        model_name=item[1],
+        model_version=item[2],
+        label=item[3],
+        confidence=float(item[4]),
+        input=item[5],
+        expires_at=row[0],
+        required_reviews=int(item[6]),
+        input_type=item[7],
+        scores=tuple(float(x) for x in item[8] or ()),
+    )

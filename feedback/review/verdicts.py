@@ -245,9 +245,16 @@ def add_sample(
             "INSERT INTO predictions (id, created_at, model_name, model_version, label, label_index, confidence,"
             " scores, input, input_type, request_id, source) VALUES (%s, %s, %s, 'added', %s, -1, 1.0, '{}', %s, %s,"
             " %s, 'reviewer')",
-            (prediction_id, uuid_created_at(prediction_id), model_name, label, input, input_type,
-             f"added-by-{user.name}"),
-        )  # fmt: skip
+            (
+                prediction_id,
+                uuid_created_at(prediction_id),
+                model_name,
+                label,
+                input,
+                input_type,
+                f"added-by-{user.name}",
+            ),
+        )
         _annotate(conn, user, prediction_id, verdict=Verdict.ADDED, label=label, reason=reason)
         state = _refresh_state(conn, prediction_id)
         audit(conn, user, "sample.add", str(prediction_id), label=label)

@@ -39,9 +39,22 @@ def main(verbose: bool) -> None:
 
 
 for _command in (
-    models.train, models.show, models.models, users.users, serve.migrate, dead_letters.dead_letters_group,
-    serve.ingest, serve.inference, serve.serve,
-    datasets.datasets, datasets.validation, retrain.retrain, retrain.promote, retrain.champion,
-    retrain.experiments, demo.demo_loop, demo.demo_data,
-):  # fmt: skip
+    models.train,
+    models.show,
+    models.models,
+    users.users,
+    serve.migrate,
+    dead_letters.dead_letters_group,
+    serve.ingest,
+    serve.inference,
+    serve.serve,
+    datasets.datasets,
+    datasets.validation,
+    retrain.retrain,
+    retrain.promote,
+    retrain.champion,
+    retrain.experiments,
+    demo.demo_loop,
+    demo.demo_data,
+):
     main.add_command(_command)

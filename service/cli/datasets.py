@@ -39,19 +39,30 @@ def _version_line(v: Any) -> str:
 
 
 def compile_version(
-    conn: psycopg.Connection, settings: Settings, model_name: str, *, watermark: int | None = None,
-    original: bool = True, actor: User | None = None,
-) -> Any:  # fmt: skip
+    conn: psycopg.Connection,
+    settings: Settings,
+    model_name: str,
+    *,
+    watermark: int | None = None,
+    original: bool = True,
+    actor: User | None = None,
+) -> Any:
     """Freeze the validation version if need be (from the original split, else from verdicts) and
     compile a training version, with a progress bar."""
     from feedback.use_cases import compile_with_validation
 
     with contextlib.ExitStack() as stack:
         return compile_with_validation(
-            conn=conn, model_name=model_name, schema=_schema(model_name),
-            originals=lambda: _originals(conn, settings, model_name), include_original=original,
-            root_url=settings.datasets_root, watermark=watermark, actor=actor, progress=progress(stack, "compiling"),
-        )  # fmt: skip
+            conn=conn,
+            model_name=model_name,
+            schema=_schema(model_name),
+            originals=lambda: _originals(conn, settings, model_name),
+            include_original=original,
+            root_url=settings.datasets_root,
+            watermark=watermark,
+            actor=actor,
+            progress=progress(stack, "compiling"),
+        )
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -81,10 +92,16 @@ def datasets_import(name: str, source: Path, seed: int, validation_fraction: flo
     started = time.perf_counter()
     with connection(settings) as conn, clean_errors(), contextlib.ExitStack() as stack:
         imported = ds.import_originals(
-            conn=conn, model_name=name, schema=_schema(name), source=source, root_url=settings.datasets_root,
-            seed=seed, validation_fraction=validation_fraction, actor=admin(conn, admin_name, required=False),
+            conn=conn,
+            model_name=name,
+            schema=_schema(name),
+            source=source,
+            root_url=settings.datasets_root,
+            seed=seed,
+            validation_fraction=validation_fraction,
+            actor=admin(conn, admin_name, required=False),
             progress=progress(stack, "reading"),
-        )  # fmt: skip
+        )
     o, v = imported.original, imported.validation
     click.echo(
         f"imported {name}'s original data in {time.perf_counter() - started:.1f} s\n"

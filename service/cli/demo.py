@@ -36,8 +36,9 @@ def demo_data(name: str, folder: Path, per_class: int | None, seed: int) -> None
         raise click.ClickException(f"{folder} is not empty; write the data set into a new folder")
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        count = data.write(folder, per_class=per_class or data.default_per_class, seed=seed,
-                           progress=progress(stack, "drawing"))  # fmt: skip
+        count = data.write(
+            folder, per_class=per_class or data.default_per_class, seed=seed, progress=progress(stack, "drawing")
+        )
     click.echo(
         f"wrote {count} images to {folder} in {time.perf_counter() - started:.1f} s: {data.description}\n"
         f"next: loop datasets import {data.model_name} {folder}"

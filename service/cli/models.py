@@ -79,10 +79,20 @@ def models() -> None:
 
 @models.command("import")
 @click.argument("name")
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The exported classifier (dynamic batch axis).")  # fmt: skip
-@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Its model spec, YAML or TOML (see models/spec.py).")  # fmt: skip
+@click.option(
+    "--onnx",
+    "onnx_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The exported classifier (dynamic batch axis).",
+)
+@click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Its model spec, YAML or TOML (see models/spec.py).",
+)
 def models_import(name: str, onnx_path: Path, spec_path: Path) -> None:
     """Check an ONNX classifier against its spec, run it once, and store it as a new version of NAME."""
     from models import spec

@@ -43,9 +43,16 @@ def _announcer(settings: Settings) -> Any:
 
 
 def retrain_version(
-    conn: psycopg.Connection, settings: Settings, model_name: str, dataset: Any, *, epochs: int | None = None,
-    seed: int | None = None, margin: float | None = None, trainer: str | None = None,
-) -> Any:  # fmt: skip
+    conn: psycopg.Connection,
+    settings: Settings,
+    model_name: str,
+    dataset: Any,
+    *,
+    epochs: int | None = None,
+    seed: int | None = None,
+    margin: float | None = None,
+    trainer: str | None = None,
+) -> Any:
     """Retrain `model_name` on a training version with a progress bar per epoch; prints the outcome."""
     from dataclasses import replace
 
@@ -60,10 +67,16 @@ def retrain_version(
             bar.update(1)
 
         result = loop.retrain(
-            conn=conn, model_name=model_name, dataset=dataset, tracking=_tracking(settings), config=config,
-            margin=settings.promotion_margin if margin is None else margin, announcer=_announcer(settings),
-            on_epoch=on_epoch, trainer=trainer,
-        )  # fmt: skip
+            conn=conn,
+            model_name=model_name,
+            dataset=dataset,
+            tracking=_tracking(settings),
+            config=config,
+            margin=settings.promotion_margin if margin is None else margin,
+            announcer=_announcer(settings),
+            on_epoch=on_epoch,
+            trainer=trainer,
+        )
     p = result.promotion
     click.echo(
         f"{result.build.stored.tag}: validation accuracy {result.evaluation.accuracy:.4f}, "
@@ -78,12 +91,19 @@ def retrain_version(
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the protocol's epochs (recorded in the run).")
 @click.option("--seed", type=int, help="Override the protocol's seed (recorded in the run).")
 @click.option("--margin", type=click.FloatRange(0, 1), help="Gate margin (default LOOP_PROMOTION_MARGIN).")
-@click.option("--trainer", help="Train with this package.module:function instead of the spec's, and store it in the "
-              "candidate's spec (models.trainers:fine_tune: the model's own imported graph, fine-tuned).")  # fmt: skip
+@click.option(
+    "--trainer",
+    help="Train with this package.module:function instead of the spec's, and store it in the "
+    "candidate's spec (models.trainers:fine_tune: the model's own imported graph, fine-tuned).",
+)
 def retrain(  # noqa: PLR0917  (each option is an argument, as click passes them)
-    model_name: str | None, dataset_id: str, epochs: int | None, seed: int | None, margin: float | None,
+    model_name: str | None,
+    dataset_id: str,
+    epochs: int | None,
+    seed: int | None,
+    margin: float | None,
     trainer: str | None,
-) -> None:  # fmt: skip
+) -> None:
     """Train on a dataset version with the model's trainer, evaluate, log to MLflow, and promote
     if it beats the champion."""
     from feedback.datasets import store as dataset_store
@@ -111,9 +131,13 @@ def promote(model_name: str | None, version: str, reason: str, admin_name: str) 
         actor = admin(conn, admin_name, required=True)
         assert actor is not None
         promotion = force(
-            conn=conn, model_name=model_name or settings.model_name, model_version=version, reason=reason, actor=actor,
+            conn=conn,
+            model_name=model_name or settings.model_name,
+            model_version=version,
+            reason=reason,
+            actor=actor,
             announcer=_announcer(settings),
-        )  # fmt: skip
+        )
     click.echo(f"{promotion.model_name}:{promotion.model_version} is champion ({promotion.decision.value})")
 
 

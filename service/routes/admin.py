@@ -97,10 +97,19 @@ class DatasetVersionPublic(BaseModel):
     @classmethod
     def of(cls, v: DatasetVersion) -> DatasetVersionPublic:
         return cls(
-            id=v.id, kind=v.kind, model_name=v.model_name, uri=v.uri, watermark=v.watermark,
-            validation_id=v.validation_id, parent_id=v.parent_id, rows=v.rows, per_class=v.per_class,
-            created_by=v.created_by, created_at=v.created_at, manifest=v.manifest,
-        )  # fmt: skip
+            id=v.id,
+            kind=v.kind,
+            model_name=v.model_name,
+            uri=v.uri,
+            watermark=v.watermark,
+            validation_id=v.validation_id,
+            parent_id=v.parent_id,
+            rows=v.rows,
+            per_class=v.per_class,
+            created_by=v.created_by,
+            created_at=v.created_at,
+            manifest=v.manifest,
+        )
 
 
 class CompileIn(RequestBody):
@@ -159,10 +168,15 @@ def compile_dataset(body: CompileIn, context: Context, loop: Loop, model: Model,
     """Compile a training version of the model from the current labels (the same labels give the same id)."""
     with db_connection(context) as conn:
         version = compile_with_validation(
-            conn=conn, model_name=model.name, schema=model.schema, originals=lambda: loop.originals(conn, model.name),
-            include_original=body.include_original, root_url=loop.datasets_root, watermark=body.watermark,
+            conn=conn,
+            model_name=model.name,
+            schema=model.schema,
+            originals=lambda: loop.originals(conn, model.name),
+            include_original=body.include_original,
+            root_url=loop.datasets_root,
+            watermark=body.watermark,
             actor=admin,
-        )  # fmt: skip
+        )
     return DatasetVersionPublic.of(version)
 
 
@@ -190,9 +204,13 @@ def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, model: M
     fixes = [ds.LabelFix(item_id=f.item_id, label=f.label, reason=body.reason) for f in body.fixes]
     with db_connection(context) as conn:
         fixed = fix_and_reevaluate(
-            conn=conn, model_name=model.name, fixes=fixes, schema=model.schema, root_url=loop.datasets_root,
+            conn=conn,
+            model_name=model.name,
+            fixes=fixes,
+            schema=model.schema,
+            root_url=loop.datasets_root,
             actor=admin,
-        )  # fmt: skip
+        )
     return ValidationFixed(
         version=DatasetVersionPublic.of(fixed.new),
         reevaluated=[Reevaluated(model_name=n, model_version=v, accuracy=a) for n, v, a in fixed.reevaluated],
@@ -207,9 +225,13 @@ def force_promotion(
     with db_connection(context) as conn:
         try:
             promotion = promote(
-                conn=conn, model_name=model.name, model_version=version, reason=body.reason, actor=admin,
+                conn=conn,
+                model_name=model.name,
+                model_version=version,
+                reason=body.reason,
+                actor=admin,
                 announcer=loop.announcer,
-            )  # fmt: skip
+            )
         except ModelNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         except InvalidModelTag as exc:

@@ -28,9 +28,11 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^
 UserName = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"),
-    Field(description="1 to 64 letters, digits, '.', '_' or '-', starting and ending with a letter or digit; "
-                      "stored in lower case."),
-]  # fmt: skip
+    Field(
+        description="1 to 64 letters, digits, '.', '_' or '-', starting and ending with a letter or digit; "
+        "stored in lower case."
+    ),
+]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
 
 

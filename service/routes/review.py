@@ -95,10 +95,14 @@ class ClaimIn(RequestBody):
 
     def filters(self) -> rs.ItemFilter:
         return rs.ItemFilter(
-            created_from=self.created_from, created_to=self.created_to, model_name=self.model_name,
-            model_version=self.model_version, label=self.label, min_confidence=self.min_confidence,
+            created_from=self.created_from,
+            created_to=self.created_to,
+            model_name=self.model_name,
+            model_version=self.model_version,
+            label=self.label,
+            min_confidence=self.min_confidence,
             max_confidence=self.max_confidence,
-        )  # fmt: skip
+        )
 
 
 class Score(BaseModel):
@@ -153,9 +157,11 @@ VerdictCreate = Annotated[Correct | Wrong | Discard | Unsure, Field(discriminato
 
 class VerdictsIn(RequestBody):
     verdicts: list[VerdictCreate] = Field(
-        min_length=1, max_length=100, json_schema_extra={"uniqueItems": True},
+        min_length=1,
+        max_length=100,
+        json_schema_extra={"uniqueItems": True},
         description="At most one verdict per item (the same item twice is refused).",
-    )  # fmt: skip
+    )
 
 
 class ItemStatePublic(BaseModel):
@@ -345,9 +351,14 @@ def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStat
         raise HTTPException(422, str(exc)) from None
     with db_connection(context) as conn:
         state = rs.add_sample(
-            conn=conn, user=user, model_name=model, input=stored, input_type=media_type, label=body.label,
+            conn=conn,
+            user=user,
+            model_name=model,
+            input=stored,
+            input_type=media_type,
+            label=body.label,
             reason=body.reason,
-        )  # fmt: skip
+        )
     return ItemStatePublic(**asdict(state))
 
 

@@ -20,10 +20,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 NUMERIC: dict[str, str] = {
-    "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
-    "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
-    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
-}  # fmt: skip
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
 DATATYPES = (*NUMERIC, "BOOL", "BYTES")
 SCORES, LABEL = "probabilities", "label"  # the outputs every classifier answers with
 OUTPUTS = (SCORES, LABEL)
@@ -209,16 +217,21 @@ def response(
     outputs, tails = [], []
     values: dict[str, tuple[str, list[int], Any, bytes]] = {
         SCORES: ("FP32", list(probabilities.shape), probabilities.tolist(), probabilities.astype("<f4").tobytes()),
-        LABEL: ("BYTES", [len(labels)], list(labels),
-                b"".join(struct.pack("<I", len(b)) + b for b in (label.encode() for label in labels))),
-    }  # fmt: skip
+        LABEL: (
+            "BYTES",
+            [len(labels)],
+            list(labels),
+            b"".join(struct.pack("<I", len(b)) + b for b in (label.encode() for label in labels)),
+        ),
+    }
     for name in OUTPUTS:
         if not request.wants(name):
             continue
         datatype, shape, as_json, as_binary = values[name]
         if request.binary(name):
-            outputs.append({"name": name, "datatype": datatype, "shape": shape,
-                            "parameters": {"binary_data_size": len(as_binary)}})  # fmt: skip
+            outputs.append(
+                {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(as_binary)}}
+            )
             tails.append(as_binary)
         else:
             outputs.append({"name": name, "datatype": datatype, "shape": shape, "data": as_json})
