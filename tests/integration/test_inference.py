@@ -54,7 +54,7 @@ def hosting(path: Path, open_session: Opener, *, max_latency_s: float = 5.0) -> 
     thread = threading.Thread(target=loop.run_until_complete, args=(host.serve(path, stop),), daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not path.exists():
+    while not _listening(path):  # the socket file appears at bind(), a moment before listen()
         assert thread.is_alive() and time.monotonic() < deadline, "the host did not start"
         time.sleep(0.02)
     try:
@@ -64,6 +64,15 @@ def hosting(path: Path, open_session: Opener, *, max_latency_s: float = 5.0) -> 
         thread.join(10)
         loop.close()
         assert not thread.is_alive()
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture
