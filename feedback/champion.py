@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from feedback.datasets.store import DatasetVersion
 from feedback.datasets.versions import Loaded, read_version
-from feedback.errors import Invalid
+from feedback.errors import Invalid, NotFound
 from feedback.keys import Keys
 from feedback.review.audit import audit
 from feedback.review.users import User
@@ -164,7 +164,12 @@ def promote(
     """Make a stored model champion whatever the gate says: an admin's action, recorded as such."""
     if not reason.strip():
         raise Invalid("a forced promotion needs a reason")
-    stored = store.get(f"{model_name}:{model_version}")  # ModelNotFound if it is not there
+    try:
+        stored = store.get(f"{model_name}:{model_version}")
+    except store.ModelNotFound as exc:
+        raise NotFound(str(exc)) from None
+    except store.InvalidModelTag as exc:
+        raise Invalid(str(exc)) from None
     promotion = record_promotion(
         conn=conn,
         model_name=model_name,

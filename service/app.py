@@ -15,26 +15,26 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import bentoml
 import redis
-from fastapi import FastAPI
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
 from feedback.datasets import originals_for
+from feedback.errors import DomainError
 from feedback.keys import Keys
 from feedback.predictions import dead_letters, ingest
 from feedback.predictions.log import Event, LogPolicy, PredictionLog
 from feedback.use_cases import announcer
-from service import fast_path, metrics
-from service.contract import ContractRoute, OpenAPIContract, method_not_allowed
+from service import database, fast_path, metrics, problems
+from service.contract import OpenAPIContract
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
-from service.predictions import Predictions, Refused
-from service.problems import ProblemDetails, problem_response
+from service.predictions import Predictions
+from service.problems import ProblemDetails
+from service.routes import application, open_inference, predict
 from service.routes import models as models_routes
-from service.routes import open_inference, predict
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
 from service.routes.dependencies import ModerationContext
@@ -50,11 +50,7 @@ SERVICE_NAME = "loop"
 
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
-routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-routes.router.route_class = ContractRoute  # every route: no unknown query parameter, problem details
-routes.add_exception_handler(405, method_not_allowed)
-for router in (review_router, admin_router, predict.router, open_inference.router, models_routes.router):
-    routes.include_router(router)
+routes = application(predict.router, open_inference.router, models_routes.router, review_router, admin_router)
 
 
 class _QuietClientErrors(logging.Filter):
@@ -79,11 +75,6 @@ def _log_to_stderr(*names: str) -> None:
             named.addHandler(handler)
             named.setLevel(logging.INFO)
             named.propagate = False
-
-
-def _statement_timeout(settings: Settings) -> str:
-    """libpq options: no statement of the service's runs longer than the setting (it is then a 503)."""
-    return f"-c statement_timeout={round(settings.statement_timeout_s * 1000)}"
 
 
 def _count_log_event(event: Event, n: int) -> None:
@@ -222,21 +213,10 @@ class Predictor:
         if settings.redis_url is not None and any(s.follows_champion for s in self.slots.values()):
             self._background.append(asyncio.create_task(self._follow_champion(settings.redis_url), name="champion"))
         if settings.database_url is not None:
-            self.plane.pool = AsyncConnectionPool(
-                settings.database_url,
-                min_size=1,
-                max_size=4,
-                open=False,
-                kwargs={"autocommit": True, "connect_timeout": 5, "options": _statement_timeout(settings)},
-            )
+            timeout = settings.statement_timeout_s
+            self.plane.pool = database.async_pool(settings.database_url, max_size=4, statement_timeout_s=timeout)
             await self.plane.pool.open(wait=False)  # serving must not wait for Postgres
-            self._review_pool = ConnectionPool(
-                settings.database_url,
-                min_size=1,
-                max_size=8,
-                open=False,
-                kwargs={"autocommit": True, "connect_timeout": 5, "options": _statement_timeout(settings)},
-            )
+            self._review_pool = database.pool(settings.database_url, max_size=8, statement_timeout_s=timeout)
             self._review_pool.open(wait=False)
             routes.state.moderation = ModerationContext(
                 pool=self._review_pool,
@@ -309,11 +289,11 @@ class Predictor:
         request_id = chosen_request_id(None if ctx is None else ctx.request.headers.get("x-request-id"))
         try:
             answer = await self.plane.classify(model, samples, tags or {}, request_id)
-        except Refused as exc:
-            if ctx is not None:  # BentoML applies the context's status code over the response's
-                ctx.response.status_code = exc.status
-            problem: Any = problem_response(exc.status, exc.message)  # BentoML sends a response as it is
-            return problem
+        except DomainError as exc:
+            refusal: Any = problems.answer(exc)  # BentoML sends a response as it is...
+            if ctx is not None:  # ... with the context's status code over the response's
+                ctx.response.status_code = refusal.status_code
+            return refusal
         if ctx is not None:
             ctx.response.headers["X-Request-ID"] = request_id
             ctx.response.headers["X-Loop-Worker"] = self.worker
@@ -330,17 +310,24 @@ class Predictor:
         request_id = chosen_request_id(None if given is None else given.decode("latin-1"))
         try:
             answer = await self.plane.classify(request.model, request.samples, request.tags or {}, request_id)
-        except Refused as exc:
-            return fast_path.Answer.problem(exc.status, exc.message)
+        except DomainError as exc:
+            return fast_path.Answer.refusing(exc)
         answered = [(b"x-request-id", request_id.encode("latin-1")), *self._answered_headers]
         return fast_path.Answer(200, answer.model_dump_json().encode(), answered)
 
 
-# Every request is bounded before it is parsed: bodies by `RequestLimits`, request heads by the
-# HTTP protocol the worker's uvicorn picks (this module is imported before its server is set up).
-cast(Any, Predictor).add_asgi_middleware(RequestLimits, limits=lambda: Settings().body_limits)  # a Service at run time
-cast(Any, Predictor).add_asgi_middleware(ConcurrencyLimit, limit=lambda: Settings().max_concurrency)
-cast(Any, Predictor).add_asgi_middleware(ProblemDetails)  # errors of BentoML's own as problem details too
-cast(Any, Predictor).add_asgi_middleware(OpenAPIContract)  # the schema documents those problem details
-use_bounded_heads(Settings().http_parser)
-fast_path.install()
+def _assemble(service: Any) -> None:
+    """What stands around the service's routes, outermost first: the fast path (in front of the
+    whole ASGI stack), then BentoML's middlewares and, added here and run last-added first, the
+    schema with its problem details, BentoML's own errors reshaped, the concurrency limit, the body
+    limits. Request heads are bounded by the HTTP protocol the worker's uvicorn picks (this module
+    is imported before its server is set up), so every request is bounded before it is parsed."""
+    service.add_asgi_middleware(RequestLimits, limits=lambda: Settings().body_limits)
+    service.add_asgi_middleware(ConcurrencyLimit, limit=lambda: Settings().max_concurrency)
+    service.add_asgi_middleware(ProblemDetails)
+    service.add_asgi_middleware(OpenAPIContract)
+    use_bounded_heads(Settings().http_parser)
+    fast_path.install()
+
+
+_assemble(Predictor)

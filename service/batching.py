@@ -20,6 +20,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from feedback import errors
+
 logger = logging.getLogger(__name__)
 
 C = TypeVar("C")
@@ -27,11 +29,11 @@ C = TypeVar("C")
 InferFn = Callable[[NDArray[Any]], tuple[NDArray[Any], C]]
 
 
-class Overloaded(RuntimeError):
+class Overloaded(errors.Overloaded):
     """The request waited longer than the latency budget before a model call could take it."""
 
 
-class BatcherClosed(RuntimeError):
+class BatcherClosed(errors.Unavailable):
     """The batcher is shutting down and takes no more work."""
 
 

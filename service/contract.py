@@ -1,13 +1,9 @@
 """The API contract: what the OpenAPI schema says is what the service accepts, and every status
 it answers is in it, as problem details.
 
-- Types whose schema carries their whole check: `ItemId` (a UUIDv7, as text), `Instant` (an RFC
-  3339 date-time, nothing else), `ModelVersion` (a BentoML tag's version), `Number`, `Integer`
-  and `Flag` (a body's JSON number, integer and boolean, nothing that merely converts to one).
+- The field types every route uses are in `service.routes.fields`, each written once.
 - `ContractRoute`, the class of every FastAPI route of the service: a query parameter the route
-  does not take is refused (422, naming it), and errors are answered as problem details.
-- `method_not_allowed`: a 405's `Allow` lists every method of the path, not only those of the
-  first route that matched it.
+  does not take is refused (422, naming it).
 - `finish_openapi` (served by the `OpenAPIContract` middleware): the schema BentoML writes for its
   own operations (`POST /predict`) documents the problem details they answer, not BentoML's
   error models.
@@ -16,64 +12,22 @@ it answers is in it, as problem details.
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from collections.abc import Callable, Coroutine
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.dependencies.models import Dependant
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BeforeValidator, Strict, WithJsonSchema
 from starlette.responses import Response
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.problems import documented, problem_response, validation_response
-
-NO_NUL = r"^[^\x00]*$"  # text Postgres can hold
-UUID7 = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-7[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
-RFC3339 = r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)$"
-TAG_PART = r"^[A-Za-z0-9]([-._A-Za-z0-9]{0,61}[A-Za-z0-9])?$"
-
-
-def _text_matching(pattern: str, what: str) -> Callable[[Any], Any]:
-    compiled = re.compile(pattern)
-
-    def check(value: Any) -> Any:
-        if not isinstance(value, str) or compiled.match(value) is None:
-            raise ValueError(f"not {what}")
-        return value
-
-    return check
-
-
-ItemId = Annotated[
-    uuid.UUID,
-    BeforeValidator(_text_matching(UUID7, "a UUIDv7 (a prediction id)")),
-    WithJsonSchema({"type": "string", "format": "uuid", "pattern": UUID7}),
-]
-Instant = Annotated[
-    datetime,
-    BeforeValidator(_text_matching(RFC3339, "an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z")),
-    WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339}),
-]
-ModelVersion = Annotated[
-    str,
-    BeforeValidator(_text_matching(TAG_PART, "a model version: letters, digits, '-', '_' and '.', at most 63")),
-    WithJsonSchema({"type": "string", "pattern": TAG_PART, "maxLength": 63}),
-]
-# A JSON body's scalars as JSON types them: no boolean for a number, no numeral in a string.
-Number = Annotated[float, Strict()]
-Integer = Annotated[int, Strict()]
-Flag = Annotated[bool, Strict()]
+from feedback.errors import Invalid
+from service.problems import documented
 
 
 class ContractRoute(APIRoute):
-    """A route that takes only the query parameters it declares and answers errors as problem
-    details (FastAPI's own 422 echoes the input and ignores unknown parameters)."""
+    """A route that takes only the query parameters it declares (FastAPI ignores unknown ones):
+    any other is refused (422, naming it). Its errors are answered by `service.problems`."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -83,16 +37,9 @@ class ContractRoute(APIRoute):
             unknown = sorted(set(request.query_params) - known)
             if unknown:
                 takes = ", ".join(sorted(known)) or "none"
-                errors = [{"field": f"query.{name}", "message": "unknown query parameter"} for name in unknown]
-                return problem_response(
-                    422, f"unknown query parameter {', '.join(unknown)}; this route takes: {takes}", errors=errors
-                )
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return validation_response(exc.errors())
-            except HTTPException as exc:
-                return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
+                fields = [{"field": f"query.{name}", "message": "unknown query parameter"} for name in unknown]
+                raise Invalid(f"unknown query parameter {', '.join(unknown)}; this route takes: {takes}", fields=fields)
+            return await handler(request)
 
         return checked
 
@@ -106,21 +53,6 @@ def _query_parameters(dependant: Dependant) -> set[str]:
         names |= {param.alias for param in current.query_params}
         pending.extend(current.dependencies)
     return names
-
-
-async def method_not_allowed(request: Request, exc: Exception) -> Any:
-    """405 with every method the path takes in `Allow` (Starlette names only the first route's)."""
-    allowed: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            allowed |= set(getattr(route, "methods", None) or ())
-    method = request.method
-    return problem_response(
-        405,
-        f"{method} is not a method of {request.url.path}; it takes {', '.join(sorted(allowed))}",
-        headers={"Allow": ", ".join(sorted(allowed))},
-    )
 
 
 # -- the schema BentoML writes ---------------------------------------------------------------------
@@ -193,16 +125,4 @@ class OpenAPIContract:
         await self.app(scope, receive, hold)
 
 
-__all__ = [
-    "NO_NUL",
-    "ContractRoute",
-    "Flag",
-    "Instant",
-    "Integer",
-    "ItemId",
-    "ModelVersion",
-    "Number",
-    "OpenAPIContract",
-    "finish_openapi",
-    "method_not_allowed",
-]
+__all__ = ["ContractRoute", "OpenAPIContract", "finish_openapi"]

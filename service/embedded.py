@@ -21,6 +21,8 @@ from typing import Any
 import psycopg
 import redis
 
+from service import database
+
 logger = logging.getLogger(__name__)
 
 _PG_USER = "embedded_postgres"  # Postgres refuses to run as root; it runs as this system user
@@ -94,7 +96,7 @@ class EmbeddedPostgres:
             options,
             "start",
         )
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+        with database.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres") as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
             if not exists:
                 conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(self.database)))

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import metrics, problems
 from service.limits import WORKER_IN_FLIGHT, InFlight, replay_body
-from service.problems import PROBLEM_JSON, problem_response
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +37,10 @@ class Answer:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # besides content-length
 
     @classmethod
-    def problem(cls, status: int, detail: str) -> Answer:
-        """An error as problem details, as `problem_response` answers it."""
-        return cls(status, bytes(problem_response(status, detail).body), [(b"content-type", PROBLEM_JSON.encode())])
+    def refusing(cls, exc: Exception) -> Answer:
+        """An error as problem details, as the app's handlers answer it."""
+        status, headers, body = problems.encoded(exc)
+        return cls(status, body, headers)
 
 
 # The request's body and headers (lower-case names) -> its answer, or None: not here, answer it as always.
@@ -96,9 +96,9 @@ class FastRoutes:
             started = time.perf_counter()
             try:
                 answer = await route.handler(body, headers)
-            except Exception:
+            except Exception as exc:
                 logger.exception("%s failed", scope["path"])
-                answer = Answer.problem(500, "the service failed to answer; its log says why")
+                answer = Answer.refusing(exc)  # a 500: the log says why
         finally:
             self.in_flight.n -= 1
         if answer is None:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from feedback.errors import Unavailable
 from models.runtime import DevicePreference, OnnxModel, Session
 from service.batching import AdaptiveBatcher, Overloaded
 
@@ -46,7 +47,7 @@ DTYPES = {"float32": np.dtype(np.float32)}  # what the served models take and gi
 STATS_EVERY_S = 30.0
 
 
-class InferenceUnavailable(RuntimeError):
+class InferenceUnavailable(Unavailable):
     """The inference process could not be reached, or went away during a call."""
 
 

@@ -19,15 +19,14 @@ client sees the answer rather than a connection reset.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import h11
-from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 try:
@@ -38,7 +37,8 @@ except ImportError:  # httptools is not installed: h11 only
     HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
     _HAS_HTTPTOOLS = False
 
-from service.problems import PROBLEM_JSON, problem, problem_response
+from feedback.errors import Busy, DomainError, TooLarge, Unsupported
+from service.problems import HeadTooLarge, answer, encoded
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,10 @@ class BodyLimits:
         return self.predict if predicts or infers else self.other
 
 
-def _refusal(status: int, message: str) -> JSONResponse:
+async def _refuse(exc: DomainError, scope: Scope, receive: Receive, send: Send) -> None:
     # The connection stays open: uvicorn reads and drops the rest of the body, so the client
     # (still sending) reads the answer instead of a reset.
-    return problem_response(status, message)
+    await answer(exc, v2=scope["path"].startswith("/v2/"))(scope, receive, send)
 
 
 PROBES = frozenset({"/readyz", "/livez", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -108,7 +108,7 @@ class ConcurrencyLimit:
             return
         if self.in_flight.n >= self.limit:
             message = f"this worker has {self.in_flight.n} requests in hand, its most; try again in a moment"
-            await problem_response(429, message, headers={"Retry-After": "1"})(scope, receive, send)
+            await _refuse(Busy(message), scope, receive, send)
             return
         self.in_flight.n += 1
         try:
@@ -143,7 +143,7 @@ class RequestLimits:
         elif path in JSON_ROUTES and content_type.startswith(FORM_TYPES):
             media_type = content_type.split(";")[0]
             message = f"{path} takes a JSON body (application/json) or uploaded images, not {media_type}"
-            await _refusal(415, message)(scope, receive, send)
+            await _refuse(Unsupported(message), scope, receive, send)
             return
         limit = self.limits.for_path(path)
         declared = headers.get(b"content-length")
@@ -152,7 +152,7 @@ class RequestLimits:
             size = int(declared)
             if size > limit:
                 message = f"the body of {size} bytes is over the limit of {limit} bytes for {path}"
-                await _refusal(413, message)(scope, receive, send)
+                await _refuse(TooLarge(message), scope, receive, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -161,7 +161,7 @@ class RequestLimits:
             return
         body = await _read_at_most(receive, limit)
         if body is None:
-            await _refusal(413, f"the body is over the limit of {limit} bytes for {path}")(scope, receive, send)
+            await _refuse(TooLarge(f"the body is over the limit of {limit} bytes for {path}"), scope, receive, send)
             return
         await self.app(scope, replay_body(body, receive), send)
 
@@ -217,13 +217,13 @@ class _BoundedConnection(h11.Connection):
 
 def _head_refusal() -> bytes:
     """The whole 431 answer, as bytes: the connection is closed after it."""
-    detail = f"the request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"
-    body = json.dumps(problem(431, detail)).encode()
-    head = (
-        "HTTP/1.1 431 Request Header Fields Too Large\r\n"
-        f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    status, headers, body = encoded(
+        HeadTooLarge(f"the request line and headers are over the limit of {MAX_HEAD_BYTES} bytes")
     )
-    return head.encode() + body
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    lines += [name + b": " + value for name, value in headers]
+    lines += [f"content-length: {len(body)}".encode(), b"connection: close", b"", b""]
+    return b"\r\n".join(lines) + body
 
 
 class _RefusesHeads:

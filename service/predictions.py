@@ -1,8 +1,8 @@
 """The prediction data plane: check, batch, infer, log and answer, with no HTTP and no BentoML in it.
 
 Every face calls it: JSON `POST /predict` (through BentoML's API and the fast path), `.npy`
-bodies, uploaded images and the Open Inference Protocol. A request it will not answer raises
-`Refused` with the status and the reason; each face turns that into its answer in one place.
+bodies, uploaded images and the Open Inference Protocol. A request it will not answer raises a
+domain error (`feedback.errors`) saying why; `service.problems` answers it, whichever face asked.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from psycopg_pool import AsyncConnectionPool
 
 from feedback.datasets import LabelSchema
+from feedback.errors import Invalid, Malformed, NotFound, Unavailable
 from feedback.ids import uuid7
 from feedback.predictions.log import LogUnavailable, PredictionLog
 from feedback.predictions.records import PredictionRecord
@@ -34,23 +35,12 @@ from models.npy import npy_bytes
 from models.signature import InputError, Outputs, Signature, postprocess, to_batch
 from models.spec import ImageInput
 from service import metrics
-from service.batching import BatcherClosed, Overloaded
-from service.inference import InferenceUnavailable
 from service.schemas import PredictionPublic, PredictResponse
 from service.serving import ModelSlot, Served
 
 STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model load before a 503
 
 Images = list[tuple[bytes, str]]  # images as sent, with their media types
-
-
-class Refused(Exception):
-    """A request not answered with predictions: the status to answer and why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -101,7 +91,7 @@ class Predictions:
             return self.default
         slot = self.slots.get(name)
         if slot is None:
-            raise Refused(404, f"no model {name!r} is served here; served: {', '.join(self.slots)}")
+            raise NotFound(f"no model {name!r} is served here; served: {', '.join(self.slots)}")
         return slot
 
     async def ready(self, slot: ModelSlot) -> Served:
@@ -112,7 +102,7 @@ class Predictions:
             await asyncio.to_thread(slot.loaded.wait, STARTUP_WAIT_S)
         reason = slot.not_ready() or self.log_not_ready()
         if reason is not None:
-            raise Refused(503, f"not ready: {reason}")
+            raise Unavailable(f"not ready: {reason}")
         assert slot.served is not None
         return slot.served
 
@@ -126,13 +116,11 @@ class Predictions:
         an unknown name is answered (the faces word it differently)."""
         slot = self.slots.get(name)
         if slot is None:
-            raise Refused(404, unknown)
+            raise NotFound(unknown)
         if slot.served is None:
-            raise Refused(503, f"model {name!r} is not ready: {slot.not_ready()}")
+            raise Unavailable(f"model {name!r} is not ready: {slot.not_ready()}")
         if version is not None and version != slot.served.stored.version:
-            raise Refused(
-                404, f"model {name!r} version {version!r} is not the one loaded ({slot.served.stored.version})"
-            )
+            raise NotFound(f"model {name!r} version {version!r} is not the one loaded ({slot.served.stored.version})")
         return slot, slot.served
 
     def class_names(self, model_name: str) -> tuple[str, ...] | None:
@@ -141,31 +129,35 @@ class Predictions:
         return None if served is None else served.stored.card.signature.class_names
 
     def label_schema(self, name: str) -> LabelSchema:
-        """A served model's classes and inputs, as its datasets are compiled; LookupError if not served."""
+        """A served model's classes and inputs, as its datasets are compiled; NotFound if not served."""
         slot = self.slots.get(name)
         if slot is None:
-            raise LookupError(f"no model {name!r} is served here; served: {', '.join(self.slots)}")
+            raise NotFound(f"no model {name!r} is served here; served: {', '.join(self.slots)}")
         if slot.served is None:
             return LabelSchema.of(_signature_of(slot))
         return LabelSchema.of(slot.served.stored.card.model_spec)
 
     def sample_input(self, model_name: str, given: Any) -> tuple[bytes, str | None]:
         """A sample a reviewer adds, checked against the model and turned into what is stored:
-        .npy bytes of the tensor, or the image's bytes as sent with its media type."""
+        .npy bytes of the tensor, or the image's bytes as sent with its media type (a label is
+        checked, so a sample that does not fit is `Invalid`: 422)."""
         slot = self.slots.get(model_name)
         if slot is None:
-            raise LookupError(f"no model {model_name!r} is served here; served: {', '.join(self.slots)}")
+            raise NotFound(f"no model {model_name!r} is served here; served: {', '.join(self.slots)}")
         served = slot.served
         if served is None:
-            raise ValueError(f"{model_name} is not loaded yet")
+            raise Invalid(f"{model_name} is not loaded yet")
         spec = served.stored.card.model_spec
-        if isinstance(spec.input, ImageInput):
-            if not isinstance(given, bytes):
-                raise ValueError(f"{model_name} takes images: send the sample as `image`")
-            return given, decode_image(given, spec.input).media_type  # ImageError: a ValueError
-        if isinstance(given, bytes):
-            raise ValueError(f"{model_name} takes numbers: send the sample as `input`")
-        return npy_bytes(to_batch([given], served.stored.card.signature, max_samples=1)[0]), None
+        try:
+            if isinstance(spec.input, ImageInput):
+                if not isinstance(given, bytes):
+                    raise Invalid(f"{model_name} takes images: send the sample as `image`")
+                return given, decode_image(given, spec.input).media_type
+            if isinstance(given, bytes):
+                raise Invalid(f"{model_name} takes numbers: send the sample as `input`")
+            return npy_bytes(to_batch([given], served.stored.card.signature, max_samples=1)[0]), None
+        except (InputError, ImageError) as exc:
+            raise Invalid(str(exc)) from None
 
     # -- answering --------------------------------------------------------------------------------
 
@@ -183,7 +175,7 @@ class Predictions:
                     raise InputError(f"{slot.name} takes numbers, not images: send samples of its input shape")
                 batch = to_batch(samples, served.stored.card.signature, max_samples=self.max_samples)
         except (InputError, ImageError) as exc:
-            raise Refused(400, str(exc)) from None
+            raise Malformed(str(exc)) from None
         return (await self.run(slot, batch, sent, tags, request_id)).response(request_id)
 
     async def classify_array(self, model: str | None, array: NDArray[Any], request_id: str) -> PredictResponse:
@@ -201,7 +193,7 @@ class Predictions:
         try:
             batch, sent = await self.images(spec, images)
         except (InputError, ImageError) as exc:
-            raise Refused(400, str(exc)) from None
+            raise Malformed(str(exc)) from None
         return (await self.run(slot, batch, sent, tags, request_id)).response(request_id)
 
     async def images(self, spec: ImageInput, images: list[bytes]) -> tuple[NDArray[np.float32], Images]:
@@ -211,18 +203,16 @@ class Predictions:
     async def run(
         self, slot: ModelSlot, batch: NDArray[np.float32], sent: Images | None, tags: dict[str, str], request_id: str
     ) -> Answered:
-        """Batch, infer, and log every sample before anything is answered."""
-        try:
-            logits, used = await slot.batcher().submit(batch)
-        except (Overloaded, BatcherClosed, InferenceUnavailable) as exc:
-            raise Refused(503, str(exc)) from None
+        """Batch, infer, and log every sample before anything is answered (`Unavailable` when the
+        batcher is over its budget or closing, or the inference process is down)."""
+        logits, used = await slot.batcher().submit(batch)
         outputs = postprocess(logits, used.stored.card.model_spec.output_kind)
         answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=outputs, served=used)
         if self.log is not None:
             try:
                 await self.log.append(_records(answered, batch, sent, tags, request_id))
             except LogUnavailable as exc:  # before the answer leaves: what we answer is kept
-                raise Refused(503, f"prediction not stored, so not answered: {exc}") from None
+                raise Unavailable(f"prediction not stored, so not answered: {exc}") from None
         metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(batch))
         return answered
 
@@ -232,7 +222,7 @@ class Predictions:
         """The stored prediction and whether it is ingested yet: Postgres first, then the stream.
         `prediction_id` is a UUIDv7: the routes' `ItemId` took nothing else."""
         if self.pool is None and self.log is None:
-            raise Refused(503, "no prediction store is configured")
+            raise Unavailable("no prediction store is configured")
         failures = []
         if self.pool is not None:
             try:
@@ -251,8 +241,8 @@ class Predictions:
                 if record is not None:
                     return StoredPrediction.from_record(record), False
         if failures:
-            raise Refused(503, "could not look everywhere: " + "; ".join(failures))
-        raise Refused(404, f"no prediction {prediction_id}")
+            raise Unavailable("could not look everywhere: " + "; ".join(failures))
+        raise NotFound(f"no prediction {prediction_id}")
 
 
 def _records(

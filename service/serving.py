@@ -24,7 +24,7 @@ from feedback.champion import champion as current_champion
 from feedback.keys import Keys
 from models import store
 from models.runtime import CPU, DevicePreference, OnnxModel, ReferenceCheck, Session, check_reference
-from service import metrics
+from service import database, metrics
 from service.batching import AdaptiveBatcher
 from service.inference import InferenceUnavailable, RemoteSession
 from service.settings import CHAMPION
@@ -115,7 +115,7 @@ class ModelSlot:
         version = None
         if self.where.database_url is not None:
             try:
-                with psycopg.connect(self.where.database_url, connect_timeout=3) as conn:
+                with database.connect(self.where.database_url, connect_timeout_s=3) as conn:
                     found = current_champion(conn=conn, model_name=self.name)
                 version = found.model_version if found is not None else None
             except psycopg.Error as exc:

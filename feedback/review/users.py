@@ -34,7 +34,9 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-_USER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
+# A user name as the HTTP API takes it (any case); stored folded to lower case.
+USER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"
+_USER_NAME = re.compile(USER_NAME_PATTERN)
 
 
 def user_name(raw: str) -> str:

@@ -34,12 +34,14 @@ def redis_url(settings: Settings) -> str:
 
 @contextlib.contextmanager
 def connection(settings: Settings) -> Iterator[psycopg.Connection]:
+    """A connection to the loop's database, its schema brought up to date first."""
     import psycopg
 
     from feedback.migrate import migrate
+    from service import database
 
     try:
-        conn = psycopg.connect(database_url(settings), autocommit=True, connect_timeout=5)
+        conn = database.connect(database_url(settings))
     except psycopg.OperationalError as exc:
         raise click.ClickException(
             f"cannot reach Postgres ({exc}); set LOOP_DATABASE_URL or run `loop serve` for the embedded one"

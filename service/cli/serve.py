@@ -36,11 +36,10 @@ def _require(url: str | None, name: str) -> str:
 @click.command()
 def migrate() -> None:
     """Apply the database migrations not yet applied (LOOP_DATABASE_URL)."""
-    import psycopg
-
     from feedback.migrate import migrate as apply
+    from service import database
 
-    with psycopg.connect(_require(Settings().database_url, "LOOP_DATABASE_URL"), connect_timeout=5) as conn:
+    with database.connect(_require(Settings().database_url, "LOOP_DATABASE_URL")) as conn:
         applied = apply(conn)
     click.echo(f"applied {len(applied)} migration(s)" if applied else "the schema is up to date")
 
@@ -86,23 +85,23 @@ def ingest() -> None:
     """Run an ingest worker: Redis stream -> Postgres, until SIGTERM or Ctrl-C."""
     import threading
 
-    import psycopg
     import redis
 
     from feedback.keys import Keys
     from feedback.migrate import migrate as apply
     from feedback.predictions.ingest import IngestConfig, IngestWorker
+    from service import database
 
     settings = Settings()
     database_url = _require(settings.database_url, "LOOP_DATABASE_URL")
     redis_url = _require(settings.redis_url, "LOOP_REDIS_URL")
-    with psycopg.connect(database_url, connect_timeout=5) as conn:
+    with database.connect(database_url) as conn:
         apply(conn)
     keys = Keys(settings.redis_prefix)
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=5)
     worker = IngestWorker(
         redis_client=client,
-        connect=lambda: psycopg.connect(database_url, autocommit=True, connect_timeout=3),
+        connect=lambda: database.connect(database_url, connect_timeout_s=3),
         keys=keys,
         consumer=settings.ingest_consumer or f"{socket.gethostname()}-{os.getpid()}",
         config=IngestConfig(

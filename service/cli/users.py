@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from service.cli.common import database_url
+from service.cli.common import connection
 from service.settings import Settings
 
 
@@ -18,13 +18,9 @@ def users() -> None:
 @click.option("--role", type=click.Choice(["reviewer", "admin"]), default="reviewer", show_default=True)
 def users_add(name: str, role: str) -> None:
     """Create a user and print its API token (shown this once)."""
-    import psycopg
-
     from feedback import review as review_store
-    from feedback.migrate import migrate as apply
 
-    with psycopg.connect(database_url(Settings()), autocommit=True, connect_timeout=5) as conn:
-        apply(conn)
+    with connection(Settings()) as conn:
         try:
             user, token = review_store.create_user(conn=conn, name=name, role=review_store.Role(role))
         except (review_store.Conflict, review_store.Invalid) as exc:
@@ -36,10 +32,8 @@ def users_add(name: str, role: str) -> None:
 @users.command("list")
 def users_list() -> None:
     """List users."""
-    import psycopg
-
     from feedback import review as review_store
 
-    with psycopg.connect(database_url(Settings()), connect_timeout=5) as conn:
+    with connection(Settings()) as conn:
         for user in review_store.list_users(conn=conn):
             click.echo(f"{user.id}\t{user.name}\t{user.role.value}")

@@ -1,4 +1,26 @@
-"""The HTTP faces beside the prediction routes: `review` (under `/review`, the review page
-included) and `admin` (under `/admin`); `v2` holds the Open Inference Protocol's messages as pure
-functions (its routes are in `app.py`). Each route parses, checks the caller, calls a function of
-`feedback/` or `models/`, and shapes the answer."""
+"""The service's HTTP faces, a module each: `predict` (`.npy` bodies and uploads; `POST /predict`
+with JSON is BentoML's API in `service.app` and the fast path), `open_inference` (the Open
+Inference Protocol under `/v2`, its messages in `v2`), `models` (what is served, and the stored
+predictions), `review` (under `/review`, with the review `page`) and `admin` (under `/admin`).
+`fields` holds their field types, `dependencies` the caller and the request's database
+connection, `faces` what the prediction faces share. Each route translates HTTP to a call of the
+data plane (`service.predictions`) or of `feedback/` and back; what it raises is answered by
+`service.problems`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+
+from service import problems
+from service.contract import ContractRoute
+
+
+def application(*routers: APIRouter) -> FastAPI:
+    """An app of `routers` whose every error is problem details (`service.problems`), without the
+    docs pages (BentoML serves the schema)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.route_class = ContractRoute  # every route: no unknown query parameter
+    problems.install(app)
+    for router in routers:
+        app.include_router(router)
+    return app

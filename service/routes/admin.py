@@ -14,24 +14,24 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from feedback import datasets as ds
 from feedback.champion import Decision, Promotion, promote, promotions
 from feedback.datasets import DatasetVersion, Kind
 from feedback.datasets import store as dataset_store
+from feedback.errors import NotFound, Unavailable
 from feedback.use_cases import compile_with_validation, fix_and_reevaluate
-from models.store import InvalidModelTag, ModelNotFound
-from service.contract import NO_NUL, Flag, Integer, ModelVersion
 from service.problems import documented
-from service.routes.dependencies import Admin, Context, GuardedRoute, Name, Reason, RequestBody, db_connection
+from service.routes.dependencies import Admin, Connection, GuardedRoute, RequestBody
+from service.routes.fields import NO_NUL, Flag, Integer, ModelName, ModelVersion, Name, Reason
 
 
 @dataclass
 class DataLoopContext:
     model_name: str  # the default model
-    schema: Callable[[str], ds.LabelSchema]  # a served model's classes and input; LookupError if not served
+    schema: Callable[[str], ds.LabelSchema]  # a served model's classes and input; NotFound if not served
     originals: Callable[[psycopg.Connection, str], ds.Originals | None]
     datasets_root: str
     announcer: Callable[[str, str], None] | None = None
@@ -48,7 +48,7 @@ router = APIRouter(
 def _loop(request: Request) -> DataLoopContext:
     context: DataLoopContext | None = getattr(request.app.state, "data_loop", None)
     if context is None:
-        raise HTTPException(503, "the data loop needs a database (LOOP_DATABASE_URL)")
+        raise Unavailable("the data loop needs a database (LOOP_DATABASE_URL)")
     return context
 
 
@@ -63,18 +63,12 @@ class Target:
     schema: ds.LabelSchema
 
 
-ModelQuery = Annotated[
-    str | None,
-    Query(min_length=1, max_length=200, pattern=NO_NUL, description="A served model (default: the default model)."),
-]
+ModelQuery = Annotated[ModelName | None, Query(description="A served model (default: the default model).")]
 
 
 def _target(loop: Loop, model: ModelQuery = None) -> Target:
     name = model or loop.model_name
-    try:
-        return Target(name=name, schema=loop.schema(name))  # an unknown model is refused before anything is read
-    except LookupError as exc:
-        raise HTTPException(404, str(exc).strip("'\"")) from None
+    return Target(name=name, schema=loop.schema(name))  # NotFound: refused before anything is read
 
 
 Model = Annotated[Target, Depends(_target)]
@@ -164,53 +158,49 @@ class PromotionPublic(BaseModel):
 
 
 @router.post("/datasets", response_model=DatasetVersionPublic, status_code=201)
-def compile_dataset(body: CompileIn, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
+def compile_dataset(body: CompileIn, conn: Connection, loop: Loop, model: Model, admin: Admin) -> Any:
     """Compile a training version of the model from the current labels (the same labels give the same id)."""
-    with db_connection(context) as conn:
-        version = compile_with_validation(
-            conn=conn,
-            model_name=model.name,
-            schema=model.schema,
-            originals=lambda: loop.originals(conn, model.name),
-            include_original=body.include_original,
-            root_url=loop.datasets_root,
-            watermark=body.watermark,
-            actor=admin,
-        )
+    version = compile_with_validation(
+        conn=conn,
+        model_name=model.name,
+        schema=model.schema,
+        originals=lambda: loop.originals(conn, model.name),
+        include_original=body.include_original,
+        root_url=loop.datasets_root,
+        watermark=body.watermark,
+        actor=admin,
+    )
     return DatasetVersionPublic.of(version)
 
 
 @router.get("/datasets", response_model=list[DatasetVersionPublic])
-def list_datasets(context: Context, model: Model, admin: Admin, kind: Kind | None = None) -> Any:
+def list_datasets(conn: Connection, model: Model, admin: Admin, kind: Kind | None = None) -> Any:
     """Original, training and validation versions of the model, oldest first."""
-    with db_connection(context) as conn:
-        versions = dataset_store.list_versions(conn=conn, model_name=model.name, kind=kind)
+    versions = dataset_store.list_versions(conn=conn, model_name=model.name, kind=kind)
     return [DatasetVersionPublic.of(v) for v in versions]
 
 
 @router.get("/datasets/{version_id}", response_model=DatasetVersionPublic)
-def get_dataset(version_id: str, context: Context, admin: Admin) -> Any:
+def get_dataset(version_id: str, conn: Connection, admin: Admin) -> Any:
     """One version with its manifest."""
-    with db_connection(context) as conn:
-        version = dataset_store.get_version(conn=conn, version_id=version_id)
+    version = dataset_store.get_version(conn=conn, version_id=version_id)
     if version is None:
-        raise HTTPException(404, f"no dataset version {version_id}")
+        raise NotFound(f"no dataset version {version_id}")
     return DatasetVersionPublic.of(version)
 
 
 @router.post("/validation/fixes", response_model=ValidationFixed, status_code=201)
-def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, model: Model, admin: Admin) -> Any:
+def fix_validation(body: ValidationFixIn, conn: Connection, loop: Loop, model: Model, admin: Admin) -> Any:
     """Fix validation labels: a new validation version; models compared on the old one are re-evaluated."""
     fixes = [ds.LabelFix(item_id=f.item_id, label=f.label, reason=body.reason) for f in body.fixes]
-    with db_connection(context) as conn:
-        fixed = fix_and_reevaluate(
-            conn=conn,
-            model_name=model.name,
-            fixes=fixes,
-            schema=model.schema,
-            root_url=loop.datasets_root,
-            actor=admin,
-        )
+    fixed = fix_and_reevaluate(
+        conn=conn,
+        model_name=model.name,
+        fixes=fixes,
+        schema=model.schema,
+        root_url=loop.datasets_root,
+        actor=admin,
+    )
     return ValidationFixed(
         version=DatasetVersionPublic.of(fixed.new),
         reevaluated=[Reevaluated(model_name=n, model_version=v, accuracy=a) for n, v, a in fixed.reevaluated],
@@ -219,30 +209,23 @@ def fix_validation(body: ValidationFixIn, context: Context, loop: Loop, model: M
 
 @router.post("/models/{version}/promote", response_model=PromotionPublic)
 def force_promotion(
-    version: ModelVersion, body: PromoteIn, *, context: Context, loop: Loop, model: Model, admin: Admin
+    version: ModelVersion, body: PromoteIn, *, conn: Connection, loop: Loop, model: Model, admin: Admin
 ) -> Any:
     """Make a stored version of the model champion regardless of the gate (recorded, announced)."""
-    with db_connection(context) as conn:
-        try:
-            promotion = promote(
-                conn=conn,
-                model_name=model.name,
-                model_version=version,
-                reason=body.reason,
-                actor=admin,
-                announcer=loop.announcer,
-            )
-        except ModelNotFound as exc:
-            raise HTTPException(404, str(exc)) from None
-        except InvalidModelTag as exc:
-            raise HTTPException(422, str(exc)) from None
+    promotion = promote(
+        conn=conn,
+        model_name=model.name,
+        model_version=version,
+        reason=body.reason,
+        actor=admin,
+        announcer=loop.announcer,
+    )  # NotFound for a version not in the store
     return PromotionPublic.of(promotion)
 
 
 @router.get("/promotions", response_model=list[PromotionPublic])
-def list_promotions(context: Context, model: Model, admin: Admin) -> Any:
+def list_promotions(conn: Connection, model: Model, admin: Admin) -> Any:
     """Every gate decision and forced promotion of the model, oldest first; the last baseline,
     promoted or forced one is the champion."""
-    with db_connection(context) as conn:
-        found = promotions(conn=conn, model_name=model.name)
+    found = promotions(conn=conn, model_name=model.name)
     return [PromotionPublic.of(p) for p in found]

@@ -1,39 +1,26 @@
-"""What the review and admin routes depend on: the moderation context the service sets up, one
-database connection with the store's errors mapped to statuses, the caller (a bearer token; the
-admin role where needed, checked before the body is read by `GuardedRoute`), and the field types
-of their bodies."""
+"""What the review and admin routes depend on: the moderation context the service sets up, the
+caller (a bearer token; the admin role where needed, checked before the body is read by
+`GuardedRoute`), one database connection per request, shared by that check and the handler, and
+the base of their bodies."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from psycopg_pool import ConnectionPool, PoolTimeout
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from psycopg_pool import ConnectionPool
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from feedback import review as rs
+from feedback.errors import Forbidden, Unauthenticated, Unavailable
 from service.contract import ContractRoute
-from service.problems import problem_response
-
-# Text Postgres can hold (no NUL character); a reason says something (not only spaces).
-Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]*$")]
-UserName = Annotated[
-    str,
-    StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"),
-    Field(
-        description="1 to 64 letters, digits, '.', '_' or '-', starting and ending with a letter or digit; "
-        "stored in lower case."
-    ),
-]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
 
 
 @dataclass
@@ -53,68 +40,68 @@ class ModerationContext:
     model_name: str = "reviewer"  # the model samples are added for by default (the service's default)
 
 
+POOL_WAIT_S = 5.0  # how long a request waits for a pooled connection before a 503
+
 _bearer = HTTPBearer(auto_error=False)
 
 
 def _context(request: Request) -> ModerationContext:
     context: ModerationContext | None = getattr(request.app.state, "moderation", None)
     if context is None:
-        raise HTTPException(503, "moderation needs a database (LOOP_DATABASE_URL)")
+        raise Unavailable("moderation needs a database (LOOP_DATABASE_URL)")
     return context
-
-
-@contextlib.contextmanager
-def db_connection(context: ModerationContext) -> Iterator[psycopg.Connection]:
-    try:
-        with context.pool.connection(timeout=5) as conn:
-            yield conn
-    except rs.Conflict as exc:
-        raise HTTPException(409, str(exc)) from None
-    except rs.NotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-    except rs.Invalid as exc:
-        raise HTTPException(422, str(exc)) from None
-    except psycopg.DataError as exc:  # a value Postgres cannot hold, e.g. text with a NUL byte
-        raise HTTPException(422, f"invalid value: {exc}") from None
-    except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise HTTPException(503, f"database unavailable: {exc}") from None
 
 
 Context = Annotated[ModerationContext, Depends(_context)]
 
 
-def _authenticate(context: ModerationContext, credentials: HTTPAuthorizationCredentials | None) -> rs.User:
-    if credentials is None or credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 512:
-        raise HTTPException(401, "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
-    with db_connection(context) as conn:
-        user = rs.authenticate(conn=conn, token=credentials.credentials)
-    if user is None:
-        raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+def _connection(request: Request, context: Context) -> Iterator[psycopg.Connection]:
+    """The request's database connection: the one `GuardedRoute` checked the caller with, or one
+    of its own for a route that needs no caller. The store's and the database's errors raised
+    through it are answered by `service.problems`."""
+    held: psycopg.Connection | None = getattr(request.state, "connection", None)
+    if held is not None:
+        yield held
+        return
+    with context.pool.connection(timeout=POOL_WAIT_S) as conn:
+        yield conn
+
+
+Connection = Annotated[psycopg.Connection, Depends(_connection)]
+
+
+def _user(request: Request) -> rs.User:
+    user: rs.User = request.state.user  # checked by `GuardedRoute` before the body is read
     return user
-
-
-def _user(
-    request: Request,
-    context: Context,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> rs.User:
-    known: rs.User | None = getattr(request.state, "user", None)  # checked by `GuardedRoute`
-    return known if known is not None else _authenticate(context, credentials)
 
 
 def _admin(user: Annotated[rs.User, Depends(_user)]) -> rs.User:
-    if user.role is not rs.Role.ADMIN:
-        raise HTTPException(403, "this needs the admin role")
-    return user
+    return user  # `GuardedRoute` checked the role: this marks the routes that need it
 
 
 Reviewer = Annotated[rs.User, Depends(_user)]
 Admin = Annotated[rs.User, Depends(_admin)]
 
 
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 512:
+        raise Unauthenticated("send Authorization: Bearer <token>")
+    return credentials.credentials
+
+
+def _caller(conn: psycopg.Connection, token: str, needs: rs.Role) -> rs.User:
+    user = rs.authenticate(conn=conn, token=token)
+    if user is None:
+        raise Unauthenticated("unknown token")
+    if needs is rs.Role.ADMIN and user.role is not rs.Role.ADMIN:
+        raise Forbidden("this needs the admin role")
+    return user
+
+
 class GuardedRoute(ContractRoute):
-    """A route that checks its caller before FastAPI reads the body (and, as every route of the
-    service, answers a body that fails validation with 422 without echoing it).
+    """A route that checks its caller before FastAPI reads the body, on the one database
+    connection the whole request then uses (and, as every route of the service, answers a body
+    that fails validation with 422 without echoing it).
 
     FastAPI parses a JSON body before it resolves dependencies, so a stranger's junk would get a
     422 (after the whole body was parsed) instead of a 401, and a reviewer's junk sent to an admin
@@ -125,18 +112,20 @@ class GuardedRoute(ContractRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         needs = _role_needed(self.dependant)
+        if needs is None:
+            return handler
 
         async def guarded(request: Request) -> Response:
+            token = _token(await _bearer(request))  # no database needed to refuse a request without one
+            pool = _context(request).pool
+            conn = await run_in_threadpool(pool.getconn, POOL_WAIT_S)
             try:
-                if needs is not None:
-                    credentials = await _bearer(request)
-                    user = await run_in_threadpool(_authenticate, _context(request), credentials)
-                    if needs is rs.Role.ADMIN:
-                        _admin(user)
-                    request.state.user = user
-            except HTTPException as exc:
-                return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
-            return await handler(request)
+                request.state.user = await run_in_threadpool(_caller, conn, token, needs)
+                request.state.connection = conn
+                return await handler(request)
+            finally:
+                request.state.connection = None
+                await run_in_threadpool(pool.putconn, conn)
 
         return guarded
 

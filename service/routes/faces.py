@@ -1,5 +1,6 @@
-"""What the prediction faces share: the data plane of the worker, its answer headers, the request
-id, and the one way a refused prediction is answered (problem details; v2 adds its `error`)."""
+"""What the prediction faces share: the data plane of the worker, the body of `POST /predict`,
+the answer headers and the request id. A refusal is raised (`feedback.errors`) and answered by
+`service.problems`."""
 
 from __future__ import annotations
 
@@ -8,27 +9,13 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from feedback.predictions.records import unstorable_text
-from service.contract import NO_NUL
-from service.predictions import Predictions, Refused
-from service.problems import problem_response
+from service.predictions import Predictions
+from service.routes.fields import ModelName, TagKey, TagValue
 from service.schemas import EXAMPLE_INPUT, PredictResponse
-
-
-def _storable(text: str) -> str:
-    problem = unstorable_text(text)
-    if problem is not None:
-        raise ValueError(f"the tag {problem}")
-    return text
-
-
-TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_storable)]
-TagValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_storable)]
-ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)]
 
 # One sample as JSON: numbers nested to the model's input shape (four axes at most), or the base64
 # text of an image. The served model decides which, and the shape: GET /models says.
@@ -75,11 +62,6 @@ def _plane(request: Request) -> Predictions:
 
 
 Plane = Annotated[Predictions, Depends(_plane)]
-
-
-def refused(exc: Refused, *, v2: bool = False) -> Response:
-    """A refused prediction as problem details; the Open Inference Protocol's routes also carry its `error`."""
-    return problem_response(exc.status, exc.message, extra={"error": exc.message} if v2 else None)
 
 
 def answer_headers(request: Request, request_id: str) -> dict[str, str]:

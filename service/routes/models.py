@@ -10,12 +10,14 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from feedback.errors import NotFound, Unavailable
 from feedback.predictions.records import input_json
 from feedback.predictions.store import StoredPrediction
-from service.contract import ContractRoute, ItemId
-from service.predictions import Predictions, Refused
+from service.contract import ContractRoute
+from service.predictions import Predictions
 from service.problems import documented
-from service.routes.faces import ModelName, Plane, refused
+from service.routes.faces import Plane
+from service.routes.fields import ItemId, ModelName
 from service.schemas import (
     BatchingPublic,
     ModelPublic,
@@ -45,12 +47,9 @@ router = APIRouter(route_class=ContractRoute)
 )
 async def prediction_input(plane: Plane, prediction_id: ItemId) -> Any:
     """A stored prediction's input byte for byte: the image as sent, or the array as .npy."""
-    try:
-        row, _ = await plane.find(prediction_id)
-    except Refused as exc:
-        return refused(exc)
+    row, _ = await plane.find(prediction_id)
     if row.input is None:
-        return refused(Refused(404, f"the input of {prediction_id} was erased"))
+        raise NotFound(f"the input of {prediction_id} was erased")
     return Response(row.input, media_type=row.input_type or "application/octet-stream")
 
 
@@ -60,7 +59,7 @@ def models(request: Request, plane: Plane) -> Any:
     loaded = [slot.served for slot in plane.slots.values() if slot.served is not None]
     waiting = {name: reason for name, slot in plane.slots.items() if (reason := slot.not_ready()) is not None}
     if not loaded:
-        return refused(Refused(503, "not ready: " + "; ".join(f"{n}: {r}" for n, r in waiting.items())))
+        raise Unavailable("not ready: " + "; ".join(f"{n}: {r}" for n, r in waiting.items()))
     batching = request.app.state.batching
     return ModelsPublic(
         default=plane.default.name, models=[_model_public(s, batching) for s in loaded], not_ready=waiting
@@ -72,19 +71,16 @@ def model(request: Request, plane: Plane, name: ModelName) -> Any:
     """One served model: version, provider, signature."""
     slot = plane.slots.get(name)
     if slot is None:
-        return refused(Refused(404, f"no model {name!r} is served here; served: {', '.join(plane.slots)}"))
+        raise NotFound(f"no model {name!r} is served here; served: {', '.join(plane.slots)}")
     if slot.served is None:
-        return refused(Refused(503, f"not ready: {slot.not_ready()}"))
+        raise Unavailable(f"not ready: {slot.not_ready()}")
     return _model_public(slot.served, request.app.state.batching)
 
 
 @router.get("/predictions/{prediction_id}", response_model=StoredPredictionPublic, responses=documented(404, 422, 503))
 async def prediction(plane: Plane, prediction_id: ItemId) -> Any:
     """A stored prediction with its input: from Postgres, or from the stream if not yet ingested."""
-    try:
-        return _public(plane, *await plane.find(prediction_id))
-    except Refused as exc:
-        return refused(exc)
+    return _public(plane, *await plane.find(prediction_id))
 
 
 def _model_public(served: Served, batching: BatchingPublic) -> ModelPublic:

@@ -1,6 +1,7 @@
 """The Open Inference Protocol's routes (KServe v2 REST): server and model metadata, health, and
 inference through the same data plane as `POST /predict`. Messages are read and written by
-`service.routes.v2`; every refusal is problem details with the protocol's `error` member."""
+`service.routes.v2`; every refusal is problem details with the protocol's `error` member
+(`service.problems` adds it under `/v2/`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from numpy.typing import NDArray
 from starlette.requests import Request
 from starlette.responses import Response
 
+from feedback.errors import Malformed, Unavailable
 from models.images import ImageError
 from models.provenance import code_version
 from models.signature import InputError, to_batch
 from models.spec import ImageInput
-from service.contract import ContractRoute, ModelVersion
-from service.predictions import Images, Predictions, Refused, base64_images
+from service.contract import ContractRoute
+from service.predictions import Images, Predictions, base64_images
 from service.problems import documented
 from service.routes import v2
-from service.routes.faces import ModelName, Plane, answer_headers, refused, request_id_of
+from service.routes.faces import Plane, answer_headers, request_id_of
+from service.routes.fields import ModelName, ModelVersion
 from service.serving import Served
 
 router = APIRouter(route_class=ContractRoute, tags=["v2"])
@@ -90,17 +93,16 @@ def v2_live() -> Any:
 @router.get("/v2/health/ready", response_class=Response, responses={200: {"description": "Ready"}, **documented(503)})
 def v2_ready(request: Request) -> Any:
     """200 once every model is loaded and predictions can be kept."""
-    return Response(status_code=200) if request.app.state.is_ready() else refused(Refused(503, "not ready"), v2=True)
+    if not request.app.state.is_ready():
+        raise Unavailable("not ready")
+    return Response(status_code=200)
 
 
 @router.get("/v2/models/{name}", responses=documented(404, 422, 503))
 @router.get("/v2/models/{name}/versions/{version}", responses=documented(404, 422, 503))
 def v2_model(plane: Plane, name: ModelName, version: ModelVersion | None = None) -> Any:
     """Model metadata: platform, versions, inputs and outputs (-1 is the batch axis)."""
-    try:
-        served = _served(plane, name, version)
-    except Refused as exc:
-        return refused(exc, v2=True)
+    served = _served(plane, name, version)
     card = served.stored.card
     spec = card.model_spec
     image = isinstance(spec.input, ImageInput)
@@ -126,10 +128,7 @@ def v2_model(plane: Plane, name: ModelName, version: ModelVersion | None = None)
 @router.get("/v2/models/{name}/versions/{version}/ready", response_class=Response, responses=_READY)
 def v2_model_ready(plane: Plane, name: ModelName, version: ModelVersion | None = None) -> Any:
     """200 when that model (and version) is loaded here."""
-    try:
-        _served(plane, name, version)
-    except Refused as exc:
-        return refused(exc, v2=True)
+    _served(plane, name, version)
     return Response(status_code=200)
 
 
@@ -139,17 +138,11 @@ async def v2_infer(request: Request, plane: Plane, name: ModelName, version: Mod
     """Inference: JSON or binary tensors in; class probabilities and labels out, and the
     prediction ids (stored like every prediction) in the answer's parameters."""
     body = await request.body()  # bounded by `RequestLimits` before it is read
-    try:
-        parsed = v2.parse(body, request.headers.get("inference-header-content-length"))
-    except v2.ProtocolError as exc:
-        return refused(Refused(exc.status, str(exc)), v2=True)
-    try:
-        slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
-        batch, sent = await _batch(plane, served, parsed)
-        request_id = parsed.id or request_id_of(request.headers)
-        answer = await plane.run(slot, batch, sent, {}, request_id)
-    except Refused as exc:
-        return refused(exc, v2=True)
+    parsed = v2.parse(body, request.headers.get("inference-header-content-length"))
+    slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
+    batch, sent = await _batch(plane, served, parsed)
+    request_id = parsed.id or request_id_of(request.headers)
+    answer = await plane.run(slot, batch, sent, {}, request_id)
     names = answer.class_names
     content, header_length = v2.response(
         parsed,
@@ -173,7 +166,7 @@ async def _batch(
     spec = served.stored.card.model_spec
     if len(request.inputs) != 1 or request.inputs[0].name != spec.onnx_input:
         given = [t.name for t in request.inputs]
-        raise Refused(400, f"{served.stored.name} takes one input named {spec.onnx_input!r}, got {given}")
+        raise Malformed(f"{served.stored.name} takes one input named {spec.onnx_input!r}, got {given}")
     (tensor,) = request.inputs
     try:
         if isinstance(spec.input, ImageInput):
@@ -190,4 +183,4 @@ async def _batch(
             raise InputError(f"input {tensor.name!r} takes numbers (FP32 or an integer type), not {tensor.datatype}")
         return to_batch(cast(Any, tensor.values), served.stored.card.signature, max_samples=plane.max_samples), None
     except (InputError, ImageError) as exc:
-        raise Refused(400, str(exc)) from None
+        raise Malformed(str(exc)) from None

@@ -12,14 +12,16 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from feedback.errors import Malformed, Unsupported
 from models.npy import read_npy
 from models.signature import InputError
 from models.spec import ImageInput
 from service.contract import ContractRoute
 from service.limits import UPLOAD_ROUTE
-from service.predictions import Predictions, Refused
+from service.predictions import Predictions
 from service.problems import documented
-from service.routes.faces import ModelName, Plane, TagKey, TagValue, answered, refused, request_id_of
+from service.routes.faces import Plane, answered, request_id_of
+from service.routes.fields import ModelName, TagKey, TagValue
 from service.schemas import PredictResponse
 from service.serving import ModelSlot
 
@@ -47,11 +49,8 @@ async def predict_npy(request: Request, plane: Plane, model: Annotated[ModelName
     try:
         array = read_npy(body)
     except InputError as exc:
-        return refused(Refused(400, str(exc)))
-    try:
-        return answered(request, await plane.classify_array(model, array, request_id))
-    except Refused as exc:
-        return refused(exc)
+        raise Malformed(str(exc)) from None
+    return answered(request, await plane.classify_array(model, array, request_id))
 
 
 @router.post(
@@ -86,11 +85,8 @@ async def predict_files(request: Request, plane: Plane) -> Any:
     """Classify uploaded images (multipart/form-data: one file part per image; optional fields
     `model` and `tags`, a JSON object). `POST /predict` with a multipart body lands here too."""
     request_id = request_id_of(request.headers)
-    try:
-        slot, spec, images, tags = await _read_upload(request, plane)
-        return answered(request, await plane.classify_images(slot, spec, images, tags, request_id))
-    except Refused as exc:
-        return refused(exc)
+    slot, spec, images, tags = await _read_upload(request, plane)
+    return answered(request, await plane.classify_images(slot, spec, images, tags, request_id))
 
 
 async def _read_upload(
@@ -102,23 +98,23 @@ async def _read_upload(
     except (HTTPException, MultiPartException, AssertionError, KeyError, ValueError) as exc:
         # Starlette says "too many files", "missing boundary" and the like with an HTTPException.
         detail = exc.detail if isinstance(exc, HTTPException) else getattr(exc, "message", None) or str(exc)
-        raise Refused(400, f"the form cannot be read: {detail or type(exc).__name__}") from None
+        raise Malformed(f"the form cannot be read: {detail or type(exc).__name__}") from None
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         try:
             tags = _form_tags(fields.get("tags"))
         except ValueError as exc:
-            raise Refused(400, str(exc)) from None
+            raise Malformed(str(exc)) from None
         slot = plane.slot(fields.get("model") or None)
         served = await plane.ready(slot)
         spec = served.stored.card.model_spec.input
         if not isinstance(spec, ImageInput):
-            raise Refused(
-                415, f"{slot.name} takes numbers as JSON (application/json) on POST /predict, not uploaded files"
+            raise Unsupported(
+                f"{slot.name} takes numbers as JSON (application/json) on POST /predict, not uploaded files"
             )
         if not files:
-            raise Refused(400, "the form has no files: send each image as a file part")
+            raise Malformed("the form has no files: send each image as a file part")
         return slot, spec, [await f.read() for f in files], tags
     finally:
         await form.close()

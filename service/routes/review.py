@@ -13,27 +13,25 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from feedback import review as rs
+from feedback.errors import Invalid, Unavailable
 from feedback.predictions.records import input_json
 from feedback.review.moderation import Opinion, Status, Verdict, agreement
-from service.contract import NO_NUL, Instant, Integer, ItemId, Number
 from service.problems import documented
 from service.routes import page
 from service.routes.dependencies import (
     Admin,
+    Connection,
     Context,
     GuardedRoute,
     ModerationContext,
-    Name,
-    Reason,
     RequestBody,
     Reviewer,
-    UserName,
-    db_connection,
 )
+from service.routes.fields import NO_NUL, Filter, Instant, Integer, ItemId, Name, Number, Reason, Text, UserName
 
 router = APIRouter(
     prefix="/review",
@@ -87,8 +85,8 @@ class ClaimIn(RequestBody):
     lease_seconds: Number | None = Field(None, ge=1, le=3600, description="Default: the service's setting.")
     created_from: Instant | None = Field(None, description="Only items predicted at or after this time.")
     created_to: Instant | None = Field(None, description="Only items predicted before this time.")
-    model_name: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = None
-    model_version: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = None
+    model_name: Text | None = None
+    model_version: Text | None = None
     label: Name | None = Field(None, description="Only items the model gave this label.")
     min_confidence: Number | None = Field(None, ge=0, le=1)
     max_confidence: Number | None = Field(None, ge=0, le=1)
@@ -180,9 +178,7 @@ class ImageIn(RequestBody):
 
 
 class _Sample(RequestBody):
-    model: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = Field(
-        None, description="The model the sample is for (default: the service's default model)."
-    )
+    model: Text | None = Field(None, description="The model the sample is for (default: the service's default model).")
     label: Name
     reason: Reason | None = None
 
@@ -218,14 +214,14 @@ def me(user: Reviewer) -> UserPublic:
 
 @router.get("/items", response_model=ItemPage)
 def list_items(  # noqa: PLR0917  (each query parameter is an argument, as FastAPI reads them)
-    context: Context,
+    conn: Connection,
     user: Reviewer,
     created_from: Annotated[Instant | None, Query(alias="from")] = None,
     created_to: Annotated[Instant | None, Query(alias="to")] = None,
-    model_name: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
-    model_version: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
-    label: Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="The model's label.")] = None,
-    reviewed_label: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    model_name: Annotated[Filter | None, Query()] = None,
+    model_version: Annotated[Filter | None, Query()] = None,
+    label: Annotated[Filter | None, Query(description="The model's label.")] = None,
+    reviewed_label: Annotated[Filter | None, Query()] = None,
     min_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
     max_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
     status: Status | None = None,
@@ -250,40 +246,37 @@ def list_items(  # noqa: PLR0917  (each query parameter is an argument, as FastA
         sort=sort,
         descending=order == "desc",
     )
-    with db_connection(context) as conn:
-        page = rs.list_items(conn=conn, filters=filters, limit=limit, cursor=cursor)
+    page = rs.list_items(conn=conn, filters=filters, limit=limit, cursor=cursor)
     return ItemPage(items=[ItemPublic(**asdict(i)) for i in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/counts")
 def counts(
-    context: Context,
+    conn: Connection,
     user: Reviewer,
     created_from: Annotated[Instant | None, Query(alias="from")] = None,
     created_to: Annotated[Instant | None, Query(alias="to")] = None,
-    model: Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="Only this model's items.")] = None,
+    model: Annotated[Filter | None, Query(description="Only this model's items.")] = None,
 ) -> dict[str, Any]:
     """Moderated and unmoderated per model version and day, verdicts, accuracy as judged."""
-    with db_connection(context) as conn:
-        return rs.counts(conn=conn, created_from=created_from, created_to=created_to, model_name=model)
+    return rs.counts(conn=conn, created_from=created_from, created_to=created_to, model_name=model)
 
 
 @router.post("/claim", response_model=list[ClaimedPublic])
-def claim(context: Context, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic]:
+def claim(context: Context, conn: Connection, user: Reviewer, body: ClaimIn) -> list[ClaimedPublic]:
     """Lease a page of items to review; nobody else gets them unless they need more reviews. A
     reviewer holds at most the service's lease limit at once (409 beyond: judge some first)."""
-    with db_connection(context) as conn:
-        claimed = rs.claim(
-            conn=conn,
-            user=user,
-            count=body.count,
-            strategy=body.strategy,
-            lease_seconds=body.lease_seconds or context.lease_seconds,
-            max_leases=context.max_leases,
-            overlap=context.overlap,
-            overlap_share=context.overlap_share,
-            filters=body.filters(),
-        )
+    claimed = rs.claim(
+        conn=conn,
+        user=user,
+        count=body.count,
+        strategy=body.strategy,
+        lease_seconds=body.lease_seconds or context.lease_seconds,
+        max_leases=context.max_leases,
+        overlap=context.overlap,
+        overlap_share=context.overlap_share,
+        filters=body.filters(),
+    )
     return [_claimed(context, c) for c in claimed]
 
 
@@ -305,16 +298,15 @@ def _claimed(context: ModerationContext, c: rs.Claimed) -> ClaimedPublic:
 
 
 @router.post("/undo", response_model=ClaimedPublic)
-def undo(context: Context, user: Reviewer, body: UndoIn) -> ClaimedPublic:
+def undo(context: Context, conn: Connection, user: Reviewer, body: UndoIn) -> ClaimedPublic:
     """Take back your latest verdict on an item while its lease would still be live (409 when
     someone annotated it since, or it is too late); the item is leased to you again."""
-    with db_connection(context) as conn:
-        again = rs.undo(conn=conn, user=user, prediction_id=body.prediction_id, lease_seconds=context.lease_seconds)
+    again = rs.undo(conn=conn, user=user, prediction_id=body.prediction_id, lease_seconds=context.lease_seconds)
     return _claimed(context, again)
 
 
 @router.post("/verdicts", response_model=list[ItemStatePublic])
-def verdicts(context: Context, user: Reviewer, body: VerdictsIn) -> list[ItemStatePublic]:
+def verdicts(context: Context, conn: Connection, user: Reviewer, body: VerdictsIn) -> list[ItemStatePublic]:
     """Verdicts on items you hold, all or none (409 if any lease is missing or expired)."""
     items = [
         rs.VerdictIn(
@@ -322,74 +314,64 @@ def verdicts(context: Context, user: Reviewer, body: VerdictsIn) -> list[ItemSta
         )
         for v in body.verdicts
     ]
-    with db_connection(context) as conn:
-        labels_of = context.labels_of or (lambda _: context.labels())
-        states = rs.record_verdicts(conn=conn, user=user, verdicts=items, labels_of=labels_of)
+    labels_of = context.labels_of or (lambda _: context.labels())
+    states = rs.record_verdicts(conn=conn, user=user, verdicts=items, labels_of=labels_of)
     return [ItemStatePublic(**asdict(s)) for s in states]
 
 
 @router.post("/samples", response_model=ItemStatePublic, status_code=201)
-def add_sample(context: Context, user: Reviewer, body: SampleCreate) -> ItemStatePublic:
+def add_sample(context: Context, conn: Connection, user: Reviewer, body: SampleCreate) -> ItemStatePublic:
     """Add a sample a model missed, with its label: numbers for a tensor model, an image (base64)
     for an image model. It enters the pool as reviewed."""
     model = body.model or context.model_name
     labels = (context.labels_of or (lambda _: context.labels()))(model)
     if labels is not None and body.label not in labels:
-        raise HTTPException(422, f"unknown label {body.label!r} for {model}; labels are {', '.join(labels)}")
+        raise Invalid(f"unknown label {body.label!r} for {model}; labels are {', '.join(labels)}")
     if context.to_input is None:
-        raise HTTPException(503, "no model is loaded to check the sample against")
+        raise Unavailable("no model is loaded to check the sample against")
     try:
         given: Any = (
             body.input if isinstance(body, TensorSample) else base64.b64decode(body.image.base64, validate=True)
         )
-        stored, media_type = context.to_input(model, given)
     except binascii.Error:
-        raise HTTPException(422, "image.base64 is not valid base64") from None
-    except LookupError as exc:
-        raise HTTPException(404, str(exc).strip("'\"")) from None
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
-    with db_connection(context) as conn:
-        state = rs.add_sample(
-            conn=conn,
-            user=user,
-            model_name=model,
-            input=stored,
-            input_type=media_type,
-            label=body.label,
-            reason=body.reason,
-        )
+        raise Invalid("image.base64 is not valid base64") from None
+    stored, media_type = context.to_input(model, given)  # NotFound, Invalid
+    state = rs.add_sample(
+        conn=conn,
+        user=user,
+        model_name=model,
+        input=stored,
+        input_type=media_type,
+        label=body.label,
+        reason=body.reason,
+    )
     return ItemStatePublic(**asdict(state))
 
 
 @router.get("/items/{prediction_id}/history")
-def item_history(context: Context, user: Reviewer, prediction_id: ItemId) -> list[dict[str, Any]]:
+def item_history(conn: Connection, user: Reviewer, prediction_id: ItemId) -> list[dict[str, Any]]:
     """Every annotation revision of an item, oldest first."""
-    with db_connection(context) as conn:
-        return rs.history(conn=conn, prediction_id=prediction_id)
+    return rs.history(conn=conn, prediction_id=prediction_id)
 
 
 @router.post("/items/{prediction_id}/resolve", response_model=ItemStatePublic)
-def resolve(context: Context, user: Admin, prediction_id: ItemId, body: ResolveIn) -> ItemStatePublic:
+def resolve(conn: Connection, user: Admin, prediction_id: ItemId, body: ResolveIn) -> ItemStatePublic:
     """Settle an item (a dispute, usually) with a final label, or discard it (admin)."""
-    with db_connection(context) as conn:
-        state = rs.resolve(conn=conn, user=user, prediction_id=prediction_id, label=body.label, reason=body.reason)
+    state = rs.resolve(conn=conn, user=user, prediction_id=prediction_id, label=body.label, reason=body.reason)
     return ItemStatePublic(**asdict(state))
 
 
 @router.post("/items/{prediction_id}/erase", status_code=204)
-def erase(context: Context, user: Admin, prediction_id: ItemId, body: EraseIn) -> None:
+def erase(conn: Connection, user: Admin, prediction_id: ItemId, body: EraseIn) -> None:
     """Erase an item's input for a data-removal request; the audit trail keeps the erasure (admin)."""
-    with db_connection(context) as conn:
-        rs.erase_input(conn=conn, user=user, prediction_id=prediction_id, reason=body.reason)
+    rs.erase_input(conn=conn, user=user, prediction_id=prediction_id, reason=body.reason)
 
 
 @router.get("/agreement")
-def agreement_figures(context: Context, user: Reviewer) -> dict[str, Any]:
+def agreement_figures(conn: Connection, user: Reviewer) -> dict[str, Any]:
     """Cohen's kappa per reviewer pair, Fleiss' kappa, disagreements, per-reviewer figures."""
-    with db_connection(context) as conn:
-        rows = rs.opinions(conn=conn)
-        finals = rs.final_labels(conn=conn, ids=list({r[0] for r in rows}))
+    rows = rs.opinions(conn=conn)
+    finals = rs.final_labels(conn=conn, ids=list({r[0] for r in rows}))
     report = agreement(
         [Opinion(str(r[0]), r[1], r[2], r[3], Verdict(r[4]), r[5]) for r in rows],
         {str(k): v for k, v in finals.items()},
@@ -399,26 +381,23 @@ def agreement_figures(context: Context, user: Reviewer) -> dict[str, Any]:
 
 @router.get("/audit")
 def audit(
-    context: Context,
+    conn: Connection,
     user: Admin,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="Entries older than this id.")] = None,
 ) -> list[dict[str, Any]]:
     """The audit log, newest first (admin)."""
-    with db_connection(context) as conn:
-        return rs.audit_log(conn=conn, limit=limit, before=before)
+    return rs.audit_log(conn=conn, limit=limit, before=before)
 
 
 @router.get("/users", response_model=list[UserPublic])
-def users(context: Context, user: Admin) -> list[UserPublic]:
+def users(conn: Connection, user: Admin) -> list[UserPublic]:
     """Every user (admin)."""
-    with db_connection(context) as conn:
-        return [UserPublic(id=u.id, name=u.name, role=u.role) for u in rs.list_users(conn=conn)]
+    return [UserPublic(id=u.id, name=u.name, role=u.role) for u in rs.list_users(conn=conn)]
 
 
 @router.post("/users", response_model=UserCreated, status_code=201)
-def create_user(context: Context, user: Admin, body: UserCreate) -> UserCreated:
+def create_user(conn: Connection, user: Admin, body: UserCreate) -> UserCreated:
     """Create a reviewer or admin; the token is in this answer only (admin)."""
-    with db_connection(context) as conn:
-        created, token = rs.create_user(conn=conn, name=body.name, role=body.role, actor=user)
+    created, token = rs.create_user(conn=conn, name=body.name, role=body.role, actor=user)
     return UserCreated(id=created.id, name=created.name, role=created.role, token=token)

@@ -4,7 +4,7 @@ Requests carry `inputs` (name, shape, datatype, row-major `data`), optional `out
 `parameters`; with the binary tensor data extension, the JSON header is the first
 `Inference-Header-Content-Length` bytes of the body and each input with a `binary_data_size`
 parameter has its bytes after it, in order (BYTES elements as a 4-byte little-endian length and
-the bytes). A request that does not add up is a `ProtocolError` with the 4xx to answer.
+the bytes). A request that does not add up is a `ProtocolError` (a `Malformed` request: 400).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from feedback.errors import Malformed
 
 NUMERIC: dict[str, str] = {
     "UINT8": "<u1",
@@ -37,12 +39,8 @@ SCORES, LABEL = "probabilities", "label"  # the outputs every classifier answers
 OUTPUTS = (SCORES, LABEL)
 
 
-class ProtocolError(ValueError):
-    """A request the protocol refuses; `status` is the 4xx to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+class ProtocolError(Malformed):
+    """A request the protocol refuses (answered 400)."""
 
 
 @dataclass(frozen=True)

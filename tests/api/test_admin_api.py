@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
 from feedback import review as rs
 from feedback.champion import Decision, record_promotion
 from feedback.datasets import LabelSchema, Originals, bundled_originals
+from feedback.errors import NotFound
 from models import digits
 from models.npy import npy_bytes
 from models.pipeline import BuildResult
 from models.signature import to_batch
+from service.routes import application
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
 from service.routes.dependencies import ModerationContext
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.api
 
 def schema_of(name: str) -> LabelSchema:
     if not name.startswith("digits"):
-        raise LookupError(f"no model {name!r} is served here")
+        raise NotFound(f"no model {name!r} is served here")
     return LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
 
 
@@ -44,9 +45,7 @@ def setup(
 ) -> Iterator[tuple[TestClient, ConnectionPool, list[tuple[str, str]]]]:
     announced: list[tuple[str, str]] = []
     with ConnectionPool(database_url, min_size=1, max_size=4, kwargs={"autocommit": True}) as pool:
-        app = FastAPI()
-        app.include_router(review_router)
-        app.include_router(admin_router)
+        app = application(review_router, admin_router)
         app.state.moderation = ModerationContext(
             pool=pool,
             labels=lambda: digits.CLASS_NAMES,

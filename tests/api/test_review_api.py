@@ -22,6 +22,7 @@ from feedback.ids import compose_uuid7
 from feedback.predictions import store
 from feedback.predictions.records import PredictionRecord, decode_row, encode
 from models.npy import npy_bytes
+from service.routes import application
 from service.routes.dependencies import ModerationContext
 from service.routes.review import router
 
@@ -70,8 +71,7 @@ def context(pool: ConnectionPool) -> ModerationContext:
 
 @pytest.fixture
 def client(context: ModerationContext) -> Iterator[TestClient]:
-    app = FastAPI()
-    app.include_router(router)
+    app = application(router)
     app.state.moderation = context
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c

@@ -13,8 +13,10 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ValidationError
 
 from feedback.predictions.records import created_at
-from service.contract import ContractRoute, Instant, ItemId, Number, finish_openapi, method_not_allowed
+from service.contract import finish_openapi
 from service.problems import PROBLEM_JSON
+from service.routes import application
+from service.routes.fields import Instant, ItemId, Number
 
 
 class Body(BaseModel):
@@ -55,9 +57,7 @@ def test_an_id_from_after_the_year_9999_finds_nothing_instead_of_failing() -> No
 
 
 def app() -> FastAPI:
-    api = FastAPI()
-    api.router.route_class = ContractRoute
-    api.add_exception_handler(405, method_not_allowed)
+    api = application()
 
     @api.get("/things")
     def things(limit: Annotated[int, Query(ge=1)] = 10) -> dict[str, int]:
@@ -121,12 +121,12 @@ def test_bentoml_operations_document_problem_details_and_its_error_models_go() -
 
 
 def test_a_statement_past_the_services_timeout_is_cancelled(database_url: str) -> None:
-    from service.app import _statement_timeout
+    from service import database
     from service.settings import Settings
 
-    options = _statement_timeout(Settings(statement_timeout_s=0.2))
-    assert options == "-c statement_timeout=200"
-    with psycopg.connect(database_url, autocommit=True, options=options) as conn:
+    with database.connect(
+        database_url, statement_timeout_s=Settings(statement_timeout_s=0.2).statement_timeout_s
+    ) as conn:
         conn.execute("SELECT pg_sleep(0.05)")  # within it
         with pytest.raises(psycopg.OperationalError, match="statement timeout"):  # the routes answer 503 for it
             conn.execute("SELECT pg_sleep(2)")

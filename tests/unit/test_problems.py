@@ -9,7 +9,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service.problems import PROBLEM_JSON, ProblemDetails, problem_response, validation_response
+from feedback.errors import Conflict
+from service.problems import PROBLEM_JSON, ProblemDetails, answer, validation_response
 
 pytestmark = pytest.mark.unit
 
@@ -22,7 +23,7 @@ def app() -> TestClient:
         return JSONResponse({"detail": [{"loc": ["body", "count"], "msg": "too big", "type": "x"}]}, status_code=422)
 
     async def ours(_: Request) -> Response:
-        return problem_response(409, "you hold no live lease")
+        return answer(Conflict("you hold no live lease"))
 
     async def fine(_: Request) -> Response:
         return JSONResponse({"error": "not an error: a 200"})
