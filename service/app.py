@@ -25,10 +25,9 @@ from pydantic import ValidationError
 from feedback.datasets import originals_for
 from feedback.errors import DomainError
 from feedback.keys import Keys
-from feedback.predictions import dead_letters, ingest
-from feedback.predictions.log import Event, LogPolicy, PredictionLog
+from feedback.predictions.log import LogPolicy, PredictionLog
 from feedback.use_cases import announcer
-from service import database, fast_path, metrics, problems
+from service import database, fast_path, logs, metrics, problems
 from service.contract import OpenAPIContract
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
 from service.predictions import Predictions
@@ -51,34 +50,6 @@ SERVICE_NAME = "loop"
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
 routes = application(predict.router, open_inference.router, models_routes.router, review_router, admin_router)
-
-
-class _QuietClientErrors(logging.Filter):
-    """Bad request bodies are the client's error: log them in one line, without a traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ValidationError):
-            record.msg = f"{record.getMessage()}: invalid request body"
-            record.args = ()
-            record.exc_info = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-def _log_to_stderr(*names: str) -> None:
-    """BentoML configures only its own loggers: ours (swaps, fallbacks, spool replays) must show too."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
-    for name in names:
-        named = logging.getLogger(name)
-        if not named.handlers:
-            named.addHandler(handler)
-            named.setLevel(logging.INFO)
-            named.propagate = False
-
-
-def _count_log_event(event: Event, n: int) -> None:
-    metrics.log_records.labels(event=event.value).inc(n)
 
 
 # The prediction routes: what a per-request access log line and a trace span cost there is about
@@ -104,8 +75,7 @@ class Predictor:
 
     def __init__(self) -> None:
         self.settings = Settings()
-        logging.getLogger("bentoml._internal.server.http_app").addFilter(_QuietClientErrors())
-        _log_to_stderr("service", "feedback", "models")
+        logs.set_up()
         self.keys = Keys(self.settings.redis_prefix)
         where = Where(
             database_url=self.settings.database_url,
@@ -206,10 +176,10 @@ class Predictor:
                 spool_dir=settings.spool_dir,
                 writer=self.worker,
                 policy=settings.log_policy,
-                on_event=_count_log_event,
+                on_event=metrics.count_log_event,
             )
             self._background.append(asyncio.create_task(self.plane.log.run_replayer(), name="spool-replay"))
-            self._background.append(asyncio.create_task(self._watch_stream(settings.redis_url)))
+            self._background.append(asyncio.create_task(metrics.watch_stream(settings.redis_url, self.keys)))
         if settings.redis_url is not None and any(s.follows_champion for s in self.slots.values()):
             self._background.append(asyncio.create_task(self._follow_champion(settings.redis_url), name="champion"))
         if settings.database_url is not None:
@@ -236,22 +206,6 @@ class Predictor:
                 datasets_root=settings.datasets_root,
                 announcer=None if settings.redis_url is None else announcer(settings.redis_url, self.keys),
             )
-
-    async def _watch_stream(self, redis_url: str) -> None:
-        """Keep the stream-lag and dead-letter gauges current."""
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2)
-        try:
-            while True:
-                try:
-                    entries, seconds = await asyncio.to_thread(ingest.lag, client, self.keys)
-                    metrics.stream_lag_entries.set(entries)
-                    metrics.stream_lag_seconds.set(seconds)
-                    metrics.dead_letters.set(await asyncio.to_thread(dead_letters.count, client, self.keys))
-                except redis.RedisError:
-                    pass
-                await asyncio.sleep(2.0)
-        finally:
-            client.close()
 
     def __is_ready__(self) -> bool:
         if any(slot.served is None for slot in self.slots.values()):
@@ -318,10 +272,10 @@ class Predictor:
 
 def _assemble(service: Any) -> None:
     """What stands around the service's routes, outermost first: the fast path (in front of the
-    whole ASGI stack), then BentoML's middlewares and, added here and run last-added first, the
-    schema with its problem details, BentoML's own errors reshaped, the concurrency limit, the body
-    limits. Request heads are bounded by the HTTP protocol the worker's uvicorn picks (this module
-    is imported before its server is set up), so every request is bounded before it is parsed."""
+    whole ASGI stack), BentoML's own middlewares, then these, in the order added: the body limits,
+    the concurrency limit, BentoML's own errors reshaped as problem details, the schema that
+    documents them. Request heads are bounded by the HTTP protocol the worker's uvicorn picks (this
+    module is imported before its server is set up), so every request is bounded before it is read."""
     service.add_asgi_middleware(RequestLimits, limits=lambda: Settings().body_limits)
     service.add_asgi_middleware(ConcurrencyLimit, limit=lambda: Settings().max_concurrency)
     service.add_asgi_middleware(ProblemDetails)

@@ -1,8 +1,17 @@
-"""Prometheus metrics of the service, exposed on BentoML's /metrics."""
+"""Prometheus metrics of the service, exposed on BentoML's /metrics, and the watcher that keeps
+the prediction stream's gauges current."""
 
 from __future__ import annotations
 
+import asyncio
+
 import bentoml
+import redis
+
+from feedback.keys import Keys
+from feedback.predictions import dead_letters as dead_letter_queue
+from feedback.predictions import ingest
+from feedback.predictions.log import Event
 
 batch_size = bentoml.metrics.Histogram(
     name="loop_batch_size",
@@ -50,3 +59,24 @@ dead_letters = bentoml.metrics.Gauge(
     name="loop_dead_letters",
     documentation="Prediction entries the ingest workers could not store (alert on > 0; see `loop dead-letters`)",
 )
+
+
+def count_log_event(event: Event, n: int) -> None:
+    log_records.labels(event=event.value).inc(n)
+
+
+async def watch_stream(redis_url: str, keys: Keys) -> None:
+    """Keep the stream-lag and dead-letter gauges current (until cancelled)."""
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2)
+    try:
+        while True:
+            try:
+                entries, seconds = await asyncio.to_thread(ingest.lag, client, keys)
+                stream_lag_entries.set(entries)
+                stream_lag_seconds.set(seconds)
+                dead_letters.set(await asyncio.to_thread(dead_letter_queue.count, client, keys))
+            except redis.RedisError:
+                pass
+            await asyncio.sleep(2.0)
+    finally:
+        client.close()

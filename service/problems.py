@@ -166,10 +166,6 @@ def invalid_request(errors: Iterable[Mapping[str, Any]]) -> Invalid:
     return Invalid(f"the request is not valid: {summary}{more}", fields=fields)
 
 
-def validation_response(errors: Iterable[Mapping[str, Any]]) -> JSONResponse:
-    return answer(invalid_request(errors))
-
-
 def as_domain(exc: Exception) -> DomainError:
     """What a framework or the database raised, as the domain error it means."""
     if isinstance(exc, DomainError):

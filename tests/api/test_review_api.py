@@ -159,6 +159,27 @@ def test_expired_leases_return_items_and_late_verdicts_get_409(client: TestClien
     assert sorted(c["id"] for c in again) == sorted(c["id"] for c in claimed)
 
 
+def test_a_review_request_checks_out_one_connection_for_the_caller_and_the_work(
+    client: TestClient, pool: ConnectionPool, database_url: str
+) -> None:
+    seed(database_url, 2)
+    _, ann = make_user(pool, "ann")
+    _, boss = make_user(pool, "boss", rs.Role.ADMIN)
+    for method, path, body, headers in [
+        ("POST", "/review/claim", {"count": 2}, ann),  # a reviewer's write
+        ("GET", "/review/items", None, ann),  # a read
+        ("GET", "/review/users", None, boss),  # an admin's
+        ("GET", "/review/users", None, ann),  # refused (403) after the caller was looked up
+    ]:
+        before = pool.get_stats()["requests_num"]
+        response = client.request(method, path, json=body, headers=headers)
+        assert response.status_code in (200, 403), response.text
+        assert pool.get_stats()["requests_num"] - before == 1, (method, path)
+    before = pool.get_stats()["requests_num"]
+    assert client.get("/review/items").status_code == 401  # no token: the database is not asked
+    assert pool.get_stats()["requests_num"] == before
+
+
 def test_verdict_on_an_item_not_held_is_409_and_changes_nothing(client: TestClient, pool: ConnectionPool,
                                                                 database_url: str) -> None:  # fmt: skip
     truth = seed(database_url, 2)

@@ -10,7 +10,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from feedback.errors import Conflict
-from service.problems import PROBLEM_JSON, ProblemDetails, answer, validation_response
+from service.problems import PROBLEM_JSON, ProblemDetails, answer, invalid_request
 
 pytestmark = pytest.mark.unit
 
@@ -60,5 +60,5 @@ def test_errors_of_any_origin_become_problem_details() -> None:
 
 def test_validation_problems_name_fields_without_echoing_input() -> None:
     errors = [{"loc": ("body", "samples", 0), "msg": "not a number", "input": "SECRET"} for _ in range(7)]
-    body = bytes(validation_response(errors).body).decode()
+    body = bytes(answer(invalid_request(errors)).body).decode()
     assert "SECRET" not in body and "(and 2 more)" in body and '"field":"body.samples.0"' in body
