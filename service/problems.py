@@ -176,8 +176,8 @@ def as_domain(exc: Exception) -> DomainError:
         return Invalid(f"invalid value: {exc}")
     if isinstance(exc, psycopg.OperationalError | PoolTimeout):  # a statement timeout included
         return Unavailable(f"database unavailable: {exc}")
-    if isinstance(exc, HTTPException):  # the framework's own: routing, a form it cannot read
-        return _framework_error(exc.status_code, str(exc.detail))
+    if isinstance(exc, HTTPException):  # the framework's own (no route for a path): its status kept
+        return _FrameworkError(exc.status_code, str(exc.detail))
     raise TypeError(f"not an error the service answers: {exc!r}") from exc
 
 
@@ -185,13 +185,6 @@ class _FrameworkError(DomainError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _framework_error(status: int, detail: str) -> DomainError:
-    for kind, known in STATUSES:
-        if known == status and kind is not MethodNotAllowed:
-            return kind(detail)
-    return _FrameworkError(status, detail)
 
 
 HANDLED = (DomainError, RequestValidationError, HTTPException, psycopg.DataError, psycopg.OperationalError, PoolTimeout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -9,8 +11,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from feedback import errors
 from feedback.errors import Conflict
-from service.problems import PROBLEM_JSON, ProblemDetails, answer, invalid_request
+from service.problems import PROBLEM_JSON, ProblemDetails, answer, encoded, invalid_request
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +65,42 @@ def test_validation_problems_name_fields_without_echoing_input() -> None:
     errors = [{"loc": ("body", "samples", 0), "msg": "not a number", "input": "SECRET"} for _ in range(7)]
     body = bytes(answer(invalid_request(errors)).body).decode()
     assert "SECRET" not in body and "(and 2 more)" in body and '"field":"body.samples.0"' in body
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "header"),
+    [
+        (errors.Malformed("samples[0] is not base64 text"), 400, None),
+        (errors.Unauthenticated("unknown token"), 401, ("www-authenticate", "Bearer")),
+        (errors.Forbidden("this needs the admin role"), 403, None),
+        (errors.NotFound("no prediction 1"), 404, None),
+        (errors.Conflict("you hold no live lease"), 409, None),
+        (errors.TooLarge("over the limit"), 413, None),
+        (errors.Unsupported("not uploaded files"), 415, None),
+        (errors.Invalid("unknown label '11'"), 422, None),
+        (errors.Busy("64 requests in hand"), 429, ("retry-after", "1")),
+        (errors.Overloaded("over the latency budget"), 503, None),
+        (errors.Unavailable("not ready"), 503, None),
+        (KeyError("a bug"), 500, None),
+    ],
+)
+def test_each_domain_error_is_answered_with_its_status_the_same_way_everywhere(
+    error: Exception, status: int, header: tuple[str, str] | None
+) -> None:
+    response = answer(error)
+    body = json.loads(bytes(response.body))
+    assert response.status_code == body["status"] == status
+    assert body["detail"] == (str(error) if status != 500 else "the service failed to answer; its log says why")
+    assert header is None or response.headers[header[0]] == header[1]
+    # The fast path's bytes say the same, with the same headers.
+    fast_status, fast_headers, fast_body = encoded(error)
+    assert (fast_status, json.loads(fast_body)) == (status, body)
+    assert dict(fast_headers)[b"content-type"] == PROBLEM_JSON.encode()
+    assert header is None or dict(fast_headers)[header[0].encode()] == header[1].encode()
+    # The Open Inference Protocol's clients read `error` as well.
+    assert json.loads(bytes(answer(error, v2=True).body))["error"] == body["detail"]
+
+
+def test_invalid_fields_are_listed() -> None:
+    body = json.loads(bytes(answer(errors.Invalid("bad", fields=[{"field": "query.x", "message": "unknown"}])).body))
+    assert body["errors"] == [{"field": "query.x", "message": "unknown"}]
