@@ -62,9 +62,9 @@ def worker_rss(service: RunningService) -> int:
 @pytest.mark.parametrize("size", [40_000, 1_000_000])
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_an_oversized_request_head_gets_431_not_a_reset(
-    start_service: Callable[..., RunningService], size: int, parser: str
+    shared_service: Callable[..., RunningService], size: int, parser: str
 ) -> None:
-    service = start_service(LOOP_HTTP_PARSER=parser)
+    service = shared_service(LOOP_HTTP_PARSER=parser)
     head = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * size + b"\r\n\r\n"
     answer = exchange(service.url, head)
     assert status_of(answer) == 431, answer[:300]
@@ -74,9 +74,9 @@ def test_an_oversized_request_head_gets_431_not_a_reset(
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_a_head_that_never_ends_gets_431_and_a_big_body_after_a_small_head_is_fine(
-    start_service: Callable[..., RunningService], parser: str
+    shared_service: Callable[..., RunningService], parser: str
 ) -> None:
-    service = start_service(LOOP_HTTP_PARSER=parser)
+    service = shared_service(LOOP_HTTP_PARSER=parser)
     parts = urlsplit(service.url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
         s.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
@@ -97,8 +97,8 @@ def test_a_head_that_never_ends_gets_431_and_a_big_body_after_a_small_head_is_fi
     assert answered.status_code == 200 and len(answered.json()["predictions"]) == 200
 
 
-def test_a_50_mb_body_gets_413_unread_and_others_are_not_held_up(start_service: Callable[..., RunningService]) -> None:
-    service = start_service()
+def test_a_50_mb_body_gets_413_unread_and_others_are_not_held_up(shared_service: Callable[..., RunningService]) -> None:
+    service = shared_service(LOOP_HTTP_PARSER="httptools")
     size = 50_000_000
     before = worker_rss(service)
     for path in ("/predict", "/review/verdicts", "/predict/npy"):
@@ -114,8 +114,8 @@ def test_a_50_mb_body_gets_413_unread_and_others_are_not_held_up(start_service: 
     assert small.status_code == 200, small.text
 
 
-def test_a_chunked_body_over_the_limit_gets_413(start_service: Callable[..., RunningService]) -> None:
-    service = start_service()
+def test_a_chunked_body_over_the_limit_gets_413(shared_service: Callable[..., RunningService]) -> None:
+    service = shared_service(LOOP_HTTP_PARSER="httptools")
 
     def pieces() -> Iterator[bytes]:
         yield b'{"samples": ['
