@@ -49,8 +49,7 @@ DEMO_DATA: dict[str, DemoData] = {
 
 def example_input() -> list[Any]:
     """One sample of the built-in model as a client sends it (for the API's examples)."""
-    sample: list[Any] = digits.load().images[0].tolist()
-    return sample
+    return [[float(v) for v in row] for row in digits.FIRST_DIGIT]
 
 
 def signature() -> Signature:

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from models.signature import Signature
 from models.spec import ModelSpec
@@ -41,8 +39,23 @@ class Digits:
         return "digits-" + digest.hexdigest()[:16]
 
 
+# The first of the digits (a zero), as a client sends it: the API's example, without loading the data set.
+FIRST_DIGIT: list[list[float]] = [
+    [0, 0, 5, 13, 9, 1, 0, 0],
+    [0, 0, 13, 15, 10, 15, 5, 0],
+    [0, 3, 15, 2, 0, 11, 8, 0],
+    [0, 4, 12, 0, 0, 8, 8, 0],
+    [0, 5, 8, 0, 0, 9, 8, 0],
+    [0, 4, 11, 0, 1, 12, 7, 0],
+    [0, 2, 14, 5, 10, 12, 0, 0],
+    [0, 0, 6, 13, 10, 0, 0, 0],
+]
+
+
 def load() -> Digits:
     """Load the digits that ship with scikit-learn (no download)."""
+    from sklearn.datasets import load_digits  # a second's import: every command and worker reads this module
+
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float32)
     labels = np.asarray(bunch.target, dtype=np.int64)
@@ -87,6 +100,8 @@ def make_split(data: Digits, *, seed: int, validation_fraction: float = 0.2) -> 
     """Draw a stratified, seeded validation split."""
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(data.labels))
     train, validation = train_test_split(
         indices,

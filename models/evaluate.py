@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from models.runtime import DevicePreference, OnnxModel
 from models.signature import to_probabilities
@@ -61,6 +60,8 @@ def evaluate(
     labels: NDArray[np.integer[Any]],
     class_names: Sequence[str],
 ) -> Evaluation:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # a second's import, when used
+
     predicted = probabilities.argmax(axis=1)
     classes = list(range(len(class_names)))
     precision, recall, _, support = precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)

@@ -45,3 +45,8 @@ def test_frozen_split_refuses_other_data(tmp_path: Path, data: digits.Digits) ->
     changed = replace(data, labels=np.roll(data.labels, 1))
     with pytest.raises(ValueError, match="create a new validation version"):
         digits.load_or_create_split(path, changed, seed=1)
+
+
+def test_the_apis_example_is_the_first_digit_of_the_data(data: digits.Digits) -> None:
+    assert np.array_equal(np.asarray(digits.FIRST_DIGIT, dtype=np.float32), data.images[0])
+    assert data.labels[0] == 0
