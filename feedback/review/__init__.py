@@ -21,7 +21,17 @@ from feedback.review.browsing import (
 )
 from feedback.review.filters import ItemFilter, SortKey
 from feedback.review.queue import Claimed, Strategy, claim
-from feedback.review.users import USER_NAME_PATTERN, Role, User, authenticate, create_user, get_user, hash_token, list_users, user_name
+from feedback.review.users import (
+    USER_NAME_PATTERN,
+    Role,
+    User,
+    authenticate,
+    create_user,
+    get_user,
+    hash_token,
+    list_users,
+    user_name,
+)
 from feedback.review.verdicts import (
     ItemState,
     VerdictIn,
