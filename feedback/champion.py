@@ -264,6 +264,12 @@ def record_promotion(
         ).fetchone()
         assert row is not None
         audit(conn, actor, f"model.{decision.value}", f"{model_name}:{model_version}", reason=reason)
+        if decision in (Decision.PROMOTED, Decision.FORCED):  # a new champion ends the shadow it was judged beside
+            conn.execute(
+                "UPDATE shadows SET stopped_at = now(), stopped_by = %s, stop_reason = %s"
+                " WHERE model_name = %s AND stopped_at IS NULL",
+                (actor.id if actor else None, f"{model_name}:{model_version} became champion ({decision})", model_name),
+            )
     found = _promotions(conn, "p.id = %s", (int(row[0]),))
     return found[0]
 

@@ -29,3 +29,12 @@ class Keys:
     def champion(self, model_name: str) -> str:
         """The champion's version of a model: what a worker that missed a message reloads to."""
         return f"{self.prefix}:champion:{model_name}"
+
+    @property
+    def shadows(self) -> str:
+        """Pub/sub channel: a JSON message {model_name[, model_version, share]} per shadow started or stopped."""
+        return f"{self.prefix}:shadows"
+
+    def shadow(self, model_name: str) -> str:
+        """The model's shadow as last announced (the same JSON): what a worker that missed a message reads."""
+        return f"{self.prefix}:shadow:{model_name}"

@@ -1,7 +1,8 @@
 """What the command line, the HTTP routes and the demos share: each use case written once.
 
 Compile a training version with the model's validation version (freezing it on first use), fix
-validation labels and re-evaluate every model compared on the old version, announce a champion.
+validation labels and re-evaluate every model compared on the old version, announce a champion,
+start and stop a shadow and announce it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import psycopg
 import redis
 
+from feedback import shadow
 from feedback.champion import announce, reevaluate
 from feedback.datasets.compiling import compile_training
 from feedback.datasets.schema import LabelSchema, Originals, Progress
@@ -91,3 +93,42 @@ def announcer(redis_url: str, keys: Keys) -> Callable[[str, str], None]:
             announce(client, keys, model_name, version)
 
     return announce_on_redis
+
+
+ShadowAnnouncer = Callable[[str, "shadow.Shadow | None"], None]
+
+
+def shadow_announcer(redis_url: str, keys: Keys) -> ShadowAnnouncer:
+    """A function that announces a model's shadow (None: none) on `redis_url`."""
+
+    def announce_on_redis(model_name: str, running: shadow.Shadow | None) -> None:
+        with redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5) as client:
+            shadow.announce(client, keys, model_name, running)
+
+    return announce_on_redis
+
+
+def start_shadow(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    model_version: str,
+    share: float,
+    actor: User | None,
+    announcer: ShadowAnnouncer | None,
+) -> shadow.Shadow:
+    """Start a shadow (recorded, then announced to the workers)."""
+    started = shadow.start(conn=conn, model_name=model_name, model_version=model_version, share=share, actor=actor)
+    if announcer is not None:
+        announcer(model_name, started)
+    return started
+
+
+def stop_shadow(
+    *, conn: psycopg.Connection, model_name: str, reason: str, actor: User | None, announcer: ShadowAnnouncer | None
+) -> shadow.Shadow:
+    """Stop the model's shadow (recorded, then announced to the workers)."""
+    stopped = shadow.stop(conn=conn, model_name=model_name, reason=reason, actor=actor)
+    if announcer is not None:
+        announcer(model_name, None)
+    return stopped

@@ -26,7 +26,7 @@ from feedback.datasets import originals_for
 from feedback.errors import DomainError
 from feedback.keys import Keys
 from feedback.predictions.log import LogPolicy, PredictionLog
-from feedback.use_cases import announcer
+from feedback.use_cases import announcer, shadow_announcer
 from service import database, fast_path, logs, metrics, problems
 from service.contract import OpenAPIContract
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
@@ -199,12 +199,14 @@ class Predictor:
                 to_input=self.plane.sample_input,
                 model_name=self.default.name,
             )
+            redis_url = settings.redis_url
             routes.state.data_loop = DataLoopContext(
                 model_name=self.default.name,
                 schema=self.plane.label_schema,
                 originals=lambda conn, name: originals_for(conn, name, settings.split_path),
                 datasets_root=settings.datasets_root,
-                announcer=None if settings.redis_url is None else announcer(settings.redis_url, self.keys),
+                announcer=None if redis_url is None else announcer(redis_url, self.keys),
+                shadow_announcer=None if redis_url is None else shadow_announcer(redis_url, self.keys),
             )
 
     def __is_ready__(self) -> bool:

@@ -5,6 +5,7 @@
 - `users`, `dead_letters`: users add|list, dead-letters list|replay
 - `datasets`: datasets import|compile|list|show|verify, validation show|fix
 - `retrain`: retrain, promote, champion, experiments
+- `shadow`: shadow start|stop|status
 - `demo`: demo-loop, demo-data
 
 `common` holds what they share. Commands import their heavy dependencies when they run, so that
@@ -18,7 +19,7 @@ import os
 
 import click
 
-from service.cli import datasets, dead_letters, demo, models, retrain, serve, users
+from service.cli import datasets, dead_letters, demo, models, retrain, serve, shadow, users
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -54,6 +55,7 @@ for _command in (
     retrain.promote,
     retrain.champion,
     retrain.experiments,
+    shadow.shadow,
     demo.demo_loop,
     demo.demo_data,
 ):

@@ -54,12 +54,12 @@ def connection(settings: Settings) -> Iterator[psycopg.Connection]:
 @contextlib.contextmanager
 def clean_errors() -> Iterator[None]:
     """Errors a user can fix are one line on stderr and exit status 1, not a traceback."""
-    from feedback.errors import Invalid
+    from feedback.errors import DomainError
     from models.store import ModelNotFound
 
     try:
         yield
-    except (Invalid, ModelNotFound, LookupError) as exc:
+    except (DomainError, ModelNotFound, LookupError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
 
 

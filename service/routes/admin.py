@@ -22,10 +22,12 @@ from feedback.champion import Decision, Promotion, promote, promotions
 from feedback.datasets import DatasetVersion, Kind
 from feedback.datasets import store as dataset_store
 from feedback.errors import NotFound, Unavailable
-from feedback.use_cases import compile_with_validation, fix_and_reevaluate
+from feedback.shadow import Shadow
+from feedback.shadow import history as shadow_history
+from feedback.use_cases import ShadowAnnouncer, compile_with_validation, fix_and_reevaluate, start_shadow, stop_shadow
 from service.problems import documented
 from service.routes.dependencies import Admin, Connection, GuardedRoute, RequestBody
-from service.routes.fields import NO_NUL, Flag, Integer, ModelName, ModelVersion, Name, Reason
+from service.routes.fields import NO_NUL, Flag, Integer, ModelName, ModelVersion, Name, Number, Reason
 
 
 @dataclass
@@ -35,6 +37,7 @@ class DataLoopContext:
     originals: Callable[[psycopg.Connection, str], ds.Originals | None]
     datasets_root: str
     announcer: Callable[[str, str], None] | None = None
+    shadow_announcer: ShadowAnnouncer | None = None
 
 
 router = APIRouter(
@@ -229,3 +232,68 @@ def list_promotions(conn: Connection, model: Model, admin: Admin) -> Any:
     promoted or forced one is the champion."""
     found = promotions(conn=conn, model_name=model.name)
     return [PromotionPublic.of(p) for p in found]
+
+
+# -- shadows ----------------------------------------------------------------------------------------
+
+
+class ShadowIn(RequestBody):
+    version: ModelVersion = Field(description="A stored version of the model (a candidate, usually).")
+    share: Number = Field(1.0, gt=0, le=1, description="The share of the model's prediction requests it sees.")
+
+
+class ShadowStopIn(RequestBody):
+    reason: Reason
+
+
+class ShadowPublic(BaseModel):
+    id: int
+    model_name: str
+    model_version: str
+    share: float
+    started_at: datetime
+    started_by: str | None
+    stopped_at: datetime | None
+    stopped_by: str | None
+    stop_reason: str | None
+    live: bool
+
+    @classmethod
+    def of(cls, s: Shadow) -> ShadowPublic:
+        return cls(**{name: getattr(s, name) for name in cls.model_fields})
+
+
+class ShadowsPublic(BaseModel):
+    live: ShadowPublic | None = Field(description="The shadow running now, if any.")
+    history: list[ShadowPublic] = Field(description="Every shadow of the model, oldest first.")
+
+
+@router.post("/shadow", response_model=ShadowPublic, status_code=201)
+def start_shadow_of(body: ShadowIn, conn: Connection, loop: Loop, model: Model, admin: Admin) -> Any:
+    """Start a shadow of the model: a stored version that sees `share` of its prediction requests
+    after they were answered, and is never returned to a client (409 while another one runs)."""
+    started = start_shadow(
+        conn=conn,
+        model_name=model.name,
+        model_version=body.version,
+        share=body.share,
+        actor=admin,
+        announcer=loop.shadow_announcer,
+    )
+    return ShadowPublic.of(started)
+
+
+@router.post("/shadow/stop", response_model=ShadowPublic)
+def stop_shadow_of(body: ShadowStopIn, conn: Connection, loop: Loop, model: Model, admin: Admin) -> Any:
+    """Stop the model's shadow, saying why (404 when none runs)."""
+    stopped = stop_shadow(
+        conn=conn, model_name=model.name, reason=body.reason, actor=admin, announcer=loop.shadow_announcer
+    )
+    return ShadowPublic.of(stopped)
+
+
+@router.get("/shadow", response_model=ShadowsPublic)
+def shadows_of(conn: Connection, model: Model, admin: Admin) -> Any:
+    """The model's shadow running now, and every shadow it has had."""
+    found = [ShadowPublic.of(s) for s in shadow_history(conn=conn, model_name=model.name)]
+    return ShadowsPublic(live=next((s for s in reversed(found) if s.live), None), history=found)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pyarrow.parquet as pq
 import pytest
 from psycopg_pool import ConnectionPool
@@ -61,6 +62,9 @@ def setup(
             originals=lambda _conn, name: originals_of(name, split_path),
             datasets_root=str(tmp_path / "datasets"),
             announcer=lambda name, version: announced.append((name, version)),
+            shadow_announcer=lambda name, shadow: announced.append(
+                (f"shadow of {name}", "" if shadow is None else f"{shadow.model_version} at {shadow.share:g}")
+            ),
         )
         with TestClient(app, raise_server_exceptions=False) as client:
             yield client, pool, announced
@@ -181,3 +185,46 @@ def test_non_finite_numbers_in_an_admin_body_get_422(
     response = client.post(path, content=body, headers={**admin, "content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert "NaN" not in response.text and "Infinity" not in response.text
+
+
+def test_a_shadow_is_started_once_listed_stopped_and_ended_by_a_new_champion(
+    setup: tuple[TestClient, ConnectionPool, list[tuple[str, str]]], trained_model: BuildResult, database_url: str
+) -> None:
+    client, pool, announced = setup
+    admin = token(pool, "admin", rs.Role.ADMIN)
+    reviewer = token(pool, "rev", rs.Role.REVIEWER)
+    name, version = trained_model.stored.name, trained_model.stored.version
+    assert client.post("/admin/shadow", json={"version": version}, headers=reviewer).status_code == 403
+    for bad, status in [({"version": version, "share": 0}, 422), ({"version": version, "share": 1.5}, 422),
+                        ({"version": "v-none"}, 404), ({"version": version, "share": "half"}, 422)]:  # fmt: skip
+        response = client.post("/admin/shadow", json=bad, headers=admin)
+        assert response.status_code == status, (bad, response.text)
+    assert client.get("/admin/shadow", headers=admin).json() == {"live": None, "history": []}
+    assert announced == []  # nothing refused was recorded or announced
+
+    started = client.post("/admin/shadow", json={"version": version, "share": 0.25}, headers=admin)
+    assert started.status_code == 201, started.text
+    assert (started.json()["model_version"], started.json()["share"], started.json()["live"]) == (version, 0.25, True)
+    assert started.json()["started_by"] == "admin"
+    again = client.post("/admin/shadow", json={"version": version}, headers=admin)
+    assert again.status_code == 409 and "stop it first" in again.json()["detail"]
+    assert client.get("/admin/shadow", headers=admin).json()["live"]["id"] == started.json()["id"]
+
+    assert client.post("/admin/shadow/stop", json={"reason": " "}, headers=admin).status_code == 422
+    stopped = client.post("/admin/shadow/stop", json={"reason": "enough evidence"}, headers=admin)
+    assert stopped.status_code == 200, stopped.text
+    assert (stopped.json()["live"], stopped.json()["stop_reason"], stopped.json()["stopped_by"]) == (
+        False, "enough evidence", "admin")  # fmt: skip
+    assert client.post("/admin/shadow/stop", json={"reason": "again"}, headers=admin).status_code == 404
+    assert announced == [(f"shadow of {name}", f"{version} at 0.25"), (f"shadow of {name}", "")]
+
+    # A new champion ends the shadow it was judged beside.
+    assert client.post("/admin/shadow", json={"version": version}, headers=admin).status_code == 201
+    forced = client.post(f"/admin/models/{version}/promote", json={"reason": "live evidence"}, headers=admin)
+    assert forced.status_code == 200, forced.text
+    listed = client.get("/admin/shadow", headers=admin).json()
+    assert listed["live"] is None and len(listed["history"]) == 2
+    assert listed["history"][1]["stop_reason"] == f"{name}:{version} became champion (forced)"
+    with psycopg.connect(database_url) as conn:
+        actions = [r[0] for r in conn.execute("SELECT action FROM audit_log WHERE action LIKE 'shadow.%' ORDER BY id")]
+    assert actions == ["shadow.start", "shadow.stop", "shadow.start"]

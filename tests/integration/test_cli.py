@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 
 from feedback import review as review_store
 from feedback.keys import Keys
+from models.pipeline import BuildResult
 from tests.conftest import REDIS
 
 pytestmark = pytest.mark.integration
@@ -118,3 +121,35 @@ def test_original_data_is_imported_once_refused_clearly_and_verified(database_ur
     image.write_bytes(image.read_bytes() + b"\0")
     tampered = loop("datasets", "verify", validation.group(1), database_url=database_url, **env)
     assert tampered.returncode == 1 and "its files were changed" in tampered.stderr
+
+
+def test_a_shadow_is_started_shown_and_stopped_and_announced(
+    database_url: str, keys: Keys, trained_model: BuildResult
+) -> None:
+    env = {"LOOP_REDIS_URL": REDIS, "LOOP_REDIS_PREFIX": keys.prefix, "LOOP_MODEL_NAME": trained_model.stored.name}
+    tag = str(trained_model.stored.tag)
+    assert loop("users", "add", "root", "--role", "admin", database_url=database_url).returncode == 0
+    assert "has had no shadow" in loop("shadow", "status", database_url=database_url, **env).stdout
+    for args, error in [
+        ((tag, "--admin", "nobody"), "'nobody' is not an admin"),
+        ((tag, "--share", "0", "--admin", "root"), "0<x<=1"),
+        ((f"{trained_model.stored.name}:v-none", "--admin", "root"), "v-none"),
+    ]:
+        refused = loop("shadow", "start", *args, database_url=database_url, **env)
+        assert refused.returncode != 0 and error in refused.stderr, (args, refused.stderr)
+    started = loop("shadow", "start", tag, "--share", "0.5", "--admin", "root", database_url=database_url, **env)
+    assert started.returncode == 0 and "share 0.5" in started.stdout, started.stderr
+    with redis.Redis.from_url(REDIS) as client:
+        announced = json.loads(client.get(keys.shadow(trained_model.stored.name)) or b"{}")
+    assert announced == {"model_name": trained_model.stored.name, "model_version": trained_model.stored.version,
+                         "share": 0.5}  # fmt: skip
+    twice = loop("shadow", "start", tag, "--admin", "root", database_url=database_url, **env)
+    assert twice.returncode == 1 and "stop it first" in twice.stderr
+    assert loop("shadow", "status", database_url=database_url, **env).stdout.startswith(f"* {tag}")
+    stopped = loop("shadow", "stop", trained_model.stored.name, "--reason", "done", "--admin", "root",
+                   database_url=database_url, **env)  # fmt: skip
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout and ": done" in stopped.stdout, stopped.stderr
+    with redis.Redis.from_url(REDIS) as client:
+        assert json.loads(client.get(keys.shadow(trained_model.stored.name)) or b"{}") == {
+            "model_name": trained_model.stored.name}  # fmt: skip
+    assert loop("shadow", "status", database_url=database_url, **env).stdout.startswith(f"  {tag}")

@@ -1,0 +1,104 @@
+"""`loop shadow start|stop|status`: a stored version of a model sees a share of its live requests,
+after their clients were answered, so that reviewers judge it before it answers anyone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from service.cli.common import admin, clean_errors, connection, redis_url
+from service.settings import Settings
+
+
+def _announcer(settings: Settings) -> Any:
+    import redis
+
+    from feedback.keys import Keys
+    from feedback.use_cases import shadow_announcer
+
+    announce = shadow_announcer(redis_url(settings), Keys(settings.redis_prefix))
+
+    def announcer(model_name: str, running: Any) -> None:
+        try:
+            announce(model_name, running)
+        except redis.RedisError as exc:
+            click.echo(f"warning: recorded but not announced ({exc}); workers pick it up on their next check", err=True)
+
+    return announcer
+
+
+def _described(shadow: Any) -> str:
+    by = f" by {shadow.started_by}" if shadow.started_by else ""
+    started = f"started {shadow.started_at:%Y-%m-%d %H:%M:%S}{by}"
+    line = f"{shadow.model_name}:{shadow.model_version}  share {shadow.share:g}  {started}"
+    if shadow.stopped_at is not None:
+        line += f"  stopped {shadow.stopped_at:%Y-%m-%d %H:%M:%S}: {shadow.stop_reason}"
+    return line
+
+
+@click.group()
+def shadow() -> None:
+    """Shadows: a candidate judged on live traffic before it answers anyone."""
+
+
+@shadow.command("start")
+@click.argument("tag", metavar="NAME:VERSION")
+@click.option(
+    "--share",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="The share of the model's prediction requests the shadow sees.",
+)
+@click.option("--admin", "admin_name", required=True, help="The admin starting it.")
+def start(tag: str, share: float, admin_name: str) -> None:
+    """Start a shadow of NAME at VERSION (a stored version); one a model at a time."""
+    from feedback.use_cases import start_shadow
+
+    name, _, version = tag.partition(":")
+    if not name or not version:
+        raise click.BadParameter(f"{tag!r} is not NAME:VERSION", param_hint="NAME:VERSION")
+    settings = Settings()
+    with connection(settings) as conn, clean_errors():
+        actor = admin(conn, admin_name, required=True)
+        started = start_shadow(
+            conn=conn,
+            model_name=name,
+            model_version=version,
+            share=share,
+            actor=actor,
+            announcer=_announcer(settings),
+        )
+    click.echo(f"shadowing: {_described(started)}")
+
+
+@shadow.command("stop")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why it stops.")
+@click.option("--admin", "admin_name", required=True, help="The admin stopping it.")
+def stop(name: str, reason: str, admin_name: str) -> None:
+    """Stop the shadow of model NAME."""
+    from feedback.use_cases import stop_shadow
+
+    settings = Settings()
+    with connection(settings) as conn, clean_errors():
+        actor = admin(conn, admin_name, required=True)
+        stopped = stop_shadow(conn=conn, model_name=name, reason=reason, actor=actor, announcer=_announcer(settings))
+    click.echo(f"stopped: {_described(stopped)}")
+
+
+@shadow.command("status")
+@click.argument("name", required=False)
+def status(name: str | None) -> None:
+    """Every shadow of model NAME (default: LOOP_MODEL_NAME), oldest first; the live one is marked."""
+    from feedback import shadow as shadows
+
+    settings = Settings()
+    model_name = name or settings.model_name
+    with connection(settings) as conn:
+        found = shadows.history(conn=conn, model_name=model_name)
+    if not found:
+        click.echo(f"{model_name} has had no shadow")
+    for s in found:
+        click.echo(("* " if s.live else "  ") + _described(s))
