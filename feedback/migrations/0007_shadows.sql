@@ -14,3 +14,21 @@ CREATE TABLE shadows (
     CHECK ((stopped_at IS NULL) = (stop_reason IS NULL))
 );
 CREATE UNIQUE INDEX shadows_one_live_per_model ON shadows (model_name) WHERE stopped_at IS NULL;
+
+-- What a shadow predicted for a sample a client was answered for: the answered prediction's id
+-- and request id (its input is that prediction's), the shadow's version and outputs. Never
+-- answered to anyone. The key makes a replayed entry a no-op, as for predictions.
+CREATE TABLE shadow_predictions (
+    prediction_id uuid        NOT NULL,
+    created_at    timestamptz NOT NULL,  -- the answered prediction's (its UUIDv7's time)
+    model_name    text        NOT NULL,
+    model_version text        NOT NULL,
+    label         text        NOT NULL,
+    label_index   smallint    NOT NULL,
+    confidence    real        NOT NULL,
+    scores        real[]      NOT NULL,
+    request_id    text        NOT NULL,
+    ingested_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (created_at, prediction_id, model_version)
+);
+CREATE INDEX shadow_predictions_version_time ON shadow_predictions (model_name, model_version, created_at);

@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from feedback.keys import INGEST_GROUP, Keys
 from feedback.predictions import store
 from feedback.predictions.dead_letters import dead_fields
-from feedback.predictions.records import Fields, MalformedEntry, Row, decode_row
+from feedback.predictions.records import Fields, MalformedEntry, Row, ShadowRow, decode_row
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _Prepared:
     """A decoded batch waiting to be stored."""
 
     entries: Sequence[Entry]
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row | ShadowRow] = field(default_factory=list)
     dead: list[tuple[Entry, str]] = field(default_factory=list)
 
 
@@ -241,7 +241,7 @@ class IngestWorker:
         if self._on_stats is not None:
             self._on_stats(self.stats)
 
-    def _store(self, records: list[Row], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
+    def _store(self, records: list[Row | ShadowRow], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
         """Insert, retrying while Postgres is down. Returns entries whose rows were refused."""
         if not records:
             return []
@@ -262,8 +262,9 @@ class IngestWorker:
                 # One bad row fails the whole statement: store the rest one by one.
                 return self._store_one_by_one(records, entries)
 
-    def _store_one_by_one(self, records: list[Row], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
-        by_id = {e[1].get(b"id", b"").decode(errors="replace"): e for e in entries}
+    def _store_one_by_one(self, records: list[Row | ShadowRow], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
+        # A prediction and its shadows' share the id: an entry is its id, version and kind.
+        by_key = {_key(e[1]): e for e in entries}
         refused = []
         conn = self._connection()
         for record in records:
@@ -272,7 +273,9 @@ class IngestWorker:
                 self.stats.ingested += inserted
                 self.stats.duplicates += 1 - inserted
             except psycopg.DataError as exc:
-                refused.append((by_id[str(record.id)], f"refused by Postgres: {exc}".strip()))
+                kind = b"shadow" if isinstance(record, ShadowRow) else None
+                entry = by_key[(str(record.id), record.model_version, kind)]
+                refused.append((entry, f"refused by Postgres: {exc}".strip()))
         return refused
 
     def _connection(self) -> psycopg.Connection:
@@ -309,6 +312,14 @@ class IngestWorker:
 
     def close(self) -> None:
         self._drop_connection()
+
+
+def _key(fields: Fields) -> tuple[str, str, bytes | None]:
+    return (
+        fields.get(b"id", b"").decode(errors="replace"),
+        fields.get(b"v", b"").decode(errors="replace"),
+        fields.get(b"k"),
+    )
 
 
 def _parse_id(entry_id: bytes | str) -> tuple[int, int]:

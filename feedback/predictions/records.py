@@ -4,7 +4,8 @@ Entry fields use short keys because every prediction is written once per request
 `id` (UUIDv7 text), `m` model name, `v` model version, `x` the input as .npy bytes,
 `s` class scores as little-endian float32 bytes, `l` label, `c` confidence, `r` request id,
 `g` client tags as JSON (absent when there are none), `t` the media type of an input kept as the
-encoded image the client sent (absent for .npy arrays).
+encoded image the client sent (absent for .npy arrays). A shadow's prediction (`ShadowRecord`)
+is marked `k` = `shadow` and has no input: it is the answered prediction's of the same id.
 The prediction time is not a field: it is the UUIDv7's embedded timestamp.
 """
 
@@ -62,6 +63,23 @@ class PredictionRecord:
         return int(np.argmax(self.scores))
 
 
+SHADOW = b"shadow"  # the `k` of a shadow's entry
+
+
+@dataclass(frozen=True)
+class ShadowRecord:
+    """A shadow's prediction for a sample a client was answered for: the answered prediction's id
+    and request id, the shadow's version and outputs."""
+
+    id: uuid.UUID
+    model_name: str
+    model_version: str
+    scores: NDArray[np.float32]
+    label: str
+    confidence: float
+    request_id: str
+
+
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
@@ -99,7 +117,18 @@ def input_json(data: bytes, input_type: str | None) -> Any:
     return {"media_type": input_type, "base64": base64.b64encode(data).decode()}
 
 
-def encode(record: PredictionRecord) -> Fields:
+def encode(record: PredictionRecord | ShadowRecord) -> Fields:
+    if isinstance(record, ShadowRecord):
+        return {
+            b"id": str(record.id).encode(),
+            b"m": record.model_name.encode(),
+            b"v": record.model_version.encode(),
+            b"s": np.asarray(record.scores, dtype="<f4").tobytes(),
+            b"l": record.label.encode(),
+            b"c": repr(float(record.confidence)).encode(),
+            b"r": record.request_id.encode(),
+            b"k": SHADOW,
+        }
     fields: Fields = {
         b"id": str(record.id).encode(),
         b"m": record.model_name.encode(),
@@ -144,6 +173,20 @@ class Row(NamedTuple):
     input_type: str | None = None  # None: .npy; else the media type of an image as sent
 
 
+class ShadowRow(NamedTuple):
+    """A decoded shadow entry ready for Postgres."""
+
+    id: uuid.UUID
+    created_at: datetime
+    model_name: str
+    model_version: str
+    label: str
+    label_index: int
+    confidence: float
+    scores: bytes  # little-endian float32, one per class
+    request_id: str
+
+
 def _check_npy(data: bytes) -> None:
     """The log keeps plain .npy of numbers, as `npy_bytes` writes them: version 1.0, C order."""
     try:
@@ -155,8 +198,10 @@ def _check_npy(data: bytes) -> None:
         raise MalformedEntry("input is not .npy data of numbers" if numpy else "input is not .npy data")
 
 
-def decode_row(fields: Fields) -> Row:
+def decode_row(fields: Fields) -> Row | ShadowRow:
     """Validate an entry and turn it into a row; raises `MalformedEntry` naming the first problem."""
+    if b"k" in fields:
+        return _shadow_row(fields)
     if not fields.keys() >= _REQUIRED_SET:
         missing = [k.decode() for k in _REQUIRED if k not in fields]
         raise MalformedEntry(f"missing fields: {', '.join(missing)}")
@@ -203,9 +248,43 @@ def decode_row(fields: Fields) -> Row:
     )
 
 
+_SHADOW_REQUIRED = (b"id", b"m", b"v", b"s", b"l", b"c", b"r")
+
+
+def _shadow_row(fields: Fields) -> ShadowRow:
+    if fields[b"k"] != SHADOW:
+        raise MalformedEntry(f"unknown kind of entry {fields[b'k']!r}")
+    missing = [k.decode() for k in _SHADOW_REQUIRED if k not in fields]
+    if missing:
+        raise MalformedEntry(f"missing fields: {', '.join(missing)}")
+    row = decode_row(_as_prediction(fields))
+    assert isinstance(row, Row)
+    return ShadowRow(
+        id=row.id,
+        created_at=row.created_at,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        label=row.label,
+        label_index=row.label_index,
+        confidence=row.confidence,
+        scores=row.scores,
+        request_id=row.request_id,
+    )
+
+
+_NO_INPUT = npy_bytes(np.zeros(0, np.float32))
+
+
+def _as_prediction(fields: Fields) -> Fields:
+    """A shadow entry's fields as a prediction's, for the same checks (an empty input)."""
+    return {k: v for k, v in fields.items() if k not in (b"k", b"g", b"t")} | {b"x": _NO_INPUT}
+
+
 def decode(fields: Fields) -> PredictionRecord:
-    """Inverse of `encode`; raises `MalformedEntry` naming the first problem found."""
+    """Inverse of `encode` for a prediction; raises `MalformedEntry` naming the first problem found."""
     row = decode_row(fields)
+    if isinstance(row, ShadowRow):
+        raise MalformedEntry("a shadow's entry, not a prediction")
     image = row.input_type is not None
     return PredictionRecord(
         id=row.id,

@@ -13,7 +13,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.predictions.records import PredictionRecord, Row, created_at
+from feedback.predictions.records import PredictionRecord, Row, ShadowRow, created_at
 
 _COLUMNS = (
     "id, created_at, model_name, model_version, label, label_index, confidence, scores, input, request_id, tags,"
@@ -55,8 +55,29 @@ _STAGING = (
 _MOVE = f"INSERT INTO predictions ({_COLUMNS}) SELECT {_COLUMNS} FROM predictions_staging ON CONFLICT DO NOTHING"
 
 
-def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row]) -> int:
-    """Store rows in one transaction; ids already stored are skipped. Returns rows inserted."""
+_SHADOW_INSERT = (
+    "INSERT INTO shadow_predictions (prediction_id, created_at, model_name, model_version, label, label_index,"
+    " confidence, scores, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+
+
+def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row | ShadowRow]) -> int:
+    """Store rows (predictions, and shadows' predictions) in one transaction; rows already stored
+    are skipped. Returns rows inserted."""
+    predictions = [r for r in rows if isinstance(r, Row)]
+    if len(predictions) == len(rows):
+        return _insert_predictions(conn, predictions)
+    shadows = [r for r in rows if isinstance(r, ShadowRow)]
+    with conn.transaction():
+        inserted = _insert_predictions(conn, predictions)
+        for r in shadows:
+            scores = list(struct.unpack(f"<{len(r.scores) // 4}f", r.scores))
+            values = (r.id, r.created_at, r.model_name, r.model_version, r.label, r.label_index, r.confidence)
+            inserted += conn.execute(_SHADOW_INSERT, (*values, scores, r.request_id)).rowcount
+        return inserted
+
+
+def _insert_predictions(conn: psycopg.Connection, rows: Sequence[Row]) -> int:
     if not rows:
         return 0
     with conn.transaction():

@@ -22,7 +22,7 @@ from feedback.migrate import available, migrate
 from feedback.predictions import store
 from feedback.predictions.ingest import IngestConfig, IngestWorker, ensure_group, lag
 from feedback.predictions.log import Destination, PredictionLog
-from feedback.predictions.records import PredictionRecord, encode
+from feedback.predictions.records import PredictionRecord, ShadowRecord, encode
 from harness import free_port
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import REDIS
@@ -142,6 +142,38 @@ def test_redelivered_entries_are_not_stored_twice(
     wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
     assert sorted(stored_ids(database_url)) == sorted(r.id for r in records)
     assert worker.worker.stats.duplicates == 50
+
+
+def shadows_of(records: list[PredictionRecord], version: str = "v-shadow") -> list[ShadowRecord]:
+    return [
+        ShadowRecord(id=r.id, model_name=r.model_name, model_version=version, scores=np.full(10, 0.1, np.float32),
+                     label=str((int(r.label) + 1) % 10), confidence=0.3, request_id=r.request_id)
+        for r in records
+    ]  # fmt: skip
+
+
+def test_shadow_entries_are_stored_once_beside_their_predictions(
+    keys: Keys, database_url: str, start_worker: Callable[..., WorkerThread]
+) -> None:
+    records = make_records(300)
+    shadows = shadows_of(records[:200])
+    client = redis.Redis.from_url(REDIS)
+    # Interleaved as the service writes them, with repeats (a spool replay), and one shadow entry
+    # that cannot be stored (no scores): dead-lettered, the rest stored.
+    broken = {**encode(shadows[0]), b"s": b""}
+    for entry in [*map(encode, records[:100]), *map(encode, shadows), *map(encode, records[100:]),
+                  *map(encode, shadows[:50]), broken]:  # fmt: skip
+        client.xadd(keys.stream, entry)  # type: ignore[arg-type]
+    worker = start_worker()
+    wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
+    assert sorted(stored_ids(database_url)) == sorted(r.id for r in records)
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT prediction_id, model_version, label, request_id FROM shadow_predictions ORDER BY prediction_id"
+        ).fetchall()
+    assert stored == sorted((s.id, "v-shadow", s.label, s.request_id) for s in shadows)
+    assert worker.worker.stats.ingested == 500 and worker.worker.stats.dead == 1
+    assert client.xlen(keys.dead_letters) == 1
 
 
 def test_malformed_entries_go_to_dead_letters(
