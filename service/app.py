@@ -1,5 +1,6 @@
 """The BentoML service: its lifecycle and wiring. Each worker loads the served models (a slot
-each, following its champion), opens the prediction log and the database pools, and hands the
+each, following its champion, and a model's shadow while one runs: `service.shadowing`), opens
+the prediction log and the database pools, and hands the
 prediction data plane (`service.predictions`) to the faces: `POST /predict` with JSON (BentoML's
 API below, and the fast path), the routers of `service/routes/` (uploads and `.npy`, the Open
 Inference Protocol under `/v2`, `/models` and stored predictions, review and admin), and BentoML's
@@ -42,6 +43,7 @@ from service.routes.review import router as review_router
 from service.schemas import BatchingPublic, PredictResponse
 from service.serving import ModelSlot, Where
 from service.settings import Settings
+from service.shadowing import Shadows
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class Predictor:
         self.plane = Predictions(
             self.slots, max_samples=self.settings.max_samples_per_request, log_required=self.settings.log_predictions
         )
+        self.shadows = Shadows(self.plane.shadows, models=list(self.slots), where=where, log=lambda: self.plane.log)
         self._review_pool: ConnectionPool | None = None
         self._background: list[asyncio.Task[None]] = []
         if self.settings.log_predictions and self.settings.redis_url is None:
@@ -125,20 +128,23 @@ class Predictor:
         return self.settings.inference_socket_for((worker - 1) % (self.settings.inference_processes or 1))
 
     async def _follow_champion(self, redis_url: str) -> None:
-        """Swap to each new champion: at once on a promotion message, and on a periodic check that
-        catches messages missed while disconnected."""
+        """Swap to each new champion and start or stop each shadow: at once on a message, and on a
+        periodic check that catches messages missed while disconnected."""
         import redis.asyncio as aioredis
 
         while True:
             client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.keys.promotions)
+                    await pubsub.subscribe(self.keys.promotions, self.keys.shadows)
                     await self._recheck()
                     while True:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=CHAMPION_CHECK_S)
                         if message is None:
                             await self._recheck()
+                            continue
+                        if message["channel"] == self.keys.shadows.encode():
+                            await self.shadows.on_message(message["data"])
                             continue
                         try:
                             announced = json.loads(message["data"])
@@ -146,6 +152,7 @@ class Predictor:
                         except (ValueError, KeyError, TypeError):
                             logger.warning("ignored a malformed promotion message: %r", message["data"])
                             continue
+                        await self.shadows.set(name, None, None)  # a new champion ends the model's shadow
                         slot = self.slots.get(name)
                         if slot is not None and slot.follows_champion:
                             await slot.reload(f"{name}:{version}")
@@ -158,6 +165,7 @@ class Predictor:
     async def _recheck(self) -> None:
         for slot in self.slots.values():
             await slot.recheck()
+        await self.shadows.recheck()
 
     @bentoml.on_startup
     async def startup(self) -> None:
@@ -180,7 +188,7 @@ class Predictor:
             )
             self._background.append(asyncio.create_task(self.plane.log.run_replayer(), name="spool-replay"))
             self._background.append(asyncio.create_task(metrics.watch_stream(settings.redis_url, self.keys)))
-        if settings.redis_url is not None and any(s.follows_champion for s in self.slots.values()):
+        if settings.redis_url is not None:  # champions and shadows
             self._background.append(asyncio.create_task(self._follow_champion(settings.redis_url), name="champion"))
         if settings.database_url is not None:
             timeout = settings.statement_timeout_s
@@ -222,6 +230,7 @@ class Predictor:
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
         fast_path.release("/predict")
+        await self.shadows.close()
         for slot in self.slots.values():
             await slot.close()
         for task in self._background:

@@ -60,6 +60,12 @@ dead_letters = bentoml.metrics.Gauge(
     documentation="Prediction entries the ingest workers could not store (alert on > 0; see `loop dead-letters`)",
 )
 
+shadow_batches = bentoml.metrics.Counter(
+    name="loop_shadow_batches",
+    documentation="Answered batches offered to a model's shadow, by outcome (samples, for stored)",
+    labelnames=["model_name", "outcome"],
+)
+
 
 def count_log_event(event: Event, n: int) -> None:
     log_records.labels(event=event.value).inc(n)

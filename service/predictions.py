@@ -37,6 +37,7 @@ from models.spec import ImageInput
 from service import metrics
 from service.schemas import PredictionPublic, PredictResponse
 from service.serving import ModelSlot, Served
+from service.shadowing import Shadowing
 
 STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model load before a 503
 
@@ -83,6 +84,7 @@ class Predictions:
         self.log: PredictionLog | None = None
         self.log_error: str | None = None  # why there is no log, when one is required
         self.pool: AsyncConnectionPool | None = None  # Postgres, for stored predictions
+        self.shadows: dict[str, Shadowing] = {}  # by model: sees answered batches after they are answered
 
     # -- which model ----------------------------------------------------------------------------
 
@@ -214,6 +216,9 @@ class Predictions:
             except LogUnavailable as exc:  # before the answer leaves: what we answer is kept
                 raise Unavailable(f"prediction not stored, so not answered: {exc}") from None
         metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(batch))
+        shadowing = self.shadows.get(slot.name)
+        if shadowing is not None:  # logged and about to be answered: the shadow's turn, off this path
+            shadowing.offer(batch, answered.ids, request_id)
         return answered
 
     # -- stored predictions -----------------------------------------------------------------------
