@@ -31,6 +31,15 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionPublic]
 
 
+class ShadowPredictionPublic(BaseModel):
+    """What a shadow of the model predicted for the same sample (never answered to anyone)."""
+
+    model_version: str
+    label: str
+    confidence: float
+    scores: dict[str, float] | list[float]
+
+
 class StoredPredictionPublic(BaseModel):
     """A prediction as the log holds it."""
 
@@ -50,6 +59,9 @@ class StoredPredictionPublic(BaseModel):
     request_id: str
     tags: dict[str, str]
     ingested: bool = Field(description="True once in Postgres; false while only in the Redis stream.")
+    shadows: list[ShadowPredictionPublic] = Field(
+        default_factory=list, description="What shadows of the model predicted for this sample, once ingested."
+    )
 
 
 class SignaturePublic(BaseModel):

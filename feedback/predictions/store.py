@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -106,6 +106,16 @@ def _insert_predictions(conn: psycopg.Connection, rows: Sequence[Row]) -> int:
 
 
 @dataclass(frozen=True)
+class ShadowPrediction:
+    """A shadow's prediction for an answered sample (never answered to anyone)."""
+
+    model_version: str
+    label: str
+    confidence: float
+    scores: list[float]
+
+
+@dataclass(frozen=True)
 class StoredPrediction:
     id: uuid.UUID
     created_at: datetime
@@ -118,6 +128,7 @@ class StoredPrediction:
     request_id: str
     tags: dict[str, str]
     input_type: str | None = None  # None: .npy; else the media type of the image as sent
+    shadows: tuple[ShadowPrediction, ...] = ()  # what shadows of the model predicted for it (ingested ones)
 
     @classmethod
     def from_record(cls, record: PredictionRecord) -> StoredPrediction:
@@ -148,10 +159,20 @@ def get_prediction(*, conn: psycopg.Connection, prediction_id: uuid.UUID) -> Sto
     return None if row is None else StoredPrediction(*row)
 
 
+GET_SHADOWS = (
+    "SELECT model_version, label, confidence, scores FROM shadow_predictions"
+    " WHERE created_at = %s AND prediction_id = %s ORDER BY ingested_at"
+)
+
+
 async def fetch_prediction(*, conn: psycopg.AsyncConnection[Any], prediction_id: uuid.UUID) -> StoredPrediction | None:
-    cursor = await conn.execute(GET_PREDICTION, (created_at(prediction_id), prediction_id))
-    row = await cursor.fetchone()
-    return None if row is None else StoredPrediction(*row)
+    """The stored prediction with its shadows' predictions, or None."""
+    key = (created_at(prediction_id), prediction_id)
+    row = await (await conn.execute(GET_PREDICTION, key)).fetchone()
+    if row is None:
+        return None
+    shadows = await (await conn.execute(GET_SHADOWS, key)).fetchall()
+    return replace(StoredPrediction(*row), shadows=tuple(ShadowPrediction(*s) for s in shadows))
 
 
 def prediction_ids(*, conn: psycopg.Connection) -> list[uuid.UUID]:

@@ -23,6 +23,7 @@ from service.schemas import (
     ModelPublic,
     ModelsPublic,
     ReferencePublic,
+    ShadowPredictionPublic,
     SignaturePublic,
     StoredPredictionPublic,
 )
@@ -104,10 +105,12 @@ def _model_public(served: Served, batching: BatchingPublic) -> ModelPublic:
 
 
 def _public(plane: Predictions, row: StoredPrediction, ingested: bool) -> StoredPredictionPublic:
-    scores: dict[str, float] | list[float] = list(row.scores)
     names = plane.class_names(row.model_name)
-    if names is not None and len(names) == len(row.scores):
-        scores = dict(zip(names, row.scores, strict=True))
+
+    def named(scores: list[float]) -> dict[str, float] | list[float]:
+        """By class name when the model is known here, else in class order."""
+        return dict(zip(names, scores, strict=True)) if names is not None and len(names) == len(scores) else scores
+
     return StoredPredictionPublic(
         id=row.id,
         created_at=row.created_at,
@@ -115,10 +118,16 @@ def _public(plane: Predictions, row: StoredPrediction, ingested: bool) -> Stored
         model_version=row.model_version,
         label=row.label,
         confidence=row.confidence,
-        scores=scores,
+        scores=named(list(row.scores)),
         input=None if row.input is None else input_json(row.input, row.input_type),
         input_type=row.input_type,
         request_id=row.request_id,
         tags=row.tags,
         ingested=ingested,
+        shadows=[
+            ShadowPredictionPublic(
+                model_version=s.model_version, label=s.label, confidence=s.confidence, scores=named(s.scores)
+            )
+            for s in row.shadows
+        ],
     )

@@ -175,6 +175,15 @@ def test_shadow_entries_are_stored_once_beside_their_predictions(
     assert worker.worker.stats.ingested == 500 and worker.worker.stats.dead == 1
     assert client.xlen(keys.dead_letters) == 1
 
+    async def fetched(prediction_id: uuid.UUID) -> store.StoredPrediction | None:
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            return await store.fetch_prediction(conn=conn, prediction_id=prediction_id)
+
+    shadowed, alone = asyncio.run(fetched(records[1].id)), asyncio.run(fetched(records[250].id))
+    assert shadowed is not None and [(s.model_version, s.label) for s in shadowed.shadows] == [
+        ("v-shadow", shadows[1].label)]  # fmt: skip
+    assert alone is not None and alone.shadows == ()
+
 
 def test_malformed_entries_go_to_dead_letters(
     keys: Keys, database_url: str, start_worker: Callable[..., WorkerThread]
