@@ -125,3 +125,85 @@ def announce(client: redis.Redis, keys: Keys, model_name: str, shadow: Shadow | 
     pipe.publish(keys.shadows, message)
     pipe.execute()
     logger.info("announced the shadow of %s: %s", model_name, message)
+
+
+# -- the evidence -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    correct: int
+    judged: int
+    low: float  # the 95% Wilson score interval
+    high: float
+
+    @property
+    def value(self) -> float | None:
+        return None if self.judged == 0 else self.correct / self.judged
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How a shadow compares with the champion on the live items both predicted."""
+
+    model_name: str
+    shadow_version: str
+    shadowed: int  # samples the shadow predicted (and were ingested)
+    agreed: int  # ... with the same label as the answer
+    judged: int  # ... that reviewers settled with a label
+    champion: Accuracy  # on the judged ones, whichever version answered each
+    shadow: Accuracy
+    only_champion_right: int  # McNemar's discordant pairs
+    only_shadow_right: int
+    p_value: float  # McNemar's exact test (two-sided) that both are as often right
+
+    @property
+    def agreement(self) -> float | None:
+        return None if self.shadowed == 0 else self.agreed / self.shadowed
+
+
+def evidence(*, conn: psycopg.Connection, shadow: Shadow) -> Evidence:
+    """The shadow's evidence so far: every sample it predicted since it started, the answers given
+    for them, and the labels reviewers settled on."""
+    rows = conn.execute(
+        "SELECT p.label, sp.label, rs.label FROM shadow_predictions sp"
+        " JOIN predictions p ON p.created_at = sp.created_at AND p.id = sp.prediction_id"
+        " LEFT JOIN review_state rs ON rs.prediction_id = sp.prediction_id AND rs.status = 'reviewed'"
+        " WHERE sp.model_name = %s AND sp.model_version = %s AND sp.created_at >= %s",
+        (shadow.model_name, shadow.model_version, shadow.started_at),
+    ).fetchall()
+    judged = [(answered == truth, proposed == truth) for answered, proposed, truth in rows if truth is not None]
+    only_champion = sum(1 for a, s in judged if a and not s)
+    only_shadow = sum(1 for a, s in judged if s and not a)
+    return Evidence(
+        model_name=shadow.model_name,
+        shadow_version=shadow.model_version,
+        shadowed=len(rows),
+        agreed=sum(1 for answered, proposed, _ in rows if answered == proposed),
+        judged=len(judged),
+        champion=wilson(sum(a for a, _ in judged), len(judged)),
+        shadow=wilson(sum(s for _, s in judged), len(judged)),
+        only_champion_right=only_champion,
+        only_shadow_right=only_shadow,
+        p_value=mcnemar_exact(only_champion, only_shadow),
+    )
+
+
+def wilson(correct: int, n: int, z: float = 1.959963984540054) -> Accuracy:
+    """The accuracy's 95% Wilson score interval (sound at small n and near 0 or 1)."""
+    if n == 0:
+        return Accuracy(correct=0, judged=0, low=0.0, high=1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Accuracy(correct=correct, judged=n, low=max(0.0, centre - half), high=min(1.0, centre + half))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """McNemar's exact two-sided p-value for `b` and `c` discordant pairs: the binomial test of
+    min(b, c) successes in b + c trials at one half."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / (1 << n)
+    return min(1.0, 2 * tail)
