@@ -22,7 +22,7 @@ from feedback.champion import Decision, Promotion, promote, promotions
 from feedback.datasets import DatasetVersion, Kind
 from feedback.datasets import store as dataset_store
 from feedback.errors import NotFound, Unavailable
-from feedback.shadow import Shadow
+from feedback.shadow import Accuracy, Evidence, Shadow, evidence
 from feedback.shadow import history as shadow_history
 from feedback.use_cases import ShadowAnnouncer, compile_with_validation, fix_and_reevaluate, start_shadow, stop_shadow
 from service.problems import documented
@@ -263,8 +263,42 @@ class ShadowPublic(BaseModel):
         return cls(**{name: getattr(s, name) for name in cls.model_fields})
 
 
+class AccuracyPublic(BaseModel):
+    value: float | None = Field(description="Right on the judged items; null when none is judged.")
+    correct: int
+    judged: int
+    low: float = Field(description="The 95% Wilson score interval's lower bound.")
+    high: float
+
+
+class EvidencePublic(BaseModel):
+    shadow_version: str
+    shadowed: int = Field(description="Samples the shadow predicted since it started (ingested).")
+    agreement: float | None = Field(description="The share of those it labelled as the answer did.")
+    judged: int = Field(description="Those that reviewers settled with a label.")
+    champion: AccuracyPublic = Field(description="The answers' accuracy on the judged items.")
+    shadow: AccuracyPublic = Field(description="The shadow's accuracy on the same items.")
+    only_champion_right: int
+    only_shadow_right: int
+    p_value: float = Field(description="McNemar's exact test (two-sided) that both are right as often.")
+
+    @classmethod
+    def of(cls, e: Evidence) -> EvidencePublic:
+        def accuracy(a: Accuracy) -> AccuracyPublic:
+            return AccuracyPublic(value=a.value, correct=a.correct, judged=a.judged, low=a.low, high=a.high)
+
+        fields = ("shadow_version", "shadowed", "agreement", "judged", "only_champion_right", "only_shadow_right")
+        return cls(
+            **{name: getattr(e, name) for name in fields},
+            champion=accuracy(e.champion),
+            shadow=accuracy(e.shadow),
+            p_value=e.p_value,
+        )
+
+
 class ShadowsPublic(BaseModel):
     live: ShadowPublic | None = Field(description="The shadow running now, if any.")
+    evidence: EvidencePublic | None = Field(description="The live shadow's evidence, else the last one's.")
     history: list[ShadowPublic] = Field(description="Every shadow of the model, oldest first.")
 
 
@@ -294,6 +328,12 @@ def stop_shadow_of(body: ShadowStopIn, conn: Connection, loop: Loop, model: Mode
 
 @router.get("/shadow", response_model=ShadowsPublic)
 def shadows_of(conn: Connection, model: Model, admin: Admin) -> Any:
-    """The model's shadow running now, and every shadow it has had."""
-    found = [ShadowPublic.of(s) for s in shadow_history(conn=conn, model_name=model.name)]
-    return ShadowsPublic(live=next((s for s in reversed(found) if s.live), None), history=found)
+    """The model's shadow running now, its evidence against the answers so far, and every shadow
+    the model has had."""
+    shadows = shadow_history(conn=conn, model_name=model.name)
+    latest = shadows[-1] if shadows else None
+    return ShadowsPublic(
+        live=ShadowPublic.of(latest) if latest is not None and latest.live else None,
+        evidence=None if latest is None else EvidencePublic.of(evidence(conn=conn, shadow=latest)),
+        history=[ShadowPublic.of(s) for s in shadows],
+    )
