@@ -202,6 +202,7 @@ class Predictor:
                 max_leases=settings.review_max_leases,
                 overlap=settings.review_overlap,
                 overlap_share=settings.review_overlap_share,
+                mixed_share=settings.review_shadow_mixed_share,
                 labels=lambda: self.plane.class_names(self.default.name),
                 labels_of=self.plane.class_names,
                 to_input=self.plane.sample_input,

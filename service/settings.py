@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     review_overlap_share: float = Field(
         0.1, ge=0, le=1, description="Share of items (chosen by id) that ask for `review_overlap` reviews."
     )
+    review_shadow_mixed_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="The `disagree` review order: share of shadowed items (chosen by id) offered among the "
+        "disagreements, so that the shadow's evidence stays unbiased.",
+    )
     datasets_url: str | None = Field(
         None, description="Where dataset versions are written (a folder or any fsspec URL); unset: var/datasets."
     )

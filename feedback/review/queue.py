@@ -29,6 +29,8 @@ class Strategy(StrEnum):
     OLDEST = "oldest"  # first in, first reviewed
     LEAST_CONFIDENT = "least_confident"  # where the model is least sure: most to learn
     RANDOM = "random"  # a random place in time, then onwards: an unbiased sample
+    DISAGREE = "disagree"  # items a shadow predicted: where it disagreed with the answer first, mixed
+    # with a uniform slice of the rest (`mixed_share`), so that the estimates stay unbiased
 
 
 # How many reviews an item needs: `overlap` for a deterministic share of items (by id), else 1.
@@ -46,6 +48,17 @@ _ELIGIBLE = sql.SQL(
     AND coalesce(s.reviewers, 0) + {live} < coalesce(s.required_reviews, {required})"""
 ).format(live=_LIVE_LEASES, required=REQUIRED_REVIEWS)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SHADOWED = sql.SQL(
+    "EXISTS (SELECT 1 FROM shadow_predictions sp WHERE sp.created_at = p.created_at AND sp.prediction_id = p.id)"
+)
+# Disagreements, and a deterministic uniform slice of the shadowed items (by id: other digits of the
+# hash than the overlap's), come first.
+_DISAGREEMENTS_FIRST = sql.SQL(
+    "CASE WHEN EXISTS (SELECT 1 FROM shadow_predictions sp WHERE sp.created_at = p.created_at"
+    " AND sp.prediction_id = p.id AND sp.label <> p.label)"
+    " OR ('x' || substr(md5(p.id::text), 9, 7))::bit(28)::int %% 10000 < %(mixed_per_10k)s THEN 0 ELSE 1 END,"
+    " p.created_at, p.id"
+)
 
 
 @dataclass(frozen=True)
@@ -74,12 +87,14 @@ def claim(
     overlap_share: float = 0.0,
     filters: ItemFilter | None = None,
     max_leases: int | None = None,
+    mixed_share: float = 0.2,
 ) -> list[Claimed]:
     """Lease up to `count` items to `user`; no item is leased to more reviewers than it needs.
 
     `filters` narrows the queue (date range, model, version, the model's label, confidence range).
     With `max_leases`, the user's live leases stay within it: fewer items are leased when the limit
-    is near, and `Conflict` says so when it is reached."""
+    is near, and `Conflict` says so when it is reached. `mixed_share`: with `DISAGREE`, the share of
+    shadowed items offered among the disagreements whatever they are."""
     if max_leases is not None:
         count = min(count, max_leases - _held(conn, user, max_leases))
     params: dict[str, Any] = {
@@ -89,8 +104,11 @@ def claim(
         "overlap_per_10k": round(overlap_share * 10000),
         "seconds": lease_seconds,
         "start": _EPOCH,
+        "mixed_per_10k": round(mixed_share * 10000),
     }
     narrowed, filter_params = where(filters or ItemFilter())
+    if strategy is Strategy.DISAGREE:
+        narrowed.append(_SHADOWED)
     params.update(filter_params)
     if strategy is Strategy.RANDOM:
         params["start"] = _random_start(conn) or _EPOCH
@@ -149,6 +167,7 @@ def _lock(
         Strategy.OLDEST: sql.SQL("p.created_at, p.id"),
         Strategy.LEAST_CONFIDENT: sql.SQL("p.confidence, p.created_at, p.id"),
         Strategy.RANDOM: sql.SQL("p.created_at, p.id"),
+        Strategy.DISAGREE: _DISAGREEMENTS_FIRST,
     }[strategy]
     narrow = sql.SQL("").join(sql.SQL(" AND {}").format(c) for c in narrowed)
     return conn.execute(

@@ -30,6 +30,7 @@ class ModerationContext:
     max_leases: int = 200  # live leases one reviewer may hold
     overlap: int = 2
     overlap_share: float = 0.0
+    mixed_share: float = 0.2  # shadowed items offered among the disagreements (the `disagree` order)
     # The served model's class names and a check of one sample's input, when a model is loaded.
     labels: Callable[[], Sequence[str] | None] = lambda: None
     # The class names of any served model, by name (None: not served here, so not checked).

@@ -276,6 +276,7 @@ def claim(context: Context, conn: Connection, user: Reviewer, body: ClaimIn) -> 
         overlap=context.overlap,
         overlap_share=context.overlap_share,
         filters=body.filters(),
+        mixed_share=context.mixed_share,
     )
     return [_claimed(context, c) for c in claimed]
 

@@ -180,6 +180,33 @@ def test_a_review_request_checks_out_one_connection_for_the_caller_and_the_work(
     assert pool.get_stats()["requests_num"] == before
 
 
+def test_the_disagree_order_offers_a_shadows_disagreements_first_with_a_uniform_slice(
+    client: TestClient, context: ModerationContext, pool: ConnectionPool, database_url: str
+) -> None:
+    truth = seed(database_url, 30)
+    shadowed = truth[:20]  # the last ten were not shadowed
+    disagreeing = {t["id"] for t in shadowed[::4]}  # five
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for t in shadowed:
+            label = str((int(t["label"]) + 1) % 10) if t["id"] in disagreeing else t["label"]
+            conn.execute(
+                "INSERT INTO shadow_predictions (prediction_id, created_at, model_name, model_version, label,"
+                " label_index, confidence, scores, request_id) VALUES (%s, %s, %s, 'v9', %s, %s, 0.5, %s, 'r')",
+                (t["id"], t["created_at"], t["model_name"], label, int(label), [0.1] * 10),
+            )
+    _, ann = make_user(pool, "ann")
+    _, bob = make_user(pool, "bob")
+    context.mixed_share = 0.0
+    first = client.post("/review/claim", json={"count": 8, "strategy": "disagree"}, headers=ann).json()
+    ids = [c["id"] for c in first]
+    assert set(ids[:5]) == disagreeing and len(ids) == 8  # then the agreeing ones, in time order
+    assert ids[5:] == [t["id"] for t in shadowed if t["id"] not in disagreeing][:3]
+    # The whole queue of a reviewer holds only shadowed items; with a slice of 1, all come in time order.
+    context.mixed_share = 1.0
+    rest = client.post("/review/claim", json={"count": 30, "strategy": "disagree"}, headers=bob).json()
+    assert [c["id"] for c in rest] == [t["id"] for t in shadowed if t["id"] not in ids]
+
+
 def test_verdict_on_an_item_not_held_is_409_and_changes_nothing(client: TestClient, pool: ConnectionPool,
                                                                 database_url: str) -> None:  # fmt: skip
     truth = seed(database_url, 2)
