@@ -57,6 +57,7 @@ class Promotion:
     run_id: str | None
     actor: str | None
     at: datetime
+    live_evidence: dict[str, Any] | None = None  # a shadow's figures, for a decision taken on them
 
 
 def announce(client: redis.Redis, keys: Keys, model_name: str, model_version: str) -> None:
@@ -241,12 +242,13 @@ def record_promotion(
     margin: float | None = None,
     run_id: str | None = None,
     actor: User | None = None,
+    live_evidence: dict[str, Any] | None = None,
 ) -> Promotion:
     with conn.transaction():
         row = conn.execute(
             """INSERT INTO promotions (model_name, model_version, decision, reason, validation_id, dataset_id,
-                   accuracy, champion_version, champion_accuracy, margin, run_id, actor_id)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                   accuracy, champion_version, champion_accuracy, margin, run_id, actor_id, live_evidence)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
             (
                 model_name,
                 model_version,
@@ -260,6 +262,7 @@ def record_promotion(
                 margin,
                 run_id,
                 actor.id if actor else None,
+                None if live_evidence is None else Jsonb(live_evidence),
             ),
         ).fetchone()
         assert row is not None
@@ -291,7 +294,7 @@ def promotions(*, conn: psycopg.Connection, model_name: str) -> list[Promotion]:
 def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> list[Promotion]:
     rows = conn.execute(
         "SELECT p.id, p.model_name, p.model_version, p.decision, p.reason, p.validation_id, p.dataset_id, p.accuracy,"
-        " p.champion_version, p.champion_accuracy, p.margin, p.run_id, u.name, p.at"
+        " p.champion_version, p.champion_accuracy, p.margin, p.run_id, u.name, p.at, p.live_evidence"
         f" FROM promotions p LEFT JOIN users u ON u.id = p.actor_id WHERE {where}",
         params,
     ).fetchall()
@@ -311,6 +314,7 @@ def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -
             run_id=r[11],
             actor=r[12],
             at=r[13],
+            live_evidence=r[14],
         )
         for r in rows
     ]

@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -207,3 +208,65 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / (1 << n)
     return min(1.0, 2 * tail)
+
+
+# -- the decision -----------------------------------------------------------------------------------
+
+
+class Policy(StrEnum):
+    # Passes the frozen-set gate, and is not worse on the judged live items at the significance.
+    NOT_WORSE = "not_worse"
+    # Is better on the judged live items at the significance, with at least `min_judged` of them.
+    BETTER = "better"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How a shadow is decided on: the policy on live items, its significance and the judged items
+    it needs, and the frozen-set gate's margin."""
+
+    policy: Policy = Policy.NOT_WORSE
+    alpha: float = 0.05
+    min_judged: int = 50
+    margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class Judgement:
+    promote: bool
+    reason: str
+
+
+def judge(found: Evidence, *, frozen_passed: bool, rules: Rules) -> Judgement:
+    """Whether the shadow replaces the champion on both pieces of evidence, and why."""
+    alpha, min_judged = rules.alpha, rules.min_judged
+    b, c = found.only_champion_right, found.only_shadow_right
+    pairs = f"McNemar p = {found.p_value:.4f} on {b} items only the answer got right and {c} only the shadow did"
+    if found.judged < min_judged:
+        return Judgement(False, f"{found.judged} judged live items, fewer than the {min_judged} the policy needs")
+    worse = found.p_value < alpha and b > c
+    better = found.p_value < alpha and c > b
+    if rules.policy is Policy.NOT_WORSE:
+        if not frozen_passed:
+            return Judgement(False, "it does not pass the frozen-set gate")
+        if worse:
+            return Judgement(False, f"worse on live items at p < {alpha}: {pairs}")
+        return Judgement(True, f"passes the frozen-set gate and is not worse on live items at p < {alpha}: {pairs}")
+    if better:
+        return Judgement(True, f"better on live items at p < {alpha}: {pairs}")
+    return Judgement(False, f"not better on live items at p < {alpha}: {pairs}")
+
+
+def figures(found: Evidence) -> dict[str, Any]:
+    """The evidence as stored with a decision."""
+    return {
+        "shadow_version": found.shadow_version,
+        "shadowed": found.shadowed,
+        "agreed": found.agreed,
+        "judged": found.judged,
+        "champion_correct": found.champion.correct,
+        "shadow_correct": found.shadow.correct,
+        "only_champion_right": found.only_champion_right,
+        "only_shadow_right": found.only_shadow_right,
+        "p_value": found.p_value,
+    }

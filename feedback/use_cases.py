@@ -2,7 +2,7 @@
 
 Compile a training version with the model's validation version (freezing it on first use), fix
 validation labels and re-evaluate every model compared on the old version, announce a champion,
-start and stop a shadow and announce it.
+start and stop a shadow and announce it, decide on a shadow's evidence.
 """
 
 from __future__ import annotations
@@ -14,11 +14,21 @@ import psycopg
 import redis
 
 from feedback import shadow
-from feedback.champion import announce, reevaluate
+from feedback.champion import (
+    Decision,
+    Promotion,
+    announce,
+    champion_or_baseline,
+    evaluation_on,
+    gate,
+    record_promotion,
+    reevaluate,
+)
 from feedback.datasets.compiling import compile_training
 from feedback.datasets.schema import LabelSchema, Originals, Progress
 from feedback.datasets.store import DatasetVersion, current_validation
 from feedback.datasets.validation import LabelFix, fix_validation, freeze_validation, freeze_validation_from_verdicts
+from feedback.errors import Conflict, NotFound
 from feedback.keys import Keys
 from feedback.review.users import User
 
@@ -132,3 +142,57 @@ def stop_shadow(
     if announcer is not None:
         announcer(model_name, None)
     return stopped
+
+
+@dataclass(frozen=True)
+class ShadowDecision:
+    promotion: Promotion  # promoted or rejected, with the live evidence's figures
+    evidence: shadow.Evidence
+
+
+def decide_shadow(
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    rules: shadow.Rules,
+    actor: User | None,
+    announcer: Callable[[str, str], None] | None,
+    shadow_announcer: ShadowAnnouncer | None,
+) -> ShadowDecision:
+    """Promote the model's shadow or reject it, on both pieces of evidence: the frozen-set gate
+    (its accuracy on the validation version against the champion's, by more than the rules'
+    margin) and the judged live items (the rules' policy). The decision is recorded with both sets
+    of figures, the shadow stops either way, and both are announced."""
+    running = shadow.current(conn=conn, model_name=model_name)
+    if running is None:
+        raise NotFound(f"no shadow of {model_name} is running")
+    validation = current_validation(conn=conn, model_name=model_name)
+    if validation is None:
+        raise Conflict(f"{model_name} has no validation version yet: compile a dataset first (the frozen-set gate)")
+    found = shadow.evidence(conn=conn, shadow=running)
+    current = champion_or_baseline(conn, model_name, validation)
+    accuracy = evaluation_on(conn, model_name, running.model_version, validation)
+    champion_accuracy = None if current is None else evaluation_on(conn, model_name, current.model_version, validation)
+    frozen_passed, frozen_reason = gate(accuracy, champion_accuracy, rules.margin)
+    verdict = shadow.judge(found, frozen_passed=frozen_passed, rules=rules)
+    promotion = record_promotion(
+        conn=conn,
+        model_name=model_name,
+        model_version=running.model_version,
+        decision=Decision.PROMOTED if verdict.promote else Decision.REJECTED,
+        reason=f"live evidence ({rules.policy}): {verdict.reason}; frozen set: {frozen_reason}",
+        validation_id=validation.id,
+        accuracy=accuracy,
+        champion_version=None if current is None else current.model_version,
+        champion_accuracy=champion_accuracy,
+        margin=rules.margin,
+        actor=actor,
+        live_evidence=shadow.figures(found),
+    )  # a promotion stops the shadow
+    if verdict.promote and announcer is not None:
+        announcer(model_name, running.model_version)
+    if not verdict.promote:
+        shadow.stop(conn=conn, model_name=model_name, reason=f"rejected: {verdict.reason}", actor=actor)
+    if shadow_announcer is not None:
+        shadow_announcer(model_name, None)
+    return ShadowDecision(promotion=promotion, evidence=found)

@@ -216,6 +216,7 @@ class Predictor:
                 datasets_root=settings.datasets_root,
                 announcer=None if redis_url is None else announcer(redis_url, self.keys),
                 shadow_announcer=None if redis_url is None else shadow_announcer(redis_url, self.keys),
+                shadow_rules=settings.shadow_rules,
             )
 
     def __is_ready__(self) -> bool:

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedback.predictions.log import LogPolicy
+from feedback.shadow import Policy, Rules
 from models.builtin import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
 from service.limits import BodyLimits
@@ -152,6 +153,15 @@ class Settings(BaseSettings):
     promotion_margin: float = Field(
         0.0, ge=0, le=1, description="A candidate must beat the champion's validation accuracy by more than this."
     )
+    shadow_policy: Policy = Field(
+        Policy.NOT_WORSE,
+        description="Deciding on a shadow: `not_worse` (passes the frozen-set gate and is not worse on judged live "
+        "items at LOOP_SHADOW_ALPHA) or `better` (better on judged live items at LOOP_SHADOW_ALPHA).",
+    )
+    shadow_alpha: float = Field(0.05, gt=0, lt=1, description="The significance of McNemar's test on live items.")
+    shadow_min_judged: int = Field(
+        50, ge=0, description="Judged live items a decision on a shadow needs; with fewer, it is rejected."
+    )
     reference_tolerance: float = Field(
         1e-3,
         gt=0,
@@ -200,6 +210,10 @@ class Settings(BaseSettings):
     @property
     def artifact_uri(self) -> str:
         return (self.var_dir / "mlartifacts").resolve().as_uri()
+
+    @property
+    def shadow_rules(self) -> Rules:
+        return Rules(self.shadow_policy, self.shadow_alpha, self.shadow_min_judged, self.promotion_margin)
 
     @property
     def body_limits(self) -> BodyLimits:

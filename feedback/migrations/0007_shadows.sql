@@ -32,3 +32,6 @@ CREATE TABLE shadow_predictions (
     PRIMARY KEY (created_at, prediction_id, model_version)
 );
 CREATE INDEX shadow_predictions_version_time ON shadow_predictions (model_name, model_version, created_at);
+
+-- A decision taken on a shadow's live evidence keeps its figures beside the frozen-set ones.
+ALTER TABLE promotions ADD COLUMN live_evidence jsonb;

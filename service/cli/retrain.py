@@ -156,7 +156,12 @@ def champion(model_name: str | None) -> None:
     for p in history:
         accuracy = "" if p.accuracy is None else f" accuracy {p.accuracy:.4f}"
         margin = "" if p.margin is None else f" margin {p.margin:.4f}"
-        click.echo(f"{p.at:%Y-%m-%d %H:%M:%S}  {p.model_version}  {p.decision.value:<9}{accuracy}{margin}  {p.reason}")
+        live = p.live_evidence
+        judged = (
+            "" if live is None else f" live: {live['shadow_correct']}/{live['judged']} vs {live['champion_correct']}"
+        )
+        line = f"{p.at:%Y-%m-%d %H:%M:%S}  {p.model_version}  {p.decision.value:<9}{accuracy}{margin}{judged}"
+        click.echo(f"{line}  {p.reason}")
 
 
 @click.command("experiments")

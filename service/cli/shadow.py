@@ -88,6 +88,34 @@ def stop(name: str, reason: str, admin_name: str) -> None:
     click.echo(f"stopped: {_described(stopped)}")
 
 
+@shadow.command("decide")
+@click.argument("name")
+@click.option("--admin", "admin_name", required=True, help="The admin deciding.")
+def decide(name: str, admin_name: str) -> None:
+    """Promote the shadow of model NAME or reject it, on the frozen-set gate and its judged live
+    items (LOOP_SHADOW_POLICY, LOOP_SHADOW_ALPHA, LOOP_SHADOW_MIN_JUDGED); the shadow stops."""
+    from feedback.use_cases import decide_shadow
+    from service.cli.retrain import _announcer as champion_announcer
+
+    settings = Settings()
+    with connection(settings) as conn, clean_errors():
+        actor = admin(conn, admin_name, required=True)
+        decided = decide_shadow(
+            conn=conn,
+            model_name=name,
+            rules=settings.shadow_rules,
+            actor=actor,
+            announcer=champion_announcer(settings),
+            shadow_announcer=_announcer(settings),
+        )
+    found, promotion = decided.evidence, decided.promotion
+    click.echo(
+        f"{found.shadowed} items shadowed, {found.judged} judged: answers right on {found.champion.correct}, "
+        f"the shadow on {found.shadow.correct} (McNemar p = {found.p_value:.4f})"
+    )
+    click.echo(f"{promotion.model_name}:{promotion.model_version} {promotion.decision.value}: {promotion.reason}")
+
+
 @shadow.command("status")
 @click.argument("name", required=False)
 def status(name: str | None) -> None:

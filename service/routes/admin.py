@@ -9,7 +9,7 @@ service puts a `DataLoopContext` in `app.state.data_loop`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,9 +22,16 @@ from feedback.champion import Decision, Promotion, promote, promotions
 from feedback.datasets import DatasetVersion, Kind
 from feedback.datasets import store as dataset_store
 from feedback.errors import NotFound, Unavailable
-from feedback.shadow import Accuracy, Evidence, Shadow, evidence
+from feedback.shadow import Accuracy, Evidence, Rules, Shadow, evidence
 from feedback.shadow import history as shadow_history
-from feedback.use_cases import ShadowAnnouncer, compile_with_validation, fix_and_reevaluate, start_shadow, stop_shadow
+from feedback.use_cases import (
+    ShadowAnnouncer,
+    compile_with_validation,
+    decide_shadow,
+    fix_and_reevaluate,
+    start_shadow,
+    stop_shadow,
+)
 from service.problems import documented
 from service.routes.dependencies import Admin, Connection, GuardedRoute, RequestBody
 from service.routes.fields import NO_NUL, Flag, Integer, ModelName, ModelVersion, Name, Number, Reason
@@ -38,6 +45,7 @@ class DataLoopContext:
     datasets_root: str
     announcer: Callable[[str, str], None] | None = None
     shadow_announcer: ShadowAnnouncer | None = None
+    shadow_rules: Rules = field(default_factory=Rules)  # deciding on a shadow (LOOP_SHADOW_*)
 
 
 router = APIRouter(
@@ -154,6 +162,9 @@ class PromotionPublic(BaseModel):
     run_id: str | None
     actor: str | None
     at: datetime
+    live_evidence: dict[str, Any] | None = Field(
+        None, description="A shadow's evidence on live items, for a decision taken on it (`POST /admin/shadow/decide`)."
+    )
 
     @classmethod
     def of(cls, p: Promotion) -> PromotionPublic:
@@ -336,4 +347,26 @@ def shadows_of(conn: Connection, model: Model, admin: Admin) -> Any:
         live=ShadowPublic.of(latest) if latest is not None and latest.live else None,
         evidence=None if latest is None else EvidencePublic.of(evidence(conn=conn, shadow=latest)),
         history=[ShadowPublic.of(s) for s in shadows],
+    )
+
+
+class ShadowDecisionPublic(BaseModel):
+    promotion: PromotionPublic = Field(description="The decision (promoted or rejected) with its figures.")
+    evidence: EvidencePublic
+
+
+@router.post("/shadow/decide", response_model=ShadowDecisionPublic)
+def decide_on_shadow(conn: Connection, loop: Loop, model: Model, admin: Admin) -> Any:
+    """Promote the model's shadow or reject it, on the frozen-set gate and its judged live items
+    (the service's LOOP_SHADOW_POLICY); recorded with both sets of figures; the shadow stops."""
+    decided = decide_shadow(
+        conn=conn,
+        model_name=model.name,
+        rules=loop.shadow_rules,
+        actor=admin,
+        announcer=loop.announcer,
+        shadow_announcer=loop.shadow_announcer,
+    )
+    return ShadowDecisionPublic(
+        promotion=PromotionPublic.of(decided.promotion), evidence=EvidencePublic.of(decided.evidence)
     )

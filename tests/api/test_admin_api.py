@@ -228,3 +228,18 @@ def test_a_shadow_is_started_once_listed_stopped_and_ended_by_a_new_champion(
     with psycopg.connect(database_url) as conn:
         actions = [r[0] for r in conn.execute("SELECT action FROM audit_log WHERE action LIKE 'shadow.%' ORDER BY id")]
     assert actions == ["shadow.start", "shadow.stop", "shadow.start"]
+
+    # A decision on the live evidence: none judged yet, so rejected; recorded with its figures.
+    assert client.post("/admin/shadow/decide", headers=admin).status_code == 404  # no shadow running
+    assert client.post("/admin/shadow", json={"version": version}, headers=admin).status_code == 201
+    assert client.post("/admin/shadow/decide", headers=admin).status_code == 409  # no validation version yet
+    assert client.post("/admin/datasets", json={}, headers=admin).status_code == 201
+    decided = client.post("/admin/shadow/decide", headers=reviewer)
+    assert decided.status_code == 403
+    decided = client.post("/admin/shadow/decide", headers=admin)
+    assert decided.status_code == 200, decided.text
+    promotion = decided.json()["promotion"]
+    assert promotion["decision"] == "rejected" and "0 judged live items, fewer than the 50" in promotion["reason"]
+    assert promotion["live_evidence"]["judged"] == 0 and decided.json()["evidence"]["shadowed"] == 0
+    assert client.get("/admin/shadow", headers=admin).json()["live"] is None
+    assert client.get("/admin/promotions", headers=admin).json()[-1]["live_evidence"] == promotion["live_evidence"]
