@@ -93,8 +93,7 @@ def claim(
 
     `filters` narrows the queue (date range, model, version, the model's label, confidence range).
     With `max_leases`, the user's live leases stay within it: fewer items are leased when the limit
-    is near, and `Conflict` says so when it is reached. `mixed_share`: with `DISAGREE`, the share of
-    shadowed items offered among the disagreements whatever they are."""
+    is near, and `Conflict` says so when it is reached. `mixed_share`: see `Strategy.DISAGREE`."""
     if max_leases is not None:
         count = min(count, max_leases - _held(conn, user, max_leases))
     params: dict[str, Any] = {
