@@ -3,10 +3,11 @@ stored version after the answer left, off the request path.
 
 `Shadowing.offer` is all the request path does: a draw against the shadow's share and, if drawn,
 a `put_nowait` on a bounded queue (full: the batch is dropped and counted). A task of its own takes
-what is queued, runs it through the shadow's own slot (its own session, batcher and thread), and
-appends a `ShadowRecord` per sample to the prediction log, under the answered prediction's id and
-request id. A shadow whose calls fail or hang `FAILURES_TO_STOP` times in a row is stopped, and
-`on_stop` is told why (the service records and announces it); it never delays an answer.
+what is queued (up to `TAKE_AT_ONCE` batches), runs it in one call through the shadow's own slot
+(its own session, batcher and thread), and appends its predictions to the prediction log as one
+`ShadowBatch`, under the answered predictions' ids and request ids. A shadow whose calls fail or hang
+`FAILURES_TO_STOP` times in a row is stopped, and `on_stop` is told why (the service records and
+announces it); it never delays an answer.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from numpy.typing import NDArray
 from feedback import shadow
 from feedback.errors import NotFound
 from feedback.predictions.log import PredictionLog
-from feedback.predictions.records import ShadowRecord
+from feedback.predictions.records import ShadowBatch
 from models.signature import postprocess
 from service import database, metrics
 from service.batching import Overloaded
@@ -36,8 +37,8 @@ from service.serving import ModelSlot, Where
 
 logger = logging.getLogger(__name__)
 
-QUEUE_BATCHES = 64  # answered batches waiting for the shadow; beyond, dropped
-TAKE_AT_ONCE = 32  # queued batches handed to the shadow's batcher together (it merges them)
+QUEUE_BATCHES = 256  # answered batches waiting for the shadow; beyond, dropped
+TAKE_AT_ONCE = 128  # queued batches run by the shadow in one call
 CALL_TIMEOUT_S = 10.0  # a shadow call slower than this counts as failed
 FAILURES_TO_STOP = 3  # failed calls in a row that stop the shadow
 
@@ -53,7 +54,7 @@ class _Mirrored:
 class ShadowCounts:
     mirrored: int = 0  # batches queued for the shadow
     dropped: int = 0  # batches not run: the queue was full, or the shadow over its latency budget
-    failed: int = 0  # batches whose shadow call failed or timed out
+    failed: int = 0  # batches whose shadow call failed or timed out (or whose records were not logged)
     stored: int = 0  # samples whose shadow prediction was appended to the log
 
 
@@ -121,41 +122,40 @@ class Shadowing:
             taken = [await self._queue.get()]
             while len(taken) < TAKE_AT_ONCE and not self._queue.empty():
                 taken.append(self._queue.get_nowait())
-            outcomes = await asyncio.gather(*(self._run(m) for m in taken), return_exceptions=True)
-            errors = [o for o in outcomes if isinstance(o, BaseException)]
-            failures = failures + len(errors) if len(errors) == len(outcomes) else 0
-            if failures >= FAILURES_TO_STOP:
-                await self._stop(f"{failures} shadow calls failed in a row, the last: {_describe(errors[-1])}")
-                return
+            try:
+                await self._run(taken)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                self._count("failed", len(taken))
+                logger.warning("the shadow %s:%s failed: %s", self.model_name, self.version, _describe(exc))
+                if failures >= FAILURES_TO_STOP:
+                    await self._stop(f"{failures} shadow calls failed in a row, the last: {_describe(exc)}")
+                    return
 
-    async def _run(self, mirrored: _Mirrored) -> None:
+    async def _run(self, taken: list[_Mirrored]) -> None:
+        """One model call for everything taken, one append of its records."""
+        batch = taken[0].batch if len(taken) == 1 else np.concatenate([m.batch for m in taken])
         try:
             async with asyncio.timeout(self.call_timeout_s):
-                logits, used = await self.slot.batcher().submit(mirrored.batch)
+                logits, used = await self.slot.batcher().submit(batch)
         except Overloaded:
-            self._count("dropped")
+            self._count("dropped", len(taken))
             return
-        except Exception as exc:
-            self._count("failed")
-            logger.warning("the shadow %s:%s failed on a batch: %s", self.model_name, self.version, _describe(exc))
-            raise
         outputs = postprocess(logits, used.stored.card.model_spec.output_kind)
         names = used.stored.card.signature.class_names
-        records = [
-            ShadowRecord(
-                id=prediction_id,
-                model_name=self.model_name,
-                model_version=used.stored.version,
-                scores=outputs.probabilities[i],
-                label=names[outputs.labels[i]],
-                confidence=float(outputs.confidences[i]),
-                request_id=mirrored.request_id,
-            )
-            for i, prediction_id in enumerate(mirrored.ids)
-        ]
+        predicted = ShadowBatch(
+            ids=[i for m in taken for i in m.ids],
+            model_name=self.model_name,
+            model_version=used.stored.version,
+            scores=outputs.probabilities,
+            labels=[names[i] for i in outputs.labels],
+            confidences=outputs.confidences,
+            request_ids=[m.request_id for m in taken for _ in m.ids],
+        )
         if self.log is not None:
-            await self.log.append(records)
-        self._count("stored", len(records))
+            await self.log.append([predicted])
+        self._count("stored", len(predicted.ids))
 
     async def _stop(self, reason: str) -> None:
         self.stopped = reason

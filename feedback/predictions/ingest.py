@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from feedback.keys import INGEST_GROUP, Keys
 from feedback.predictions import store
 from feedback.predictions.dead_letters import dead_fields
-from feedback.predictions.records import Fields, MalformedEntry, Row, ShadowRow, decode_row
+from feedback.predictions.records import SHADOWS, Fields, MalformedEntry, Row, ShadowRow, decode_entry
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class IngestWorker:
         prepared = _Prepared(entries=entries)
         for entry in entries:
             try:
-                prepared.rows.append(decode_row(entry[1]))
+                prepared.rows.extend(decode_entry(entry[1]))
             except MalformedEntry as exc:
                 prepared.dead.append((entry, str(exc)))
         return prepared
@@ -263,8 +264,9 @@ class IngestWorker:
                 return self._store_one_by_one(records, entries)
 
     def _store_one_by_one(self, records: list[Row | ShadowRow], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
-        # A prediction and its shadows' share the id: an entry is its id, version and kind.
-        by_key = {_key(e[1]): e for e in entries}
+        # A prediction and its shadows' share the id; a shadow's entry holds several: a row is
+        # found by its id, version and kind.
+        by_key = {key: e for e in entries for key in _keys(e[1])}
         refused = []
         conn = self._connection()
         for record in records:
@@ -273,7 +275,7 @@ class IngestWorker:
                 self.stats.ingested += inserted
                 self.stats.duplicates += 1 - inserted
             except psycopg.DataError as exc:
-                kind = b"shadow" if isinstance(record, ShadowRow) else None
+                kind = SHADOWS if isinstance(record, ShadowRow) else None
                 entry = by_key[(str(record.id), record.model_version, kind)]
                 refused.append((entry, f"refused by Postgres: {exc}".strip()))
         return refused
@@ -314,12 +316,13 @@ class IngestWorker:
         self._drop_connection()
 
 
-def _key(fields: Fields) -> tuple[str, str, bytes | None]:
-    return (
-        fields.get(b"id", b"").decode(errors="replace"),
-        fields.get(b"v", b"").decode(errors="replace"),
-        fields.get(b"k"),
-    )
+def _keys(fields: Fields) -> list[tuple[str, str, bytes | None]]:
+    """The (id, version, kind) of each row an entry holds."""
+    version, kind = fields.get(b"v", b"").decode(errors="replace"), fields.get(b"k")
+    if kind is None:
+        return [(fields.get(b"id", b"").decode(errors="replace"), version, None)]
+    raw = fields.get(b"ids", b"")
+    return [(str(uuid.UUID(bytes=raw[i : i + 16])), version, kind) for i in range(0, len(raw) - 15, 16)]
 
 
 def _parse_id(entry_id: bytes | str) -> tuple[int, int]:

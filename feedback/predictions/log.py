@@ -29,7 +29,7 @@ from feedback.errors import Unavailable
 from feedback.ids import uuid7_time_ms
 from feedback.keys import Keys
 from feedback.predictions import spool
-from feedback.predictions.records import Fields, PredictionRecord, ShadowRecord, decode, encode
+from feedback.predictions.records import Fields, PredictionRecord, ShadowBatch, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class PredictionLog:
     def redis_available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    async def append(self, records: Sequence[PredictionRecord | ShadowRecord]) -> Destination:
+    async def append(self, records: Sequence[PredictionRecord | ShadowBatch]) -> Destination:
         """Return once every record is in the stream or fsync'd to the spool."""
         if self._closed:
             raise LogUnavailable("the prediction log is closed")

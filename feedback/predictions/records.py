@@ -4,8 +4,10 @@ Entry fields use short keys because every prediction is written once per request
 `id` (UUIDv7 text), `m` model name, `v` model version, `x` the input as .npy bytes,
 `s` class scores as little-endian float32 bytes, `l` label, `c` confidence, `r` request id,
 `g` client tags as JSON (absent when there are none), `t` the media type of an input kept as the
-encoded image the client sent (absent for .npy arrays). A shadow's prediction (`ShadowRecord`)
-is marked `k` = `shadow` and has no input: it is the answered prediction's of the same id.
+encoded image the client sent (absent for .npy arrays). A shadow's predictions on the samples of
+one call (`ShadowBatch`) are one entry marked `k` = `shadows`: `ids` the answered predictions'
+ids (16 bytes each), `s` their scores, `c` their confidences (float32), `l` and `r` their labels and
+request ids (JSON lists); no input: each is its answered prediction's.
 The prediction time is not a field: it is the UUIDv7's embedded timestamp.
 """
 
@@ -63,21 +65,21 @@ class PredictionRecord:
         return int(np.argmax(self.scores))
 
 
-SHADOW = b"shadow"  # the `k` of a shadow's entry
+SHADOWS = b"shadows"  # the `k` of an entry of a shadow's predictions
 
 
 @dataclass(frozen=True)
-class ShadowRecord:
-    """A shadow's prediction for a sample a client was answered for: the answered prediction's id
-    and request id, the shadow's version and outputs."""
+class ShadowBatch:
+    """A shadow's predictions for samples clients were answered for: the answered predictions' ids
+    and request ids, the shadow's version and outputs (row i of `scores` is `ids[i]`'s)."""
 
-    id: uuid.UUID
+    ids: list[uuid.UUID]
     model_name: str
     model_version: str
-    scores: NDArray[np.float32]
-    label: str
-    confidence: float
-    request_id: str
+    scores: NDArray[np.float32]  # N x classes
+    labels: list[str]
+    confidences: NDArray[np.float32]
+    request_ids: list[str]
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -117,17 +119,18 @@ def input_json(data: bytes, input_type: str | None) -> Any:
     return {"media_type": input_type, "base64": base64.b64encode(data).decode()}
 
 
-def encode(record: PredictionRecord | ShadowRecord) -> Fields:
-    if isinstance(record, ShadowRecord):
+def encode(record: PredictionRecord | ShadowBatch) -> Fields:
+    if isinstance(record, ShadowBatch):
         return {
-            b"id": str(record.id).encode(),
+            b"id": str(record.ids[0]).encode(),  # the first: what a dead letter is known by
+            b"k": SHADOWS,
+            b"ids": b"".join(i.bytes for i in record.ids),
             b"m": record.model_name.encode(),
             b"v": record.model_version.encode(),
             b"s": np.asarray(record.scores, dtype="<f4").tobytes(),
-            b"l": record.label.encode(),
-            b"c": repr(float(record.confidence)).encode(),
-            b"r": record.request_id.encode(),
-            b"k": SHADOW,
+            b"c": np.asarray(record.confidences, dtype="<f4").tobytes(),
+            b"l": json.dumps(record.labels, separators=(",", ":")).encode(),
+            b"r": json.dumps(record.request_ids, separators=(",", ":")).encode(),
         }
     fields: Fields = {
         b"id": str(record.id).encode(),
@@ -198,10 +201,8 @@ def _check_npy(data: bytes) -> None:
         raise MalformedEntry("input is not .npy data of numbers" if numpy else "input is not .npy data")
 
 
-def decode_row(fields: Fields) -> Row | ShadowRow:
+def decode_row(fields: Fields) -> Row:
     """Validate an entry and turn it into a row; raises `MalformedEntry` naming the first problem."""
-    if b"k" in fields:
-        return _shadow_row(fields)
     if not fields.keys() >= _REQUIRED_SET:
         missing = [k.decode() for k in _REQUIRED if k not in fields]
         raise MalformedEntry(f"missing fields: {', '.join(missing)}")
@@ -248,43 +249,60 @@ def decode_row(fields: Fields) -> Row | ShadowRow:
     )
 
 
-_SHADOW_REQUIRED = (b"id", b"m", b"v", b"s", b"l", b"c", b"r")
+def decode_entry(fields: Fields) -> list[Row] | list[ShadowRow]:
+    """An entry's rows: a prediction's, or a shadow's for each sample of its call; `MalformedEntry`
+    naming the first problem."""
+    kind = fields.get(b"k")
+    if kind is None:
+        return [decode_row(fields)]
+    if kind != SHADOWS:
+        raise MalformedEntry(f"unknown kind of entry {kind!r}")
+    return _shadow_rows(fields)
 
 
-def _shadow_row(fields: Fields) -> ShadowRow:
-    if fields[b"k"] != SHADOW:
-        raise MalformedEntry(f"unknown kind of entry {fields[b'k']!r}")
+_SHADOW_REQUIRED = (b"ids", b"m", b"v", b"s", b"c", b"l", b"r")
+
+
+def _shadow_rows(fields: Fields) -> list[ShadowRow]:
     missing = [k.decode() for k in _SHADOW_REQUIRED if k not in fields]
     if missing:
         raise MalformedEntry(f"missing fields: {', '.join(missing)}")
-    row = decode_row(_as_prediction(fields))
-    assert isinstance(row, Row)
-    return ShadowRow(
-        id=row.id,
-        created_at=row.created_at,
-        model_name=row.model_name,
-        model_version=row.model_version,
-        label=row.label,
-        label_index=row.label_index,
-        confidence=row.confidence,
-        scores=row.scores,
-        request_id=row.request_id,
-    )
+    raw_ids, raw_scores, raw_confidences = fields[b"ids"], fields[b"s"], fields[b"c"]
+    n = len(raw_ids) // 16
+    if not n or len(raw_ids) % 16 or len(raw_confidences) != 4 * n or not raw_scores or len(raw_scores) % (4 * n):
+        raise MalformedEntry("ids, scores and confidences do not describe the same samples")
+    try:
+        ids = [uuid.UUID(bytes=raw_ids[i : i + 16]) for i in range(0, len(raw_ids), 16)]
+        labels, request_ids = json.loads(fields[b"l"]), json.loads(fields[b"r"])
+        name, version = fields[b"m"].decode(), fields[b"v"].decode()
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedEntry("labels, request ids or a text field is not valid") from None
+    texts = [*labels, *request_ids] if isinstance(labels, list) and isinstance(request_ids, list) else None
+    if texts is None or len(labels) != n or len(request_ids) != n or not all(isinstance(t, str) for t in texts):
+        raise MalformedEntry("labels and request ids are not one text a sample")
+    if any(i.version != 7 for i in ids):
+        raise MalformedEntry("an id is not a version 7 UUID")
+    scores = np.frombuffer(raw_scores, dtype="<f4").reshape(n, -1)
+    confidences = np.frombuffer(raw_confidences, dtype="<f4")
+    if not (np.isfinite(scores).all() and np.isfinite(confidences).all()):
+        raise MalformedEntry("confidence or scores are not finite")
+    width = scores.shape[1] * 4
+    labelled = zip(ids, labels, request_ids, scores, confidences, strict=True)
+    return [
+        ShadowRow(i, created_at(i), name, version, label, int(row.argmax()), float(c), raw, request)
+        for (i, label, request, row, c), raw in zip(labelled, _cut(raw_scores, width), strict=True)
+    ]
 
 
-_NO_INPUT = npy_bytes(np.zeros(0, np.float32))
-
-
-def _as_prediction(fields: Fields) -> Fields:
-    """A shadow entry's fields as a prediction's, for the same checks (an empty input)."""
-    return {k: v for k, v in fields.items() if k not in (b"k", b"g", b"t")} | {b"x": _NO_INPUT}
+def _cut(data: bytes, width: int) -> list[bytes]:
+    return [data[i : i + width] for i in range(0, len(data), width)]
 
 
 def decode(fields: Fields) -> PredictionRecord:
     """Inverse of `encode` for a prediction; raises `MalformedEntry` naming the first problem found."""
-    row = decode_row(fields)
-    if isinstance(row, ShadowRow):
+    if b"k" in fields:
         raise MalformedEntry("a shadow's entry, not a prediction")
+    row = decode_row(fields)
     image = row.input_type is not None
     return PredictionRecord(
         id=row.id,

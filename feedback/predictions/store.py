@@ -55,9 +55,16 @@ _STAGING = (
 _MOVE = f"INSERT INTO predictions ({_COLUMNS}) SELECT {_COLUMNS} FROM predictions_staging ON CONFLICT DO NOTHING"
 
 
-_SHADOW_INSERT = (
-    "INSERT INTO shadow_predictions (prediction_id, created_at, model_name, model_version, label, label_index,"
-    " confidence, scores, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+_SHADOW_COLUMNS = (
+    "prediction_id, created_at, model_name, model_version, label, label_index, confidence, scores, request_id"
+)
+_SHADOW_TYPES = ["uuid", "timestamptz", "text", "text", "text", "int2", "float4", "bytea", "text"]
+_SHADOW_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS shadow_staging (LIKE shadow_predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_SHADOW_MOVE = (
+    f"INSERT INTO shadow_predictions ({_SHADOW_COLUMNS}) SELECT {_SHADOW_COLUMNS} FROM shadow_staging"
+    " ON CONFLICT DO NOTHING"
 )
 
 
@@ -70,11 +77,16 @@ def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row | ShadowRow]) ->
     shadows = [r for r in rows if isinstance(r, ShadowRow)]
     with conn.transaction():
         inserted = _insert_predictions(conn, predictions)
-        for r in shadows:
-            scores = list(struct.unpack(f"<{len(r.scores) // 4}f", r.scores))
-            values = (r.id, r.created_at, r.model_name, r.model_version, r.label, r.label_index, r.confidence)
-            inserted += conn.execute(_SHADOW_INSERT, (*values, scores, r.request_id)).rowcount
-        return inserted
+        conn.execute(_SHADOW_STAGING)
+        with (
+            conn.cursor() as cursor,
+            cursor.copy(f"COPY shadow_staging ({_SHADOW_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
+            copy.set_types(_SHADOW_TYPES)
+            for r in shadows:
+                values = (r.id, r.created_at, r.model_name, r.model_version, r.label, r.label_index, r.confidence)
+                copy.write_row((*values, _float4_array(r.scores), r.request_id))
+        return inserted + conn.execute(_SHADOW_MOVE).rowcount
 
 
 def _insert_predictions(conn: psycopg.Connection, rows: Sequence[Row]) -> int:

@@ -22,7 +22,7 @@ from feedback.migrate import available, migrate
 from feedback.predictions import store
 from feedback.predictions.ingest import IngestConfig, IngestWorker, ensure_group, lag
 from feedback.predictions.log import Destination, PredictionLog
-from feedback.predictions.records import PredictionRecord, ShadowRecord, encode
+from feedback.predictions.records import PredictionRecord, ShadowBatch, encode
 from harness import free_port
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import REDIS
@@ -144,25 +144,26 @@ def test_redelivered_entries_are_not_stored_twice(
     assert worker.worker.stats.duplicates == 50
 
 
-def shadows_of(records: list[PredictionRecord], version: str = "v-shadow") -> list[ShadowRecord]:
-    return [
-        ShadowRecord(id=r.id, model_name=r.model_name, model_version=version, scores=np.full(10, 0.1, np.float32),
-                     label=str((int(r.label) + 1) % 10), confidence=0.3, request_id=r.request_id)
-        for r in records
-    ]  # fmt: skip
+def shadows_of(records: list[PredictionRecord], version: str = "v-shadow") -> ShadowBatch:
+    """A shadow's call on the samples of `records`: the next label to each answer's."""
+    return ShadowBatch(
+        ids=[r.id for r in records], model_name=records[0].model_name, model_version=version,
+        scores=np.full((len(records), 10), 0.1, np.float32), labels=[str((int(r.label) + 1) % 10) for r in records],
+        confidences=np.full(len(records), 0.3, np.float32), request_ids=[r.request_id for r in records],
+    )  # fmt: skip
 
 
 def test_shadow_entries_are_stored_once_beside_their_predictions(
     keys: Keys, database_url: str, start_worker: Callable[..., WorkerThread]
 ) -> None:
     records = make_records(300)
-    shadows = shadows_of(records[:200])
+    calls = [shadows_of(records[i : i + 40]) for i in range(0, 200, 40)]  # five calls of the shadow
     client = redis.Redis.from_url(REDIS)
     # Interleaved as the service writes them, with repeats (a spool replay), and one shadow entry
-    # that cannot be stored (no scores): dead-lettered, the rest stored.
-    broken = {**encode(shadows[0]), b"s": b""}
-    for entry in [*map(encode, records[:100]), *map(encode, shadows), *map(encode, records[100:]),
-                  *map(encode, shadows[:50]), broken]:  # fmt: skip
+    # that cannot be stored (scores of another length): dead-lettered, the rest stored.
+    broken = {**encode(calls[0]), b"s": b"\x00" * 12}
+    for entry in [*map(encode, records[:100]), *map(encode, calls), *map(encode, records[100:]),
+                  *map(encode, calls[:2]), broken]:  # fmt: skip
         client.xadd(keys.stream, entry)  # type: ignore[arg-type]
     worker = start_worker()
     wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
@@ -171,7 +172,9 @@ def test_shadow_entries_are_stored_once_beside_their_predictions(
         stored = conn.execute(
             "SELECT prediction_id, model_version, label, request_id FROM shadow_predictions ORDER BY prediction_id"
         ).fetchall()
-    assert stored == sorted((s.id, "v-shadow", s.label, s.request_id) for s in shadows)
+    expected = [(i, "v-shadow", label, request) for call in calls
+                for i, label, request in zip(call.ids, call.labels, call.request_ids, strict=True)]  # fmt: skip
+    assert stored == sorted(expected)
     assert worker.worker.stats.ingested == 500 and worker.worker.stats.dead == 1
     assert client.xlen(keys.dead_letters) == 1
 
@@ -181,7 +184,7 @@ def test_shadow_entries_are_stored_once_beside_their_predictions(
 
     shadowed, alone = asyncio.run(fetched(records[1].id)), asyncio.run(fetched(records[250].id))
     assert shadowed is not None and [(s.model_version, s.label) for s in shadowed.shadows] == [
-        ("v-shadow", shadows[1].label)]  # fmt: skip
+        ("v-shadow", calls[0].labels[1])]  # fmt: skip
     assert alone is not None and alone.shadows == ()
 
 
