@@ -59,6 +59,8 @@ class Figures:
     lost: int  # answered but not stored: must be 0
     doubled: int  # answered or stored twice: must be 0
     stored_unanswered: int  # stored, but the answer never reached the client (cut off by the fault)
+    shadowed: int  # shadow predictions stored (a shadow saw every request; one a prediction at most)
+    shadow_orphans: int  # shadow predictions of no stored prediction: must be 0
     verdicts: int  # verdicts answered 200
     verdicts_lost: int  # answered 200 but not in Postgres: must be 0
     failed_requests: int  # requests of any kind that failed (refused while a server was down, cut off)
@@ -74,6 +76,7 @@ class Figures:
         return (
             f"{self.fault:8s} sent {self.sent:6d}  answered {self.answered:6d}  stored {self.stored:6d}  "
             f"lost {self.lost}  doubled {self.doubled}  cut off {self.stored_unanswered:3d}  "
+            f"shadowed {self.shadowed:6d} (orphans {self.shadow_orphans})  "
             f"verdicts {self.verdicts:5d} (lost {self.verdicts_lost})  "
             f"failed {self.failed_requests:4d}/{self.requests} requests ({self.failed_predictions} predicting)  "
             f"recovered in {self.recovered_s:.1f} s"
@@ -88,6 +91,7 @@ class Servers:
         self.port = harness.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env
+        self.admin: dict[str, str] = {}  # an admin's Authorization header, once `reviewers` made one
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Servers:
@@ -123,6 +127,7 @@ class Servers:
         env = {**os.environ, **self.env, "LOOP_DATABASE_URL": self.database_url}
         made = subprocess.run(command, cwd=harness.ROOT, env=env, capture_output=True, text=True, check=True)
         admin = {"Authorization": f"Bearer {made.stdout.split()[-1]}"}
+        self.admin = admin
         ids, tokens = [], []
         with httpx.Client(base_url=self.url, headers=admin, timeout=10) as client:
             for i in range(count):
@@ -131,6 +136,13 @@ class Servers:
                 ids.append(int(answer.json()["id"]))
                 tokens.append(str(answer.json()["token"]))
         return ids, tokens
+
+    def shadow(self) -> None:
+        """The served model shadowing itself for every request (its own version: the same work)."""
+        model = httpx.get(f"{self.url}/models", timeout=10).json()["models"][0]
+        body = {"version": model["version"], "share": 1.0}
+        started = httpx.post(f"{self.url}/admin/shadow", json=body, headers=self.admin, timeout=10)
+        started.raise_for_status()
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -248,6 +260,16 @@ def _requests(out: Path) -> tuple[int, int, int, int]:
     return sent, int(total["Request Count"]), int(total["Failure Count"]), predicting
 
 
+def _shadowed(database_url: str) -> tuple[int, int]:
+    """Shadow predictions stored, and those of no stored prediction."""
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM predictions p"
+            " WHERE p.created_at = sp.created_at AND p.id = sp.prediction_id)) FROM shadow_predictions sp"
+        ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
 def _stored(database_url: str, ids: set[str], timeout_s: float) -> tuple[dict[str, int], set[tuple[str, int, str]]]:
     """Every stored prediction id with its count, once all of `ids` are in (or `timeout_s` passed),
     and every (prediction id, user id, verdict) annotation."""
@@ -279,6 +301,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         servers = stack.enter_context(Servers(folder, env or {}))
         user_ids, tokens = servers.reviewers(REVIEWERS)
+        servers.shadow()
         probe_sample = zeros(served_model(servers.url))
         locust = _locust(servers, tokens, users, seconds, out)
         stack.callback(harness.stop, locust)
@@ -296,6 +319,8 @@ def run(
             stored.pop(probe, None)
         sent, requests, failed, failed_predictions = _requests(out)
         received = set(ids_received)
+        time.sleep(2)  # the last shadow calls are logged and ingested
+        shadowed, orphans = _shadowed(servers.database_url)
         judged = {(prediction, user_ids[int(seat)], verdict) for prediction, seat, verdict in verdicts}
         return Figures(
             fault=fault,
@@ -305,6 +330,8 @@ def run(
             lost=len(received - stored.keys()),
             doubled=(len(ids_received) - len(received)) + sum(1 for n in stored.values() if n > 1),
             stored_unanswered=len(stored.keys() - received),
+            shadowed=shadowed,
+            shadow_orphans=orphans,
             verdicts=len(judged),
             verdicts_lost=len(judged - annotations),
             failed_requests=failed,
