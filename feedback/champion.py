@@ -153,6 +153,16 @@ def reevaluate(conn: psycopg.Connection, *, old: DatasetVersion, new: DatasetVer
     return done
 
 
+def stored_version(model_name: str, model_version: str) -> store.StoredModel:
+    """A version in the model store; `NotFound` if it is not there, `Invalid` for no version at all."""
+    try:
+        return store.get(f"{model_name}:{model_version}")
+    except store.ModelNotFound as exc:
+        raise NotFound(str(exc)) from None
+    except store.InvalidModelTag as exc:
+        raise Invalid(str(exc)) from None
+
+
 def promote(
     *,
     conn: psycopg.Connection,
@@ -165,12 +175,7 @@ def promote(
     """Make a stored model champion whatever the gate says: an admin's action, recorded as such."""
     if not reason.strip():
         raise Invalid("a forced promotion needs a reason")
-    try:
-        stored = store.get(f"{model_name}:{model_version}")
-    except store.ModelNotFound as exc:
-        raise NotFound(str(exc)) from None
-    except store.InvalidModelTag as exc:
-        raise Invalid(str(exc)) from None
+    stored = stored_version(model_name, model_version)
     promotion = record_promotion(
         conn=conn,
         model_name=model_name,

@@ -21,11 +21,11 @@ import psycopg
 import redis
 from psycopg.rows import dict_row
 
+from feedback.champion import stored_version
 from feedback.errors import Conflict, Invalid, NotFound
 from feedback.keys import Keys
 from feedback.review.audit import audit
 from feedback.review.users import User
-from models import store
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ def start(*, conn: psycopg.Connection, model_name: str, model_version: str, shar
     in the store; `Invalid` for a share outside (0, 1]."""
     if not (math.isfinite(share) and 0 < share <= 1):
         raise Invalid(f"share must be more than 0 and at most 1, got {share}")
-    try:
-        stored = store.get(f"{model_name}:{model_version}")
-    except store.ModelNotFound as exc:
-        raise NotFound(str(exc)) from None
-    except store.InvalidModelTag as exc:
-        raise Invalid(str(exc)) from None
+    stored = stored_version(model_name, model_version)
     try:
         with conn.transaction():
             row = conn.execute(

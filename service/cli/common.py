@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -92,3 +92,17 @@ def admin(conn: psycopg.Connection, name: str | None, *, required: bool) -> User
     if user is None or user.role is not review_store.Role.ADMIN:
         raise click.ClickException(f"{name!r} is not an admin (see `loop users list`)")
     return user
+
+
+def announcing(announce: Callable[..., None], what: str) -> Callable[..., None]:
+    """`announce`, with a warning rather than a failure when Redis cannot be reached: what was
+    recorded in Postgres stands, and the workers read it on their next check."""
+    import redis
+
+    def announcer(*args: Any) -> None:
+        try:
+            announce(*args)
+        except redis.RedisError as exc:
+            click.echo(f"warning: {what} recorded but not announced ({exc}); workers pick it up on start", err=True)
+
+    return announcer

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from service.cli.common import admin, clean_errors, connection, model_option, redis_url
+from service.cli.common import admin, announcing, clean_errors, connection, model_option, redis_url
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,20 +26,10 @@ def _tracking(settings: Settings) -> Tracking:
 
 
 def _announcer(settings: Settings) -> Any:
-    import redis
-
     from feedback.keys import Keys
     from feedback.use_cases import announcer as on_redis
 
-    announce = on_redis(redis_url(settings), Keys(settings.redis_prefix))
-
-    def announcer(model_name: str, version: str) -> None:
-        try:
-            announce(model_name, version)
-        except redis.RedisError as exc:
-            click.echo(f"warning: promotion recorded but not announced ({exc}); workers pick it up on start", err=True)
-
-    return announcer
+    return announcing(on_redis(redis_url(settings), Keys(settings.redis_prefix)), "promotion")
 
 
 def retrain_version(

@@ -7,25 +7,15 @@ from typing import Any
 
 import click
 
-from service.cli.common import admin, clean_errors, connection, redis_url
+from service.cli.common import admin, announcing, clean_errors, connection, redis_url
 from service.settings import Settings
 
 
 def _announcer(settings: Settings) -> Any:
-    import redis
-
     from feedback.keys import Keys
     from feedback.use_cases import shadow_announcer
 
-    announce = shadow_announcer(redis_url(settings), Keys(settings.redis_prefix))
-
-    def announcer(model_name: str, running: Any) -> None:
-        try:
-            announce(model_name, running)
-        except redis.RedisError as exc:
-            click.echo(f"warning: recorded but not announced ({exc}); workers pick it up on their next check", err=True)
-
-    return announcer
+    return announcing(shadow_announcer(redis_url(settings), Keys(settings.redis_prefix)), "the shadow")
 
 
 def _described(shadow: Any) -> str:
