@@ -250,7 +250,7 @@ def list_promotions(conn: Connection, model: Model, admin: Admin) -> Any:
 
 class ShadowIn(RequestBody):
     version: ModelVersion = Field(description="A stored version of the model (a candidate, usually).")
-    share: Number = Field(1.0, gt=0, le=1, description="The share of the model's prediction requests it sees.")
+    share: Number = Field(1.0, ge=0.001, le=1, description="The share of its prediction requests it sees (0.001 to 1).")
 
 
 class ShadowStopIn(RequestBody):
