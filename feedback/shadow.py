@@ -160,25 +160,28 @@ class Evidence:
 
 def evidence(*, conn: psycopg.Connection, shadow: Shadow) -> Evidence:
     """The shadow's evidence so far: every sample it predicted since it started, the answers given
-    for them, and the labels reviewers settled on."""
-    rows = conn.execute(
-        "SELECT p.label, sp.label, rs.label FROM shadow_predictions sp"
+    for them, and the labels reviewers settled on, counted in Postgres."""
+    row = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE sp.label = p.label), count(rs.label),"
+        " count(*) FILTER (WHERE p.label = rs.label), count(*) FILTER (WHERE sp.label = rs.label),"
+        " count(*) FILTER (WHERE p.label = rs.label AND sp.label <> rs.label),"
+        " count(*) FILTER (WHERE sp.label = rs.label AND p.label <> rs.label)"
+        " FROM shadow_predictions sp"
         " JOIN predictions p ON p.created_at = sp.created_at AND p.id = sp.prediction_id"
         " LEFT JOIN review_state rs ON rs.prediction_id = sp.prediction_id AND rs.status = 'reviewed'"
         " WHERE sp.model_name = %s AND sp.model_version = %s AND sp.created_at >= %s",
         (shadow.model_name, shadow.model_version, shadow.started_at),
-    ).fetchall()
-    judged = [(answered == truth, proposed == truth) for answered, proposed, truth in rows if truth is not None]
-    only_champion = sum(1 for a, s in judged if a and not s)
-    only_shadow = sum(1 for a, s in judged if s and not a)
+    ).fetchone()
+    assert row is not None  # an aggregate answers one row
+    shadowed, agreed, judged, champion_right, shadow_right, only_champion, only_shadow = (int(n) for n in row)
     return Evidence(
         model_name=shadow.model_name,
         shadow_version=shadow.model_version,
-        shadowed=len(rows),
-        agreed=sum(1 for answered, proposed, _ in rows if answered == proposed),
-        judged=len(judged),
-        champion=wilson(sum(a for a, _ in judged), len(judged)),
-        shadow=wilson(sum(s for _, s in judged), len(judged)),
+        shadowed=shadowed,
+        agreed=agreed,
+        judged=judged,
+        champion=wilson(champion_right, judged),
+        shadow=wilson(shadow_right, judged),
         only_champion_right=only_champion,
         only_shadow_right=only_shadow,
         p_value=mcnemar_exact(only_champion, only_shadow),
