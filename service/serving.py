@@ -64,12 +64,15 @@ class ReferenceMismatch(RuntimeError):
 
 
 class ModelSlot:
-    """A model the service serves, by name: `tag` is 'champion', 'latest' or a pinned version."""
+    """A model the service serves, by name: `tag` is 'champion', 'latest' or a pinned version.
+    `serves` False: a shadow's slot, which answers no one, so it is not reported as a served
+    version nor counted in the served model's batch metrics (it has its own counters)."""
 
-    def __init__(self, name: str, tag: str, where: Where) -> None:
+    def __init__(self, name: str, tag: str, where: Where, *, serves: bool = True) -> None:
         self.name = name
         self.tag = tag
         self.where = where
+        self.serves = serves
         self.served: Served | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
@@ -146,11 +149,11 @@ class ModelSlot:
                 self._retired.close()
             self._retired = None if current is None else current.runtime
         for served, value in ((current, 0), (self.served, 1)):
-            if served is not None:
+            if served is not None and self.serves:
                 info = {"model_name": served.stored.name, "model_version": served.stored.version}
                 metrics.model_info.labels(**info, provider=served.runtime.provider).set(value)
         if current is None:
-            logger.info("serving %s on %s", stored.tag, runtime.provider)
+            logger.info("%s %s on %s", "serving" if self.serves else "shadowing with", stored.tag, runtime.provider)
         else:
             logger.info("swapped %s for %s on %s", current.stored.tag, stored.tag, runtime.provider)
         return True
@@ -223,7 +226,7 @@ class ModelSlot:
                 self._infer,
                 max_batch_size=self.where.max_batch_size,
                 max_latency_s=self.where.max_latency_s,
-                on_batch=self._on_batch,
+                on_batch=self._on_batch if self.serves else None,
             )
         return self._batcher
 

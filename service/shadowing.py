@@ -75,7 +75,7 @@ class Shadowing:
     slot: ModelSlot = field(init=False)
 
     def __post_init__(self) -> None:
-        self.slot = ModelSlot(self.model_name, self.version, self.where)
+        self.slot = ModelSlot(self.model_name, self.version, self.where, serves=False)
         self._queue: asyncio.Queue[_Mirrored] = asyncio.Queue(maxsize=QUEUE_BATCHES)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
