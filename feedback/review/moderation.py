@@ -11,7 +11,7 @@ import numpy as np
 
 
 class Verdict(StrEnum):
-    CORRECT = "correct"  # the model's label is right
+    CORRECT = "correct"  # the label shown is right: the model's, or in a blind review `label`
     WRONG = "wrong"  # the model's label is wrong; `label` is the right one
     DISCARD = "discard"  # keep out of training (unusable input); `reason` says why
     UNSURE = "unsure"  # the reviewer cannot tell; the item goes back to the queue
@@ -50,7 +50,7 @@ class Decision:
 def effective_label(verdict: Verdict, label: str | None, predicted: str) -> str | None:
     """What a verdict says the label is: a class name, DISCARDED, or None (no opinion)."""
     if verdict is Verdict.CORRECT:
-        return predicted
+        return label if label is not None else predicted  # `label`: what a blind review showed
     if verdict in (Verdict.WRONG, Verdict.ADDED):
         return label
     if verdict is Verdict.DISCARD:
@@ -62,7 +62,7 @@ def verdict_problem(verdict: Verdict, label: str | None, *, predicted: str) -> s
     """Why a reviewer's verdict contradicts itself on an item the model labelled `predicted`, or None."""
     if verdict is Verdict.WRONG and label == predicted:
         # Stored as is, it would count as a correction that corrects nothing (and a disagreement).
-        return f"{label!r} is the model's own prediction; a 'correct' verdict says that"
+        return f"{label!r} is the label proposed; a 'correct' verdict says that"
     return None
 
 

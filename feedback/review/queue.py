@@ -73,7 +73,15 @@ class Claimed:
     expires_at: datetime
     required_reviews: int
     input_type: str | None = None  # None: .npy; else the media type of the image as sent
-    scores: tuple[float, ...] = ()  # the model's probabilities, in its class order
+    scores: tuple[float, ...] = ()  # the proposing model's probabilities, in its class order
+    blind: bool = False  # `label` may be the answer's or a shadow's, and the reviewer is not told which
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    label: str
+    confidence: float
+    scores: tuple[float, ...]
 
 
 def claim(
@@ -123,19 +131,45 @@ def claim(
                 conn=conn, user=user, count=count, strategy=Strategy.OLDEST, lease_seconds=lease_seconds,
                 overlap=overlap, overlap_share=overlap_share, filters=filters,
             )  # fmt: skip
-        expiry = _lease(conn, locked, params) if locked else {}
+        shown = _blind_proposals(conn, locked) if strategy is Strategy.DISAGREE else {}
+        expiry = _lease(conn, locked, params, shown) if locked else {}
         if not expiry:
             return []
         items = [row for row in locked if row[0] in expiry]  # in claim order
         audit(conn, user, "claim", None, items=[str(i) for i in expiry], strategy=strategy.value)
-    return [
-        Claimed(
-            prediction_id=row[0], created_at=row[1], model_name=row[2], model_version=row[3], label=row[4],
-            confidence=float(row[5]), input=row[6], expires_at=expiry[row[0]], required_reviews=int(row[7]),
-            input_type=row[8], scores=tuple(float(x) for x in row[9] or ()),
-        )
-        for row in items
-    ]  # fmt: skip
+    return [_claimed(row, expiry[row[0]], shown.get(row[0])) for row in items]
+
+
+def _answer(row: tuple[Any, ...]) -> _Proposal:
+    return _Proposal(row[4], float(row[5]), tuple(float(x) for x in row[9] or ()))
+
+
+def _claimed(row: tuple[Any, ...], expires_at: datetime, shown: _Proposal | None) -> Claimed:
+    """A claimed item from its row (id, created, model, version, label, confidence, input, required
+    reviews, input type, scores); blind, showing `shown`, when given."""
+    proposal = shown or _answer(row)
+    return Claimed(
+        prediction_id=row[0], created_at=row[1], model_name=row[2], model_version=row[3], label=proposal.label,
+        confidence=proposal.confidence, input=row[6], expires_at=expires_at, required_reviews=int(row[7]),
+        input_type=row[8], scores=proposal.scores, blind=shown is not None,
+    )  # fmt: skip
+
+
+def _blind_proposals(conn: psycopg.Connection, locked: list[tuple[Any, ...]]) -> dict[uuid.UUID, _Proposal]:
+    """What each item of a blind claim shows: where a shadow labelled it otherwise than the answer,
+    a fair coin picks the shadow's prediction or the answer; elsewhere the answer. The reviewer sees
+    one label either way, not whose, and the verdict judges both predictions."""
+    rows = conn.execute(
+        "SELECT DISTINCT ON (sp.prediction_id) sp.prediction_id, sp.label, sp.confidence, sp.scores"
+        " FROM shadow_predictions sp JOIN unnest(%s::timestamptz[], %s::uuid[]) AS u(c, i)"
+        " ON sp.created_at = u.c AND sp.prediction_id = u.i ORDER BY sp.prediction_id, sp.ingested_at DESC",
+        ([r[1] for r in locked], [r[0] for r in locked]),
+    ).fetchall()
+    shown = {r[0]: _answer(r) for r in locked}
+    for r in rows:
+        if r[1] != shown[r[0]].label and secrets.randbelow(2):
+            shown[r[0]] = _Proposal(r[1], float(r[2]), tuple(float(x) for x in r[3]))
+    return shown
 
 
 def _held(conn: psycopg.Connection, user: User, max_leases: int) -> int:
@@ -181,28 +215,33 @@ def _lock(
     ).fetchall()
 
 
-def _lease(conn: psycopg.Connection, locked: list[tuple[Any, ...]], params: dict[str, Any]) -> dict[uuid.UUID, Any]:
-    """Lease the locked rows that are still eligible; {item: expiry}.
+def _lease(
+    conn: psycopg.Connection, locked: list[tuple[Any, ...]], params: dict[str, Any], shown: dict[uuid.UUID, _Proposal]
+) -> dict[uuid.UUID, Any]:
+    """Lease the locked rows that are still eligible, each with the label it shows when that is not
+    the answer's (`shown`); {item: expiry}.
 
     Checked again under the locks with a fresh snapshot: a claimer that held one of these rows a
     moment ago has committed by now, and its lease is visible to this statement."""
     params["ids"] = [r[0] for r in locked]
     params["created"] = [r[1] for r in locked]
+    params["proposed"] = [shown[r[0]].label if r[0] in shown else None for r in locked]  # None: not blind
     rows = conn.execute(
         sql.SQL(
             """WITH chosen AS (
-                SELECT p.id, p.created_at, coalesce(s.required_reviews, {required}) AS required
-                FROM predictions p LEFT JOIN review_state s
-                    ON s.item_created_at = p.created_at AND s.prediction_id = p.id
-                WHERE (p.created_at, p.id) IN (SELECT * FROM unnest(%(created)s::timestamptz[], %(ids)s::uuid[]))
-                  AND {eligible}
+                SELECT p.id, p.created_at, coalesce(s.required_reviews, {required}) AS required, u.proposed
+                FROM unnest(%(created)s::timestamptz[], %(ids)s::uuid[], %(proposed)s::text[]) AS u(c, i, proposed)
+                JOIN predictions p ON p.created_at = u.c AND p.id = u.i
+                LEFT JOIN review_state s ON s.item_created_at = p.created_at AND s.prediction_id = p.id
+                WHERE {eligible}
             ), state AS (
                 INSERT INTO review_state (prediction_id, item_created_at, required_reviews)
                 SELECT id, created_at, required FROM chosen ON CONFLICT (prediction_id) DO NOTHING
             )
-            INSERT INTO leases (prediction_id, user_id, expires_at)
-            SELECT id, %(user)s, now() + make_interval(secs => %(seconds)s) FROM chosen
-            ON CONFLICT (prediction_id, user_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+            INSERT INTO leases (prediction_id, user_id, expires_at, proposed)
+            SELECT id, %(user)s, now() + make_interval(secs => %(seconds)s), proposed FROM chosen
+            ON CONFLICT (prediction_id, user_id) DO UPDATE SET expires_at = EXCLUDED.expires_at,
+                proposed = EXCLUDED.proposed
             RETURNING prediction_id, expires_at"""
         ).format(required=REQUIRED_REVIEWS, eligible=_ELIGIBLE),
         params,
@@ -210,32 +249,33 @@ def _lease(conn: psycopg.Connection, locked: list[tuple[Any, ...]], params: dict
     return {r[0]: r[1] for r in rows}
 
 
-def lease_again(conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, lease_seconds: float) -> Claimed:
-    """Lease an item to `user` again (after an undo), whatever its state."""
+def lease_again(
+    conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, lease_seconds: float, proposed: str | None = None
+) -> Claimed:
+    """Lease an item to `user` again (after an undo), whatever its state, showing what it showed
+    before: `proposed`, the label shown in a blind review (the answer's or a shadow's); None: not blind."""
+    created = uuid_created_at(prediction_id)
     with conn.transaction():
         row = conn.execute(
-            "INSERT INTO leases (prediction_id, user_id, expires_at)"
-            " VALUES (%s, %s, now() + make_interval(secs => %s))"
-            " ON CONFLICT (prediction_id, user_id) DO UPDATE SET expires_at = EXCLUDED.expires_at RETURNING expires_at",
-            (prediction_id, user.id, lease_seconds),
+            "INSERT INTO leases (prediction_id, user_id, expires_at, proposed)"
+            " VALUES (%s, %s, now() + make_interval(secs => %s), %s) ON CONFLICT (prediction_id, user_id)"
+            " DO UPDATE SET expires_at = EXCLUDED.expires_at, proposed = EXCLUDED.proposed RETURNING expires_at",
+            (prediction_id, user.id, lease_seconds, proposed),
         ).fetchone()
         item = conn.execute(
-            "SELECT p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input, s.required_reviews,"
-            " p.input_type, p.scores FROM predictions p JOIN review_state s ON s.prediction_id = p.id"
-            " WHERE p.created_at = %s AND p.id = %s",
-            (uuid_created_at(prediction_id), prediction_id),
+            "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input,"
+            " s.required_reviews, p.input_type, p.scores FROM predictions p JOIN review_state s"
+            " ON s.prediction_id = p.id WHERE p.created_at = %s AND p.id = %s",
+            (created, prediction_id),
         ).fetchone()
-    assert row is not None and item is not None
-    return Claimed(
-        prediction_id=prediction_id,
-        created_at=item[0],
-        model_name=item[1],
-        model_version=item[2],
-        label=item[3],
-        confidence=float(item[4]),
-        input=item[5],
-        expires_at=row[0],
-        required_reviews=int(item[6]),
-        input_type=item[7],
-        scores=tuple(float(x) for x in item[8] or ()),
-    )
+        assert row is not None and item is not None
+        shown = None if proposed is None else _answer(item)
+        if proposed is not None and proposed != item[4]:
+            found = conn.execute(
+                "SELECT label, confidence, scores FROM shadow_predictions WHERE created_at = %s"
+                " AND prediction_id = %s AND label = %s ORDER BY ingested_at DESC LIMIT 1",
+                (created, prediction_id, proposed),
+            ).fetchone()
+            if found is not None:
+                shown = _Proposal(found[0], float(found[1]), tuple(float(x) for x in found[2]))
+    return _claimed(item, row[0], shown)

@@ -130,28 +130,30 @@ def record_verdicts(
     if len(set(ids)) != len(ids):
         raise Invalid("an item appears twice in one call")
     with conn.transaction():
-        held = {
-            r[0]
-            for r in conn.execute(
+        shown: dict[uuid.UUID, str | None] = dict(
+            conn.execute(
                 "DELETE FROM leases WHERE user_id = %s AND expires_at > now() AND prediction_id = ANY(%s)"
-                " RETURNING prediction_id",
+                " RETURNING prediction_id, proposed",
                 (user.id, ids),
-            )
-        }
-        not_held = [str(i) for i in ids if i not in held]
+            ).fetchall()
+        )
+        not_held = [str(i) for i in ids if i not in shown]
         if not_held:
             raise Conflict(f"you hold no live lease on {', '.join(not_held)} (claim first)")
+        _check_against_shown(conn, verdicts, shown)
         conn.execute(
-            "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason)"
-            " SELECT i, c, %s, v, l, r FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])"
-            " AS u(i, c, v, l, r)",
+            "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason, proposed)"
+            " SELECT i, c, %s, v, l, r, s FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[],"
+            " %s::text[], %s::text[]) AS u(i, c, v, l, r, s)",
             (
                 user.id,
                 ids,
                 [uuid_created_at(i) for i in ids],
                 [v.verdict.value for v in verdicts],
-                [v.label for v in verdicts],
+                # 'correct' on a blind item judges the label it was shown: kept as the verdict's label
+                [shown[v.prediction_id] if v.verdict is Verdict.CORRECT else v.label for v in verdicts],
                 [v.reason for v in verdicts],
+                [shown[v.prediction_id] for v in verdicts],
             ),
         )
         states = _refresh_states(conn, ids)
@@ -176,24 +178,37 @@ def _check_labels(
     labelled: Sequence[VerdictIn],
     labels_of: Callable[[str], Sequence[str] | None] | None,
 ) -> None:
-    """`Invalid` for a corrected label the item's model does not have, or the one it predicted."""
-    if not labelled:
+    """`Invalid` for a corrected label the item's model does not have."""
+    if not labelled or labels_of is None:
         return
-    items: dict[uuid.UUID, tuple[str, str]] = {
-        r[0]: (r[1], r[2])
-        for r in conn.execute(
-            "SELECT id, model_name, label FROM predictions WHERE id = ANY(%s)",
-            ([v.prediction_id for v in labelled],),
-        )
-    }
+    models: dict[uuid.UUID, str] = dict(
+        conn.execute(
+            "SELECT id, model_name FROM predictions WHERE id = ANY(%s)", ([v.prediction_id for v in labelled],)
+        ).fetchall()
+    )
     for v in labelled:
-        if v.prediction_id not in items:
+        if v.prediction_id not in models:
             continue  # no such item: the lease check refuses it
-        model_name, predicted = items[v.prediction_id]
-        labels = labels_of(model_name) if labels_of is not None else None
+        labels = labels_of(models[v.prediction_id])
         if labels is not None and v.label not in labels:
             raise Invalid(f"{v.prediction_id}: unknown label {v.label!r}; labels are {', '.join(labels)}")
-        problem = verdict_problem(v.verdict, v.label, predicted=predicted)
+
+
+def _check_against_shown(
+    conn: psycopg.Connection, verdicts: Sequence[VerdictIn], shown: dict[uuid.UUID, str | None]
+) -> None:
+    """`Invalid` for a correction to the very label the reviewer was shown (the answer's, or in a
+    blind review the one `shown`)."""
+    labelled = [v for v in verdicts if v.label is not None]
+    if not labelled:
+        return
+    predicted: dict[uuid.UUID, str] = dict(
+        conn.execute(
+            "SELECT id, label FROM predictions WHERE id = ANY(%s)", ([v.prediction_id for v in labelled],)
+        ).fetchall()
+    )
+    for v in labelled:
+        problem = verdict_problem(v.verdict, v.label, predicted=shown[v.prediction_id] or predicted[v.prediction_id])
         if problem is not None:
             raise Invalid(f"{v.prediction_id}: {problem}")
 
@@ -210,7 +225,7 @@ def undo(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, leas
         if found is None:
             raise NotFound(f"no item {prediction_id}")
         last = conn.execute(
-            "SELECT actor_id, verdict, at > now() - make_interval(secs => %s) FROM annotations"
+            "SELECT actor_id, verdict, at > now() - make_interval(secs => %s), proposed FROM annotations"
             " WHERE prediction_id = %s ORDER BY id DESC LIMIT 1",
             (lease_seconds, prediction_id),
         ).fetchone()
@@ -223,7 +238,7 @@ def undo(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, leas
         _annotate(conn, user, prediction_id, verdict=Verdict.UNDO, label=None, reason="undone by the reviewer")
         _refresh_state(conn, prediction_id)
         audit(conn, user, "undo", str(prediction_id))
-    return lease_again(conn, user, prediction_id, lease_seconds)
+    return lease_again(conn, user, prediction_id, lease_seconds, proposed=last[3])
 
 
 def add_sample(

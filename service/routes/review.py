@@ -112,15 +112,18 @@ class ClaimedPublic(BaseModel):
     id: uuid.UUID
     created_at: datetime
     model_name: str
-    model_version: str
-    label: str
+    model_version: str | None = Field(description="The version that answered; null when the item is judged blind.")
+    label: str = Field(description="The label proposed: the model's, or in a blind review the answer's or a shadow's.")
     confidence: float
+    blind: bool = Field(
+        False, description="The label may be the answer's or a shadow's, and which is not said: judge the label shown."
+    )
     input: Any = Field(
         description="The sample as sent: numbers for tensor models, {media_type, base64} for image models."
     )
     lease_expires_at: datetime
     required_reviews: int
-    top: list[Score] = Field(description="The model's three highest scores, highest first.")
+    top: list[Score] = Field(description="The proposing model's three highest scores, highest first.")
 
 
 class UndoIn(RequestBody):
@@ -288,9 +291,10 @@ def _claimed(context: ModerationContext, c: rs.Claimed) -> ClaimedPublic:
         id=c.prediction_id,
         created_at=c.created_at,
         model_name=c.model_name,
-        model_version=c.model_version,
+        model_version=None if c.blind else c.model_version,
         label=c.label,
         confidence=c.confidence,
+        blind=c.blind,
         input=input_json(c.input, c.input_type),
         lease_expires_at=c.expires_at,
         required_reviews=c.required_reviews,

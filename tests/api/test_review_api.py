@@ -21,6 +21,7 @@ from feedback import review as rs
 from feedback.ids import compose_uuid7
 from feedback.predictions import store
 from feedback.predictions.records import PredictionRecord, decode_row, encode
+from feedback.predictions.records import created_at as uuid_created_at
 from models.npy import npy_bytes
 from service.routes import application
 from service.routes.dependencies import ModerationContext
@@ -180,20 +181,29 @@ def test_a_review_request_checks_out_one_connection_for_the_caller_and_the_work(
     assert pool.get_stats()["requests_num"] == before
 
 
+def _next(item: dict[str, Any]) -> str:
+    return str((int(item["label"]) + 1) % 10)
+
+
+def shadow_predicts(database_url: str, labels: dict[str, str], confidence: float = 0.5) -> None:
+    """A shadow (version v9) predicted `labels[item]` for the items of digits-cnn named."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for pid, label in labels.items():
+            conn.execute(
+                "INSERT INTO shadow_predictions (prediction_id, created_at, model_name, model_version, label,"
+                " label_index, confidence, scores, request_id) VALUES (%s, %s, 'digits-cnn', 'v9', %s, %s, %s, %s,"
+                " 'r')",
+                (pid, uuid_created_at(uuid.UUID(pid)), label, int(label), confidence, [0.1] * 10),
+            )
+
+
 def test_the_disagree_order_offers_a_shadows_disagreements_first_with_a_uniform_slice(
     client: TestClient, context: ModerationContext, pool: ConnectionPool, database_url: str
 ) -> None:
     truth = seed(database_url, 30)
     shadowed = truth[:20]  # the last ten were not shadowed
     disagreeing = {t["id"] for t in shadowed[::4]}  # five
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for t in shadowed:
-            label = str((int(t["label"]) + 1) % 10) if t["id"] in disagreeing else t["label"]
-            conn.execute(
-                "INSERT INTO shadow_predictions (prediction_id, created_at, model_name, model_version, label,"
-                " label_index, confidence, scores, request_id) VALUES (%s, %s, %s, 'v9', %s, %s, 0.5, %s, 'r')",
-                (t["id"], t["created_at"], t["model_name"], label, int(label), [0.1] * 10),
-            )
+    shadow_predicts(database_url, {t["id"]: _next(t) if t["id"] in disagreeing else t["label"] for t in shadowed})
     _, ann = make_user(pool, "ann")
     _, bob = make_user(pool, "bob")
     context.mixed_share = 0.0
@@ -205,6 +215,45 @@ def test_the_disagree_order_offers_a_shadows_disagreements_first_with_a_uniform_
     context.mixed_share = 1.0
     rest = client.post("/review/claim", json={"count": 30, "strategy": "disagree"}, headers=bob).json()
     assert [c["id"] for c in rest] == [t["id"] for t in shadowed if t["id"] not in ids]
+
+
+def test_a_blind_review_shows_one_label_of_two_and_the_verdict_judges_both(
+    client: TestClient, pool: ConnectionPool, database_url: str
+) -> None:
+    truth = seed(database_url, 40)
+    shadow_predicts(database_url, {t["id"]: _next(t) for t in truth}, confidence=0.25)  # every one disagrees
+    _, ann = make_user(pool, "ann")
+    claimed = client.post("/review/claim", json={"count": 40, "strategy": "disagree"}, headers=ann).json()
+    assert len(claimed) == 40 and all(c["blind"] and c["model_version"] is None for c in claimed)
+    answers = {t["id"]: t for t in truth}
+    shadows_shown = [c for c in claimed if c["label"] == _next(answers[c["id"]])]
+    answers_shown = [c for c in claimed if c["label"] == answers[c["id"]]["label"]]
+    assert len(shadows_shown) + len(answers_shown) == 40 and shadows_shown and answers_shown  # a fair coin each
+    assert {c["confidence"] for c in shadows_shown} == {0.25}  # the proposer's, whichever it is
+    assert all(c["confidence"] == pytest.approx(answers[c["id"]]["confidence"], rel=1e-6) for c in answers_shown)
+
+    # A correction to the label shown is refused; to the other model's label, it is a correction.
+    shown_shadow = shadows_shown[0]
+    refused = client.post("/review/verdicts", headers=ann, json={"verdicts": [
+        {"prediction_id": shown_shadow["id"], "verdict": "wrong", "label": shown_shadow["label"]}]})  # fmt: skip
+    assert refused.status_code == 422 and "is the label proposed" in refused.json()["detail"]
+    verdicts = [{"prediction_id": c["id"], "verdict": "correct"} for c in claimed[1:] if c is not shown_shadow]
+    verdicts.append(
+        {"prediction_id": shown_shadow["id"], "verdict": "wrong", "label": answers[shown_shadow["id"]]["label"]}
+    )
+    if claimed[0] is not shown_shadow:
+        verdicts.append({"prediction_id": claimed[0]["id"], "verdict": "correct"})
+    assert client.post("/review/verdicts", json={"verdicts": verdicts}, headers=ann).status_code == 200
+
+    # 'correct' settled the label shown, whoever proposed it.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        settled = rs.final_labels(conn=conn, ids=[uuid.UUID(t["id"]) for t in truth])
+    expected = {c["id"]: c["label"] for c in claimed} | {shown_shadow["id"]: answers[shown_shadow["id"]]["label"]}
+    assert {str(k): v for k, v in settled.items()} == {i: ("reviewed", label) for i, label in expected.items()}
+
+    # An undo shows the same label again, still blind.
+    again = client.post("/review/undo", json={"prediction_id": shadows_shown[-1]["id"]}, headers=ann).json()
+    assert again["blind"] and again["label"] == shadows_shown[-1]["label"] and again["confidence"] == 0.25
 
 
 def test_verdict_on_an_item_not_held_is_409_and_changes_nothing(client: TestClient, pool: ConnectionPool,
@@ -305,7 +354,7 @@ def test_a_wrong_verdict_naming_the_models_own_label_is_refused(
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
     assert problem["status"] == 422 and problem["title"] == "Unprocessable Entity"
-    assert f"{first['label']!r} is the model's own prediction" in problem["detail"]
+    assert f"{first['label']!r} is the label proposed" in problem["detail"]
     assert "'correct' verdict" in problem["detail"] and first["id"] in problem["detail"]
     assert table_sizes(database_url) == before  # all or none: nothing stored, both leases kept
     judged = client.post("/review/verdicts", headers=ann, json={"verdicts": [

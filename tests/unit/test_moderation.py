@@ -62,7 +62,7 @@ def test_decide(history: list[Annotation], required: int, status: Status, label:
 def test_a_wrong_verdict_cannot_name_the_models_own_label(verdict: Verdict, label: str | None, refused: bool) -> None:
     problem = verdict_problem(verdict, label, predicted="3")
     if refused:
-        assert problem is not None and "model's own prediction" in problem and "'correct'" in problem
+        assert problem is not None and "the label proposed" in problem and "'correct'" in problem
     else:
         assert problem is None
 
