@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -139,6 +139,16 @@ class Accuracy:
 
 
 @dataclass(frozen=True)
+class Latency:
+    """A model's call times on the shadowed samples, each sample counted once (milliseconds; None
+    before any was timed). The answer's call is its batch's queue and inference as the request
+    waited for it; the shadow's is the call that ran it, which takes many answered batches at once."""
+
+    p50_ms: float | None
+    p95_ms: float | None
+
+
+@dataclass(frozen=True)
 class Evidence:
     """How a shadow compares with the champion on the live items both predicted."""
 
@@ -152,6 +162,8 @@ class Evidence:
     only_champion_right: int  # McNemar's discordant pairs
     only_shadow_right: int
     p_value: float  # McNemar's exact test (two-sided) that both are as often right
+    answer_latency: Latency = Latency(None, None)
+    shadow_latency: Latency = Latency(None, None)
 
     @property
     def agreement(self) -> float | None:
@@ -165,7 +177,11 @@ def evidence(*, conn: psycopg.Connection, shadow: Shadow) -> Evidence:
         "SELECT count(*), count(*) FILTER (WHERE sp.label = p.label), count(rs.label),"
         " count(*) FILTER (WHERE p.label = rs.label), count(*) FILTER (WHERE sp.label = rs.label),"
         " count(*) FILTER (WHERE p.label = rs.label AND sp.label <> rs.label),"
-        " count(*) FILTER (WHERE sp.label = rs.label AND p.label <> rs.label)"
+        " count(*) FILTER (WHERE sp.label = rs.label AND p.label <> rs.label),"
+        " percentile_cont(0.5) WITHIN GROUP (ORDER BY sp.answer_ms),"
+        " percentile_cont(0.95) WITHIN GROUP (ORDER BY sp.answer_ms),"
+        " percentile_cont(0.5) WITHIN GROUP (ORDER BY sp.shadow_ms),"
+        " percentile_cont(0.95) WITHIN GROUP (ORDER BY sp.shadow_ms)"
         " FROM shadow_predictions sp"
         " JOIN predictions p ON p.created_at = sp.created_at AND p.id = sp.prediction_id"
         " LEFT JOIN review_state rs ON rs.prediction_id = sp.prediction_id AND rs.status = 'reviewed'"
@@ -173,7 +189,8 @@ def evidence(*, conn: psycopg.Connection, shadow: Shadow) -> Evidence:
         (shadow.model_name, shadow.model_version, shadow.started_at),
     ).fetchone()
     assert row is not None  # an aggregate answers one row
-    shadowed, agreed, judged, champion_right, shadow_right, only_champion, only_shadow = (int(n) for n in row)
+    shadowed, agreed, judged, champion_right, shadow_right, only_champion, only_shadow = (int(n) for n in row[:7])
+    answer_p50, answer_p95, shadow_p50, shadow_p95 = row[7:]
     return Evidence(
         model_name=shadow.model_name,
         shadow_version=shadow.model_version,
@@ -185,7 +202,42 @@ def evidence(*, conn: psycopg.Connection, shadow: Shadow) -> Evidence:
         only_champion_right=only_champion,
         only_shadow_right=only_shadow,
         p_value=mcnemar_exact(only_champion, only_shadow),
+        answer_latency=Latency(answer_p50, answer_p95),
+        shadow_latency=Latency(shadow_p50, shadow_p95),
     )
+
+
+@dataclass(frozen=True)
+class Moment:
+    """The judged items up to the end of one stretch of a shadow's time, for a plot of both
+    accuracies as the evidence grew (by when the items were predicted)."""
+
+    until: datetime
+    judged: int
+    champion_correct: int
+    shadow_correct: int
+
+
+def timeline(*, conn: psycopg.Connection, shadow: Shadow, points: int = 48) -> list[Moment]:
+    """Both accuracies' counts at the end of each of at most `points` equal stretches of the
+    shadow's time (from its start to its stop, or to now), cumulative; stretches without a judged
+    item are left out."""
+    rows = conn.execute(
+        "WITH span AS (SELECT %s::timestamptz AS t0, greatest(coalesce(%s::timestamptz, now()) - %s::timestamptz,"
+        " interval '1 second') / %s AS width)"
+        " SELECT date_bin(span.width, p.created_at, span.t0) + span.width, count(*),"
+        " count(*) FILTER (WHERE p.label = rs.label), count(*) FILTER (WHERE sp.label = rs.label)"
+        " FROM span, shadow_predictions sp"
+        " JOIN predictions p ON p.created_at = sp.created_at AND p.id = sp.prediction_id"
+        " JOIN review_state rs ON rs.prediction_id = sp.prediction_id AND rs.status = 'reviewed'"
+        " WHERE sp.model_name = %s AND sp.model_version = %s AND sp.created_at >= span.t0 GROUP BY 1 ORDER BY 1",
+        (shadow.started_at, shadow.stopped_at, shadow.started_at, points, shadow.model_name, shadow.model_version),
+    ).fetchall()
+    moments, judged, champion, mine = [], 0, 0, 0
+    for until, n, c, s in rows:
+        judged, champion, mine = judged + n, champion + c, mine + s
+        moments.append(Moment(until=until, judged=judged, champion_correct=champion, shadow_correct=mine))
+    return moments
 
 
 def wilson(correct: int, n: int, z: float = 1.959963984540054) -> Accuracy:
@@ -267,4 +319,6 @@ def figures(found: Evidence) -> dict[str, Any]:
         "only_champion_right": found.only_champion_right,
         "only_shadow_right": found.only_shadow_right,
         "p_value": found.p_value,
+        "answer_latency": asdict(found.answer_latency),
+        "shadow_latency": asdict(found.shadow_latency),
     }

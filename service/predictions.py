@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -207,7 +208,9 @@ class Predictions:
     ) -> Answered:
         """Batch, infer, and log every sample before anything is answered (`Unavailable` when the
         batcher is over its budget or closing, or the inference process is down)."""
+        started = time.perf_counter()
         logits, used = await slot.batcher().submit(batch)
+        called_ms = (time.perf_counter() - started) * 1000
         outputs = postprocess(logits, used.stored.card.model_spec.output_kind)
         answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=outputs, served=used)
         if self.log is not None:
@@ -218,7 +221,7 @@ class Predictions:
         metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(batch))
         shadowing = self.shadows.get(slot.name)
         if shadowing is not None:  # logged and about to be answered: the shadow's turn, off this path
-            shadowing.offer(batch, answered.ids, request_id)
+            shadowing.offer(batch, answered.ids, request_id, called_ms)
         return answered
 
     # -- stored predictions -----------------------------------------------------------------------

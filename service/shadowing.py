@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class _Mirrored:
     batch: NDArray[np.float32]
     ids: list[uuid.UUID]
     request_id: str
+    answer_ms: float  # the answer's model call (queue and inference), as the request waited for it
 
 
 @dataclass
@@ -86,12 +88,13 @@ class Shadowing:
         self._task = asyncio.get_running_loop().create_task(self._consume(), name=f"shadow-{self.model_name}")
         logger.info("shadowing %s with version %s at share %g", self.model_name, self.version, self.share)
 
-    def offer(self, batch: NDArray[np.float32], ids: list[uuid.UUID], request_id: str) -> None:
-        """An answered batch, for the shadow to see (or not: the share, a full queue); never waits."""
+    def offer(self, batch: NDArray[np.float32], ids: list[uuid.UUID], request_id: str, answer_ms: float) -> None:
+        """An answered batch, for the shadow to see (or not: the share, a full queue); never waits.
+        `answer_ms`: how long the answer's model call took, to set beside the shadow's."""
         if self.stopped is not None or self.draw() >= self.share:
             return
         try:
-            self._queue.put_nowait(_Mirrored(batch, ids, request_id))
+            self._queue.put_nowait(_Mirrored(batch, ids, request_id, answer_ms))
         except asyncio.QueueFull:
             self._count("dropped")
             return
@@ -136,6 +139,7 @@ class Shadowing:
     async def _run(self, taken: list[_Mirrored]) -> None:
         """One model call for everything taken, one append of its records."""
         batch = taken[0].batch if len(taken) == 1 else np.concatenate([m.batch for m in taken])
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.call_timeout_s):
                 logits, used = await self.slot.batcher().submit(batch)
@@ -152,6 +156,8 @@ class Shadowing:
             labels=[names[i] for i in outputs.labels],
             confidences=outputs.confidences,
             request_ids=[m.request_id for m in taken for _ in m.ids],
+            answer_ms=np.array([m.answer_ms for m in taken for _ in m.ids], dtype=np.float32),
+            shadow_ms=(time.perf_counter() - started) * 1000,
         )
         if self.log is not None:
             await self.log.append([predicted])

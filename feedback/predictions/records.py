@@ -80,6 +80,8 @@ class ShadowBatch:
     labels: list[str]
     confidences: NDArray[np.float32]
     request_ids: list[str]
+    answer_ms: NDArray[np.float32] | None = None  # per sample: the answer's model call, as its request waited
+    shadow_ms: float | None = None  # the shadow's call that ran them all
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -131,7 +133,7 @@ def encode(record: PredictionRecord | ShadowBatch) -> Fields:
             b"c": np.asarray(record.confidences, dtype="<f4").tobytes(),
             b"l": json.dumps(record.labels, separators=(",", ":")).encode(),
             b"r": json.dumps(record.request_ids, separators=(",", ":")).encode(),
-        }
+        } | _latencies(record)
     fields: Fields = {
         b"id": str(record.id).encode(),
         b"m": record.model_name.encode(),
@@ -147,6 +149,12 @@ def encode(record: PredictionRecord | ShadowBatch) -> Fields:
     if record.input_type is not None:
         fields[b"t"] = record.input_type.encode()
     return fields
+
+
+def _latencies(record: ShadowBatch) -> Fields:
+    if record.answer_ms is None or record.shadow_ms is None:
+        return {}
+    return {b"at": np.asarray(record.answer_ms, dtype="<f4").tobytes(), b"st": repr(float(record.shadow_ms)).encode()}
 
 
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})  # what `predictions.input_type` allows
@@ -188,6 +196,8 @@ class ShadowRow(NamedTuple):
     confidence: float
     scores: bytes  # little-endian float32, one per class
     request_id: str
+    answer_ms: float | None = None  # the answer's model call, as its request waited for it
+    shadow_ms: float | None = None  # the shadow's call
 
 
 def _check_npy(data: bytes) -> None:
@@ -287,11 +297,30 @@ def _shadow_rows(fields: Fields) -> list[ShadowRow]:
     if not (np.isfinite(scores).all() and np.isfinite(confidences).all()):
         raise MalformedEntry("confidence or scores are not finite")
     width = scores.shape[1] * 4
-    labelled = zip(ids, labels, request_ids, scores, confidences, strict=True)
+    answer_ms, shadow_ms = _timings(fields, n)
+    labelled = zip(ids, labels, request_ids, scores, confidences, answer_ms, strict=True)
     return [
-        ShadowRow(i, created_at(i), name, version, label, int(row.argmax()), float(c), raw, request)
-        for (i, label, request, row, c), raw in zip(labelled, _cut(raw_scores, width), strict=True)
+        ShadowRow(i, created_at(i), name, version, label, int(row.argmax()), float(c), raw, request, a, shadow_ms)
+        for (i, label, request, row, c, a), raw in zip(labelled, _cut(raw_scores, width), strict=True)
     ]
+
+
+def _timings(fields: Fields, n: int) -> tuple[list[float | None], float | None]:
+    """Each sample's answer call time and the shadow's call time in milliseconds (None where an
+    entry does not carry them)."""
+    raw_answer, raw_shadow = fields.get(b"at"), fields.get(b"st")
+    if raw_answer is None or raw_shadow is None:
+        return [None] * n, None
+    try:
+        shadow_ms = float(raw_shadow)
+    except ValueError:
+        raise MalformedEntry("the shadow's call time is not a number") from None
+    if len(raw_answer) != 4 * n:
+        raise MalformedEntry("the answer call times do not describe the samples")
+    answer_ms = np.frombuffer(raw_answer, dtype="<f4")
+    if not (np.isfinite(answer_ms).all() and math.isfinite(shadow_ms)) or shadow_ms < 0 or (answer_ms < 0).any():
+        raise MalformedEntry("a call time is negative or not finite")
+    return [float(a) for a in answer_ms], shadow_ms
 
 
 def _cut(data: bytes, width: int) -> list[bytes]:

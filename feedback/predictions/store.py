@@ -56,9 +56,10 @@ _MOVE = f"INSERT INTO predictions ({_COLUMNS}) SELECT {_COLUMNS} FROM prediction
 
 
 _SHADOW_COLUMNS = (
-    "prediction_id, created_at, model_name, model_version, label, label_index, confidence, scores, request_id"
+    "prediction_id, created_at, model_name, model_version, label, label_index, confidence, scores, request_id,"
+    " answer_ms, shadow_ms"
 )
-_SHADOW_TYPES = ["uuid", "timestamptz", "text", "text", "text", "int2", "float4", "bytea", "text"]
+_SHADOW_TYPES = ["uuid", "timestamptz", "text", "text", "text", "int2", "float4", "bytea", "text", "float4", "float4"]
 _SHADOW_STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS shadow_staging (LIKE shadow_predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
@@ -85,7 +86,7 @@ def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row | ShadowRow]) ->
             copy.set_types(_SHADOW_TYPES)
             for r in shadows:
                 values = (r.id, r.created_at, r.model_name, r.model_version, r.label, r.label_index, r.confidence)
-                copy.write_row((*values, _float4_array(r.scores), r.request_id))
+                copy.write_row((*values, _float4_array(r.scores), r.request_id, r.answer_ms, r.shadow_ms))
         return inserted + conn.execute(_SHADOW_MOVE).rowcount
 
 

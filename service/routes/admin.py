@@ -9,7 +9,7 @@ service puts a `DataLoopContext` in `app.state.data_loop`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,7 +22,7 @@ from feedback.champion import Decision, Promotion, promote, promotions
 from feedback.datasets import DatasetVersion, Kind
 from feedback.datasets import store as dataset_store
 from feedback.errors import NotFound, Unavailable
-from feedback.shadow import Accuracy, Evidence, Rules, Shadow, evidence
+from feedback.shadow import Accuracy, Evidence, Rules, Shadow, evidence, timeline
 from feedback.shadow import history as shadow_history
 from feedback.use_cases import (
     ShadowAnnouncer,
@@ -282,6 +282,18 @@ class AccuracyPublic(BaseModel):
     high: float
 
 
+class LatencyPublic(BaseModel):
+    p50_ms: float | None = Field(description="Median milliseconds over the shadowed samples; null before any.")
+    p95_ms: float | None
+
+
+class MomentPublic(BaseModel):
+    until: datetime = Field(description="The end of a stretch of the shadow's time (by when items were predicted).")
+    judged: int = Field(description="Judged items predicted up to then.")
+    champion_correct: int = Field(description="Of those, the answers that were right.")
+    shadow_correct: int
+
+
 class EvidencePublic(BaseModel):
     shadow_version: str
     shadowed: int = Field(description="Samples the shadow predicted since it started (ingested).")
@@ -292,6 +304,12 @@ class EvidencePublic(BaseModel):
     only_champion_right: int
     only_shadow_right: int
     p_value: float = Field(description="McNemar's exact test (two-sided) that both are right as often.")
+    answer_latency: LatencyPublic = Field(
+        description="The answers' model call as each request waited for it (its batch's queue and inference)."
+    )
+    shadow_latency: LatencyPublic = Field(
+        description="The shadow's call that ran each sample (one call takes many answered batches at once)."
+    )
 
     @classmethod
     def of(cls, e: Evidence) -> EvidencePublic:
@@ -304,6 +322,8 @@ class EvidencePublic(BaseModel):
             champion=accuracy(e.champion),
             shadow=accuracy(e.shadow),
             p_value=e.p_value,
+            answer_latency=LatencyPublic(**asdict(e.answer_latency)),
+            shadow_latency=LatencyPublic(**asdict(e.shadow_latency)),
         )
 
 
@@ -311,6 +331,9 @@ class ShadowsPublic(BaseModel):
     live: ShadowPublic | None = Field(description="The shadow running now, if any.")
     evidence: EvidencePublic | None = Field(description="The live shadow's evidence, else the last one's.")
     history: list[ShadowPublic] = Field(description="Every shadow of the model, oldest first.")
+    over_time: list[MomentPublic] = Field(
+        description="Both accuracies' counts, cumulative, at the end of up to 48 stretches of the shadow's time."
+    )
 
 
 @router.post("/shadow", response_model=ShadowPublic, status_code=201)
@@ -347,6 +370,7 @@ def shadows_of(conn: Connection, model: Model, admin: Admin) -> Any:
         live=ShadowPublic.of(latest) if latest is not None and latest.live else None,
         evidence=None if latest is None else EvidencePublic.of(evidence(conn=conn, shadow=latest)),
         history=[ShadowPublic.of(s) for s in shadows],
+        over_time=[] if latest is None else [MomentPublic(**asdict(m)) for m in timeline(conn=conn, shadow=latest)],
     )
 
 

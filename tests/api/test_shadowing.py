@@ -83,6 +83,8 @@ async def test_a_shadow_sees_every_answered_sample_and_changes_no_answer(plane: 
     # Under the answered prediction's id and request id, with the shadow's outputs (here the same model's).
     expected = {(str(p.id), a.request_id, p.label) for a in answered for p in a.predictions}
     assert {(str(r.id), r.request_id, r.label) for r in shadow_rows} == expected
+    # Each sample with both models' call times.
+    assert all(r.answer_ms is not None and r.answer_ms > 0 and r.shadow_ms and r.shadow_ms > 0 for r in shadow_rows)
     assert (shadowing.counts.mirrored, shadowing.counts.dropped, shadowing.counts.failed) == (len(images), 0, 0)
 
 

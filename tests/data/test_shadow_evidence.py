@@ -40,15 +40,15 @@ def test_the_evidence_counts_agreement_judged_items_and_the_discordant_pairs(
              (8, 9, 0), (0, 0, None), (5, 5, 3), (2, 3, None)]  # fmt: skip
     rows: list[Row | ShadowRow] = []
     ids = []
-    for answered, proposed, _ in items:
+    answer_ms, shadow_ms = np.arange(1, 13, dtype=np.float32) * 1.5, np.arange(12, dtype=np.float32) ** 2
+    for (answered, proposed, _), a_ms, s_ms in zip(items, answer_ms, shadow_ms, strict=True):
         prediction_id = uuid7()
         ids.append(prediction_id)
         when = created_at(prediction_id)
         rows.append(Row(prediction_id, when, name, "v-answered", str(answered), answered, 0.82, scores(answered),
                         b"", "req", {}, "image/png"))  # fmt: skip
-        rows.append(
-            ShadowRow(prediction_id, when, name, version, str(proposed), proposed, 0.82, scores(proposed), "req")
-        )
+        rows.append(ShadowRow(prediction_id, when, name, version, str(proposed), proposed, 0.82, scores(proposed),
+                              "req", float(a_ms), float(s_ms)))  # fmt: skip
     # A shadow prediction from before the shadow started does not count.
     early = uuid7()
     old = running.started_at - timedelta(hours=1)
@@ -69,6 +69,14 @@ def test_the_evidence_counts_agreement_judged_items_and_the_discordant_pairs(
     assert (found.only_champion_right, found.only_shadow_right) == (2, 3)
     assert found.p_value == pytest.approx(1.0)  # 2 against 3: no evidence either way
     assert found.champion.low < 4 / 9 < found.champion.high and found.agreement == pytest.approx(5 / 12)
+    # Call times per sample, as numpy's linear percentiles (the row from before the start has none).
+    assert found.answer_latency == shadow.Latency(*(pytest.approx(np.percentile(answer_ms, q)) for q in (50, 95)))
+    assert found.shadow_latency == shadow.Latency(*(pytest.approx(np.percentile(shadow_ms, q)) for q in (50, 95)))
+    # Over time: cumulative, ending on the totals (all items predicted within the first stretches).
+    moments = shadow.timeline(conn=conn, shadow=running)
+    assert moments and (moments[-1].judged, moments[-1].champion_correct, moments[-1].shadow_correct) == (9, 4, 5)
+    assert [m.judged for m in moments] == sorted(m.judged for m in moments)
+    assert all(m.until > running.started_at for m in moments)
 
 
 def test_judge_applies_the_policy_to_both_pieces_of_evidence() -> None:

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from feedback.ids import uuid7, uuid7_time_ms
-from feedback.predictions.records import MalformedEntry, PredictionRecord, decode, encode, unstorable_text
+from feedback.predictions.records import (
+    MalformedEntry,
+    PredictionRecord,
+    ShadowBatch,
+    decode,
+    decode_entry,
+    encode,
+    unstorable_text,
+)
 from models.npy import npy_bytes
 from models.npy import read_npy as npy_load
 
@@ -105,3 +113,40 @@ def test_pickled_inputs_are_refused() -> None:
 def test_text_postgres_cannot_store_is_named(text: str, problem: str | None) -> None:
     found = unstorable_text(text)
     assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+def shadow_batch(n: int = 3, **overrides: object) -> ShadowBatch:
+    fields: dict[str, object] = {
+        "ids": [uuid7() for _ in range(n)],
+        "model_name": "digits-cnn",
+        "model_version": "v2",
+        "scores": np.full((n, 10), 0.1, np.float32),
+        "labels": ["1"] * n,
+        "confidences": np.full(n, 0.1, np.float32),
+        "request_ids": [f"r{i}" for i in range(n)],
+        "answer_ms": np.array([1.5, 2.5, 3.5][:n], np.float32),
+        "shadow_ms": 7.25,
+    }
+    fields.update(overrides)
+    return ShadowBatch(**fields)  # type: ignore[arg-type]
+
+
+def test_a_shadow_entry_carries_both_models_call_times() -> None:
+    rows = decode_entry(encode(shadow_batch()))
+    assert [(r.answer_ms, r.shadow_ms) for r in rows] == [(1.5, 7.25), (2.5, 7.25), (3.5, 7.25)]
+    untimed = decode_entry(encode(shadow_batch(answer_ms=None, shadow_ms=None)))
+    assert [(r.answer_ms, r.shadow_ms) for r in untimed] == [(None, None)] * 3  # entries written before timings
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"at": b"\x00" * 8}, "answer call times do not describe"),
+        ({b"st": b"soon"}, "not a number"),
+        ({b"st": b"-1.0"}, "negative or not finite"),
+        ({b"at": np.array([1, np.nan, 2], "<f4").tobytes()}, "negative or not finite"),
+    ],
+)
+def test_a_shadow_entry_with_bad_call_times_is_malformed(fields: dict[bytes, bytes], reason: str) -> None:
+    with pytest.raises(MalformedEntry, match=reason):
+        decode_entry(encode(shadow_batch()) | fields)
