@@ -199,7 +199,8 @@ def test_a_shadow_is_started_once_listed_stopped_and_ended_by_a_new_champion(
                         ({"version": "v-none"}, 404), ({"version": version, "share": "half"}, 422)]:  # fmt: skip
         response = client.post("/admin/shadow", json=bad, headers=admin)
         assert response.status_code == status, (bad, response.text)
-    assert client.get("/admin/shadow", headers=admin).json() == {"live": None, "evidence": None, "history": []}
+    empty = {"live": None, "evidence": None, "history": [], "over_time": []}
+    assert client.get("/admin/shadow", headers=admin).json() == empty
     assert announced == []  # nothing refused was recorded or announced
 
     started = client.post("/admin/shadow", json={"version": version, "share": 0.25}, headers=admin)

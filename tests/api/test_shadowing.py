@@ -17,7 +17,7 @@ import redis
 
 from feedback.keys import Keys
 from feedback.predictions.log import PredictionLog
-from feedback.predictions.records import SHADOWS, decode_entry
+from feedback.predictions.records import SHADOWS, ShadowRow, decode_entry
 from models import digits
 from models.pipeline import BuildResult
 from models.runtime import DevicePreference
@@ -79,7 +79,9 @@ async def test_a_shadow_sees_every_answered_sample_and_changes_no_answer(plane: 
     await wait_for(lambda: shadowing.counts.stored == len(images))
     with redis.Redis.from_url(REDIS) as client:
         entries = [fields for _, fields in client.xrange(keys.stream)]
-    shadow_rows = [row for f in entries if f.get(b"k") == SHADOWS for row in decode_entry(f)]
+    shadow_rows = [
+        row for f in entries if f.get(b"k") == SHADOWS for row in decode_entry(f) if isinstance(row, ShadowRow)
+    ]
     # Under the answered prediction's id and request id, with the shadow's outputs (here the same model's).
     expected = {(str(p.id), a.request_id, p.label) for a in answered for p in a.predictions}
     assert {(str(r.id), r.request_id, r.label) for r in shadow_rows} == expected

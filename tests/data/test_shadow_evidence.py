@@ -70,8 +70,8 @@ def test_the_evidence_counts_agreement_judged_items_and_the_discordant_pairs(
     assert found.p_value == pytest.approx(1.0)  # 2 against 3: no evidence either way
     assert found.champion.low < 4 / 9 < found.champion.high and found.agreement == pytest.approx(5 / 12)
     # Call times per sample, as numpy's linear percentiles (the row from before the start has none).
-    assert found.answer_latency == shadow.Latency(*(pytest.approx(np.percentile(answer_ms, q)) for q in (50, 95)))
-    assert found.shadow_latency == shadow.Latency(*(pytest.approx(np.percentile(shadow_ms, q)) for q in (50, 95)))
+    for latency, times in ((found.answer_latency, answer_ms), (found.shadow_latency, shadow_ms)):
+        assert [latency.p50_ms, latency.p95_ms] == pytest.approx(np.percentile(times, [50, 95]).tolist())
     # Over time: cumulative, ending on the totals (all items predicted within the first stretches).
     moments = shadow.timeline(conn=conn, shadow=running)
     assert moments and (moments[-1].judged, moments[-1].champion_correct, moments[-1].shadow_correct) == (9, 4, 5)

@@ -10,6 +10,7 @@ from feedback.predictions.records import (
     MalformedEntry,
     PredictionRecord,
     ShadowBatch,
+    ShadowRow,
     decode,
     decode_entry,
     encode,
@@ -132,9 +133,11 @@ def shadow_batch(n: int = 3, **overrides: object) -> ShadowBatch:
 
 
 def test_a_shadow_entry_carries_both_models_call_times() -> None:
-    rows = decode_entry(encode(shadow_batch()))
+    rows = [r for r in decode_entry(encode(shadow_batch())) if isinstance(r, ShadowRow)]
     assert [(r.answer_ms, r.shadow_ms) for r in rows] == [(1.5, 7.25), (2.5, 7.25), (3.5, 7.25)]
-    untimed = decode_entry(encode(shadow_batch(answer_ms=None, shadow_ms=None)))
+    untimed = [
+        r for r in decode_entry(encode(shadow_batch(answer_ms=None, shadow_ms=None))) if isinstance(r, ShadowRow)
+    ]
     assert [(r.answer_ms, r.shadow_ms) for r in untimed] == [(None, None)] * 3  # entries written before timings
 
 
