@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser run train test test-fast lint audit format clean demo-loop
+.PHONY: install browser run train test test-fast lint audit format clean demo-loop demo-shadow
 
 $(STAMP): pyproject.toml constraints.txt requirements/no-deps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ train: install ## Train the default model again (a new version in the store).
 
 demo-loop: install ## Measure how much review improves a model (both strategies, about 5 minutes).
 	$(BIN)/loop demo-loop
+
+demo-shadow: install ## Show a shadow judged by reviewers catching the candidate the frozen-set gate would wrongly promote (about 2 minutes).
+	$(BIN)/loop demo-shadow
 
 test: install browser ## Unit, model, API, integration and browser tests.
 	BENTOML_DO_NOT_TRACK=True $(BIN)/pytest

@@ -151,6 +151,26 @@ class DemoTask:
         """The first model's training rows: `per_class[c]` of class c, drawn with `seed`."""
         return digits.skewed_subset(self.labels, train_rows, per_class, seed=seed)
 
+    def drifted(self, rows: Sequence[int] | NDArray[np.intp], *, seed: int) -> NDArray[np.float32]:
+        """The samples of `rows` as traffic that moved away from the bundled data (which has every
+        digit centred): see `moved`."""
+        return moved(self.inputs[np.asarray(rows, dtype=np.intp)], np.random.default_rng(seed))
+
+
+def moved(images: NDArray[np.float32], rng: np.random.Generator, reach: int = 2) -> NDArray[np.float32]:
+    """Each image moved by (dx, dy) drawn with `rng`, at most `reach` pixels along either axis and
+    at least two in all (|dx| + |dy| >= 2); what is uncovered is blank (0), what leaves is lost."""
+    out = np.zeros_like(images)
+    height, width = images.shape[-2:]
+    for i, image in enumerate(images):
+        dx, dy = 0, 0
+        while abs(dx) + abs(dy) < 2:
+            dx, dy = (int(d) for d in rng.integers(-reach, reach + 1, size=2))
+        out[i, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
+            max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+        ]
+    return out
+
 
 def demo_task() -> DemoTask:
     data = digits.load()

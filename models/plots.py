@@ -202,6 +202,40 @@ def accuracy_against_labels(
     return figure
 
 
+def shadow_evidence(
+    series: Mapping[str, Sequence[tuple[int, float | None, float | None, float]]],
+    *,
+    alpha: float,
+    min_judged: int | None = None,
+) -> Figure:
+    """A shadow's evidence as it grew, one column per named shadow: above, the answers' and the
+    shadow's accuracy on the judged items; below, McNemar's exact p (log scale) with `alpha` (and
+    the policy's `min_judged` as a vertical line).
+    Each point is (judged items, answers' accuracy, shadow's accuracy, p)."""
+    figure = Figure(figsize=(5 * max(1, len(series)), 6))
+    grid = figure.subplots(2, max(1, len(series)), squeeze=False, sharex="col")
+    for column, (name, points) in enumerate(series.items()):
+        top, bottom = grid[0][column], grid[1][column]
+        judged = [p[0] for p in points]
+        top.plot(judged, [p[1] for p in points], marker="o", label="answers (champion)")
+        top.plot(judged, [p[2] for p in points], marker="s", label="shadow")
+        top.set_title(name)
+        top.set_ylabel("accuracy on judged live items\n(disagreements first)")
+        top.set_ylim(0, 1.02)
+        top.grid(True, alpha=0.3)
+        top.legend()
+        bottom.semilogy(judged, [max(p[3], 1e-12) for p in points], marker="o", color="black")
+        bottom.axhline(alpha, color="grey", linestyle="--", linewidth=1, label=f"p = {alpha}")
+        if min_judged is not None:
+            bottom.axvline(min_judged, color="grey", linestyle=":", linewidth=1, label=f"{min_judged} judged")
+        bottom.set_xlabel("judged items")
+        bottom.set_ylabel("McNemar's exact p")
+        bottom.grid(True, alpha=0.3)
+        bottom.legend()
+    figure.tight_layout()
+    return figure
+
+
 def save_png(figure: Figure, path: Path) -> Path:
     """Write `figure` as a PNG at `path`, creating its folder; returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

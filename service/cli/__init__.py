@@ -6,7 +6,7 @@
 - `datasets`: datasets import|compile|list|show|verify, validation show|fix
 - `retrain`: retrain, promote, champion, experiments
 - `shadow`: shadow start|stop|status
-- `demo`: demo-loop, demo-data
+- `demo`: demo-loop, demo-shadow, demo-data
 
 `common` holds what they share. Commands import their heavy dependencies when they run, so that
 `loop --help` starts quickly.
@@ -57,6 +57,7 @@ for _command in (
     retrain.experiments,
     shadow.shadow,
     demo.demo_loop,
+    demo.demo_shadow,
     demo.demo_data,
 ):
     main.add_command(_command)

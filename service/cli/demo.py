@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from experiments.demo_loop import demo_loop
+from experiments.demo_shadow import demo_shadow
 from service.cli.common import progress
 
-__all__ = ["demo_data", "demo_loop"]
+__all__ = ["demo_data", "demo_loop", "demo_shadow"]
 
 
 def _demo_data_names() -> list[str]:

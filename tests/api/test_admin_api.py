@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pyarrow.parquet as pq
@@ -199,7 +200,7 @@ def test_a_shadow_is_started_once_listed_stopped_and_ended_by_a_new_champion(
                         ({"version": "v-none"}, 404), ({"version": version, "share": "half"}, 422)]:  # fmt: skip
         response = client.post("/admin/shadow", json=bad, headers=admin)
         assert response.status_code == status, (bad, response.text)
-    empty = {"live": None, "evidence": None, "history": [], "over_time": []}
+    empty: dict[str, Any] = {"live": None, "evidence": None, "history": [], "over_time": []}
     assert client.get("/admin/shadow", headers=admin).json() == empty
     assert announced == []  # nothing refused was recorded or announced
 
