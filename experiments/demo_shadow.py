@@ -34,6 +34,7 @@ import click
 import httpx
 import numpy as np
 import psycopg
+from numpy.typing import NDArray
 
 import harness
 from experiments.demo_loop import Servers, demo_servers, simulated_verdict
@@ -236,8 +237,7 @@ class ShadowDemo:
         started.raise_for_status()
         self.since = started.json()["started_at"]  # reviewers judge what this shadow saw
         self.echo(f"candidate {candidate.role} ({candidate.version}) shadows every request")
-        sent = self._send_traffic(http, admin)
-        self._wait(lambda: self._evidence(http)["shadowed"] >= sent, f"{sent} shadow predictions stored")
+        self._send_traffic(http)
         while candidate.settled_at is None and (
             not candidate.looks or candidate.looks[-1].judged < self.config.max_judged
         ):
@@ -259,23 +259,33 @@ class ShadowDemo:
                 "the service to serve the new champion",
             )
 
-    def _send_traffic(self, http: httpx.Client, admin: dict[str, str]) -> int:
-        """Every drifted sample once, one request at a time until the worker shadows them (it loads
-        the shadow on the announcement), then `request_size` a request; returns samples sent."""
+    def _send_traffic(self, http: httpx.Client) -> None:
+        """The first drifted sample until the worker shadows it (it loads the shadow on the
+        announcement), then every drifted sample, `request_size` a request; returns once the last
+        one's shadow prediction is stored (the log is ingested in order)."""
         labels = self.task.labels[self.validation_rows]
-        start, size = 0, 1
+        first = self._predict(http, [0], labels)[0]
+        self._wait(lambda: self._shadowed(http, first), "the worker to shadow what it answers")
+        last = first
         with click.progressbar(length=len(self.traffic), label="drifted traffic", file=sys.stderr) as bar:
-            while start < len(self.traffic):
-                rows = range(start, min(start + size, len(self.traffic)))
-                response = http.post("/predict", json={"samples": self.traffic[list(rows)].tolist()})
-                response.raise_for_status()
-                for row, answer in zip(rows, response.json()["predictions"], strict=True):
-                    self.truth[answer["id"]] = self.task.class_names[int(labels[row])]
-                start += len(rows)
+            for start in range(0, len(self.traffic), self.config.request_size):
+                rows = list(range(start, min(start + self.config.request_size, len(self.traffic))))
+                last = self._predict(http, rows, labels)[-1]
                 bar.update(len(rows))
-                if size == 1 and self._evidence(http)["shadowed"] > 0:
-                    size = self.config.request_size
-        return len(self.traffic)
+        self._wait(lambda: self._shadowed(http, last), "every shadow prediction stored")
+
+    def _predict(self, http: httpx.Client, rows: list[int], labels: NDArray[np.int64]) -> list[str]:
+        """Send the drifted samples of `rows` in one request; their prediction ids."""
+        response = http.post("/predict", json={"samples": self.traffic[rows].tolist()})
+        response.raise_for_status()
+        ids = [answer["id"] for answer in response.json()["predictions"]]
+        for row, prediction_id in zip(rows, ids, strict=True):
+            self.truth[prediction_id] = self.task.class_names[int(labels[row])]
+        return ids
+
+    def _shadowed(self, http: httpx.Client, prediction_id: str) -> bool:
+        found = http.get(f"/predictions/{prediction_id}")
+        return found.status_code == 200 and bool(found.json()["shadows"])
 
     def _review(self, http: httpx.Client) -> int:
         """`step` items judged in the disagree order by the reviewers in turn; how many were."""
