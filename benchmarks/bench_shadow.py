@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 import harness
 from feedback.keys import Keys
@@ -42,6 +43,43 @@ def shadow_outcomes(root: str) -> dict[str, float]:
     return found
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by role: Postgres, Redis, the ingest worker, the service (every other
+    `loop` process), all processes of each summed."""
+    used: dict[str, float] = {}
+    for process in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        name, cmdline, times = (
+            process.info["name"] or "",
+            " ".join(process.info["cmdline"] or ()),
+            process.info["cpu_times"],
+        )
+        if times is None:
+            continue
+        if name.startswith("postgres") or "postgres:" in cmdline:
+            role = "postgres"
+        elif name.startswith("redis-server"):
+            role = "redis"
+        elif "ingest" in cmdline:
+            role = "ingest"
+        elif "loop" in cmdline or "bentoml" in cmdline or "uvicorn" in cmdline:
+            role = "service"
+        else:
+            continue
+        used[role] = used.get(role, 0.0) + times.user + times.system
+    return used
+
+
+def measured(
+    url: str, body: dict[str, list[list[list[float]]]], connections: int, seconds: float
+) -> tuple[wrk.WrkResult, dict[str, float]]:
+    """One wrk run, and the CPU seconds each role used per 1,000 requests during it."""
+    before = cpu_seconds()
+    result = wrk.run(url, body, connections=connections, seconds=seconds)
+    after = cpu_seconds()
+    per_k = 1000 / max(result.requests, 1)
+    return result, {role: (after[role] - before.get(role, 0.0)) * per_k for role in after}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -56,6 +94,7 @@ def main() -> None:
     stored = store.get(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rounds: list[tuple[wrk.WrkResult, wrk.WrkResult]] = []
+    cpu: list[tuple[dict[str, float], dict[str, float]]] = []
     with harness.throwaway(args.postgres, args.redis) as (database_url, prefix):
         announce = shadow_announcer(args.redis, Keys(prefix))
         serving = harness.loop_serve(
@@ -70,7 +109,7 @@ def main() -> None:
             url = f"{root}/predict"
             wrk.run(url, body, connections=args.concurrency, seconds=args.warmup)
             for _ in range(args.rounds):
-                without = wrk.run(url, body, connections=args.concurrency, seconds=args.seconds)
+                without, cpu_without = measured(url, body, args.concurrency, args.seconds)
                 start_shadow(
                     conn=conn,
                     model_name=stored.name,
@@ -80,15 +119,16 @@ def main() -> None:
                     announcer=announce,
                 )
                 time.sleep(2)  # the workers load it
-                shadowed = wrk.run(url, body, connections=args.concurrency, seconds=args.seconds)
+                shadowed, cpu_with = measured(url, body, args.concurrency, args.seconds)
                 stop_shadow(
                     conn=conn, model_name=stored.name, reason="the round is over", actor=None, announcer=announce
                 )
                 time.sleep(2)  # and let its queue drain
                 logger.info("without %s; with %s", without, shadowed)
                 rounds.append((without, shadowed))
+                cpu.append((cpu_without, cpu_with))
             outcomes = shadow_outcomes(root)
-    report = _report(rounds, args.concurrency, outcomes)
+    report = _report(rounds, args.concurrency, outcomes) + "\n\n" + _cpu_report(cpu)
     args.out.write_text(report + "\n")
     print(report)
 
@@ -110,6 +150,16 @@ def _report(rounds: list[tuple[wrk.WrkResult, wrk.WrkResult]], concurrency: int,
         f"The shadow's batches: {mirrored:,.0f} mirrored, {dropped:,.0f} dropped (queue full or over its "
         f"latency budget); {stored_n:,.0f} shadow predictions stored.",
     ]
+    return "\n".join(lines)
+
+
+def _cpu_report(cpu: list[tuple[dict[str, float], dict[str, float]]]) -> str:
+    """CPU seconds per 1,000 requests by role, the median over the rounds, without and with the shadow."""
+    roles = sorted({role for pair in cpu for side in pair for role in side})
+    lines = ["| CPU s per 1,000 requests (median) | no shadow | a shadow at share 1.0 |", "|---|---|---|"]
+    for role in roles:
+        without, shadowed = (statistics.median(pair[i].get(role, 0.0) for pair in cpu) for i in (0, 1))
+        lines.append(f"| {role} | {without:.3f} | {shadowed:.3f} |")
     return "\n".join(lines)
 
 

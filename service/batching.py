@@ -9,7 +9,10 @@ waited longer than `max_latency_s` is failed with `Overloaded` instead of run la
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +47,15 @@ class _Pending(Generic[C]):
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+def _lower_priority(niceness: int) -> None:
+    """Lower the calling thread's priority: on Linux each thread is scheduled as a task of its own,
+    which `setpriority` names by its thread id. Elsewhere, or when refused, it runs as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError) as exc:
+        logger.warning("could not lower the inference thread's priority: %s", exc)
+
+
 class AdaptiveBatcher(Generic[C]):
     """Merge concurrent `submit` calls into single calls of `infer` on one worker thread.
 
@@ -59,7 +71,10 @@ class AdaptiveBatcher(Generic[C]):
         max_batch_size: int,
         max_latency_s: float,
         on_batch: Callable[[int, float], None] | None = None,
+        niceness: int = 0,
     ) -> None:
+        """`niceness` > 0 lowers the worker thread's scheduling priority by that much (Linux): a
+        batcher whose work may wait, such as a shadow's, yields the CPU to those that answer."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._infer = infer
@@ -68,7 +83,11 @@ class AdaptiveBatcher(Generic[C]):
         self._on_batch = on_batch
         self._queue: deque[_Pending[C]] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="infer",
+            initializer=functools.partial(_lower_priority, niceness) if niceness > 0 else None,
+        )
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 

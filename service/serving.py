@@ -32,6 +32,7 @@ from service.settings import CHAMPION
 logger = logging.getLogger(__name__)
 
 INFERENCE_WAIT_S = 60.0  # how long a worker waits for the shared inference process to come up
+SHADOW_NICENESS = 10  # a shadow's inference thread yields the CPU to the answers' (its work may wait)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class ModelSlot:
                 max_batch_size=self.where.max_batch_size,
                 max_latency_s=self.where.max_latency_s,
                 on_batch=self._on_batch if self.serves else None,
+                niceness=0 if self.serves else SHADOW_NICENESS,
             )
         return self._batcher
 

@@ -298,10 +298,11 @@ def _shadow_rows(fields: Fields) -> list[ShadowRow]:
         raise MalformedEntry("confidence or scores are not finite")
     width = scores.shape[1] * 4
     answer_ms, shadow_ms = _timings(fields, n)
-    labelled = zip(ids, labels, request_ids, scores, confidences, answer_ms, strict=True)
+    indices, confidence_values = scores.argmax(axis=1).tolist(), confidences.tolist()
+    columns = zip(ids, labels, indices, confidence_values, _cut(raw_scores, width), request_ids, answer_ms, strict=True)
     return [
-        ShadowRow(i, created_at(i), name, version, label, int(row.argmax()), float(c), raw, request, a, shadow_ms)
-        for (i, label, request, row, c, a), raw in zip(labelled, _cut(raw_scores, width), strict=True)
+        ShadowRow(i, created_at(i), name, version, label, index, c, raw, request, a, shadow_ms)
+        for i, label, index, c, raw, request, a in columns
     ]
 
 
