@@ -3,6 +3,7 @@ every face after the answer, stored beside the answers, and changing none of the
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,34 @@ from tests.integration.conftest import RunningService
 from tests.integration.test_hot_reload import another_model
 
 pytestmark = pytest.mark.integration
+
+
+UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+VARYING = {"date", "x-loop-worker"}  # the time, and which worker answered
+
+
+def as_sent(response: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
+    """An answer as the client read it, byte for byte, with the prediction ids (new in every
+    answer) masked, and the headers that say when and which worker left out."""
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in VARYING]
+    return response.status_code, headers, UUID.sub(b"<id>", response.content)
+
+
+def every_face(url: str, name: str, images: np.ndarray) -> list[tuple[int, list[tuple[str, str]], bytes]]:
+    """The same samples through every face the model has (JSON, .npy, v2 JSON), one request id each."""
+    input_name = httpx.get(f"{url}/v2/models/{name}", timeout=10).json()["inputs"][0]["name"]
+    tensor = {"name": input_name, "shape": [1, 8, 8], "datatype": "FP32", "data": images[0].ravel().tolist()}
+    sent = [
+        httpx.post(f"{url}/predict", json={"samples": [image.tolist()]}, headers={"x-request-id": f"json-{i}"},
+                   timeout=30)
+        for i, image in enumerate(images)
+    ] + [
+        httpx.post(f"{url}/predict/npy", content=npy_bytes(images[:2].astype(np.float32)),
+                   headers={"x-request-id": "npy"}, timeout=30),
+        httpx.post(f"{url}/v2/models/{name}/infer", json={"id": "v2", "inputs": [tensor]}, timeout=30),
+    ]  # fmt: skip
+    assert all(r.status_code == 200 for r in sent), [r.text for r in sent if r.status_code != 200]
+    return [as_sent(r) for r in sent]
 
 
 def without_ids(answer: dict[str, Any]) -> list[dict[str, Any]]:
@@ -56,6 +85,7 @@ def test_a_shadow_sees_every_face_changes_no_answer_and_is_stored_beside_the_ans
     images = digits.load().images[:12]
     bodies = [{"samples": [image.tolist()]} for image in images]
     before = [without_ids(httpx.post(f"{service.url}/predict", json=b, timeout=30).json()) for b in bodies]
+    bytes_before = every_face(service.url, name, images[:6])
 
     started = httpx.post(f"{service.url}/admin/shadow", json={"version": candidate.version}, headers=admin)
     assert started.status_code == 201, started.text
@@ -79,6 +109,7 @@ def test_a_shadow_sees_every_face_changes_no_answer_and_is_stored_beside_the_ans
     wait_for(every_worker_mirrors, "both workers to mirror what they answer", on_timeout=service.logs)
     answered = [httpx.post(f"{service.url}/predict", json=b, timeout=30).json() for b in bodies]
     assert [without_ids(a) for a in answered] == before  # the shadow changes no answer
+    assert every_face(service.url, name, images[:6]) == bytes_before  # not a byte of one, ids aside
     assert {p["model_version"] for a in answered for p in a["predictions"]} == {champion.version}
     # The other faces are mirrored too: .npy and the Open Inference Protocol.
     npy = httpx.post(f"{service.url}/predict/npy", content=npy_bytes(images[:2].astype(np.float32)), timeout=30)
