@@ -11,9 +11,11 @@ bounded by it; the health probes always pass.
 
 `BoundedHttpToolsProtocol` (uvicorn's httptools protocol, the C parser; the default) and
 `BoundedHeadProtocol` (its h11 protocol, pure Python) have one bound for the request line and
-headers, whether they arrive in one piece or many: over it, the answer is 431, and the rest of
-what the client sends is read and dropped for a moment before the connection closes, so the
-client sees the answer rather than a connection reset.
+headers, whether they arrive in one piece or many: over it, the answer is 431. Both linger on close while
+the client may still be sending (a refused head, or a body not read: a 413, a 429, with
+`Connection: close`): the writing side is shut after the answer, and the rest of what the client
+sends is read and dropped for a moment before the connection closes, so that every client reads
+the answer rather than a connection reset.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers together
-DRAIN_BYTES = 8 * 2**20  # after a 431, read and drop at most this much of the rest
-DRAIN_SECONDS = 2.0  # ... for at most this long, then close
+DRAIN_BYTES = 64 * 2**20  # closing while the client still sends: read and drop at most this much
+DRAIN_SECONDS = 5.0  # ... for at most this long, then close
 JSON_ROUTES = ("/predict",)  # BentoML's JSON APIs: a form body there is a mistake...
 UPLOAD_ROUTE = "/predict/files"  # ... except uploaded images, which this route takes
 FORM_TYPES = ("multipart/", "application/x-www-form-urlencoded")
@@ -226,37 +228,90 @@ def _head_refusal() -> bytes:
     return b"\r\n".join(lines) + body
 
 
-class _RefusesHeads:
-    """What both bounded protocols do once a head is over the limit: answer 431, then read and drop
-    the rest for a moment before closing. Closing at once would reset a connection the client is
-    still writing to, and the reset can overtake the answer."""
+class _LingeringTransport:
+    """The connection's transport, whose `close` lingers while the client may still be sending the
+    request (its body, or a head that was refused): the answer is flushed and the writing side shut
+    (FIN), then what the client still sends is read and dropped, up to `DRAIN_BYTES` for at most
+    `DRAIN_SECONDS`, and only then is the socket closed. Closing with unread data in the socket
+    makes the kernel reset the connection, and the reset can overtake the answer: a client that
+    sent a body too large with `Connection: close` would read a reset, not the 413."""
 
-    transport: asyncio.Transport
-    client: Any
-    _drain_left: int | None = None
+    def __init__(self, transport: asyncio.Transport, sending: Callable[[], bool]) -> None:
+        self._transport = transport
+        self._sending = sending  # whether the client may still be sending the request
+        self._drain_left: int | None = None  # set once lingering
 
-    def _refuse_head(self) -> None:
-        logger.info("refused a request head over %d bytes from %s", MAX_HEAD_BYTES, self.client)
-        self.transport.write(_head_refusal())
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    @property
+    def lingering(self) -> bool:
+        return self._drain_left is not None
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering:
+            return
+        if self._transport.is_closing() or not self._sending():
+            self._transport.close()
+            return
         self._drain_left = DRAIN_BYTES
-        asyncio.get_running_loop().call_later(DRAIN_SECONDS, self.transport.close)
+        if self._transport.can_write_eof():
+            self._transport.write_eof()  # after what was written: the client reads all of the answer
+        self._transport.resume_reading()  # flow control may have paused it: the rest is dropped now
+        asyncio.get_running_loop().call_later(DRAIN_SECONDS, self._transport.close)
 
-    def _drained(self, data: bytes) -> bool:
-        """True when `data` was dropped, the head having been refused."""
+    def dropped(self, data: bytes) -> bool:
+        """True when `data` arrived while lingering, and was dropped."""
         if self._drain_left is None:
             return False
         self._drain_left -= len(data)
         if self._drain_left <= 0:
-            self.transport.close()
+            self._transport.close()
         return True
 
 
-class BoundedHeadProtocol(_RefusesHeads, H11Protocol):
-    """uvicorn's h11 protocol answering 431 to request heads over `MAX_HEAD_BYTES`."""
+class _Lingers:
+    """What both bounded protocols share: a transport that lingers on close while the client is
+    still sending, and the 431 to a head over the limit (answered, then closed that way)."""
+
+    transport: Any
+    client: Any
+    _head_refused = False
+
+    def _wrap(self, transport: asyncio.Transport) -> None:
+        self.transport = _LingeringTransport(transport, self._sending)
+
+    def _sending(self) -> bool:
+        raise NotImplementedError
+
+    def _refuse_head(self) -> None:
+        logger.info("refused a request head over %d bytes from %s", MAX_HEAD_BYTES, self.client)
+        self._head_refused = True
+        self.transport.write(_head_refusal())
+        self.transport.close()
+
+    def _drained(self, data: bytes) -> bool:
+        """True when `data` was dropped: the connection is closing."""
+        return isinstance(self.transport, _LingeringTransport) and self.transport.dropped(data)
+
+
+class BoundedHeadProtocol(_Lingers, H11Protocol):
+    """uvicorn's h11 protocol answering 431 to request heads over `MAX_HEAD_BYTES`, and lingering
+    on close while the client is still sending."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _BoundedConnection()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._wrap(transport)
+
+    def _sending(self) -> bool:
+        return self._head_refused or self.conn.their_state is h11.SEND_BODY
 
     def data_received(self, data: bytes) -> None:
         if not self._drained(data):
@@ -275,7 +330,7 @@ class _HeadTooLarge(Exception):
     pass
 
 
-class BoundedHttpToolsProtocol(_RefusesHeads, HttpToolsProtocol):
+class BoundedHttpToolsProtocol(_Lingers, HttpToolsProtocol):
     """uvicorn's httptools protocol (llhttp, in C: the faster parser) with the same bound.
 
     The parser hands over the URL in pieces and each header whole, and keeps an unfinished header
@@ -286,12 +341,19 @@ class BoundedHttpToolsProtocol(_RefusesHeads, HttpToolsProtocol):
     _head_size = 0  # the URL's and headers' bytes seen by the callbacks
     _head_read = 0  # bytes read while the head was unfinished
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._wrap(transport)
+
+    def _sending(self) -> bool:
+        return self._head_refused or self._in_head or (self.cycle is not None and self.cycle.more_body)
+
     def data_received(self, data: bytes) -> None:
         if self._drained(data):
             return
         was_in_head = self._in_head
         super().data_received(data)
-        if self._drain_left is None and self._in_head:
+        if not self._head_refused and self._in_head:
             self._head_read += len(data) if was_in_head else 0
             if self._head_read > MAX_HEAD_BYTES:
                 self._refuse_head()

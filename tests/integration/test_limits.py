@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
 import psutil
 import pytest
+import requests
 
 from tests.integration.conftest import RunningService
 
@@ -114,6 +117,57 @@ def test_a_50_mb_body_gets_413_unread_and_others_are_not_held_up(shared_service:
     assert small.status_code == 200, small.text
 
 
+def _with_urllib(url: str, body: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:  # sends Connection: close
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read()
+
+
+def _with_requests(url: str, body: bytes) -> tuple[int, bytes]:
+    answer = requests.post(url, data=body, headers={"Connection": "close", "Content-Type": "application/json"},
+                           timeout=30)  # fmt: skip
+    return answer.status_code, answer.content
+
+
+def _with_httpx(url: str, body: bytes) -> tuple[int, bytes]:
+    answer = httpx.post(url, content=body, headers={"Connection": "close", "Content-Type": "application/json"},
+                        timeout=30)  # fmt: skip
+    return answer.status_code, answer.content
+
+
+def _with_a_socket(url: str, body: bytes) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    head = (f"POST {parts.path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
+        s.sendall(head + body)  # all of it, as a simple client does, before reading a byte
+        answer = b""
+        while data := s.recv(65536):
+            answer += data
+    return status_of(answer), answer.split(b"\r\n\r\n", 1)[1]
+
+
+CLIENTS = {"urllib": _with_urllib, "requests": _with_requests, "httpx": _with_httpx, "socket": _with_a_socket}
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_body_over_the_limit_with_connection_close_gets_413_in_every_common_client(
+    shared_service: Callable[..., RunningService], parser: str, client: str
+) -> None:
+    """The server answers before it reads the body, then lingers: it stops writing, drops what
+    is still coming and closes only then, so no client reads a reset instead of the answer."""
+    service = shared_service(LOOP_HTTP_PARSER=parser)
+    body = b"[" + b" " * 20_000_000 + b"]"  # 20 MB: far more than the sockets' buffers hold
+    status, content = CLIENTS[client](f"{service.url}/predict", body)
+    assert status == 413, content[:300]
+    assert f"the body of {len(body)} bytes is over the limit".encode() in content
+    assert httpx.get(f"{service.url}/livez").status_code == 200
+
+
 def test_a_chunked_body_over_the_limit_gets_413(shared_service: Callable[..., RunningService]) -> None:
     service = shared_service(LOOP_HTTP_PARSER="httptools")
 
@@ -146,6 +200,9 @@ def test_requests_beyond_a_workers_concurrency_get_429_as_problem_details(
         refused = httpx.post(f"{service.url}/predict", json={"samples": [DIGIT]}, timeout=10)
         assert refused.status_code == 429, refused.text
         assert refused.headers["content-type"] == "application/problem+json"
+        # Refused before its body is read, a large one sent with `Connection: close` still reads the 429.
+        status, content = _with_urllib(f"{service.url}/predict", b"[" + b" " * 3_000_000 + b"]")
+        assert status == 429 and json.loads(content)["status"] == 429, content[:300]
         assert httpx.get(f"{service.url}/readyz", timeout=10).status_code == 200  # probes are never refused
     finally:
         for s in held:
