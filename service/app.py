@@ -14,20 +14,23 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qs
 
 import bentoml
 import redis
 from psycopg_pool import ConnectionPool
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from feedback.datasets import originals_for
-from feedback.errors import DomainError
+from feedback.errors import DomainError, Malformed
 from feedback.keys import Keys
 from feedback.predictions.log import LogPolicy, PredictionLog
 from feedback.use_cases import announcer, shadow_announcer
+from models.npy import read_npy
+from models.signature import InputError
 from service import database, fast_path, logs, metrics, problems
 from service.contract import OpenAPIContract
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
@@ -39,6 +42,7 @@ from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
 from service.routes.dependencies import ModerationContext
 from service.routes.faces import PredictRequest, chosen_request_id
+from service.routes.fields import ModelName
 from service.routes.review import router as review_router
 from service.schemas import BatchingPublic, PredictResponse
 from service.serving import ModelSlot, Where
@@ -171,8 +175,16 @@ class Predictor:
     async def startup(self) -> None:
         settings = self.settings
         if settings.fast_path and not (settings.access_log_predictions or settings.trace_predictions):
-            fast_path.take("/predict", self._predict_json, max_body_bytes=settings.body_limits.predict,
-                           max_in_flight=settings.max_concurrency)  # fmt: skip
+            most, at_once = settings.body_limits.predict, settings.max_concurrency
+            fast_path.take("/predict", self._predict_json, max_body_bytes=most, max_in_flight=at_once)
+            fast_path.take(
+                "/predict/npy",
+                self._predict_npy,
+                max_body_bytes=most,
+                max_in_flight=at_once,
+                media_types=NPY_TYPES,
+                query=True,
+            )
         # Everything imported so far lives as long as the worker: out of the collector's sight, a
         # full collection no longer walks the libraries' millions of objects while requests wait.
         gc.collect()
@@ -232,6 +244,7 @@ class Predictor:
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
         fast_path.release("/predict")
+        fast_path.release("/predict/npy")
         await self.shadows.close()
         for slot in self.slots.values():
             await slot.close()
@@ -266,21 +279,66 @@ class Predictor:
             ctx.response.headers["X-Loop-Worker"] = self.worker
         return answer
 
-    async def _predict_json(self, body: bytes, headers: Mapping[bytes, bytes]) -> fast_path.Answer | None:
+    async def _predict_json(self, body: bytes, headers: Mapping[bytes, bytes], query: bytes) -> fast_path.Answer | None:
         """`predict` for service.fast_path: the same checks and answers, without BentoML's dispatch.
         A body `PredictRequest` refuses is left to `predict` (None): its answer is the documented one."""
         try:
             request = PredictRequest.model_validate_json(body or b"{}")
         except ValidationError:
             return None
-        given = headers.get(b"x-request-id")
-        request_id = chosen_request_id(None if given is None else given.decode("latin-1"))
+        request_id = _request_id(headers)
+        return await self._fast_answer(
+            request_id, self.plane.classify(request.model, request.samples, request.tags or {}, request_id)
+        )
+
+    async def _predict_npy(self, body: bytes, headers: Mapping[bytes, bytes], query: bytes) -> fast_path.Answer | None:
+        """`POST /predict/npy` for service.fast_path; a query string other than one valid `model`
+        is left to the route (None), which answers it as documented."""
+        model = _model_query(query)
+        if model is False:
+            return None
+        request_id = _request_id(headers)
         try:
-            answer = await self.plane.classify(request.model, request.samples, request.tags or {}, request_id)
+            array = read_npy(body)
+        except InputError as exc:
+            return fast_path.Answer.refusing(Malformed(str(exc)))
+        answering = self.plane.classify_array(model, array, request_id)
+        return await self._fast_answer(request_id, answering, server=False)
+
+    async def _fast_answer(
+        self, request_id: str, answering: Awaitable[PredictResponse], *, server: bool = True
+    ) -> fast_path.Answer:
+        """The answer, as BentoML's API answers it (`server`: with its Server header) or as a mounted route does."""
+        try:
+            answer = await answering
         except DomainError as exc:
             return fast_path.Answer.refusing(exc)
-        answered = [(b"x-request-id", request_id.encode("latin-1")), *self._answered_headers]
-        return fast_path.Answer(200, answer.model_dump_json().encode(), answered)
+        headers = self._answered_headers if server else self._answered_headers[:-1]
+        return fast_path.Answer(
+            200, answer.model_dump_json().encode(), [(b"x-request-id", request_id.encode()), *headers]
+        )
+
+
+NPY_TYPES = (b"application/octet-stream", b"")  # what `/predict/npy` takes on the fast path
+_MODEL_NAME: TypeAdapter[str] = TypeAdapter(ModelName)
+
+
+def _request_id(headers: Mapping[bytes, bytes]) -> str:
+    given = headers.get(b"x-request-id")
+    return chosen_request_id(None if given is None else given.decode("latin-1"))
+
+
+def _model_query(query: bytes) -> str | Literal[False] | None:
+    """The `model` a query string names (None: none given); False for any other query string."""
+    if not query:
+        return None
+    found = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+    if set(found) != {"model"} or len(found["model"]) != 1:
+        return False
+    try:
+        return _MODEL_NAME.validate_python(found["model"][0])
+    except ValidationError:
+        return False
 
 
 def _assemble(service: Any) -> None:

@@ -5,9 +5,10 @@ middlewares, Starlette's router and BentoML's API dispatch, which binds the meth
 again for every request (docs/benchmarks.md, "The prediction path's cost"). A bare ASGI handler doing the same
 work (the checks, the batcher, the log append) answered about four times as many requests on the
 same cores. `FastRoutes` wraps the worker's whole ASGI application and answers the requests it can
-answer exactly as the service would: POST to a route a handler has taken (`take`), no query
-string, a JSON body of declared length within the route's limit, while the worker is under its
-concurrency limit. The handler may still decline a request (a body its model refuses); that
+answer exactly as the service would: POST to a route a handler has taken (`take`), a body of a
+media type it takes and of declared length within the route's limit, no query string unless the
+handler reads one, while the worker is under its concurrency limit. The handler may still decline
+a request (a body its model refuses); that
 request, and every other, goes to BentoML's application unchanged, its body replayed, so every
 error is answered as before, by the same code.
 
@@ -43,8 +44,9 @@ class Answer:
         return cls(status, body, headers)
 
 
-# The request's body and headers (lower-case names) -> its answer, or None: not here, answer it as always.
-Handler = Callable[[bytes, Mapping[bytes, bytes]], Awaitable[Answer | None]]
+# The request's body, headers (lower-case names) and query string -> its answer, or None: not here,
+# answer it as always.
+Handler = Callable[[bytes, Mapping[bytes, bytes], bytes], Awaitable[Answer | None]]
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,25 @@ class _Route:
     handler: Handler
     max_body_bytes: int
     max_in_flight: int
+    media_types: frozenset[bytes]  # the bodies it takes, by media type (b"": none declared)
+    query: bool  # whether the handler reads a query string (else a request with one is handed over)
 
 
 _routes: dict[str, _Route] = {}
 
 
-def take(path: str, handler: Handler, *, max_body_bytes: int, max_in_flight: int) -> None:
-    """Answer POST `path` with `handler` in this worker from now on."""
-    _routes[path] = _Route(handler, max_body_bytes, max_in_flight)
+def take(
+    path: str,
+    handler: Handler,
+    *,
+    max_body_bytes: int,
+    max_in_flight: int,
+    media_types: tuple[bytes, ...] = (b"application/json",),
+    query: bool = False,
+) -> None:
+    """Answer POST `path` with `handler` in this worker from now on: bodies of `media_types`, and
+    with a query string only when the handler reads one (`query`)."""
+    _routes[path] = _Route(handler, max_body_bytes, max_in_flight, frozenset(media_types), query)
 
 
 def release(path: str) -> None:
@@ -75,7 +88,7 @@ class FastRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = _routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None or scope["query_string"]:
+        if route is None or (scope["query_string"] and not route.query):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -83,7 +96,7 @@ class FastRoutes:
         if (
             declared is None  # chunked or no body: the limits middleware reads it, bounded
             or int(declared) > route.max_body_bytes  # the limits middleware answers 413
-            or not headers.get(b"content-type", b"").startswith(b"application/json")
+            or _media_type(headers) not in route.media_types
             or self.in_flight.n >= route.max_in_flight  # the concurrency limit answers 429
         ):
             await self.app(scope, receive, send)
@@ -95,7 +108,7 @@ class FastRoutes:
                 return  # the client went away
             started = time.perf_counter()
             try:
-                answer = await route.handler(body, headers)
+                answer = await route.handler(body, headers, scope["query_string"])
             except Exception as exc:
                 logger.exception("%s failed", scope["path"])
                 answer = Answer.refusing(exc)  # a 500: the log says why
@@ -110,6 +123,11 @@ class FastRoutes:
         length = (b"content-length", str(len(answer.body)).encode())
         await send({"type": "http.response.start", "status": answer.status, "headers": [*answer.headers, length]})
         await send({"type": "http.response.body", "body": answer.body})
+
+
+def _media_type(headers: Mapping[bytes, bytes]) -> bytes:
+    """The body's declared media type, lower-case, without parameters (b"" when none is declared)."""
+    return headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
 
 
 async def _body(receive: Receive) -> bytes | None:
