@@ -42,7 +42,7 @@ from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
 from service.routes.dependencies import ModerationContext
 from service.routes.faces import PredictRequest, chosen_request_id
-from service.routes.fields import ModelName
+from service.routes.fields import ModelName, ModelVersion
 from service.routes.review import router as review_router
 from service.schemas import BatchingPublic, PredictResponse
 from service.serving import ModelSlot, Where
@@ -185,6 +185,8 @@ class Predictor:
                 media_types=NPY_TYPES,
                 query=True,
             )
+            for path in V2_INFER:
+                fast_path.take(path, self._v2_infer, max_body_bytes=most, max_in_flight=at_once, media_types=V2_TYPES)
         # Everything imported so far lives as long as the worker: out of the collector's sight, a
         # full collection no longer walks the libraries' millions of objects while requests wait.
         gc.collect()
@@ -245,6 +247,8 @@ class Predictor:
     async def shutdown(self) -> None:
         fast_path.release("/predict")
         fast_path.release("/predict/npy")
+        for path in V2_INFER:
+            fast_path.release(path)
         await self.shadows.close()
         for slot in self.slots.values():
             await slot.close()
@@ -279,31 +283,59 @@ class Predictor:
             ctx.response.headers["X-Loop-Worker"] = self.worker
         return answer
 
-    async def _predict_json(self, body: bytes, headers: Mapping[bytes, bytes], query: bytes) -> fast_path.Answer | None:
+    async def _predict_json(self, incoming: fast_path.Incoming) -> fast_path.Answer | None:
         """`predict` for service.fast_path: the same checks and answers, without BentoML's dispatch.
         A body `PredictRequest` refuses is left to `predict` (None): its answer is the documented one."""
         try:
-            request = PredictRequest.model_validate_json(body or b"{}")
+            request = PredictRequest.model_validate_json(incoming.body or b"{}")
         except ValidationError:
             return None
-        request_id = _request_id(headers)
+        request_id = _request_id(incoming.headers)
         return await self._fast_answer(
             request_id, self.plane.classify(request.model, request.samples, request.tags or {}, request_id)
         )
 
-    async def _predict_npy(self, body: bytes, headers: Mapping[bytes, bytes], query: bytes) -> fast_path.Answer | None:
+    async def _predict_npy(self, incoming: fast_path.Incoming) -> fast_path.Answer | None:
         """`POST /predict/npy` for service.fast_path; a query string other than one valid `model`
         is left to the route (None), which answers it as documented."""
-        model = _model_query(query)
+        model = _model_query(incoming.query)
         if model is False:
             return None
-        request_id = _request_id(headers)
+        request_id = _request_id(incoming.headers)
         try:
-            array = read_npy(body)
+            array = read_npy(incoming.body)
         except InputError as exc:
             return fast_path.Answer.refusing(Malformed(str(exc)))
         answering = self.plane.classify_array(model, array, request_id)
         return await self._fast_answer(request_id, answering, server=False)
+
+    async def _v2_infer(self, incoming: fast_path.Incoming) -> fast_path.Answer | None:
+        """The Open Inference Protocol's infer for service.fast_path (JSON, or binary tensors); a
+        model or version name the route's checks would refuse is left to it (None)."""
+        name, version = incoming.params["name"], incoming.params.get("version")
+        if not (_valid(_MODEL_NAME, name) and (version is None or _valid(_MODEL_VERSION, version))):
+            return None
+        length = incoming.headers.get(b"inference-header-content-length")
+        given = incoming.headers.get(b"x-request-id")
+        try:
+            inferred = await open_inference.infer(
+                self.plane,
+                name,
+                version,
+                incoming.body,
+                header_length=None if length is None else length.decode("latin-1"),
+                headers={} if given is None else {"x-request-id": given.decode("latin-1")},
+            )
+        except DomainError as exc:
+            return fast_path.Answer.refusing(exc, v2=True)
+        headers = [(b"x-request-id", inferred.request_id.encode()), *self._answered_headers[1:-1]]
+        if inferred.header_length is None:
+            return fast_path.Answer(200, inferred.content, [(b"content-type", b"application/json"), *headers])
+        binary = [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", str(inferred.header_length).encode()),
+        ]
+        return fast_path.Answer(200, inferred.content, [*binary, *headers])
 
     async def _fast_answer(
         self, request_id: str, answering: Awaitable[PredictResponse], *, server: bool = True
@@ -320,7 +352,18 @@ class Predictor:
 
 
 NPY_TYPES = (b"application/octet-stream", b"")  # what `/predict/npy` takes on the fast path
+V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+V2_TYPES = (b"application/json", b"application/octet-stream")  # JSON tensors, or binary ones after a JSON header
 _MODEL_NAME: TypeAdapter[str] = TypeAdapter(ModelName)
+_MODEL_VERSION: TypeAdapter[str] = TypeAdapter(ModelVersion)
+
+
+def _valid(adapter: TypeAdapter[str], value: str) -> bool:
+    try:
+        adapter.validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
 
 def _request_id(headers: Mapping[bytes, bytes]) -> str:
@@ -335,10 +378,8 @@ def _model_query(query: bytes) -> str | Literal[False] | None:
     found = parse_qs(query.decode("latin-1"), keep_blank_values=True)
     if set(found) != {"model"} or len(found["model"]) != 1:
         return False
-    try:
-        return _MODEL_NAME.validate_python(found["model"][0])
-    except ValidationError:
-        return False
+    model = found["model"][0]
+    return model if _valid(_MODEL_NAME, model) else False
 
 
 def _assemble(service: Any) -> None:

@@ -19,6 +19,7 @@ metrics count and time them (`loop_predictions_total`, `loop_fast_path_request_s
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,15 +39,22 @@ class Answer:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # besides content-length
 
     @classmethod
-    def refusing(cls, exc: Exception) -> Answer:
-        """An error as problem details, as the app's handlers answer it."""
-        status, headers, body = problems.encoded(exc)
+    def refusing(cls, exc: Exception, *, v2: bool = False) -> Answer:
+        """An error as problem details (`v2`: with the protocol's `error`), as the app's handlers answer it."""
+        status, headers, body = problems.encoded(exc, v2=v2)
         return cls(status, body, headers)
 
 
-# The request's body, headers (lower-case names) and query string -> its answer, or None: not here,
-# answer it as always.
-Handler = Callable[[bytes, Mapping[bytes, bytes], bytes], Awaitable[Answer | None]]
+@dataclass(frozen=True)
+class Incoming:
+    body: bytes
+    headers: Mapping[bytes, bytes]  # lower-case names
+    query: bytes  # the query string, as sent
+    params: Mapping[str, str]  # the path's parameters (`take`'s {name} parts)
+
+
+# A request -> its answer, or None: not here, answer it as always.
+Handler = Callable[[Incoming], Awaitable[Answer | None]]
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,12 @@ class _Route:
     max_in_flight: int
     media_types: frozenset[bytes]  # the bodies it takes, by media type (b"": none declared)
     query: bool  # whether the handler reads a query string (else a request with one is handed over)
+    path: str  # as taken, {parameters} and all: what the metrics name it by
 
 
-_routes: dict[str, _Route] = {}
+_routes: dict[str, _Route] = {}  # by path
+_patterns: dict[str, tuple[re.Pattern[str], _Route]] = {}  # paths with {parameters}, by pattern
+_PARAMETER = re.compile(r"\{(\w+)\}")
 
 
 def take(
@@ -71,12 +82,31 @@ def take(
     query: bool = False,
 ) -> None:
     """Answer POST `path` with `handler` in this worker from now on: bodies of `media_types`, and
-    with a query string only when the handler reads one (`query`)."""
-    _routes[path] = _Route(handler, max_body_bytes, max_in_flight, frozenset(media_types), query)
+    with a query string only when the handler reads one (`query`). A `{name}` part of `path` takes
+    any one segment, handed to the handler in `Incoming.params`."""
+    route = _Route(handler, max_body_bytes, max_in_flight, frozenset(media_types), query, path)
+    if _PARAMETER.search(path) is None:
+        _routes[path] = route
+        return
+    parts = _PARAMETER.split(path)  # literal, name, literal, ...
+    regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts))
+    _patterns[path] = (re.compile(f"^{regex}$"), route)
 
 
 def release(path: str) -> None:
     _routes.pop(path, None)
+    _patterns.pop(path, None)
+
+
+def _route(path: str) -> tuple[_Route | None, dict[str, str]]:
+    route = _routes.get(path)
+    if route is not None or not _patterns:
+        return route, {}
+    for pattern, candidate in _patterns.values():
+        matched = pattern.match(path)
+        if matched is not None:
+            return candidate, matched.groupdict()
+    return None, {}
 
 
 class FastRoutes:
@@ -87,7 +117,7 @@ class FastRoutes:
         self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        route, params = _route(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else (None, {})
         if route is None or (scope["query_string"] and not route.query):
             await self.app(scope, receive, send)
             return
@@ -108,7 +138,7 @@ class FastRoutes:
                 return  # the client went away
             started = time.perf_counter()
             try:
-                answer = await route.handler(body, headers, scope["query_string"])
+                answer = await route.handler(Incoming(body, headers, scope["query_string"], params))
             except Exception as exc:
                 logger.exception("%s failed", scope["path"])
                 answer = Answer.refusing(exc)  # a 500: the log says why
@@ -117,7 +147,7 @@ class FastRoutes:
         if answer is None:
             await self.app(scope, replay_body(body, receive), send)
             return
-        metrics.fast_path_seconds.labels(route=scope["path"], status=str(answer.status)).observe(
+        metrics.fast_path_seconds.labels(route=route.path, status=str(answer.status)).observe(
             time.perf_counter() - started
         )
         length = (b"content-length", str(len(answer.body)).encode())

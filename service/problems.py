@@ -142,9 +142,9 @@ def answer(exc: BaseException, *, v2: bool = False) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=_headers(exc), media_type=PROBLEM_JSON)
 
 
-def encoded(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def encoded(exc: BaseException, *, v2: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """`answer` as the status, headers (content-type included, not content-length) and body bytes."""
-    status, body = _content(exc, v2=False)
+    status, body = _content(exc, v2=v2)
     headers = [(b"content-type", PROBLEM_JSON.encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in _headers(exc).items()]
     return status, headers, json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

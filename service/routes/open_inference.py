@@ -5,6 +5,8 @@ inference through the same data plane as `POST /predict`. Messages are read and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -138,13 +140,41 @@ async def v2_infer(request: Request, plane: Plane, name: ModelName, version: Mod
     """Inference: JSON or binary tensors in; class probabilities and labels out, and the
     prediction ids (stored like every prediction) in the answer's parameters."""
     body = await request.body()  # bounded by `RequestLimits` before it is read
-    parsed = v2.parse(body, request.headers.get("inference-header-content-length"))
+    inferred = await infer(
+        plane, name, version, body, header_length=request.headers.get("inference-header-content-length"),
+        headers=request.headers,
+    )  # fmt: skip
+    headers = answer_headers(request, inferred.request_id)
+    if inferred.header_length is None:
+        return Response(inferred.content, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(inferred.header_length)
+    return Response(inferred.content, media_type="application/octet-stream", headers=headers)
+
+
+@dataclass(frozen=True)
+class Inferred:
+    content: bytes
+    header_length: int | None  # the JSON header's length when binary outputs follow it
+    request_id: str
+
+
+async def infer(
+    plane: Predictions,
+    name: str,
+    version: str | None,
+    body: bytes,
+    *,
+    header_length: str | None,
+    headers: Mapping[str, str],
+) -> Inferred:
+    """An inference request answered: the route's work, and the fast path's (`service.fast_path`)."""
+    parsed = v2.parse(body, header_length)
     slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
     batch, sent = await _batch(plane, served, parsed)
-    request_id = parsed.id or request_id_of(request.headers)
+    request_id = parsed.id or request_id_of(headers)
     answer = await plane.run(slot, batch, sent, {}, request_id)
     names = answer.class_names
-    content, header_length = v2.response(
+    content, length = v2.response(
         parsed,
         model_name=answer.served.stored.name,
         model_version=answer.served.stored.version,
@@ -152,11 +182,7 @@ async def v2_infer(request: Request, plane: Plane, name: ModelName, version: Mod
         labels=[names[i] for i in answer.outputs.labels],
         prediction_ids=[str(i) for i in answer.ids],
     )
-    headers = answer_headers(request, request_id)
-    if header_length is None:
-        return Response(content, media_type="application/json", headers=headers)
-    headers["Inference-Header-Content-Length"] = str(header_length)
-    return Response(content, media_type="application/octet-stream", headers=headers)
+    return Inferred(content, length, request_id)
 
 
 async def _batch(

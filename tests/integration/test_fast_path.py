@@ -57,12 +57,48 @@ NPY_REQUESTS: list[tuple[str, bytes, dict[str, str], str]] = [
     ("NaN", npy_bytes(np.full((1, 8, 8), np.nan, np.float32)), OCTETS, ""),
     ("as JSON", npy_bytes(DIGITS), JSON, ""),
 ]
-REQUESTS = [("/predict", *r) for r in JSON_REQUESTS] + [("/predict/npy", *r) for r in NPY_REQUESTS]
+INPUT = digits.digits_spec().onnx_input
+
+
+def v2_json(**fields: Any) -> bytes:
+    tensor = {"name": INPUT, "shape": [1, 8, 8], "datatype": "FP32", "data": DIGITS[0].ravel().tolist()}
+    return json.dumps({"inputs": [tensor], **fields}).encode()
+
+
+def v2_binary(outputs: list[dict[str, Any]] | None = None) -> tuple[bytes, dict[str, str]]:
+    data = DIGITS[:2].astype("<f4").tobytes()
+    tensor = {"name": INPUT, "shape": [2, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}
+    header = json.dumps({"inputs": [tensor], **({"outputs": outputs} if outputs else {})}).encode()
+    return header + data, {**OCTETS, "inference-header-content-length": str(len(header))}
+
+
+BINARY, BINARY_HEADERS = v2_binary()
+BINARY_OUT, BINARY_OUT_HEADERS = v2_binary([{"name": "probabilities", "parameters": {"binary_data": True}}])
+V2_REQUESTS: list[tuple[str, bytes, dict[str, str], str]] = [
+    ("v2 JSON", v2_json(), {}, ""),
+    ("v2 JSON, an id", v2_json(id="v2-1"), {}, ""),
+    ("v2 JSON, a request id", v2_json(), {"x-request-id": "v2-2"}, ""),
+    ("v2 binary in", BINARY, BINARY_HEADERS, ""),
+    ("v2 binary in and out", BINARY_OUT, BINARY_OUT_HEADERS, ""),
+    ("v2 binary, header too long", BINARY, {**BINARY_HEADERS, "inference-header-content-length": "99999"}, ""),
+    ("v2 another input", v2_json().replace(INPUT.encode(), b"other"), {}, ""),
+    ("v2 not JSON", b"{inputs", {}, ""),
+    ("v2 no inputs", b'{"inputs": []}', {}, ""),
+    ("v2 a query string", v2_json(), {}, "x=1"),
+]
+REQUESTS = (
+    [("/predict", *r) for r in JSON_REQUESTS]
+    + [("/predict/npy", *r) for r in NPY_REQUESTS]
+    + [("/v2/models/digits-cnn/infer", *r) for r in V2_REQUESTS]
+    + [("/v2/models/nope/infer", "v2 unknown model", v2_json(), {}, "")]
+    + [("/v2/models/digits-cnn/versions/nope/infer", "v2 unknown version", v2_json(), {}, "")]
+)
 
 
 def _comparable(response: httpx.Response) -> tuple[int, str, Any]:
     """Status, media type and body, with what differs by request (ids, the worker) left out."""
     text = re.sub(r'"(id|request_id)":\s*"[^"]+"', r'"\1": "-"', response.text)
+    text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "-", text)  # v2's prediction ids
     try:
         body: Any = json.loads(text)
     except json.JSONDecodeError:
@@ -92,12 +128,16 @@ def test_the_fast_path_answers_what_bentomls_path_answers(start_service: Callabl
 
     # The good JSON requests took the fast path; BentoML's own request counter saw only the others
     # (a query string, another media type), and sees every one when the fast path is off.
-    pattern = r'^loop_fast_path_request_seconds_count\{route="(/predict[^"]*)",status="(\d+)"\} (\S+)$'
+    pattern = r'^loop_fast_path_request_seconds_count\{route="([^"]+)",status="(\d+)"\} (\S+)$'
     fast_answers = {(route, status): float(n) for route, status, n in re.findall(pattern, metrics, re.M)}
     assert fast_answers == {
         ("/predict", "200"): 4, ("/predict", "400"): 2, ("/predict", "404"): 1,  # wrong shape and NaN; unknown model
         # .npy: no media type, the model named and integers too; wrong shape, not .npy, empty, NaN; unknown model
         ("/predict/npy", "200"): 6, ("/predict/npy", "400"): 4, ("/predict/npy", "404"): 1,
+        # v2, by the route's template: JSON (three) and binary (two); a header too long, another input,
+        # not JSON, no inputs; an unknown model and an unknown version (a query string was handed over)
+        ("/v2/models/{name}/infer", "200"): 5, ("/v2/models/{name}/infer", "400"): 4,
+        ("/v2/models/{name}/infer", "404"): 1, ("/v2/models/{name}/versions/{version}/infer", "404"): 1,
     }, fast_answers  # fmt: skip
     answered = sum(a.status_code == 200 for (path, *_), a in zip(REQUESTS, answers, strict=True) if path == "/predict")
     assert _bentoml_predictions(metrics) == answered - 4
