@@ -23,6 +23,8 @@ import bentoml
 import redis
 from psycopg_pool import ConnectionPool
 from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.types import Message
 
 from feedback.datasets import originals_for
 from feedback.errors import DomainError, Malformed
@@ -33,7 +35,7 @@ from models.npy import read_npy
 from models.signature import InputError
 from service import database, fast_path, logs, metrics, problems
 from service.contract import OpenAPIContract
-from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, use_bounded_heads
+from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, replay_body, use_bounded_heads
 from service.predictions import Predictions
 from service.problems import ProblemDetails
 from service.routes import application, open_inference, predict
@@ -187,6 +189,9 @@ class Predictor:
             )
             for path in V2_INFER:
                 fast_path.take(path, self._v2_infer, max_body_bytes=most, max_in_flight=at_once, media_types=V2_TYPES)
+            fast_path.take(
+                UPLOAD_ROUTE, self._predict_files, max_body_bytes=most, max_in_flight=at_once, media_types=FORM_TYPES
+            )
         # Everything imported so far lives as long as the worker: out of the collector's sight, a
         # full collection no longer walks the libraries' millions of objects while requests wait.
         gc.collect()
@@ -247,7 +252,7 @@ class Predictor:
     async def shutdown(self) -> None:
         fast_path.release("/predict")
         fast_path.release("/predict/npy")
-        for path in V2_INFER:
+        for path in (*V2_INFER, UPLOAD_ROUTE):
             fast_path.release(path)
         await self.shadows.close()
         for slot in self.slots.values():
@@ -309,6 +314,18 @@ class Predictor:
         answering = self.plane.classify_array(model, array, request_id)
         return await self._fast_answer(request_id, answering, server=False)
 
+    async def _predict_files(self, incoming: fast_path.Incoming) -> fast_path.Answer | None:
+        """`POST /predict/files` (uploaded images) for service.fast_path: the form read and checked
+        by the route's own code, from the body already read."""
+        request = Request(incoming.scope, receive=replay_body(incoming.body, _disconnected))
+        request_id = _request_id(incoming.headers)
+        try:
+            slot, spec, images, tags = await predict.read_upload(request, self.plane)
+        except DomainError as exc:
+            return fast_path.Answer.refusing(exc)
+        answering = self.plane.classify_images(slot, spec, images, tags, request_id)
+        return await self._fast_answer(request_id, answering, server=False)
+
     async def _v2_infer(self, incoming: fast_path.Incoming) -> fast_path.Answer | None:
         """The Open Inference Protocol's infer for service.fast_path (JSON, or binary tensors); a
         model or version name the route's checks would refuse is left to it (None)."""
@@ -352,6 +369,7 @@ class Predictor:
 
 
 NPY_TYPES = (b"application/octet-stream", b"")  # what `/predict/npy` takes on the fast path
+FORM_TYPES = (b"multipart/form-data",)  # uploaded images
 V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 V2_TYPES = (b"application/json", b"application/octet-stream")  # JSON tensors, or binary ones after a JSON header
 _MODEL_NAME: TypeAdapter[str] = TypeAdapter(ModelName)
@@ -364,6 +382,10 @@ def _valid(adapter: TypeAdapter[str], value: str) -> bool:
     except ValidationError:
         return False
     return True
+
+
+async def _disconnected() -> Message:
+    return {"type": "http.disconnect"}  # after the body, which the fast path has read already
 
 
 def _request_id(headers: Mapping[bytes, bytes]) -> str:

@@ -51,6 +51,7 @@ class Incoming:
     headers: Mapping[bytes, bytes]  # lower-case names
     query: bytes  # the query string, as sent
     params: Mapping[str, str]  # the path's parameters (`take`'s {name} parts)
+    scope: Scope  # the ASGI scope, for a handler that reads the request with Starlette's own code
 
 
 # A request -> its answer, or None: not here, answer it as always.
@@ -138,7 +139,7 @@ class FastRoutes:
                 return  # the client went away
             started = time.perf_counter()
             try:
-                answer = await route.handler(Incoming(body, headers, scope["query_string"], params))
+                answer = await route.handler(Incoming(body, headers, scope["query_string"], params, scope))
             except Exception as exc:
                 logger.exception("%s failed", scope["path"])
                 answer = Answer.refusing(exc)  # a 500: the log says why

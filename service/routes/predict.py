@@ -85,11 +85,11 @@ async def predict_files(request: Request, plane: Plane) -> Any:
     """Classify uploaded images (multipart/form-data: one file part per image; optional fields
     `model` and `tags`, a JSON object). `POST /predict` with a multipart body lands here too."""
     request_id = request_id_of(request.headers)
-    slot, spec, images, tags = await _read_upload(request, plane)
+    slot, spec, images, tags = await read_upload(request, plane)
     return answered(request, await plane.classify_images(slot, spec, images, tags, request_id))
 
 
-async def _read_upload(
+async def read_upload(
     request: Request, plane: Predictions
 ) -> tuple[ModelSlot, ImageInput, list[bytes], dict[str, str]]:
     """The files, tags and model of an upload, checked; the form's files are closed after."""

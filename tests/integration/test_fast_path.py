@@ -3,6 +3,7 @@ BentoML's API path answers, and is the path the requests take."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable
@@ -11,9 +12,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
-from models import digits
+from models import digits, store
+from models.importer import import_model
 from models.npy import npy_bytes
+from models.pipeline import BuildResult
+from models.spec import ModelSpec
+from tests.graphs import linear_classifier
 from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
@@ -86,12 +92,57 @@ V2_REQUESTS: list[tuple[str, bytes, dict[str, str], str]] = [
     ("v2 no inputs", b'{"inputs": []}', {}, ""),
     ("v2 a query string", v2_json(), {}, "x=1"),
 ]
+IMAGE_MODEL = "team-shapes-fast"
+BOUNDARY = "fAsTpAtH"
+
+
+def png(seed: int, size: tuple[int, int] = (20, 20)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def form(fields: dict[str, str], files: list[bytes], *, end: bool = True) -> bytes:
+    """A multipart/form-data body: the fields, then one file part per image."""
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]  # fmt: skip
+    parts += [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="i{i}.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + f
+        + b"\r\n"
+        for i, f in enumerate(files)
+    ]
+    return b"".join(parts) + (f"--{BOUNDARY}--\r\n".encode() if end else b"")
+
+
+MULTIPART = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+UPLOADS: list[tuple[str, bytes, dict[str, str], str]] = [
+    ("an image", form({"model": IMAGE_MODEL}, [png(1)]), MULTIPART, ""),
+    (
+        "two images, tags",
+        form({"model": IMAGE_MODEL, "tags": '{"app": "t"}'}, [png(2), png(3, (9, 30))]),
+        MULTIPART,
+        "",
+    ),
+    ("an image, a request id", form({"model": IMAGE_MODEL}, [png(4)]), {**MULTIPART, "x-request-id": "up-1"}, ""),
+    ("the default model takes numbers", form({}, [png(5)]), MULTIPART, ""),
+    ("not an image", form({"model": IMAGE_MODEL}, [b"GIF89a nothing"]), MULTIPART, ""),
+    ("no files", form({"model": IMAGE_MODEL}, []), MULTIPART, ""),
+    ("tags not JSON", form({"model": IMAGE_MODEL, "tags": "{"}, [png(6)]), MULTIPART, ""),
+    ("an unknown model", form({"model": "nope"}, [png(7)]), MULTIPART, ""),
+    ("an unfinished form", form({"model": IMAGE_MODEL}, [png(8)], end=False), MULTIPART, ""),
+    ("no boundary", form({"model": IMAGE_MODEL}, [png(9)]), {"content-type": "multipart/form-data"}, ""),
+]
+
 REQUESTS = (
     [("/predict", *r) for r in JSON_REQUESTS]
     + [("/predict/npy", *r) for r in NPY_REQUESTS]
     + [("/v2/models/digits-cnn/infer", *r) for r in V2_REQUESTS]
     + [("/v2/models/nope/infer", "v2 unknown model", v2_json(), {}, "")]
     + [("/v2/models/digits-cnn/versions/nope/infer", "v2 unknown version", v2_json(), {}, "")]
+    + [("/predict/files", *r) for r in UPLOADS]
 )
 
 
@@ -112,12 +163,26 @@ def _send(service: RunningService, path: str, body: bytes, headers: dict[str, st
     return httpx.post(url, content=body, headers=sent, timeout=30)
 
 
-def test_the_fast_path_answers_what_bentomls_path_answers(start_service: Callable[..., RunningService]) -> None:
-    fast = start_service()
+@pytest.fixture(scope="module")
+def image_model(tmp_path_factory: pytest.TempPathFactory) -> store.StoredModel:
+    spec = ModelSpec.model_validate({
+        "input": {"kind": "image", "width": 16, "height": 16, "mean": [0.5], "std": [0.25]},
+        "classes": ["circle", "square", "triangle"], "onnx_input": "image",
+    })  # fmt: skip
+    path = linear_classifier(tmp_path_factory.mktemp("fast") / "m.onnx", input_dims=["batch", 3, 16, 16],
+                             features=3 * 16 * 16)  # fmt: skip
+    return import_model(IMAGE_MODEL, path, spec)
+
+
+def test_the_fast_path_answers_what_bentomls_path_answers(
+    start_service: Callable[..., RunningService], trained_model: BuildResult, image_model: store.StoredModel
+) -> None:
+    models = f"{trained_model.stored.tag},{image_model.name}"  # digits the default, an image model beside it
+    fast = start_service(via_cli=False, LOOP_MODELS=models)
     answers = [_send(fast, path, body, headers, query) for path, _, body, headers, query in REQUESTS]
     # Read before the second service starts: services of one BentoML home share its metrics folder.
     metrics = _metrics(fast)
-    through_bentoml = start_service(LOOP_FAST_PATH="false")
+    through_bentoml = start_service(via_cli=False, LOOP_MODELS=models, LOOP_FAST_PATH="false")
     for (path, name, body, headers, query), a in zip(REQUESTS, answers, strict=True):
         b = _send(through_bentoml, path, body, headers, query)
         assert _comparable(a) == _comparable(b), name
@@ -138,6 +203,10 @@ def test_the_fast_path_answers_what_bentomls_path_answers(start_service: Callabl
         # not JSON, no inputs; an unknown model and an unknown version (a query string was handed over)
         ("/v2/models/{name}/infer", "200"): 5, ("/v2/models/{name}/infer", "400"): 4,
         ("/v2/models/{name}/infer", "404"): 1, ("/v2/models/{name}/versions/{version}/infer", "404"): 1,
+        # uploads: three good; not an image, no files, bad tags, an unfinished form, no boundary; an unknown
+        # model; files for the tensor model
+        ("/predict/files", "200"): 3, ("/predict/files", "400"): 5, ("/predict/files", "404"): 1,
+        ("/predict/files", "415"): 1,
     }, fast_answers  # fmt: skip
     answered = sum(a.status_code == 200 for (path, *_), a in zip(REQUESTS, answers, strict=True) if path == "/predict")
     assert _bentoml_predictions(metrics) == answered - 4
