@@ -264,9 +264,14 @@ class ShadowDemo:
         announcement), then every drifted sample, `request_size` a request; returns once the last
         one's shadow prediction is stored (the log is ingested in order)."""
         labels = self.task.labels[self.validation_rows]
-        first = self._predict(http, [0], labels)[0]
-        self._wait(lambda: self._shadowed(http, first), "the worker to shadow what it answers")
-        last = first
+        probes: list[str] = []
+
+        def probed() -> bool:  # a probe answered before the announcement arrived is never shadowed: send another
+            probes.append(self._predict(http, [0], labels)[0])
+            return any(self._shadowed(http, probe) for probe in probes[-10:])
+
+        self._wait(probed, "the worker to shadow what it answers")
+        last = probes[-1]
         with click.progressbar(length=len(self.traffic), label="drifted traffic", file=sys.stderr) as bar:
             for start in range(0, len(self.traffic), self.config.request_size):
                 rows = list(range(start, min(start + self.config.request_size, len(self.traffic))))
