@@ -178,7 +178,9 @@ class Predictor:
         settings = self.settings
         if settings.fast_path and not (settings.access_log_predictions or settings.trace_predictions):
             most, at_once = settings.body_limits.predict, settings.max_concurrency
-            fast_path.take("/predict", self._predict_json, max_body_bytes=most, max_in_flight=at_once)
+            fast_path.take(  # uploads come to /predict too
+                "/predict", self._predict, max_body_bytes=most, max_in_flight=at_once, media_types=(*JSON, *FORM_TYPES)
+            )
             fast_path.take(
                 "/predict/npy",
                 self._predict_npy,
@@ -288,6 +290,12 @@ class Predictor:
             ctx.response.headers["X-Loop-Worker"] = self.worker
         return answer
 
+    async def _predict(self, incoming: fast_path.Incoming) -> fast_path.Answer | None:
+        """`POST /predict` for service.fast_path: JSON samples, or uploaded images (a form)."""
+        if fast_path.media_type(incoming.headers) in FORM_TYPES:
+            return await self._predict_files(incoming)
+        return await self._predict_json(incoming)
+
     async def _predict_json(self, incoming: fast_path.Incoming) -> fast_path.Answer | None:
         """`predict` for service.fast_path: the same checks and answers, without BentoML's dispatch.
         A body `PredictRequest` refuses is left to `predict` (None): its answer is the documented one."""
@@ -369,6 +377,7 @@ class Predictor:
 
 
 NPY_TYPES = (b"application/octet-stream", b"")  # what `/predict/npy` takes on the fast path
+JSON = (b"application/json",)
 FORM_TYPES = (b"multipart/form-data",)  # uploaded images
 V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 V2_TYPES = (b"application/json", b"application/octet-stream")  # JSON tensors, or binary ones after a JSON header

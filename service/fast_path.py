@@ -127,7 +127,7 @@ class FastRoutes:
         if (
             declared is None  # chunked or no body: the limits middleware reads it, bounded
             or int(declared) > route.max_body_bytes  # the limits middleware answers 413
-            or _media_type(headers) not in route.media_types
+            or media_type(headers) not in route.media_types
             or self.in_flight.n >= route.max_in_flight  # the concurrency limit answers 429
         ):
             await self.app(scope, receive, send)
@@ -156,7 +156,7 @@ class FastRoutes:
         await send({"type": "http.response.body", "body": answer.body})
 
 
-def _media_type(headers: Mapping[bytes, bytes]) -> bytes:
+def media_type(headers: Mapping[bytes, bytes]) -> bytes:
     """The body's declared media type, lower-case, without parameters (b"" when none is declared)."""
     return headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
 

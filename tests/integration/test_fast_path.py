@@ -143,6 +143,7 @@ REQUESTS = (
     + [("/v2/models/nope/infer", "v2 unknown model", v2_json(), {}, "")]
     + [("/v2/models/digits-cnn/versions/nope/infer", "v2 unknown version", v2_json(), {}, "")]
     + [("/predict/files", *r) for r in UPLOADS]
+    + [("/predict", *r) for r in UPLOADS if r[0] in ("an image", "no files")]  # uploads come to /predict too
 )
 
 
@@ -196,7 +197,8 @@ def test_the_fast_path_answers_what_bentomls_path_answers(
     pattern = r'^loop_fast_path_request_seconds_count\{route="([^"]+)",status="(\d+)"\} (\S+)$'
     fast_answers = {(route, status): float(n) for route, status, n in re.findall(pattern, metrics, re.M)}
     assert fast_answers == {
-        ("/predict", "200"): 4, ("/predict", "400"): 2, ("/predict", "404"): 1,  # wrong shape and NaN; unknown model
+        # JSON: wrong shape and NaN; unknown model. Uploads: an image, and one with no files
+        ("/predict", "200"): 4 + 1, ("/predict", "400"): 2 + 1, ("/predict", "404"): 1,
         # .npy: no media type, the model named and integers too; wrong shape, not .npy, empty, NaN; unknown model
         ("/predict/npy", "200"): 6, ("/predict/npy", "400"): 4, ("/predict/npy", "404"): 1,
         # v2, by the route's template: JSON (three) and binary (two); a header too long, another input,
@@ -209,7 +211,7 @@ def test_the_fast_path_answers_what_bentomls_path_answers(
         ("/predict/files", "415"): 1,
     }, fast_answers  # fmt: skip
     answered = sum(a.status_code == 200 for (path, *_), a in zip(REQUESTS, answers, strict=True) if path == "/predict")
-    assert _bentoml_predictions(metrics) == answered - 4
+    assert _bentoml_predictions(metrics) == answered - 5
     assert _bentoml_predictions(_metrics(through_bentoml)) == answered
 
 
