@@ -9,6 +9,7 @@ probes and metrics."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -173,27 +174,22 @@ class Predictor:
             await slot.recheck()
         await self.shadows.recheck()
 
+    def _take_fast_paths(self, settings: Settings) -> None:
+        """Every prediction face answered in front of BentoML's stack (`service.fast_path`)."""
+        take = functools.partial(
+            fast_path.take, max_body_bytes=settings.body_limits.predict, max_in_flight=settings.max_concurrency
+        )
+        take("/predict", self._predict, media_types=(*JSON, *FORM_TYPES))  # uploads come here too
+        take("/predict/npy", self._predict_npy, media_types=NPY_TYPES, query=True)
+        for path in V2_INFER:
+            take(path, self._v2_infer, media_types=V2_TYPES)
+        take(UPLOAD_ROUTE, self._predict_files, media_types=FORM_TYPES)
+
     @bentoml.on_startup
     async def startup(self) -> None:
         settings = self.settings
         if settings.fast_path and not (settings.access_log_predictions or settings.trace_predictions):
-            most, at_once = settings.body_limits.predict, settings.max_concurrency
-            fast_path.take(  # uploads come to /predict too
-                "/predict", self._predict, max_body_bytes=most, max_in_flight=at_once, media_types=(*JSON, *FORM_TYPES)
-            )
-            fast_path.take(
-                "/predict/npy",
-                self._predict_npy,
-                max_body_bytes=most,
-                max_in_flight=at_once,
-                media_types=NPY_TYPES,
-                query=True,
-            )
-            for path in V2_INFER:
-                fast_path.take(path, self._v2_infer, max_body_bytes=most, max_in_flight=at_once, media_types=V2_TYPES)
-            fast_path.take(
-                UPLOAD_ROUTE, self._predict_files, max_body_bytes=most, max_in_flight=at_once, media_types=FORM_TYPES
-            )
+            self._take_fast_paths(settings)
         # Everything imported so far lives as long as the worker: out of the collector's sight, a
         # full collection no longer walks the libraries' millions of objects while requests wait.
         gc.collect()
