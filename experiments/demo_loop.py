@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import logging
 import sys
 import time
@@ -113,6 +114,31 @@ def simulated_verdict(
     if answer == model_label:
         return {"verdict": "correct"}
     return {"verdict": "wrong", "label": answer}
+
+
+def judge_claimed(
+    http: httpx.Client,
+    token: str,
+    claim: dict[str, Any],
+    *,
+    truth: dict[str, str],
+    rng: np.random.Generator,
+    class_names: Sequence[str],
+    error_rate: float,
+) -> list[dict[str, Any]]:
+    """One reviewer claims items over HTTP (`claim`: the claim's body) and judges each from its true
+    label (`truth`, by prediction id) with `simulated_verdict`; the items judged."""
+    claimed = http.post("/review/claim", json=claim, headers=_bearer(token))
+    claimed.raise_for_status()
+    items: list[dict[str, Any]] = claimed.json()
+    if items:
+        judge = functools.partial(simulated_verdict, rng, class_names=class_names, error_rate=error_rate)
+        verdicts = [
+            {"prediction_id": item["id"], **judge(model_label=item["label"], true_label=truth[item["id"]])}
+            for item in items
+        ]
+        http.post("/review/verdicts", json={"verdicts": verdicts}, headers=_bearer(token)).raise_for_status()
+    return items
 
 
 # -- one strategy ----------------------------------------------------------------------------------
@@ -300,27 +326,17 @@ class Demo:
                     if want <= 0:
                         break
                     claim = {"count": want, "strategy": self.strategy.value}
-                    claimed = http.post("/review/claim", json=claim, headers=_bearer(token))
-                    claimed.raise_for_status()
-                    items = claimed.json()
+                    items = judge_claimed(
+                        http,
+                        token,
+                        claim,
+                        truth=self.truth,
+                        rng=self.rng,
+                        class_names=self.task.class_names,
+                        error_rate=self.config.error_rate,
+                    )
                     if not items:
                         continue
-                    verdicts = [
-                        {
-                            "prediction_id": item["id"],
-                            **simulated_verdict(
-                                self.rng,
-                                model_label=item["label"],
-                                true_label=self.truth[item["id"]],
-                                class_names=self.task.class_names,
-                                error_rate=self.config.error_rate,
-                            ),
-                        }
-                        for item in items
-                    ]
-                    http.post(
-                        "/review/verdicts", json={"verdicts": verdicts}, headers=_bearer(token)
-                    ).raise_for_status()
                     self.reviewed.update(item["id"] for item in items)
                     spent += len(items)
                     bar.update(len(items))

@@ -37,7 +37,7 @@ import psycopg
 from numpy.typing import NDArray
 
 import harness
-from experiments.demo_loop import Servers, demo_servers, simulated_verdict
+from experiments.demo_loop import Servers, demo_servers, judge_claimed
 from feedback import review as rs
 from feedback.keys import Keys
 from feedback.migrate import migrate
@@ -299,29 +299,16 @@ class ShadowDemo:
             want = self.config.step - judged if token == self.tokens[-1] else self.config.step // len(self.tokens)
             if want <= 0:
                 continue
-            claimed = http.post(
-                "/review/claim",
-                json={"count": want, "strategy": "disagree", "model_name": self.model_name, "created_from": self.since},
-                headers=_bearer(token),
+            claim = {"count": want, "strategy": "disagree", "model_name": self.model_name, "created_from": self.since}
+            items = judge_claimed(
+                http,
+                token,
+                claim,
+                truth=self.truth,
+                rng=self.rng,
+                class_names=self.task.class_names,
+                error_rate=self.config.error_rate,
             )
-            claimed.raise_for_status()
-            items = claimed.json()
-            if not items:
-                continue
-            verdicts = [
-                {
-                    "prediction_id": item["id"],
-                    **simulated_verdict(
-                        self.rng,
-                        model_label=item["label"],
-                        true_label=self.truth[item["id"]],
-                        class_names=self.task.class_names,
-                        error_rate=self.config.error_rate,
-                    ),
-                }
-                for item in items
-            ]
-            http.post("/review/verdicts", json={"verdicts": verdicts}, headers=_bearer(token)).raise_for_status()
             judged += len(items)
         return judged
 
