@@ -8,7 +8,8 @@ said: BentoML's access log and OpenTelemetry tracing on for predictions (BentoML
 sends predictions through BentoML's API), each of the two alone, neither but through BentoML's API
 (`LOOP_FAST_PATH=false`), uvicorn's h11 parser, our defaults (service.fast_path, httptools),
 our defaults with BentoML's own HTTP metrics off,
-and our defaults with prediction logging off (what the Redis append costs). One digit per request,
+our defaults with prediction logging off (what the Redis append costs), and two workers, each
+with its own sessions or batching across both in one inference process (`LOOP_INFERENCE=shared`). One digit per request,
 wrk, closed loop; prints a table of req/s and p50 / p99 and each configuration's ratio to our
 defaults, and writes it to `--out`.
 """
@@ -37,6 +38,8 @@ CONFIGS: dict[str, dict[str, str]] = {
     "ours (fast path; both off, httptools parser)": {},
     "ours, BentoML's HTTP metrics off": {"BENTOML_CONFIG_OPTIONS": "services.loop.metrics.enabled=false"},
     "ours, prediction logging off": {"LOOP_LOG_PREDICTIONS": "false"},
+    "ours, two workers": {"LOOP_WORKERS": "2"},
+    "ours, two workers, shared inference": {"LOOP_WORKERS": "2", "LOOP_INFERENCE": "shared"},
 }
 BASELINE = "ours (fast path; both off, httptools parser)"
 
