@@ -261,7 +261,11 @@ def test_loop_serve_with_shared_inference_processes(
     assert right / len(answers) >= 0.95
     (model,) = httpx.get(f"{service.url}/models").json()["models"]
     assert model["provider"] == "CPUExecutionProvider" and model["reference"]["samples"] > 0
-    logs = service.logs()
+    # Each inference process opens the model when its first worker connects, and the second
+    # worker may still be starting after the first has answered everything: wait for both.
+    deadline = time.monotonic() + 60
+    while (logs := service.logs()).count("INFO models.runtime: loaded") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     # The inference processes log as the command line does; the BentoML workers as BentoML does.
     assert logs.count("INFO models.runtime: loaded") == 2, logs
     assert "[models.runtime] loaded" not in logs, "a worker loaded the model itself"
