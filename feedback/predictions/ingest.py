@@ -4,9 +4,10 @@ Each round reads a batch with the consumer group, stores it idempotently (a bina
 staging table, then one INSERT ... ON CONFLICT DO NOTHING: `feedback/predictions/store.py`), and only then
 acknowledges it. A worker that dies between the two leaves its entries pending; any worker
 of the group claims them (XAUTOCLAIM) once they have been idle for `claim_idle_ms`, and the
-insert skips ids already stored. Entries that cannot be decoded or stored go to the dead-letter
-stream with the reason, so they are neither retried forever nor fatal. Acknowledged entries are
-trimmed from the stream.
+insert skips ids already stored. A pack (the records appended in one moment) is unpacked into
+its entries. Entries that cannot be decoded or stored go to the dead-letter stream with the
+reason, so they are neither retried forever nor fatal. Acknowledged entries are trimmed from the
+stream.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from feedback.keys import INGEST_GROUP, Keys
 from feedback.predictions import store
 from feedback.predictions.dead_letters import dead_fields
-from feedback.predictions.records import SHADOWS, Fields, MalformedEntry, Row, ShadowRow, decode_entry
+from feedback.predictions.records import SHADOWS, Fields, MalformedEntry, Row, ShadowRow, decode_entry, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class _Prepared:
     """A decoded batch waiting to be stored."""
 
     entries: Sequence[Entry]
+    parts: list[Entry] = field(default_factory=list)  # the entries a pack holds, under its id
     rows: list[Row | ShadowRow] = field(default_factory=list)
     dead: list[tuple[Entry, str]] = field(default_factory=list)
 
@@ -214,17 +216,26 @@ class IngestWorker:
     # -- one batch -------------------------------------------------------------------------------
 
     def prepare(self, entries: Sequence[Entry]) -> _Prepared:
+        """Each entry's rows; a malformed entry, or one a pack holds, is set aside to be dead-lettered
+        (the rest of its pack is stored)."""
         prepared = _Prepared(entries=entries)
-        for entry in entries:
+        for entry_id, fields in entries:
             try:
-                prepared.rows.extend(decode_entry(entry[1]))
+                parts = unpack(fields)
             except MalformedEntry as exc:
-                prepared.dead.append((entry, str(exc)))
+                prepared.dead.append(((entry_id, fields), str(exc)))
+                continue
+            for part in parts:
+                try:
+                    prepared.rows.extend(decode_entry(part))
+                    prepared.parts.append((entry_id, part))
+                except MalformedEntry as exc:
+                    prepared.dead.append(((entry_id, part), str(exc)))
         return prepared
 
     def commit(self, prepared: _Prepared) -> None:
         """Store, then dead-letter and acknowledge: only what is stored (or dead) is acknowledged."""
-        dead = prepared.dead + self._store(prepared.rows, prepared.entries)
+        dead = prepared.dead + self._store(prepared.rows, prepared.parts)
         pipe = self.redis.pipeline(transaction=False)
         for (entry_id, fields), reason in dead:
             pipe.xadd(self.keys.dead_letters, dead_fields(fields, entry_id=entry_id, reason=reason))  # type: ignore[arg-type]
@@ -243,7 +254,8 @@ class IngestWorker:
             self._on_stats(self.stats)
 
     def _store(self, records: list[Row | ShadowRow], entries: Sequence[Entry]) -> list[tuple[Entry, str]]:
-        """Insert, retrying while Postgres is down. Returns entries whose rows were refused."""
+        """Insert, retrying while Postgres is down. Returns the entries (a pack's parts) whose rows
+        were refused."""
         if not records:
             return []
         backoff = 0.1

@@ -1,8 +1,9 @@
 """The request-path half of the prediction log: records go to a Redis stream before the answer.
 
-Concurrent `append` calls are coalesced: while one pipeline is in flight, new records queue, and
-the next pipeline takes them all, so there is about one Redis round trip per burst rather than
-per request. When Redis cannot be reached, records go to the local spool (policy `spool`, the
+Concurrent `append` calls are coalesced: while one write is in flight, new records queue, and
+the next write takes them all as one stream entry (a pack: `records.pack`, at most `PACK_RECORDS`
+records or `PACK_BYTES` bytes of them each), so a burst of answers costs one Redis round trip and
+one XADD rather than one a request. When Redis cannot be reached, records go to the local spool (policy `spool`, the
 default) or the append fails (policy `refuse`, and the service answers 503). A replay task moves
 spooled records into the stream once Redis answers again.
 """
@@ -29,11 +30,13 @@ from feedback.errors import Unavailable
 from feedback.ids import uuid7_time_ms
 from feedback.keys import Keys
 from feedback.predictions import spool
-from feedback.predictions.records import Fields, PredictionRecord, ShadowBatch, decode, encode
+from feedback.predictions.records import Fields, PredictionRecord, ShadowBatch, decode, encode, held, pack, unpack
 
 logger = logging.getLogger(__name__)
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+PACK_RECORDS = 512  # at most this many records in one stream entry
+PACK_BYTES = 4 << 20  # nor more bytes than this (images are large); a larger record goes alone
 
 
 class LogPolicy(StrEnum):
@@ -113,9 +116,8 @@ class PredictionLog:
                 continue
             taken = list(self._queue)
             self._queue.clear()
-            fields = [f for p in taken for f in p.fields]
             try:
-                destination = await self._write(fields)
+                destination = await self._write(packed([f for p in taken for f in p.fields]))
             except Exception as exc:
                 for p in taken:
                     if not p.future.done():
@@ -125,14 +127,18 @@ class PredictionLog:
                 if not p.future.done():
                     p.future.set_result(destination)
 
-    async def _write(self, fields: list[Fields]) -> Destination:
+    async def _write(self, entries: list[Fields]) -> Destination:
+        records = sum(map(held, entries))
         if self.redis_available:
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for f in fields:
-                    pipe.xadd(self._keys.stream, f)  # type: ignore[arg-type]
-                await pipe.execute()
-                self._on_event(Event.APPENDED, len(fields))
+                if len(entries) == 1:
+                    await self._redis.xadd(self._keys.stream, entries[0])  # type: ignore[arg-type]
+                else:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for entry in entries:
+                        pipe.xadd(self._keys.stream, entry)  # type: ignore[arg-type]
+                    await pipe.execute()
+                self._on_event(Event.APPENDED, records)
                 return Destination.REDIS
             except UNREACHABLE as exc:
                 self._down_until = time.monotonic() + self._retry_after_s
@@ -141,8 +147,8 @@ class PredictionLog:
             raise LogUnavailable("the prediction log (Redis) is unreachable")
         # Some of a failed pipeline may have reached Redis; spooling all of it can duplicate
         # entries in the stream, never lose them. The ingest insert is idempotent on the id.
-        await asyncio.to_thread(self._spool.append, fields)
-        self._on_event(Event.SPOOLED, len(fields))
+        await asyncio.to_thread(self._spool.append, entries)
+        self._on_event(Event.SPOOLED, records)
         return Destination.SPOOL
 
     async def replay(self) -> int:
@@ -162,19 +168,21 @@ class PredictionLog:
         return moved
 
     def _replay_files(self) -> int:
+        moved = 0
+
         def send(batch: list[Fields]) -> None:
+            nonlocal moved
             pipe = self._replay_redis.pipeline(transaction=False)
             for f in batch:
                 pipe.xadd(self._keys.stream, f)  # type: ignore[arg-type]
             pipe.execute()
+            moved += sum(map(held, batch))
 
-        moved = 0
         for path in spool.replayable(self._spool_dir):
             try:
-                sent = spool.replay_file(path, send)
+                spool.replay_file(path, send)
             except UNREACHABLE:
                 return moved  # try again on the next round
-            moved += sent or 0
         return moved
 
     async def run_replayer(self, interval_s: float = 1.0) -> None:
@@ -202,9 +210,12 @@ class PredictionLog:
             entries: Any = await self._redis.xrange(self._keys.stream, min=cursor, count=min(remaining, 1000))
             if not entries:
                 return None
-            for _entry_id, fields in entries:
-                if fields.get(b"id") == wanted and b"k" not in fields:  # a prediction's, not a shadow's
-                    return decode(fields)
+            for _entry_id, entry in entries:
+                if wanted not in entry.get(b"id", b"") + entry.get(b".id", b""):
+                    continue
+                for fields in unpack(entry):
+                    if fields.get(b"id") == wanted and b"k" not in fields:  # a prediction's, not a shadow's
+                        return decode(fields)
             remaining -= len(entries)
             cursor = "(" + entries[-1][0].decode()
         return None
@@ -217,3 +228,23 @@ class PredictionLog:
         self._spool.close()
         await self._redis.aclose()
         self._replay_redis.close()
+
+
+def packed(entries: list[Fields]) -> list[Fields]:
+    """Entries as stream entries to append: packs of up to `PACK_RECORDS` entries and `PACK_BYTES`
+    bytes (a larger entry alone); an entry with no company as itself."""
+    out: list[Fields] = []
+    start, size = 0, 0
+    for end, entry in enumerate(entries):
+        length = sum(map(len, entry.values()))
+        if end > start and (end - start == PACK_RECORDS or size + length > PACK_BYTES):
+            out.append(_one(entries[start:end]))
+            start, size = end, 0
+        size += length
+    if start < len(entries):
+        out.append(_one(entries[start:]))
+    return out
+
+
+def _one(entries: list[Fields]) -> Fields:
+    return entries[0] if len(entries) == 1 else pack(entries)

@@ -8,6 +8,8 @@ encoded image the client sent (absent for .npy arrays). A shadow's predictions o
 one call (`ShadowBatch`) are one entry marked `k` = `shadows`: `ids` the answered predictions'
 ids (16 bytes each), `s` their scores, `c` their confidences (float32), `l` and `r` their labels and
 request ids (JSON lists); no input: each is its answered prediction's.
+The entries appended in one moment travel as one entry, a pack (`pack`, `unpack`): `k` = `pack`,
+and each field of the entries it holds, their values joined, with their lengths.
 The prediction time is not a field: it is the UUIDv7's embedded timestamp.
 """
 
@@ -19,6 +21,7 @@ import math
 import re
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -155,6 +158,64 @@ def _latencies(record: ShadowBatch) -> Fields:
     if record.answer_ms is None or record.shadow_ms is None:
         return {}
     return {b"at": np.asarray(record.answer_ms, dtype="<f4").tobytes(), b"st": repr(float(record.shadow_ms)).encode()}
+
+
+PACK = b"pack"  # the `k` of an entry that holds the entries appended in one moment
+_NO_VALUE = -1  # a packed entry's length where that entry lacks the field
+
+
+def pack(entries: Sequence[Fields]) -> Fields:
+    """Entries appended in one moment as one stream entry (one XADD, one entry to read and trim).
+
+    `k` = `pack`, `n` how many; for each field name `f` any of them has, `.f` the values joined
+    and `#f` their lengths (little-endian int32, -1 where an entry lacks the field).
+    """
+    names: dict[bytes, None] = {}
+    for entry in entries:
+        names.update(dict.fromkeys(entry))
+    packed: Fields = {b"k": PACK, b"n": str(len(entries)).encode()}
+    for name in names:
+        values = [entry.get(name) for entry in entries]
+        packed[b"." + name] = b"".join(v for v in values if v is not None)
+        lengths = [_NO_VALUE if v is None else len(v) for v in values]
+        packed[b"#" + name] = np.array(lengths, dtype="<i4").tobytes()
+    return packed
+
+
+def held(entry: Fields) -> int:
+    """How many records a stream entry holds: a pack's count, else one."""
+    return int(entry[b"n"]) if entry.get(b"k") == PACK else 1
+
+
+def unpack(fields: Fields) -> list[Fields]:
+    """The entries a stream entry holds: those of a pack, or the entry itself; `MalformedEntry`
+    when a pack's lengths do not describe its values."""
+    if fields.get(b"k") != PACK:
+        return [fields]
+    try:
+        n = int(fields[b"n"])
+    except (KeyError, ValueError):
+        n = 0
+    if n < 1:
+        raise MalformedEntry("a pack without a count of its entries")
+    entries: list[Fields] = [{} for _ in range(n)]
+    for key, raw_lengths in fields.items():
+        if key[:1] != b"#":
+            continue
+        name, values = key[1:], fields.get(b"." + key[1:])
+        lengths = np.frombuffer(raw_lengths, dtype="<i4") if len(raw_lengths) == 4 * n else None
+        if values is None or lengths is None or (lengths < _NO_VALUE).any():
+            raise MalformedEntry(f"a pack's field {name!r} does not describe {n} entries")
+        if int(lengths[lengths > 0].sum()) != len(values):
+            raise MalformedEntry(f"a pack's field {name!r} is not the length its entries say")
+        offset = 0
+        for entry, length in zip(entries, lengths.tolist(), strict=True):
+            if length != _NO_VALUE:
+                entry[name] = values[offset : offset + length]
+                offset += length
+    if not all(entries):
+        raise MalformedEntry("a pack holds an empty entry")
+    return entries
 
 
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})  # what `predictions.input_type` allows

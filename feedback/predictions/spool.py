@@ -121,10 +121,13 @@ class SpoolWriter:
             self.path.unlink(missing_ok=True)
 
 
-def replay_file(path: Path, send: Callable[[list[Fields]], None], *, chunk: int = 500) -> int | None:
-    """Send every frame of an unheld spool file in chunks, then delete it.
+def replay_file(
+    path: Path, send: Callable[[list[Fields]], None], *, chunk: int = 500, chunk_bytes: int = 16 << 20
+) -> int | None:
+    """Send every frame of an unheld spool file in chunks (of `chunk` frames or `chunk_bytes` bytes,
+    whichever comes first), then delete it.
 
-    Returns the number of records sent, or None when a live writer holds the file.
+    Returns the number of frames sent, or None when a live writer holds the file.
     `send` must raise if the records did not reach their destination.
     """
     try:
@@ -142,12 +145,14 @@ def replay_file(path: Path, send: Callable[[list[Fields]], None], *, chunk: int 
         start = int(checkpoint.read_text()) if checkpoint.exists() else 0
         sent = 0
         batch: list[Fields] = []
+        size = 0
         for offset, fields in read_frames(path, start):
             batch.append(fields)
-            if len(batch) >= chunk:
+            size += sum(map(len, fields.values()))
+            if len(batch) >= chunk or size >= chunk_bytes:
                 send(batch)
                 sent += len(batch)
-                batch = []
+                batch, size = [], 0
                 _write_checkpoint(checkpoint, offset)
         if batch:
             send(batch)

@@ -19,10 +19,10 @@ import redis
 from feedback.ids import uuid7
 from feedback.keys import INGEST_GROUP, Keys
 from feedback.migrate import available, migrate
-from feedback.predictions import store
+from feedback.predictions import dead_letters, store
 from feedback.predictions.ingest import IngestConfig, IngestWorker, ensure_group, lag
-from feedback.predictions.log import Destination, PredictionLog
-from feedback.predictions.records import PredictionRecord, ShadowBatch, encode
+from feedback.predictions.log import PACK_RECORDS, Destination, PredictionLog
+from feedback.predictions.records import PredictionRecord, ShadowBatch, encode, held, pack
 from harness import free_port
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import REDIS
@@ -119,7 +119,10 @@ def test_appended_records_are_ingested_once_and_trimmed(
 
     assert asyncio.run(produce()) == {Destination.REDIS}
     client = redis.Redis.from_url(REDIS)
-    assert client.xlen(keys.stream) == 3000
+    stream: Any = client.xrange(keys.stream)
+    entries = [fields for _, fields in stream]
+    assert sum(map(held, entries)) == 3000
+    assert len(entries) == 3000 // PACK_RECORDS + 1  # appended together, so packed
     worker = start_worker()
     wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
     ids = stored_ids(database_url)
@@ -209,6 +212,47 @@ def test_malformed_entries_go_to_dead_letters(
     assert any("missing fields" in r for r in reasons)
     assert any("not .npy" in r for r in reasons)
     assert all(b"source_id" in fields for _, fields in dead)
+
+
+def test_a_pack_stores_its_good_entries_and_dead_letters_each_bad_one_alone(
+    keys: Keys, database_url: str, start_worker: Callable[..., WorkerThread]
+) -> None:
+    good = make_records(30)
+    undecodable = encode(make_records(1)[0]) | {b"x": b"garbage"}
+    refused = encode(make_records(1)[0]) | {b"g": b'{"a":"x\\u0000y"}'}  # Postgres takes no NUL
+    client = redis.Redis.from_url(REDIS)
+    entries = [encode(r) for r in good]
+    pack_id: Any = client.xadd(keys.stream, pack([*entries[:10], undecodable, *entries[10:20], refused, *entries[20:]]))  # type: ignore[arg-type]
+    client.xadd(keys.stream, pack([entries[0], entries[5]]) | {b"n": b"3"})  # type: ignore[arg-type]
+    worker = start_worker()
+    wait_for(lambda: lag(client, keys)[0] == 0, what="the stream to drain")
+    assert sorted(stored_ids(database_url)) == sorted(r.id for r in good)
+    assert worker.worker.stats.dead == 3 and worker.worker.stats.ingested == 30
+    letters = {letter.reason.split(":")[0]: letter for letter in dead_letters.read(client, keys)}
+    # Each bad entry of the first pack alone, known by its prediction id and the pack's entry id.
+    assert letters["input is not .npy data"].fields == undecodable
+    assert letters["refused by Postgres"].fields == refused
+    assert {letters[k].source_id for k in ("input is not .npy data", "refused by Postgres")} == {pack_id.decode()}
+    assert letters["a pack's field b'id' does not describe 3 entries"].prediction_id is None  # the whole pack
+
+
+def test_a_record_in_a_pack_is_found_before_it_is_ingested(keys: Keys, tmp_path: Path) -> None:
+    records = make_records(40)
+
+    async def append_and_find() -> list[PredictionRecord | None]:
+        log = PredictionLog(REDIS, keys=keys, spool_dir=tmp_path, writer="w")
+        try:
+            await append_all(log, records, per_request=1)
+            await log.append([shadows_of(records[:5])])
+            return [await log.find(r.id) for r in (records[0], records[17], records[39])]
+        finally:
+            await log.close()
+
+    found = asyncio.run(append_and_find())
+    assert redis.Redis.from_url(REDIS).xlen(keys.stream) == 2  # the forty in one pack
+    assert [f.id if f else None for f in found] == [records[0].id, records[17].id, records[39].id]
+    assert found[1] is not None and found[1].label == records[17].label
+    np.testing.assert_array_equal(found[1].input, records[17].input)
 
 
 def test_entries_of_a_dead_consumer_are_claimed(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from feedback.ids import uuid7, uuid7_time_ms
+from feedback.predictions.log import PACK_BYTES, PACK_RECORDS, packed
 from feedback.predictions.records import (
     MalformedEntry,
     PredictionRecord,
@@ -14,6 +15,9 @@ from feedback.predictions.records import (
     decode,
     decode_entry,
     encode,
+    held,
+    pack,
+    unpack,
     unstorable_text,
 )
 from models.npy import npy_bytes
@@ -153,3 +157,52 @@ def test_a_shadow_entry_carries_both_models_call_times() -> None:
 def test_a_shadow_entry_with_bad_call_times_is_malformed(fields: dict[bytes, bytes], reason: str) -> None:
     with pytest.raises(MalformedEntry, match=reason):
         decode_entry(encode(shadow_batch()) | fields)
+
+
+# -- packs: the entries appended in one moment, as one stream entry -----------------------------
+
+
+def entries_of_one_moment() -> list[dict[bytes, bytes]]:
+    image = record(tags={}, input_type="image/png", input_bytes=b"\x89PNG fake")
+    return [encode(record()), encode(record(tags={})), encode(image), encode(shadow_batch()), encode(record())]
+
+
+def test_a_pack_holds_its_entries_as_they_were() -> None:
+    entries = entries_of_one_moment()
+    packed_entry = pack(entries)
+    assert held(packed_entry) == 5 and held(entries[0]) == 1
+    assert unpack(packed_entry) == entries  # fields absent from some (tags, media type) stay absent
+    assert unpack(entries[0]) == [entries[0]]
+    assert [len(decode_entry(e)) for e in unpack(packed_entry)] == [1, 1, 1, 3, 1]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda f: f.pop(b"n"), "without a count"),
+        (lambda f: f.update({b"n": b"0"}), "without a count"),
+        (lambda f: f.update({b"n": b"6"}), "does not describe 6 entries"),
+        (lambda f: f.pop(b".x"), "field b'x' does not describe"),
+        (lambda f: f.update({b".l": f[b".l"][:-1]}), "field b'l' is not the length"),
+        (lambda f: f.update({b"#c": np.array([3, -2, 3, 3, 3], "<i4").tobytes()}), "field b'c' does not"),
+        (lambda f: f.update({k: np.full(5, -1, "<i4").tobytes() for k in f if k[:1] == b"#"} | {
+            k: b"" for k in f if k[:1] == b"."}), "an empty entry"),
+    ],
+)  # fmt: skip
+def test_a_pack_that_does_not_add_up_is_malformed(mutate: object, reason: str) -> None:
+    fields = pack(entries_of_one_moment())
+    mutate(fields)  # type: ignore[operator]
+    with pytest.raises(MalformedEntry, match=reason):
+        unpack(fields)
+
+
+def test_appended_entries_are_packed_within_the_bounds() -> None:
+    small = [encode(record()) for _ in range(2 * PACK_RECORDS + 10)]
+    assert [held(e) for e in packed(small)] == [PACK_RECORDS, PACK_RECORDS, 10]
+    assert packed(small[:1]) == small[:1]  # alone: as itself
+    big = encode(record(input_type="image/png", input_bytes=b"\x00" * (PACK_BYTES // 3)))
+    out = packed([big, big, big, big, small[0], big])
+    assert [held(e) for e in out] == [2, 3, 1]  # three big ones are over PACK_BYTES: never together
+    assert [p for e in out for p in unpack(e)] == [big, big, big, big, small[0], big]
+    huge = encode(record(input_type="image/png", input_bytes=b"\x00" * (PACK_BYTES + 1)))
+    assert packed([small[0], huge, small[1]]) == [small[0], huge, small[1]]  # a larger one goes alone
