@@ -76,6 +76,7 @@ class PredictionLog:
         policy: LogPolicy = LogPolicy.SPOOL,
         retry_after_s: float = 1.0,
         on_event: Callable[[Event, int], None] | None = None,
+        pack_records: int = PACK_RECORDS,
     ) -> None:
         self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
         self._replay_redis = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
@@ -90,6 +91,7 @@ class PredictionLog:
         self._flusher: asyncio.Task[None] | None = None
         self._down_until = 0.0  # while in the future, skip Redis and spool at once
         self._closed = False
+        self._pack_records = pack_records  # 1: an entry a record, as the log wrote before packs
 
     @property
     def redis_available(self) -> bool:
@@ -117,7 +119,7 @@ class PredictionLog:
             taken = list(self._queue)
             self._queue.clear()
             try:
-                destination = await self._write(packed([f for p in taken for f in p.fields]))
+                destination = await self._write(packed([f for p in taken for f in p.fields], self._pack_records))
             except Exception as exc:
                 for p in taken:
                     if not p.future.done():
@@ -230,14 +232,14 @@ class PredictionLog:
         self._replay_redis.close()
 
 
-def packed(entries: list[Fields]) -> list[Fields]:
-    """Entries as stream entries to append: packs of up to `PACK_RECORDS` entries and `PACK_BYTES`
+def packed(entries: list[Fields], records: int = PACK_RECORDS) -> list[Fields]:
+    """Entries as stream entries to append: packs of up to `records` entries and `PACK_BYTES`
     bytes (a larger entry alone); an entry with no company as itself."""
     out: list[Fields] = []
     start, size = 0, 0
     for end, entry in enumerate(entries):
         length = sum(map(len, entry.values()))
-        if end > start and (end - start == PACK_RECORDS or size + length > PACK_BYTES):
+        if end > start and (end - start == records or size + length > PACK_BYTES):
             out.append(_one(entries[start:end]))
             start, size = end, 0
         size += length

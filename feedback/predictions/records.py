@@ -178,7 +178,7 @@ def pack(entries: Sequence[Fields]) -> Fields:
         values = [entry.get(name) for entry in entries]
         packed[b"." + name] = b"".join(v for v in values if v is not None)
         lengths = [_NO_VALUE if v is None else len(v) for v in values]
-        packed[b"#" + name] = np.array(lengths, dtype="<i4").tobytes()
+        packed[b"#" + name] = struct.pack(f"<{len(lengths)}i", *lengths)
     return packed
 
 
@@ -203,13 +203,14 @@ def unpack(fields: Fields) -> list[Fields]:
         if key[:1] != b"#":
             continue
         name, values = key[1:], fields.get(b"." + key[1:])
-        lengths = np.frombuffer(raw_lengths, dtype="<i4") if len(raw_lengths) == 4 * n else None
-        if values is None or lengths is None or (lengths < _NO_VALUE).any():
+        # struct, not numpy: for a few dozen lengths numpy's per-call cost dominates.
+        lengths = struct.unpack(f"<{n}i", raw_lengths) if len(raw_lengths) == 4 * n else None
+        if values is None or lengths is None or min(lengths) < _NO_VALUE:
             raise MalformedEntry(f"a pack's field {name!r} does not describe {n} entries")
-        if int(lengths[lengths > 0].sum()) != len(values):
+        if sum(lengths) + lengths.count(_NO_VALUE) != len(values):
             raise MalformedEntry(f"a pack's field {name!r} is not the length its entries say")
         offset = 0
-        for entry, length in zip(entries, lengths.tolist(), strict=True):
+        for entry, length in zip(entries, lengths, strict=True):
             if length != _NO_VALUE:
                 entry[name] = values[offset : offset + length]
                 offset += length
