@@ -17,7 +17,7 @@ import redis
 
 from feedback.keys import Keys
 from feedback.predictions.log import PredictionLog
-from feedback.predictions.records import SHADOWS, ShadowRow, decode_entry
+from feedback.predictions.records import SHADOWS, ShadowRow, decode_entry, unpack
 from models import digits
 from models.pipeline import BuildResult
 from models.runtime import DevicePreference
@@ -78,7 +78,7 @@ async def test_a_shadow_sees_every_answered_sample_and_changes_no_answer(plane: 
     assert [(p.label, list(p.scores.values())) for a in answered for p in a.predictions] == without
     await wait_for(lambda: shadowing.counts.stored == len(images))
     with redis.Redis.from_url(REDIS) as client:
-        entries = [fields for _, fields in client.xrange(keys.stream)]
+        entries = [part for _, fields in client.xrange(keys.stream) for part in unpack(fields)]  # packs too
     shadow_rows = [
         row for f in entries if f.get(b"k") == SHADOWS for row in decode_entry(f) if isinstance(row, ShadowRow)
     ]
