@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,10 +40,22 @@ class BatcherClosed(errors.Unavailable):
     """The batcher is shutting down and takes no more work."""
 
 
+class Timed(NamedTuple, Generic[C]):
+    """A request's outputs, with where its time went (the protocol's statistics read them)."""
+
+    outputs: NDArray[Any]
+    context: C
+    queued_s: float  # from `submit` until its batch's model call began
+    infer_s: float  # the batch's model call
+    ended: float  # `time.perf_counter()` when the call returned
+    batch_size: int  # samples in the call
+    first: bool  # the first request of its call: the one that counts the call once
+
+
 @dataclass
 class _Pending(Generic[C]):
     batch: NDArray[Any]
-    future: asyncio.Future[tuple[NDArray[Any], C]]
+    future: asyncio.Future[Timed[C]]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -93,11 +105,16 @@ class AdaptiveBatcher(Generic[C]):
 
     async def submit(self, batch: NDArray[Any]) -> tuple[NDArray[Any], C]:
         """Queue `batch` (N, ...) and wait for its N outputs."""
+        timed = await self.submit_timed(batch)
+        return timed.outputs, timed.context
+
+    async def submit_timed(self, batch: NDArray[Any]) -> Timed[C]:
+        """`submit`, with the time the request waited and its call took."""
         if self._closed:
             raise BatcherClosed("the batcher is shut down")
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="adaptive-batcher")
-        future: asyncio.Future[tuple[NDArray[Any], C]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Timed[C]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(batch, future))
         self._wakeup.set()
         return await future
@@ -133,13 +150,17 @@ class AdaptiveBatcher(Generic[C]):
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
+            ended = time.perf_counter()
             if self._on_batch is not None:
-                self._on_batch(len(inputs), time.perf_counter() - started)
-            offset = 0
+                self._on_batch(len(inputs), ended - started)
+            offset, first = 0, True
             for pending in taken:
                 n = len(pending.batch)
                 if not pending.future.done():  # the client may have gone away
-                    pending.future.set_result((outputs[offset : offset + n], context))
+                    waited = started - pending.enqueued
+                    part = outputs[offset : offset + n]
+                    pending.future.set_result(Timed(part, context, waited, ended - started, ended, len(inputs), first))
+                    first = False
                 offset += n
 
     def _take(self) -> list[_Pending[C]]:

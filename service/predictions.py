@@ -39,6 +39,7 @@ from service import metrics
 from service.schemas import PredictionPublic, PredictResponse
 from service.serving import ModelSlot, Served
 from service.shadowing import Shadowing
+from service.statistics import Statistics
 
 STARTUP_WAIT_S = 10.0  # how long a request waits for the worker's first model load before a 503
 
@@ -86,6 +87,8 @@ class Predictions:
         self.log_error: str | None = None  # why there is no log, when one is required
         self.pool: AsyncConnectionPool | None = None  # Postgres, for stored predictions
         self.shadows: dict[str, Shadowing] = {}  # by model: sees answered batches after they are answered
+        self.statistics = Statistics()  # the protocol's statistics extension: where requests' time went
+        self._numbers: dict[tuple[str, str], int] = {}  # (name, version) -> its number
 
     # -- which model ----------------------------------------------------------------------------
 
@@ -122,9 +125,19 @@ class Predictions:
             raise NotFound(unknown)
         if slot.served is None:
             raise Unavailable(f"model {name!r} is not ready: {slot.not_ready()}")
-        if version is not None and version != slot.served.stored.version:
-            raise NotFound(f"model {name!r} version {version!r} is not the one loaded ({slot.served.stored.version})")
+        stored = slot.served.stored
+        if version is not None and version not in (stored.version, str(self.version_number(name, stored.version))):
+            raise NotFound(f"model {name!r} version {version!r} is not the one loaded ({stored.version})")
         return slot, slot.served
+
+    def version_number(self, name: str, version: str) -> int | None:
+        """A stored version's number, as Triton names versions (the model's oldest is 1): clients
+        such as perf_analyzer read versions as numbers. None when the store does not hold it."""
+        key = (name, version)
+        if key not in self._numbers:  # a version's number never changes: the store only adds
+            for number, stored in enumerate(store.list_models(name), start=1):
+                self._numbers[(name, stored.version)] = number
+        return self._numbers.get(key)
 
     def class_names(self, model_name: str) -> tuple[str, ...] | None:
         slot = self.slots.get(model_name)
@@ -166,6 +179,7 @@ class Predictions:
 
     async def classify(self, model: str | None, samples: Any, tags: dict[str, str], request_id: str) -> PredictResponse:
         """Check `samples` (numbers, or images as base64 text) against the model and answer."""
+        received = time.perf_counter()
         slot = self.slot(model)
         served = await self.ready(slot)
         spec = served.stored.card.model_spec.input
@@ -179,7 +193,7 @@ class Predictions:
                 batch = to_batch(samples, served.stored.card.signature, max_samples=self.max_samples)
         except (InputError, ImageError) as exc:
             raise Malformed(str(exc)) from None
-        return (await self.run(slot, batch, sent, tags, request_id)).response(request_id)
+        return (await self.run(slot, batch, sent, tags, request_id, received=received)).response(request_id)
 
     async def classify_array(self, model: str | None, array: NDArray[Any], request_id: str) -> PredictResponse:
         """Samples sent as one array: N x the input shape, or one sample of it."""
@@ -193,36 +207,60 @@ class Predictions:
         self, slot: ModelSlot, spec: ImageInput, images: list[bytes], tags: dict[str, str], request_id: str
     ) -> PredictResponse:
         """Uploaded images, checked and pre-processed off the event loop, answered."""
+        received = time.perf_counter()
         try:
             batch, sent = await self.images(spec, images)
         except (InputError, ImageError) as exc:
             raise Malformed(str(exc)) from None
-        return (await self.run(slot, batch, sent, tags, request_id)).response(request_id)
+        return (await self.run(slot, batch, sent, tags, request_id, received=received)).response(request_id)
 
     async def images(self, spec: ImageInput, images: list[bytes]) -> tuple[NDArray[np.float32], Images]:
         """Decode and pre-process images in a thread; `InputError` or `ImageError` naming the first bad one."""
         return await asyncio.to_thread(preprocess_images, images, spec, max_samples=self.max_samples)
 
     async def run(
-        self, slot: ModelSlot, batch: NDArray[np.float32], sent: Images | None, tags: dict[str, str], request_id: str
+        self,
+        slot: ModelSlot,
+        batch: NDArray[np.float32],
+        sent: Images | None,
+        tags: dict[str, str],
+        request_id: str,
+        *,
+        received: float | None = None,
     ) -> Answered:
         """Batch, infer, and log every sample before anything is answered (`Unavailable` when the
-        batcher is over its budget or closing, or the inference process is down)."""
+        batcher is over its budget or closing, or the inference process is down). `received`: the
+        `time.perf_counter()` when the request reached the data plane (for the statistics)."""
         started = time.perf_counter()
-        logits, used = await slot.batcher().submit(batch)
-        called_ms = (time.perf_counter() - started) * 1000
-        outputs = postprocess(logits, used.stored.card.model_spec.output_kind)
-        answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=outputs, served=used)
-        if self.log is not None:
-            try:
+        received = started if received is None else received
+        try:
+            timed = await slot.batcher().submit_timed(batch)
+            used = timed.context
+            outputs = postprocess(timed.outputs, used.stored.card.model_spec.output_kind)
+            answered = Answered(ids=[uuid7() for _ in range(len(batch))], outputs=outputs, served=used)
+            if self.log is not None:
                 await self.log.append(_records(answered, batch, sent, tags, request_id))
-            except LogUnavailable as exc:  # before the answer leaves: what we answer is kept
-                raise Unavailable(f"prediction not stored, so not answered: {exc}") from None
-        metrics.predictions.labels(model_name=used.stored.name, model_version=used.stored.version).inc(len(batch))
+        except LogUnavailable as exc:  # before the answer leaves: what we answer is kept
+            self._failed(slot, received)
+            raise Unavailable(f"prediction not stored, so not answered: {exc}") from None
+        except Exception:
+            self._failed(slot, received)
+            raise
+        done = time.perf_counter()
+        name, version = used.stored.name, used.stored.version
+        self.statistics.answered(
+            name, version, samples=len(batch), received=received, submitted=started, timed=timed, done=done
+        )
+        metrics.predictions.labels(model_name=name, model_version=version).inc(len(batch))
         shadowing = self.shadows.get(slot.name)
         if shadowing is not None:  # logged and about to be answered: the shadow's turn, off this path
-            shadowing.offer(batch, answered.ids, request_id, called_ms)
+            shadowing.offer(batch, answered.ids, request_id, (timed.ended - started) * 1000)
         return answered
+
+    def _failed(self, slot: ModelSlot, received: float) -> None:
+        served = slot.served
+        if served is not None:
+            self.statistics.failed(served.stored.name, served.stored.version, seconds=time.perf_counter() - received)
 
     # -- stored predictions -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ inference through the same data plane as `POST /predict`. Messages are read and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -80,10 +81,36 @@ def _served(plane: Predictions, name: str, version: str | None) -> Served:
     return plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {slots}")[1]
 
 
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+
+
 @router.get("/v2")
 def v2_server() -> Any:
     """Server metadata: name, version and the protocol extensions it speaks."""
-    return {"name": "loop", "version": code_version(), "extensions": ["binary_tensor_data"]}
+    return {"name": "loop", "version": code_version(), "extensions": EXTENSIONS}
+
+
+# Before `/v2/models/{name}`, which would take "stats" for a model's name.
+@router.get("/v2/models/stats", responses=documented(404, 422, 503))
+@router.get("/v2/models/{name}/stats", responses=documented(404, 422, 503))
+@router.get("/v2/models/{name}/versions/{version}/stats", responses=documented(404, 422, 503))
+def v2_statistics(plane: Plane, name: ModelName | None = None, version: ModelVersion | None = None) -> Any:
+    """The statistics extension: each version's requests, samples and model calls, and where their
+    time went (queue, compute input, infer and output), counted by this worker. Versions are
+    numbered as Triton numbers them (the model's oldest stored version is 1)."""
+    names = list(plane.slots) if name is None else [_served(plane, name, version).stored.name]
+    reported = []
+    for model in names:
+        served = plane.slots[model].served
+        versions = plane.statistics.versions(model)
+        if served is not None and served.stored.version not in versions:
+            versions.append(served.stored.version)
+        if version is not None:
+            versions = [served.stored.version] if served is not None else []
+        for v in versions:
+            number = plane.version_number(model, v)
+            reported.append((model, v, v if number is None else str(number)))
+    return {"model_stats": plane.statistics.report(reported)}
 
 
 @router.get("/v2/health/live", response_class=Response, responses={200: {"description": "Live"}})
@@ -116,13 +143,51 @@ def v2_model(plane: Plane, name: ModelName, version: ModelVersion | None = None)
             {
                 "name": spec.onnx_input,
                 "datatype": "BYTES" if image else "FP32",
-                "shape": [-1] if image else [-1, *card.signature.input_shape],
+                # An image a row, as Triton declares a batch of strings (dims [1]); [N] is taken too.
+                "shape": [-1, 1] if image else [-1, *card.signature.input_shape],
             }
         ],
         "outputs": [
             {"name": v2.SCORES, "datatype": "FP32", "shape": [-1, len(spec.classes)]},
             {"name": v2.LABEL, "datatype": "BYTES", "shape": [-1]},
         ],
+    }
+
+
+@router.get("/v2/models/{name}/config", responses=documented(404, 422, 503))
+@router.get("/v2/models/{name}/versions/{version}/config", responses=documented(404, 422, 503))
+def v2_model_config(plane: Plane, name: ModelName, version: ModelVersion | None = None) -> Any:
+    """The model configuration extension: the model as Triton's configuration describes it (what
+    perf_analyzer and other Triton tools read): the batch axis, inputs, outputs, dynamic batching."""
+    slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
+    spec, signature = served.stored.card.model_spec, served.stored.card.signature
+    image_input = {"data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}  # one encoded image a row
+    tensor_input = {"data_type": "TYPE_FP32", "dims": list(signature.input_shape)}
+    gpu = served.runtime.provider == "CUDAExecutionProvider"
+    return {
+        "name": served.stored.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"specific": {"versions": [plane.version_number(name, served.stored.version) or 0]}},
+        "max_batch_size": slot.where.max_batch_size,
+        "input": [
+            {"name": spec.onnx_input, "format": "FORMAT_NONE", "optional": False}
+            | (image_input if isinstance(spec.input, ImageInput) else tensor_input)
+        ],
+        "output": [
+            {"name": v2.SCORES, "data_type": "TYPE_FP32", "dims": [len(spec.classes)]},
+            {"name": v2.LABEL, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+        ],
+        "dynamic_batching": {
+            "preferred_batch_size": [],
+            "max_queue_delay_microseconds": 0,  # no timer: a call takes what waits when the model is free
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": int(slot.where.max_latency_s * 1e6),
+            },
+        },
+        "instance_group": [{"name": served.stored.name, "kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}],
+        "default_model_filename": served.stored.onnx_path.name,
     }
 
 
@@ -168,11 +233,12 @@ async def infer(
     headers: Mapping[str, str],
 ) -> Inferred:
     """An inference request answered: the route's work, and the fast path's (`service.fast_path`)."""
+    received = time.perf_counter()
     parsed = v2.parse(body, header_length)
     slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
     batch, sent = await _batch(plane, served, parsed)
     request_id = parsed.id or request_id_of(headers)
-    answer = await plane.run(slot, batch, sent, {}, request_id)
+    answer = await plane.run(slot, batch, sent, {}, request_id, received=received)
     names = answer.class_names
     content, length = v2.response(
         parsed,
@@ -196,9 +262,9 @@ async def _batch(
     (tensor,) = request.inputs
     try:
         if isinstance(spec.input, ImageInput):
-            if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+            if tensor.datatype != "BYTES" or not tensor.shape or list(tensor.shape[1:]) not in ([], [1]):
                 raise InputError(
-                    f"input {tensor.name!r} must be BYTES of shape [N] (encoded images), "
+                    f"input {tensor.name!r} must be BYTES of shape [N] or [N, 1] (encoded images), "
                     f"got {tensor.datatype} {list(tensor.shape)}"
                 )
             assert not isinstance(tensor.values, np.ndarray)  # BYTES are a list

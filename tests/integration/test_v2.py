@@ -128,6 +128,55 @@ def test_a_triton_client_works_unchanged(
     assert raw.content == shapes[1]  # the image as sent
 
 
+def test_the_configuration_and_statistics_extensions_speak_to_a_triton_client(
+    served: tuple[RunningService, triton.InferenceServerClient], trained_model: BuildResult,
+    image_model: store.StoredModel,
+) -> None:  # fmt: skip
+    service, client = served
+    name = trained_model.stored.name
+    assert {"model_configuration", "statistics", "binary_tensor_data"} <= set(
+        client.get_server_metadata()["extensions"]
+    )
+    config = client.get_model_config(name)
+    assert (config["max_batch_size"], config["platform"], config["backend"]) == (64, "onnxruntime_onnx", "onnxruntime")
+    assert config["input"] == [{"name": "input", "format": "FORMAT_NONE", "optional": False,
+                                "data_type": "TYPE_FP32", "dims": [8, 8]}]  # fmt: skip
+    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+        ("probabilities", "TYPE_FP32", [10]), ("label", "TYPE_STRING", [1])]  # fmt: skip
+    assert "dynamic_batching" in config and config["instance_group"][0]["kind"] == "KIND_CPU"
+    image_config = client.get_model_config(image_model.name)["input"][0]
+    assert (image_config["data_type"], image_config["dims"], image_config["reshape"]) == (
+        "TYPE_STRING",
+        [1],
+        {"shape": []},
+    )
+    assert client.get_model_metadata(image_model.name)["inputs"][0]["shape"] == [-1, 1]
+    # An image batch as [N, 1], as a Triton client reads that metadata, or as [N].
+    tensor = triton.InferInput("image", [2, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[png(3)], [png(4)]], dtype=object))
+    assert len(client.infer(image_model.name, [tensor]).as_numpy("label")) == 2
+
+    # Versions by number, as Triton numbers them: this one is its model's newest stored version.
+    number = str(len(store.list_models(name)))
+    images = digits.load().images[:5].astype(np.float32)
+    before = client.get_inference_statistics(name)["model_stats"][0]
+    for k in range(3):  # 1 + 2 + 2 samples in three requests
+        tensor = triton.InferInput("input", [2 if k else 1, 8, 8], "FP32")
+        tensor.set_data_from_numpy(images[:2] if k else images[:1])
+        client.infer(name, [tensor], model_version=number if k == 2 else "")
+    after = client.get_inference_statistics(name, model_version=number)["model_stats"][0]
+    assert (after["name"], after["version"]) == (name, number)
+    assert after["inference_count"] - before["inference_count"] == 5
+    assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 3
+    assert after["execution_count"] - before["execution_count"] == 3  # one at a time: a call each
+    stats = after["inference_stats"]
+    parts = sum(stats[k]["ns"] for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert parts == pytest.approx(stats["success"]["ns"], rel=0.10)
+    everything = httpx.get(f"{service.url}/v2/models/stats").json()["model_stats"]
+    assert {s["name"] for s in everything} == {name, image_model.name}
+    assert httpx.get(f"{service.url}/v2/models/{name}/versions/{int(number) + 1}/stats").status_code == 404
+
+
 def _binary_request(header: Any, data: bytes, declared: int | None = None) -> httpx.Request:
     encoded = json.dumps(header).encode()
     return httpx.Request("POST", "/", content=encoded + data,

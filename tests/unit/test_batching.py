@@ -120,3 +120,46 @@ async def test_a_lone_request_runs_without_waiting_for_company() -> None:
     await batcher.close()
     assert model.sizes == [1]
     assert out[0, 0] == 8
+
+
+async def test_each_request_learns_its_wait_and_its_call_and_one_a_call_counts_the_call() -> None:
+    model = Model(delay_s=0.02)
+    batcher: AdaptiveBatcher[str] = AdaptiveBatcher(model, max_batch_size=64, max_latency_s=5)
+    first = asyncio.create_task(batcher.submit_timed(rows(0, 2)))
+    await asyncio.sleep(0.005)  # the first call is running: the rest wait for the next
+    timed = [*await asyncio.gather(*(batcher.submit_timed(rows(i, 2)) for i in range(1, 12))), await first]
+    await batcher.close()
+    calls: dict[str, list[Any]] = {}
+    for t in timed:
+        calls.setdefault(t.context, []).append(t)
+    assert len(calls) == len(model.sizes) > 1
+    for (version, requests), size in zip(sorted(calls.items(), key=lambda c: int(c[0][1:])), model.sizes, strict=True):
+        assert [t.first for t in requests].count(True) == 1, version  # the call is counted once
+        assert {t.batch_size for t in requests} == {size} and {t.infer_s for t in requests} == {requests[0].infer_s}
+        assert requests[0].infer_s >= 0.02 and all(t.queued_s >= 0 for t in requests)
+    later = [t for t in timed if t.context != "v1"]
+    assert min(t.queued_s for t in later) >= 0.015  # they waited for the first call to finish
+
+
+def test_statistics_add_up_to_each_request_and_count_calls_once() -> None:
+    from service.batching import Timed
+    from service.statistics import Statistics
+
+    stats = Statistics(clock=lambda: 1234.5)
+    call = {"outputs": np.zeros((3, 1)), "context": "v", "infer_s": 0.004, "ended": 10.010, "batch_size": 3}
+    for first, queued, samples in ((True, 0.001, 1), (False, 0.002, 2)):
+        timed = Timed(**call, queued_s=queued, first=first)  # type: ignore[arg-type]
+        stats.answered("m", "abc", samples=samples, received=10.0, submitted=10.0045, timed=timed, done=10.012)
+    stats.failed("m", "abc", seconds=0.5)
+    (report,) = stats.report([("m", "abc", "3")])
+    assert (report["name"], report["version"], report["last_inference"]) == ("m", "3", 1234500)
+    assert (report["inference_count"], report["execution_count"]) == (3, 1)
+    durations = report["inference_stats"]
+    assert durations["success"] == {"count": 2, "ns": 24_000_000}
+    assert durations["compute_input"] == {"count": 2, "ns": 9_000_000}
+    assert durations["queue"] == {"count": 2, "ns": 3_000_000}
+    assert durations["compute_infer"] == {"count": 2, "ns": 8_000_000}
+    assert durations["compute_output"] == {"count": 2, "ns": 4_000_000}
+    assert durations["fail"] == {"count": 1, "ns": 500_000_000}
+    assert report["batch_stats"] == [{"batch_size": 3, "compute_infer": {"count": 1, "ns": 4_000_000}}]
+    assert stats.report([("m", "other", "1")])[0]["inference_count"] == 0
