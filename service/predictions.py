@@ -126,7 +126,11 @@ class Predictions:
         if slot.served is None:
             raise Unavailable(f"model {name!r} is not ready: {slot.not_ready()}")
         stored = slot.served.stored
-        if version is not None and version not in (stored.version, str(self.version_number(name, stored.version))):
+        if (
+            version is not None
+            and version != stored.version
+            and version != _text(self.version_number(name, stored.version))
+        ):
             raise NotFound(f"model {name!r} version {version!r} is not the one loaded ({stored.version})")
         return slot, slot.served
 
@@ -289,6 +293,10 @@ class Predictions:
         if failures:
             raise Unavailable("could not look everywhere: " + "; ".join(failures))
         raise NotFound(f"no prediction {prediction_id}")
+
+
+def _text(number: int | None) -> str | None:
+    return None if number is None else str(number)
 
 
 def _records(

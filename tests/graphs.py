@@ -1,12 +1,19 @@
-"""ONNX classifiers built in a few lines, for tests that need a team's model of any shape."""
+"""ONNX classifiers built in a few lines, for tests that need a team's model of any shape, and images
+to send them."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from models.importer import import_model
+from models.spec import ModelSpec
+from models.store import StoredModel
 
 
 def linear_classifier(
@@ -50,3 +57,24 @@ def linear_classifier(
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+SHAPES = ["circle", "square", "triangle"]
+
+
+def import_shapes_model(folder: Path, name: str) -> StoredModel:
+    """A team's image classifier of three shapes (16 by 16 RGB, seeded weights), imported as `name`."""
+    spec = ModelSpec.model_validate({
+        "input": {"kind": "image", "width": 16, "height": 16, "mean": [0.5], "std": [0.25]},
+        "classes": SHAPES, "onnx_input": "image",
+    })  # fmt: skip
+    path = linear_classifier(folder / "shapes.onnx", input_dims=["batch", 3, 16, 16], features=3 * 16 * 16)
+    return import_model(name, path, spec)
+
+
+def random_png(seed: int, size: tuple[int, int] = (20, 20)) -> bytes:
+    """A PNG of seeded random RGB pixels, `size` (height, width)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="PNG")
+    return out.getvalue()

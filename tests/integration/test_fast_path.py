@@ -3,7 +3,6 @@ BentoML's API path answers, and is the path the requests take."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Callable
@@ -12,14 +11,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from models import digits, store
-from models.importer import import_model
 from models.npy import npy_bytes
 from models.pipeline import BuildResult
-from models.spec import ModelSpec
-from tests.graphs import linear_classifier
+from tests.graphs import import_shapes_model, random_png
 from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
@@ -96,13 +92,6 @@ IMAGE_MODEL = "team-shapes-fast"
 BOUNDARY = "fAsTpAtH"
 
 
-def png(seed: int, size: tuple[int, int] = (20, 20)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, format="PNG")
-    return out.getvalue()
-
-
 def form(fields: dict[str, str], files: list[bytes], *, end: bool = True) -> bytes:
     """A multipart/form-data body: the fields, then one file part per image."""
     parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
@@ -119,21 +108,26 @@ def form(fields: dict[str, str], files: list[bytes], *, end: bool = True) -> byt
 
 MULTIPART = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 UPLOADS: list[tuple[str, bytes, dict[str, str], str]] = [
-    ("an image", form({"model": IMAGE_MODEL}, [png(1)]), MULTIPART, ""),
+    ("an image", form({"model": IMAGE_MODEL}, [random_png(1)]), MULTIPART, ""),
     (
         "two images, tags",
-        form({"model": IMAGE_MODEL, "tags": '{"app": "t"}'}, [png(2), png(3, (9, 30))]),
+        form({"model": IMAGE_MODEL, "tags": '{"app": "t"}'}, [random_png(2), random_png(3, (9, 30))]),
         MULTIPART,
         "",
     ),
-    ("an image, a request id", form({"model": IMAGE_MODEL}, [png(4)]), {**MULTIPART, "x-request-id": "up-1"}, ""),
-    ("the default model takes numbers", form({}, [png(5)]), MULTIPART, ""),
+    (
+        "an image, a request id",
+        form({"model": IMAGE_MODEL}, [random_png(4)]),
+        {**MULTIPART, "x-request-id": "up-1"},
+        "",
+    ),
+    ("the default model takes numbers", form({}, [random_png(5)]), MULTIPART, ""),
     ("not an image", form({"model": IMAGE_MODEL}, [b"GIF89a nothing"]), MULTIPART, ""),
     ("no files", form({"model": IMAGE_MODEL}, []), MULTIPART, ""),
-    ("tags not JSON", form({"model": IMAGE_MODEL, "tags": "{"}, [png(6)]), MULTIPART, ""),
-    ("an unknown model", form({"model": "nope"}, [png(7)]), MULTIPART, ""),
-    ("an unfinished form", form({"model": IMAGE_MODEL}, [png(8)], end=False), MULTIPART, ""),
-    ("no boundary", form({"model": IMAGE_MODEL}, [png(9)]), {"content-type": "multipart/form-data"}, ""),
+    ("tags not JSON", form({"model": IMAGE_MODEL, "tags": "{"}, [random_png(6)]), MULTIPART, ""),
+    ("an unknown model", form({"model": "nope"}, [random_png(7)]), MULTIPART, ""),
+    ("an unfinished form", form({"model": IMAGE_MODEL}, [random_png(8)], end=False), MULTIPART, ""),
+    ("no boundary", form({"model": IMAGE_MODEL}, [random_png(9)]), {"content-type": "multipart/form-data"}, ""),
 ]
 
 REQUESTS = (
@@ -166,13 +160,7 @@ def _send(service: RunningService, path: str, body: bytes, headers: dict[str, st
 
 @pytest.fixture(scope="module")
 def image_model(tmp_path_factory: pytest.TempPathFactory) -> store.StoredModel:
-    spec = ModelSpec.model_validate({
-        "input": {"kind": "image", "width": 16, "height": 16, "mean": [0.5], "std": [0.25]},
-        "classes": ["circle", "square", "triangle"], "onnx_input": "image",
-    })  # fmt: skip
-    path = linear_classifier(tmp_path_factory.mktemp("fast") / "m.onnx", input_dims=["batch", 3, 16, 16],
-                             features=3 * 16 * 16)  # fmt: skip
-    return import_model(IMAGE_MODEL, path, spec)
+    return import_shapes_model(tmp_path_factory.mktemp("fast"), IMAGE_MODEL)
 
 
 def test_the_fast_path_answers_what_bentomls_path_answers(

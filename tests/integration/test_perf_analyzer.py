@@ -5,7 +5,6 @@ and the statistics' durations add up to the request time they report."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import struct
@@ -15,16 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from harness import perf_analyzer
 from models import store
-from models.importer import import_model
 from models.pipeline import BuildResult
-from models.spec import ModelSpec
-from tests.graphs import linear_classifier
+from tests.graphs import import_shapes_model, random_png
 from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
@@ -35,13 +30,7 @@ COUNTED = ("success", "fail", "queue", "compute_input", "compute_infer", "comput
 
 @pytest.fixture(scope="module")
 def image_model(tmp_path_factory: pytest.TempPathFactory) -> store.StoredModel:
-    spec = ModelSpec.model_validate({
-        "input": {"kind": "image", "width": 16, "height": 16, "mean": [0.5], "std": [0.25]},
-        "classes": ["circle", "square", "triangle"], "onnx_input": "image",
-    })  # fmt: skip
-    path = linear_classifier(tmp_path_factory.mktemp("pa") / "m.onnx", input_dims=["batch", 3, 16, 16],
-                             features=3 * 16 * 16)  # fmt: skip
-    return import_model("team-shapes-pa", path, spec)
+    return import_shapes_model(tmp_path_factory.mktemp("pa"), "team-shapes-pa")
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +46,6 @@ def service(
     start_service: Callable[..., RunningService], trained_model: BuildResult, image_model: store.StoredModel
 ) -> Iterator[RunningService]:
     yield start_service(LOOP_MODELS=f"{trained_model.stored.tag},{image_model.name}")
-
-
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, format="PNG")
-    return out.getvalue()
 
 
 def statistics(service: RunningService, model: str) -> dict[str, Any]:
@@ -89,7 +71,7 @@ def test_perf_analyzer_measures_both_models_and_its_requests_are_ours(
     tmp_path: Path, concurrency: int,
 ) -> None:  # fmt: skip
     # perf_analyzer's input data: a PNG a request, as the protocol's binary BYTES (length, then bytes).
-    pngs = [base64.b64encode(struct.pack("<I", len(p)) + p).decode() for p in map(png, range(4))]
+    pngs = [base64.b64encode(struct.pack("<I", len(p)) + p).decode() for p in map(random_png, range(4))]
     images = tmp_path / "images.json"
     images.write_text(json.dumps({"data": [{"image": {"b64": p}} for p in pngs]}))
     for model, data in ((trained_model.stored.name, "zero"), (image_model.name, str(images))):

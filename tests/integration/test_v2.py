@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,32 +12,21 @@ import numpy as np
 import pytest
 import redis
 import tritonclient.http as triton
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from feedback.keys import Keys
 from models import digits, store
-from models.importer import import_model
 from models.pipeline import BuildResult
-from models.spec import ModelSpec
 from tests.conftest import REDIS
-from tests.graphs import linear_classifier
+from tests.graphs import import_shapes_model, random_png
 from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
 
-CLASSES = ["circle", "square", "triangle"]
-
 
 @pytest.fixture(scope="module")
 def image_model(tmp_path_factory: pytest.TempPathFactory) -> store.StoredModel:
-    spec = ModelSpec.model_validate({
-        "input": {"kind": "image", "width": 16, "height": 16, "mean": [0.5], "std": [0.25]},
-        "classes": CLASSES, "onnx_input": "image",
-    })  # fmt: skip
-    path = linear_classifier(tmp_path_factory.mktemp("v2") / "m.onnx", input_dims=["batch", 3, 16, 16],
-                             features=3 * 16 * 16)  # fmt: skip
-    return import_model("team-shapes-v2", path, spec)
+    return import_shapes_model(tmp_path_factory.mktemp("v2"), "team-shapes-v2")
 
 
 @pytest.fixture
@@ -51,13 +39,6 @@ def served(
         yield service, client
     finally:
         client.close()
-
-
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, format="PNG")
-    return out.getvalue()
 
 
 def predict(service: RunningService, body: dict[str, Any]) -> list[Any]:
@@ -109,7 +90,7 @@ def test_a_triton_client_works_unchanged(
     assert client.infer(name, [as_int]).as_numpy("label").tolist() == [expected[0]["label"].encode()]
 
     # An image model: BYTES elements holding encoded images, binary or base64 in JSON.
-    shapes = [png(1), png(2)]
+    shapes = [random_png(1), random_png(2)]
     want = predict(service, {"model": image_model.name, "samples": [base64.b64encode(b).decode() for b in shapes]})
     for binary in (True, False):
         elements = shapes if binary else [base64.b64encode(b) for b in shapes]
@@ -153,7 +134,7 @@ def test_the_configuration_and_statistics_extensions_speak_to_a_triton_client(
     assert client.get_model_metadata(image_model.name)["inputs"][0]["shape"] == [-1, 1]
     # An image batch as [N, 1], as a Triton client reads that metadata, or as [N].
     tensor = triton.InferInput("image", [2, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[png(3)], [png(4)]], dtype=object))
+    tensor.set_data_from_numpy(np.array([[random_png(3)], [random_png(4)]], dtype=object))
     assert len(client.infer(image_model.name, [tensor]).as_numpy("label")) == 2
 
     # Versions by number, as Triton numbers them: this one is its model's newest stored version.
