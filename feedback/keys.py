@@ -38,3 +38,9 @@ class Keys:
     def shadow(self, model_name: str) -> str:
         """The model's shadow as last announced (the same JSON): what a worker that missed a message reads."""
         return f"{self.prefix}:shadow:{model_name}"
+
+    @property
+    def statistics(self) -> str:
+        """Hash: each service worker's inference statistics (JSON), by worker: what any worker answers
+        the protocol's statistics with, summed."""
+        return f"{self.prefix}:statistics"

@@ -34,7 +34,7 @@ from feedback.predictions.log import LogPolicy, PredictionLog
 from feedback.use_cases import announcer, shadow_announcer
 from models.npy import read_npy
 from models.signature import InputError
-from service import database, fast_path, logs, metrics, problems
+from service import database, fast_path, logs, metrics, problems, statistics
 from service.contract import OpenAPIContract
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, replay_body, use_bounded_heads
 from service.predictions import Predictions
@@ -205,8 +205,11 @@ class Predictor:
             )
             self._background.append(asyncio.create_task(self.plane.log.run_replayer(), name="spool-replay"))
             self._background.append(asyncio.create_task(metrics.watch_stream(settings.redis_url, self.keys)))
-        if settings.redis_url is not None:  # champions and shadows
+        if settings.redis_url is not None:  # champions and shadows; the statistics every worker answers with
             self._background.append(asyncio.create_task(self._follow_champion(settings.redis_url), name="champion"))
+            shared = statistics.share(self.plane.statistics, settings.redis_url, self.keys, self.worker)
+            self._background.append(asyncio.create_task(shared, name="statistics"))
+            self.plane.other_statistics = statistics.others(settings.redis_url, self.keys, self.worker)
         if settings.database_url is not None:
             timeout = settings.statement_timeout_s
             self.plane.pool = database.async_pool(settings.database_url, max_size=4, statement_timeout_s=timeout)

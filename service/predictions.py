@@ -12,7 +12,7 @@ import base64
 import binascii
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,7 @@ class Predictions:
         self.pool: AsyncConnectionPool | None = None  # Postgres, for stored predictions
         self.shadows: dict[str, Shadowing] = {}  # by model: sees answered batches after they are answered
         self.statistics = Statistics()  # the protocol's statistics extension: where requests' time went
+        self.other_statistics: Callable[[], list[dict[str, Any]]] = list  # the other workers' last counts
         self._numbers: dict[tuple[str, str], int] = {}  # (name, version) -> its number
 
     # -- which model ----------------------------------------------------------------------------

@@ -12,18 +12,31 @@ made and its records are in the log):
 
 `inference_count` counts samples, `execution_count` model calls, `batch_stats` the calls by their
 number of samples. A request that fails after it was received counts in `fail`. Each worker process
-counts what it answers.
+counts what it answers and shares its counts (`snapshot`) a few times a second; a worker answers
+the statistics with its own counts and the others' latest snapshots summed (`report`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
+
+from feedback.keys import Keys
 from service.batching import Timed
+
+logger = logging.getLogger(__name__)
+
+SHARE_EVERY_S = 0.25
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 
@@ -99,18 +112,46 @@ class Statistics:
         with self._lock:
             self._of(name, version).durations["fail"].add(seconds)
 
-    def versions(self, name: str) -> list[str]:
-        """The versions of `name` that have counted something here."""
+    def snapshot(self) -> dict[str, Any]:
+        """Every count as JSON, to share with the other workers."""
         with self._lock:
-            return [version for (model, version) in self._versions if model == name]
+            return {f"{name}:{version}": _as_snapshot(s) for (name, version), s in self._versions.items()}
 
-    def report(self, versions: Iterable[tuple[str, str, str]]) -> list[dict[str, Any]]:
-        """The protocol's `model_stats` for each (name, version, version as reported): zeros for a
-        version that has answered nothing."""
+    def versions(self, name: str, others: Iterable[dict[str, Any]] = ()) -> list[str]:
+        """The versions of `name` that have counted something here or in the `others`' snapshots."""
+        with self._lock:
+            found = [version for (model, version) in self._versions if model == name]
+        for snapshot in others:
+            found += [key.partition(":")[2] for key in snapshot if key.partition(":")[0] == name]
+        return list(dict.fromkeys(found))
+
+    def _summed(self, name: str, version: str, others: Iterable[dict[str, Any]]) -> VersionStatistics:
+        total = VersionStatistics()
+        own = self._versions.get((name, version))
+        shared = [s for s in (own and _as_snapshot(own), *(o.get(f"{name}:{version}") for o in others)) if s]
+        for s in shared:
+            total.last_inference_ms = max(total.last_inference_ms, s["last"])
+            total.inference_count += s["inferences"]
+            total.execution_count += s["executions"]
+            for kind, (count, ns) in s["durations"].items():
+                total.durations[kind].count += count
+                total.durations[kind].ns += ns
+            for size, (count, ns) in s["batches"].items():
+                batch = total.batches.setdefault(int(size), Duration())
+                batch.count += count
+                batch.ns += ns
+        return total
+
+    def report(
+        self, versions: Iterable[tuple[str, str, str]], others: Iterable[dict[str, Any]] = ()
+    ) -> list[dict[str, Any]]:
+        """The protocol's `model_stats` for each (name, version, version as reported), this worker's
+        counts and the `others`' snapshots summed: zeros for a version that has answered nothing."""
         out = []
+        others = list(others)
         with self._lock:
             for name, version, reported in versions:
-                stats = self._versions.get((name, version)) or VersionStatistics()
+                stats = self._summed(name, version, others)
                 out.append(
                     {
                         "name": name,
@@ -127,3 +168,51 @@ class Statistics:
                     }
                 )
         return out
+
+
+def _as_snapshot(stats: VersionStatistics) -> dict[str, Any]:
+    return {
+        "last": stats.last_inference_ms,
+        "inferences": stats.inference_count,
+        "executions": stats.execution_count,
+        "durations": {k: [d.count, d.ns] for k, d in stats.durations.items()},
+        "batches": {str(size): [d.count, d.ns] for size, d in stats.batches.items()},
+    }
+
+
+async def share(statistics: Statistics, redis_url: str, keys: Keys, worker: str) -> None:
+    """Put this worker's counts in the shared hash whenever they changed, a few times a second,
+    and take them out when it stops (a background task of the service worker; a worker killed
+    leaves its last counts)."""
+    client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
+    shared = ""
+    try:
+        while True:
+            current = json.dumps(statistics.snapshot())
+            if current != shared:
+                try:
+                    await client.hset(keys.statistics, worker, current)
+                    shared = current
+                except (redis.RedisError, OSError) as exc:
+                    logger.debug("statistics not shared: %s", exc)
+            await asyncio.sleep(SHARE_EVERY_S)
+    finally:  # the worker stops: its counts go with it, as a server's do when it restarts
+        with contextlib.suppress(redis.RedisError, OSError):
+            await client.hdel(keys.statistics, worker)
+        await client.aclose()
+
+
+def others(redis_url: str, keys: Keys, worker: str) -> Callable[[], list[dict[str, Any]]]:
+    """What the other workers last shared (nothing when Redis cannot be read: this worker's own
+    counts are answered alone)."""
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
+
+    def read() -> list[dict[str, Any]]:
+        try:
+            found: dict[bytes, bytes] = client.hgetall(keys.statistics)  # type: ignore[assignment]
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("the other workers' statistics are unavailable: %s", exc)
+            return []
+        return [json.loads(raw) for name, raw in found.items() if name.decode() != worker]
+
+    return read

@@ -96,13 +96,14 @@ def v2_server() -> Any:
 @router.get("/v2/models/{name}/versions/{version}/stats", responses=documented(404, 422, 503))
 def v2_statistics(plane: Plane, name: ModelName | None = None, version: ModelVersion | None = None) -> Any:
     """The statistics extension: each version's requests, samples and model calls, and where their
-    time went (queue, compute input, infer and output), counted by this worker. Versions are
+    time went (queue, compute input, infer and output), summed over the service's workers. Versions are
     numbered as Triton numbers them (the model's oldest stored version is 1)."""
     names = list(plane.slots) if name is None else [_served(plane, name, version).stored.name]
+    others = plane.other_statistics()
     reported = []
     for model in names:
         served = plane.slots[model].served
-        versions = plane.statistics.versions(model)
+        versions = plane.statistics.versions(model, others)
         if served is not None and served.stored.version not in versions:
             versions.append(served.stored.version)
         if version is not None:
@@ -110,7 +111,7 @@ def v2_statistics(plane: Plane, name: ModelName | None = None, version: ModelVer
         for v in versions:
             number = plane.version_number(model, v)
             reported.append((model, v, v if number is None else str(number)))
-    return {"model_stats": plane.statistics.report(reported)}
+    return {"model_stats": plane.statistics.report(reported, others)}
 
 
 @router.get("/v2/health/live", response_class=Response, responses={200: {"description": "Live"}})

@@ -9,6 +9,7 @@ import json
 import re
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,22 @@ def test_perf_analyzer_measures_both_models_and_its_requests_are_ours(
         spent = {k: after["inference_stats"][k]["ns"] - before["inference_stats"][k]["ns"] for k in COUNTED}
         parts = spent["queue"] + spent["compute_input"] + spent["compute_infer"] + spent["compute_output"]
         assert parts == pytest.approx(spent["success"], rel=0.10), spent
+
+
+def test_two_workers_answer_the_statistics_of_both(
+    command: list[str], start_service: Callable[..., RunningService], trained_model: BuildResult
+) -> None:
+    """Each worker shares its counts: whichever answers the statistics counts every request."""
+    service = start_service(LOOP_MODELS=trained_model.stored.tag, LOOP_WORKERS="2")
+    name = trained_model.stored.name
+    before = statistics(service, name)["inference_stats"]["success"]["count"]
+    output = profile(command, service, name, 16, "--input-data", "zero")
+    sent = int(re.search(r"Client:\s+Request count: (\d+)", output).group(1))  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    while (counted := statistics(service, name)["inference_stats"]["success"]["count"] - before) < sent:
+        assert time.monotonic() < deadline, f"counted {counted} of {sent}"
+        time.sleep(0.1)
+    assert counted == sent
+    workers = {httpx.post(f"{service.url}/predict", json={"samples": [[[0] * 8] * 8]}).headers["x-loop-worker"]
+               for _ in range(40)}  # fmt: skip
+    assert len(workers) == 2, workers  # both answered requests
