@@ -44,3 +44,13 @@ class Keys:
         """Hash: each service worker's inference statistics (JSON), by worker: what any worker answers
         the protocol's statistics with, summed."""
         return f"{self.prefix}:statistics"
+
+    @property
+    def repository(self) -> str:
+        """Hash: the models loaded through the model repository (name -> tag), beyond those a service starts with."""
+        return f"{self.prefix}:repository"
+
+    @property
+    def repository_events(self) -> str:
+        """Pub/sub channel: a model's name each time it is loaded or unloaded through the repository."""
+        return f"{self.prefix}:repository:events"

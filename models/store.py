@@ -139,11 +139,14 @@ def get(tag: str) -> StoredModel:
 
 
 def list_models(name: str | None = None) -> list[StoredModel]:
-    """Every model this project stored (all of `name`'s versions, if given), oldest first per name."""
+    """Every model this project stored (all of `name`'s versions, if given), oldest first per name;
+    `InvalidModelTag` for a name no model can have."""
     try:
         listed = bentoml.models.list(name)
     except NotFound:  # BentoML's answer when no version of `name` exists
         return []
+    except (BentoMLException, ValueError):  # BentoML's answer to a name no tag can have
+        raise InvalidModelTag(f"{name!r} is not a model name: letters, digits, '-', '_' and '.'") from None
     entries = sorted(listed, key=lambda e: (e.tag.name, e.creation_time))
     found = []
     for entry in entries:

@@ -39,7 +39,8 @@ from service.contract import OpenAPIContract
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, replay_body, use_bounded_heads
 from service.predictions import Predictions
 from service.problems import ProblemDetails
-from service.routes import application, open_inference, predict
+from service.repository import Repository
+from service.routes import application, open_inference, predict, repository
 from service.routes import models as models_routes
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -58,7 +59,9 @@ SERVICE_NAME = "loop"
 
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
-routes = application(predict.router, open_inference.router, models_routes.router, review_router, admin_router)
+routes = application(
+    predict.router, open_inference.router, repository.router, models_routes.router, review_router, admin_router
+)
 
 
 # The prediction routes: what a per-request access log line and a trace span cost there is about
@@ -104,6 +107,9 @@ class Predictor:
             self.slots, max_samples=self.settings.max_samples_per_request, log_required=self.settings.log_predictions
         )
         self.shadows = Shadows(self.plane.shadows, models=list(self.slots), where=where, log=lambda: self.plane.log)
+        self.repository = Repository(
+            self.plane, where, configured=list(self.slots), keys=self.keys, redis_url=self.settings.redis_url
+        )
         self._review_pool: ConnectionPool | None = None
         self._background: list[asyncio.Task[None]] = []
         if self.settings.log_predictions and self.settings.redis_url is None:
@@ -112,6 +118,7 @@ class Predictor:
         routes.state.predictions = self.plane  # what the routers of service/routes/ answer with
         routes.state.worker = self.worker
         routes.state.is_ready = self.__is_ready__
+        routes.state.repository = self.repository
         routes.state.batching = BatchingPublic(
             max_batch_size=self.settings.max_batch_size,
             max_latency_ms=self.settings.max_latency_ms,
@@ -143,7 +150,7 @@ class Predictor:
             client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.keys.promotions, self.keys.shadows)
+                    await pubsub.subscribe(self.keys.promotions, self.keys.shadows, self.keys.repository_events)
                     await self._recheck()
                     while True:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=CHAMPION_CHECK_S)
@@ -153,6 +160,9 @@ class Predictor:
                         if message["channel"] == self.keys.shadows.encode():
                             await self.shadows.on_message(message["data"])
                             continue
+                        if message["channel"] == self.keys.repository_events.encode():
+                            await self.repository.follow()
+                            continue
                         try:
                             announced = json.loads(message["data"])
                             name, version = announced["model_name"], announced["model_version"]
@@ -160,7 +170,7 @@ class Predictor:
                             logger.warning("ignored a malformed promotion message: %r", message["data"])
                             continue
                         await self.shadows.set(name, None, None)  # a new champion ends the model's shadow
-                        slot = self.slots.get(name)
+                        slot = self.plane.slots.get(name)  # loaded through the repository too
                         if slot is not None and slot.follows_champion:
                             await slot.reload(f"{name}:{version}")
             except (redis.RedisError, OSError) as exc:
@@ -170,7 +180,8 @@ class Predictor:
                 await client.aclose()
 
     async def _recheck(self) -> None:
-        for slot in self.slots.values():
+        await self.repository.follow()
+        for slot in list(self.plane.slots.values()):
             await slot.recheck()
         await self.shadows.recheck()
 
@@ -256,7 +267,7 @@ class Predictor:
         for path in (*V2_INFER, UPLOAD_ROUTE):
             fast_path.release(path)
         await self.shadows.close()
-        for slot in self.slots.values():
+        for slot in list(self.plane.slots.values()):  # those loaded through the repository too
             await slot.close()
         for task in self._background:
             task.cancel()

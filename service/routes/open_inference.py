@@ -81,7 +81,7 @@ def _served(plane: Predictions, name: str, version: str | None) -> Served:
     return plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {slots}")[1]
 
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
 
 @router.get("/v2")
