@@ -8,11 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from feedback.errors import Malformed, Unavailable
+from feedback.errors import Unavailable
 from service.problems import documented
 from service.repository import Repository
 from service.routes.dependencies import Admin, GuardedRoute, RequestBody
-from service.routes.fields import Flag, ModelName
+from service.routes.fields import Flag, ModelName, ModelVersion
 
 router = APIRouter(
     prefix="/v2/repository",
@@ -26,11 +26,14 @@ class IndexIn(RequestBody):
     ready: Flag = Field(default=False, description="Only the versions that are served (READY).")
 
 
-class LoadIn(RequestBody):
-    parameters: dict[str, Any] = Field(
-        default_factory=dict,
-        description="`version`: the stored version to serve, by tag or number (else its champion).",
+class LoadParameters(RequestBody):
+    version: ModelVersion | None = Field(
+        default=None, description="The stored version to serve, by tag or number (else its champion)."
     )
+
+
+class LoadIn(RequestBody):
+    parameters: LoadParameters = Field(default_factory=LoadParameters)
 
 
 def _repository(request: Request) -> Repository:
@@ -50,11 +53,7 @@ def repository_index(request: Request, admin: Admin, body: IndexIn | None = None
 @router.post("/models/{name}/load")
 async def repository_load(request: Request, name: ModelName, admin: Admin, body: LoadIn | None = None) -> Any:
     """Serve a stored model in every worker, without a restart: answers once it serves here."""
-    parameters = {} if body is None else body.parameters
-    unknown = sorted(set(parameters) - {"version"})
-    version = parameters.get("version")
-    if unknown or not (version is None or isinstance(version, str)):
-        raise Malformed(f"load takes one parameter, 'version' (text); got {unknown or [repr(version)]}")
+    version = None if body is None else body.parameters.version
     served = await _repository(request).load(name, version)
     return {"name": served.stored.name, "version": served.stored.version, "state": "READY"}
 

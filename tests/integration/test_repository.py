@@ -64,7 +64,7 @@ def test_a_model_is_loaded_and_unloaded_without_a_restart(
     refusals = [
         (f"{repo}/models/nobody/load", {}, 404, "no model 'nobody'"),
         (f"{repo}/models/{image_model.name}/load", {"parameters": {"version": "9"}}, 404, "has no version '9'"),
-        (f"{repo}/models/{image_model.name}/load", {"parameters": {"config": "{}"}}, 400, "one parameter, 'version'"),
+        (f"{repo}/models/{image_model.name}/load", {"parameters": {"config": "{}"}}, 422, "config"),
         (f"{repo}/models/{trained_model.stored.name}/unload", None, 409, "started with (LOOP_MODELS)"),
         (f"{repo}/models/{image_model.name}/unload", None, 404, "is not loaded"),
     ]
