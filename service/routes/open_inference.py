@@ -27,7 +27,7 @@ from service.problems import documented
 from service.routes import v2
 from service.routes.faces import Plane, answer_headers, request_id_of
 from service.routes.fields import ModelName, ModelVersion
-from service.serving import Served
+from service.serving import ModelSlot, Served
 
 router = APIRouter(route_class=ContractRoute, tags=["v2"])
 
@@ -76,9 +76,13 @@ _INFER: dict[str, Any] = {
 }
 
 
+def _loaded(plane: Predictions, name: str, version: str | None) -> tuple[ModelSlot, Served]:
+    """The model (and version) loaded here, or the protocol's 404 naming those that are."""
+    return plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
+
+
 def _served(plane: Predictions, name: str, version: str | None) -> Served:
-    slots = ", ".join(plane.slots)
-    return plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {slots}")[1]
+    return _loaded(plane, name, version)[1]
 
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
@@ -160,7 +164,7 @@ def v2_model(plane: Plane, name: ModelName, version: ModelVersion | None = None)
 def v2_model_config(plane: Plane, name: ModelName, version: ModelVersion | None = None) -> Any:
     """The model configuration extension: the model as Triton's configuration describes it (what
     perf_analyzer and other Triton tools read): the batch axis, inputs, outputs, dynamic batching."""
-    slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
+    slot, served = _loaded(plane, name, version)
     spec, signature = served.stored.card.model_spec, served.stored.card.signature
     image_input = {"data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}  # one encoded image a row
     tensor_input = {"data_type": "TYPE_FP32", "dims": list(signature.input_shape)}
@@ -236,7 +240,7 @@ async def infer(
     """An inference request answered: the route's work, and the fast path's (`service.fast_path`)."""
     received = time.perf_counter()
     parsed = v2.parse(body, header_length)
-    slot, served = plane.loaded(name, version, unknown=f"unknown model {name!r}; served: {', '.join(plane.slots)}")
+    slot, served = _loaded(plane, name, version)
     batch, sent = await _batch(plane, served, parsed)
     request_id = parsed.id or request_id_of(headers)
     answer = await plane.run(slot, batch, sent, {}, request_id, received=received)
