@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser perf-analyzer run train test test-fast lint audit format clean demo-loop demo-shadow
+.PHONY: install browser perf-analyzer label-studio run train test test-fast lint audit format clean demo-loop demo-shadow
 
 $(STAMP): pyproject.toml constraints.txt requirements/no-deps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ browser: ## Debian's Chromium, for the review page's tests (installed once with 
 perf-analyzer: install ## NVIDIA's perf_analyzer under var/tools, for the tests that run it (fetched once).
 	$(BIN)/python -m harness.perf_analyzer
 
+label-studio: install ## Label Studio in an environment of its own under var/tools, for the test that connects it (installed once, about 1 GB).
+	$(BIN)/python -m harness.label_studio
+
 run: install ## Train the default model if the store has none, then serve it.
 	$(BIN)/loop serve
 
@@ -36,7 +39,7 @@ demo-loop: install ## Measure how much review improves a model (both strategies,
 demo-shadow: install ## Show a shadow judged by reviewers catching the candidate the frozen-set gate would wrongly promote (about 2 minutes).
 	$(BIN)/loop demo-shadow
 
-test: install browser perf-analyzer ## Unit, model, API, integration and browser tests.
+test: install browser perf-analyzer label-studio ## Unit, model, API, integration and browser tests.
 	BENTOML_DO_NOT_TRACK=True $(BIN)/pytest
 
 test-fast: install ## Unit and API tests only: the quick round while developing (make test is the whole suite).

@@ -104,10 +104,16 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def running(
-    command: list[str], env: Mapping[str, str], *, ready_url: str, log: Path, stop_timeout_s: float = 60
+    command: list[str],
+    env: Mapping[str, str],
+    *,
+    ready_url: str,
+    log: Path,
+    start_timeout_s: float = 120,
+    stop_timeout_s: float = 60,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`start`, then `stop` on the way out, however the block ends."""
-    process = start(command, env, ready_url=ready_url, log=log)
+    process = start(command, env, ready_url=ready_url, log=log, timeout_s=start_timeout_s)
     try:
         yield process
     finally:

@@ -36,11 +36,12 @@ from models.npy import read_npy
 from models.signature import InputError
 from service import database, fast_path, logs, metrics, problems, statistics
 from service.contract import OpenAPIContract
+from service.fetching import Fetcher
 from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, replay_body, use_bounded_heads
 from service.predictions import Predictions
 from service.problems import ProblemDetails
 from service.repository import Repository
-from service.routes import application, open_inference, predict, repository
+from service.routes import application, label_studio, open_inference, predict, repository
 from service.routes import models as models_routes
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -59,9 +60,8 @@ SERVICE_NAME = "loop"
 
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
-routes = application(
-    predict.router, open_inference.router, repository.router, models_routes.router, review_router, admin_router
-)
+_FACES = (predict.router, open_inference.router, repository.router, models_routes.router, label_studio.router)
+routes = application(*_FACES, review_router, admin_router)
 
 
 # The prediction routes: what a per-request access log line and a trace span cost there is about
@@ -119,6 +119,7 @@ class Predictor:
         routes.state.worker = self.worker
         routes.state.is_ready = self.__is_ready__
         routes.state.repository = self.repository
+        routes.state.fetcher = Fetcher.of(self.settings)  # the images Label Studio's tasks name
         routes.state.batching = BatchingPublic(
             max_batch_size=self.settings.max_batch_size,
             max_latency_ms=self.settings.max_latency_ms,

@@ -68,7 +68,8 @@ class BodyLimits:
     def for_path(self, path: str) -> int:
         predicts = path == "/predict" or path.startswith("/predict/")
         infers = path.startswith("/v2/models/") and path.endswith("/infer")  # the Open Inference Protocol's
-        return self.predict if predicts or infers else self.other
+        tasks = path.startswith("/label-studio/") and path.endswith("/predict")  # Label Studio's tasks
+        return self.predict if predicts or infers or tasks else self.other
 
 
 async def _refuse(exc: DomainError, scope: Scope, receive: Receive, send: Send) -> None:

@@ -172,6 +172,19 @@ class Settings(BaseSettings):
     exact_math_fallback: bool = Field(
         True, description="Above the tolerance, load the model again with the provider's exact math (no TF32)."
     )
+    label_studio_url: str | None = Field(
+        None,
+        description="Label Studio's address (e.g. http://label-studio:8080): the images of its tasks given as "
+        "paths (/data/upload/...) are fetched from there, with LOOP_LABEL_STUDIO_TOKEN.",
+    )
+    label_studio_token: str | None = Field(
+        None, description="A Label Studio user's (legacy) API token, sent only to LOOP_LABEL_STUDIO_URL."
+    )
+    fetch_hosts: str = Field(
+        "",
+        description="Other origins (scheme://host[:port], comma-separated) whose image URLs a Label Studio "
+        "task may name; any other URL is refused.",
+    )
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none).")
 
     @property

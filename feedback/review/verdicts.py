@@ -161,6 +161,20 @@ def record_verdicts(
     return states
 
 
+def record_outside(
+    *, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, verdict: Verdict, label: str | None, reason: str
+) -> int:
+    """A reviewer's verdict given in another tool (no lease to consume: the tool assigned the item),
+    or their taking one back (`UNDO`), in the caller's transaction; its revision."""
+    if verdict not in (*REVIEWER_VERDICTS, Verdict.UNDO):
+        raise Invalid(f"{verdict.value!r} is not a reviewer's verdict")
+    _exists(conn, prediction_id)
+    revision = _annotate(conn, user, prediction_id, verdict=verdict, label=label, reason=reason)
+    _refresh_state(conn, prediction_id)
+    audit(conn, user, "verdicts" if verdict is not Verdict.UNDO else "undo", str(prediction_id), reason=reason)
+    return revision
+
+
 def _check_form(v: VerdictIn) -> None:
     """`Invalid` for a verdict a reviewer cannot give, or one without what it needs."""
     if v.verdict not in (Verdict.CORRECT, Verdict.WRONG, Verdict.DISCARD, Verdict.UNSURE):

@@ -6,6 +6,7 @@
 - `datasets`: datasets import|compile|list|show|verify, validation show|fix
 - `retrain`: retrain, promote, champion, experiments
 - `shadow`: shadow start|stop|status
+- `review`: review export|import (Label Studio's JSON)
 - `demo`: demo-loop, demo-shadow, demo-data
 
 `common` holds what they share. Commands import their heavy dependencies when they run, so that
@@ -19,7 +20,7 @@ import os
 
 import click
 
-from service.cli import datasets, dead_letters, demo, models, retrain, serve, shadow, users
+from service.cli import datasets, dead_letters, demo, models, retrain, review, serve, shadow, users
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -56,6 +57,7 @@ for _command in (
     retrain.champion,
     retrain.experiments,
     shadow.shadow,
+    review.review,
     demo.demo_loop,
     demo.demo_shadow,
     demo.demo_data,
