@@ -247,7 +247,9 @@ def _remembered(conn: psycopg.Connection, annotation_id: int) -> tuple[tuple[uui
 _LOCK_SPACE = 0x4C53  # advisory locks of this module: one annotation's events one at a time
 
 
-def _item(conn: psycopg.Connection, task: int | None, data: dict[str, Any], model: str | None) -> tuple[uuid.UUID, str, str]:
+def _item(
+    conn: psycopg.Connection, task: int | None, data: dict[str, Any], model: str | None
+) -> tuple[uuid.UUID, str, str]:
     """The item a task shows (id, model, predicted label): the one our export named, else the
     latest prediction answered for the task."""
     if data.get(ITEM_KEY):

@@ -98,7 +98,7 @@ async def label_studio_health(model: ModelName, plane: Plane) -> Any:
     return {"status": "UP", "model": model, "model_version": None if served is None else served.stored.version}
 
 
-@router.post("/setup", responses=documented(404, 415, 422, 503))
+@router.post("/setup", responses=documented(400, 404, 415, 422, 503))
 async def label_studio_setup(model: ModelName, body: SetupIn, plane: Plane) -> Any:
     """Connect a project: its one `<Choices>` must offer exactly the model's classes."""
     _, _, classes, version = await _served(plane, model)
@@ -106,7 +106,7 @@ async def label_studio_setup(model: ModelName, body: SetupIn, plane: Plane) -> A
     return {"model_version": version}
 
 
-@router.post("/predict", responses=documented(404, 413, 415, 422, 429, 503))
+@router.post("/predict", responses=documented(400, 404, 413, 415, 422, 429, 503))
 async def label_studio_predict(model: ModelName, body: PredictIn, request: Request, plane: Plane) -> Any:
     """Answer tasks: each task's image is classified and stored as a prediction tagged with the
     task's id; the answer is Label Studio's predictions (the label, score = confidence)."""
