@@ -264,23 +264,24 @@ def test_label_studio_itself_uses_the_model_and_its_annotations_become_verdicts(
         done = loop_cli(env, "review", "import", "--format", "label-studio", str(export), "--admin", "root")
         assert done.returncode == 0 and "1 unchanged" in done.stderr, done.stderr
 
-        round_trip_through_a_project_of_its_own(label_studio, env, tmp_path, database_url, reviewer, second_item[0])
+        round_trip_through_a_project_of_its_own(label_studio, env, tmp_path, database_url, reviewer)
 
 
 def round_trip_through_a_project_of_its_own(
-    label_studio: studio.LabelStudio, env: dict[str, str], tmp_path: Path, database_url: str, reviewer: str,
-    judged: uuid.UUID,
-) -> None:  # fmt: skip
+    label_studio: studio.LabelStudio, env: dict[str, str], tmp_path: Path, database_url: str, reviewer: str
+) -> None:
     """Our export into a project of its own (no backend), annotated there, imported back."""
-    ours = tmp_path / "ours.json"
-    config = ls.LabelConfig.default(SHAPES)
-    done = loop_cli(env, "review", "export", "--format", "label-studio", "--status", "unreviewed", "-o", str(ours))
+    ours, xml = tmp_path / "ours.json", tmp_path / "config.xml"
+    config = ls.LabelConfig("kind", "shown", "png", tuple(SHAPES))
+    xml.write_text(config.xml())
+    done = loop_cli(env, "review", "export", "--format", "label-studio", "--label-config", str(xml), "-o", str(ours))
     assert done.returncode == 0, done.stderr
     second_project = label_studio.sdk("project", title="exported", label_config=config.xml())["project"]
     label_studio.sdk("import_tasks", project=second_project, tasks=json.loads(ours.read_text()))
     shown_tasks = label_studio.sdk("tasks", project=second_project)["tasks"]
-    assert len(shown_tasks) == 3 and all(len(t["predictions"]) == 1 for t in shown_tasks)
-    target = next(t for t in shown_tasks if t["data"][ls.ITEM_KEY] != str(judged))  # never judged
+    assert len(shown_tasks) == 4 and all(len(t["predictions"]) == 1 for t in shown_tasks)
+    assert all(t["data"]["png"].startswith("data:image/png;base64,") for t in shown_tasks)
+    target = next(t for t in shown_tasks if not verdicts(database_url, uuid.UUID(t["data"][ls.ITEM_KEY])))
     target_item = uuid.UUID(target["data"][ls.ITEM_KEY])
     label = target["predictions"][0]["result"][0]["value"]["choices"][0]
     label_studio.sdk("annotate", task=target["id"], result=choice(label, config))
