@@ -1,7 +1,9 @@
 """The service's HTTP faces, a module each: `predict` (`.npy` bodies and uploads; `POST /predict`
 with JSON is BentoML's API in `service.app` and the fast path), `open_inference` (the Open
 Inference Protocol under `/v2`, its messages in `v2`), `models` (what is served, and the stored
-predictions), `review` (under `/review`, with the review `page`) and `admin` (under `/admin`).
+predictions), `review` (under `/review`, with the review `page`), `admin` (under `/admin`), `repository`
+(the protocol's model repository, under `/v2/repository`) and `label_studio` (Label Studio's ML
+backend interface, under `/label-studio/{model}`).
 `fields` holds their field types, `dependencies` the caller and the request's database
 connection, `faces` what the prediction faces share. Each route translates HTTP to a call of the
 data plane (`service.predictions`) or of `feedback/` and back; what it raises is answered by
