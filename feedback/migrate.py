@@ -31,8 +31,8 @@ def available() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-def migrate(conn: psycopg.Connection) -> list[Migration]:
-    """Apply every migration not yet applied; returns those applied now."""
+def migrate(conn: psycopg.Connection, *, up_to: int | None = None) -> list[Migration]:
+    """Apply every migration not yet applied (up to version `up_to`, if given); returns those applied now."""
     conn.autocommit = True
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -43,7 +43,7 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         applied = []
         for migration in available():
-            if migration.version in done:
+            if migration.version in done or (up_to is not None and migration.version > up_to):
                 continue
             with conn.transaction():
                 conn.execute(migration.sql.encode())

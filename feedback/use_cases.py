@@ -7,6 +7,8 @@ start and stop a shadow and announce it, decide on a shadow's evidence.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,12 +26,15 @@ from feedback.champion import (
     record_promotion,
     reevaluate,
 )
+from feedback.datasets import versions
 from feedback.datasets.compiling import compile_training
 from feedback.datasets.schema import LabelSchema, Originals, Progress
 from feedback.datasets.store import DatasetVersion, current_validation
 from feedback.datasets.validation import LabelFix, fix_validation, freeze_validation, freeze_validation_from_verdicts
 from feedback.errors import Conflict, NotFound
 from feedback.keys import Keys
+from feedback.predictions import partitions, retention
+from feedback.predictions.partitions import AHEAD_DAYS
 from feedback.review.users import User
 
 
@@ -196,3 +201,40 @@ def decide_shadow(
     if shadow_announcer is not None:
         shadow_announcer(model_name, None)
     return ShadowDecision(promotion=promotion, evidence=found)
+
+
+# -- the prediction log's upkeep ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upkeep:
+    """What `maintain` did (or, dry, would do)."""
+
+    created: list[str]
+    expiring: list[retention.Expiring]
+    applied: bool
+
+
+def validation_items(conn: psycopg.Connection) -> set[uuid.UUID]:
+    """The prediction ids in any validation version (a model's original data has ids of its own)."""
+    found: set[uuid.UUID] = set()
+    for (uri,) in conn.execute("SELECT uri FROM dataset_versions WHERE kind = 'validation'").fetchall():
+        for item in versions.item_ids(uri):
+            with contextlib.suppress(ValueError):
+                found.add(uuid.UUID(item))
+    return found
+
+
+def maintain(
+    conn: psycopg.Connection, *, retention_days: int | None, dry_run: bool = False, ahead_days: int = AHEAD_DAYS
+) -> Upkeep:
+    """Partitions for the coming days; with `retention_days`, the partitions past it dropped whole,
+    their protected items kept (`feedback.predictions.retention`). Dry: only say what would go."""
+    created = [] if dry_run else partitions.ahead(conn, days=ahead_days)
+    if retention_days is None:
+        return Upkeep(created, [], applied=False)
+    keep = validation_items(conn)
+    expiring = retention.plan(conn, keep_days=retention_days, keep=keep)
+    if not dry_run:
+        retention.apply(conn, expiring, keep=keep)
+    return Upkeep(created, expiring, applied=not dry_run)

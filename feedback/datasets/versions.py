@@ -352,6 +352,17 @@ class Loaded:
         return tuple(self.schema.class_names[i] for i in self.labels)
 
 
+def item_ids(uri: str) -> list[str]:
+    """The item ids of a version folder, in its order (no inputs read)."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    ids: list[str] = []
+    for name in manifest["files"]:
+        with fs.open(f"{root}/{name}", "rb") as f:
+            ids.extend(pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist())
+    return ids
+
+
 def read_version(uri: str) -> Loaded:
     """The rows of a version folder."""
     fs, root = fsspec.core.url_to_fs(uri)

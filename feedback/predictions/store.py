@@ -13,6 +13,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
+from feedback.predictions import partitions
 from feedback.predictions.records import PredictionRecord, Row, ShadowRow, created_at
 
 _COLUMNS = (
@@ -71,7 +72,21 @@ _SHADOW_MOVE = (
 
 def insert_rows(*, conn: psycopg.Connection, rows: Sequence[Row | ShadowRow]) -> int:
     """Store rows (predictions, and shadows' predictions) in one transaction; rows already stored
-    are skipped. Returns rows inserted."""
+    are skipped. Returns rows inserted. The days they fall on get partitions first (a day whose
+    partition retention dropped since this process last looked gets one again)."""
+    days = partitions.days_of(r.created_at for r in rows if isinstance(r, Row))
+    partitions.ensure(conn, days)
+    try:
+        return _insert_rows(conn, rows)
+    except psycopg.errors.CheckViolation as exc:
+        if "no partition" not in str(exc):
+            raise
+        partitions.forget(conn)
+        partitions.ensure(conn, days)
+        return _insert_rows(conn, rows)
+
+
+def _insert_rows(conn: psycopg.Connection, rows: Sequence[Row | ShadowRow]) -> int:
     predictions = [r for r in rows if isinstance(r, Row)]
     if len(predictions) == len(rows):
         return _insert_predictions(conn, predictions)

@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 
 from feedback.errors import Conflict, Invalid, NotFound
 from feedback.ids import uuid7
+from feedback.predictions import partitions
 from feedback.predictions.records import created_at as uuid_created_at
 from feedback.review.audit import audit
 from feedback.review.moderation import REVIEWER_VERDICTS, Annotation, Status, Verdict, decide, verdict_problem
@@ -269,6 +270,7 @@ def add_sample(
 
     `input` is .npy bytes, or an image as sent when `input_type` is its media type."""
     prediction_id = uuid7()
+    partitions.ensure(conn, partitions.days_of([uuid_created_at(prediction_id)]))
     with conn.transaction():
         conn.execute(
             "INSERT INTO predictions (id, created_at, model_name, model_version, label, label_index, confidence,"
