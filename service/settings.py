@@ -185,6 +185,16 @@ class Settings(BaseSettings):
         description="Other origins (scheme://host[:port], comma-separated) whose image URLs a Label Studio "
         "task may name; any other URL is refused.",
     )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        description="Days of predictions kept: older daily partitions are dropped whole (their protected items "
+        "kept first). Unset: everything is kept.",
+    )
+    partitions_ahead_days: int = Field(7, ge=1, le=366, description="Daily partitions made ahead of today.")
+    maintenance_interval_s: float = Field(
+        3600.0, gt=0, description="How often `loop ingest` makes partitions ahead and applies retention."
+    )
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none).")
 
     @property

@@ -2,6 +2,7 @@
 
 - `models`: train, show, models import|list
 - `serve`: serve (the supervisor is `service/supervisor.py`), ingest, inference, migrate
+- `maintain`: the prediction log's partitions and retention
 - `users`, `dead_letters`: users add|list, dead-letters list|replay
 - `datasets`: datasets import|compile|list|show|verify, validation show|fix
 - `retrain`: retrain, promote, champion, experiments
@@ -20,7 +21,7 @@ import os
 
 import click
 
-from service.cli import datasets, dead_letters, demo, models, retrain, review, serve, shadow, users
+from service.cli import datasets, dead_letters, demo, maintain, models, retrain, review, serve, shadow, users
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -46,6 +47,7 @@ for _command in (
     models.models,
     users.users,
     serve.migrate,
+    maintain.maintain,
     dead_letters.dead_letters_group,
     serve.ingest,
     serve.inference,

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -114,7 +115,31 @@ def ingest() -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    threading.Thread(target=_upkeep, args=(settings, database_url, stop), name="upkeep", daemon=True).start()
     worker.run(stop)
+
+
+def _upkeep(settings: Settings, database_url: str, stop: threading.Event) -> None:
+    """Partitions ahead and retention every LOOP_MAINTENANCE_INTERVAL_S, by one ingest worker at a
+    time (the others find the lock taken and wait for the next round)."""
+    from feedback.use_cases import maintain
+    from service import database
+
+    while not stop.is_set():
+        try:
+            with database.connect(database_url, connect_timeout_s=3) as conn:
+                if conn.execute("SELECT pg_try_advisory_lock(%s)", (_UPKEEP_LOCK,)).fetchone() == (True,):
+                    done = maintain(
+                        conn, retention_days=settings.retention_days, ahead_days=settings.partitions_ahead_days
+                    )
+                    for expired in done.expiring:
+                        logger.info("retention: %s", expired.describe())
+        except Exception:  # the next round tries again; ingesting goes on regardless
+            logger.exception("the prediction log's upkeep failed")
+        stop.wait(settings.maintenance_interval_s)
+
+
+_UPKEEP_LOCK = 0x7570  # advisory lock (session): one ingest worker keeps the log up at a time
 
 
 @click.command()
