@@ -214,6 +214,7 @@ class Predictor:
                 writer=self.worker,
                 policy=settings.log_policy,
                 on_event=metrics.count_log_event,
+                max_stream_bytes=settings.stream_max_bytes,
             )
             self._background.append(asyncio.create_task(self.plane.log.run_replayer(), name="spool-replay"))
             self._background.append(asyncio.create_task(metrics.watch_stream(settings.redis_url, self.keys)))

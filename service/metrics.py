@@ -47,6 +47,10 @@ log_records = bentoml.metrics.Counter(
     documentation="Prediction records by what happened to them: appended to Redis, spooled, replayed",
     labelnames=["event"],
 )
+stream_bytes = bentoml.metrics.Gauge(
+    name="loop_stream_bytes",
+    documentation="Memory the prediction stream takes in Redis (sampled; bounded by LOOP_STREAM_MAX_BYTES)",
+)
 stream_lag_entries = bentoml.metrics.Gauge(
     name="loop_stream_lag_entries",
     documentation="Stream entries not yet acknowledged by the ingest workers",
@@ -79,6 +83,7 @@ async def watch_stream(redis_url: str, keys: Keys) -> None:
             try:
                 entries, seconds = await asyncio.to_thread(ingest.lag, client, keys)
                 stream_lag_entries.set(entries)
+                stream_bytes.set(await asyncio.to_thread(client.memory_usage, keys.stream, 16) or 0)
                 stream_lag_seconds.set(seconds)
                 dead_letters.set(await asyncio.to_thread(dead_letter_queue.count, client, keys))
             except redis.RedisError:

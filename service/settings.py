@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     log_policy: LogPolicy = Field(
         LogPolicy.SPOOL, description="When Redis is unreachable: spool to disk, or refuse with 503."
     )
+    stream_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Most memory the prediction stream may take in Redis (it holds what the ingest worker has not "
+        "stored yet); past it, records are spooled (or refused, by LOOP_LOG_POLICY) until it is back under 90%. "
+        "0: no bound.",
+    )
     embedded_postgres_port: int = Field(54329, ge=1, le=65535, description="Port of the embedded Postgres.")
     embedded_redis_port: int = Field(63799, ge=1, le=65535, description="Port of the embedded Redis.")
     ingest_batch_size: int = Field(2000, ge=1, le=100_000, description="Stream entries per Postgres insert.")

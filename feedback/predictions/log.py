@@ -6,6 +6,12 @@ records or `PACK_BYTES` bytes of them each), so a burst of answers costs one Red
 one XADD rather than one a request. When Redis cannot be reached, records go to the local spool (policy `spool`, the
 default) or the append fails (policy `refuse`, and the service answers 503). A replay task moves
 spooled records into the stream once Redis answers again.
+
+The stream holds records until the ingest worker has stored them (it trims what it acknowledged),
+so its memory grows with the ingest lag. With `max_stream_bytes`, the stream counts as full while
+Redis reports it larger (MEMORY USAGE, sampled, checked at most every `STREAM_CHECK_S`): records
+are then spooled as when Redis is down (or refused, by the same policy), and the spool is replayed
+only once the stream is back under 90% of the bound.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ logger = logging.getLogger(__name__)
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 PACK_RECORDS = 512  # at most this many records in one stream entry
 PACK_BYTES = 4 << 20  # nor more bytes than this (images are large); a larger record goes alone
+STREAM_CHECK_S = 0.25  # how often the stream's memory is asked for, at most
+STREAM_SAMPLES = 16  # listpack nodes MEMORY USAGE samples to estimate the stream's size
+RESUME_AT = 0.9  # a full stream takes records again below this share of the bound
 
 
 class LogPolicy(StrEnum):
@@ -77,6 +86,7 @@ class PredictionLog:
         retry_after_s: float = 1.0,
         on_event: Callable[[Event, int], None] | None = None,
         pack_records: int = PACK_RECORDS,
+        max_stream_bytes: int | None = None,
     ) -> None:
         self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
         self._replay_redis = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
@@ -92,10 +102,34 @@ class PredictionLog:
         self._down_until = 0.0  # while in the future, skip Redis and spool at once
         self._closed = False
         self._pack_records = pack_records  # 1: an entry a record, as the log wrote before packs
+        self._max_stream_bytes = max_stream_bytes or None
+        self._full = False
+        self._checked_at = -STREAM_CHECK_S
 
     @property
     def redis_available(self) -> bool:
         return time.monotonic() >= self._down_until
+
+    async def stream_full(self) -> bool:
+        """Whether the stream is at its memory bound (always False without one). Raises what an
+        unreachable Redis raises."""
+        if self._max_stream_bytes is None:
+            return False
+        now = time.monotonic()
+        if now - self._checked_at >= STREAM_CHECK_S:
+            self._checked_at = now
+            used = await self._redis.memory_usage(self._keys.stream, samples=STREAM_SAMPLES) or 0
+            bound = self._max_stream_bytes * (RESUME_AT if self._full else 1.0)
+            if (used >= bound) != self._full:
+                self._full = not self._full
+                logger.warning(
+                    "the prediction stream is %s (%d bytes; bound %d): %s",
+                    "full" if self._full else "below its bound again",
+                    used,
+                    self._max_stream_bytes,
+                    f"records go to the {self._policy.value}" if self._full else "records go to Redis",
+                )
+        return self._full
 
     async def append(self, records: Sequence[PredictionRecord | ShadowBatch]) -> Destination:
         """Return once every record is in the stream or fsync'd to the spool."""
@@ -133,6 +167,8 @@ class PredictionLog:
         records = sum(map(held, entries))
         if self.redis_available:
             try:
+                if await self.stream_full():
+                    return await self._refused_or_spooled(entries, records, "the prediction stream is full")
                 if len(entries) == 1:
                     await self._redis.xadd(self._keys.stream, entries[0])  # type: ignore[arg-type]
                 else:
@@ -145,10 +181,13 @@ class PredictionLog:
             except UNREACHABLE as exc:
                 self._down_until = time.monotonic() + self._retry_after_s
                 logger.warning("Redis unreachable (%s); %s", exc, self._policy.value)
-        if self._policy is LogPolicy.REFUSE:
-            raise LogUnavailable("the prediction log (Redis) is unreachable")
         # Some of a failed pipeline may have reached Redis; spooling all of it can duplicate
         # entries in the stream, never lose them. The ingest insert is idempotent on the id.
+        return await self._refused_or_spooled(entries, records, "the prediction log (Redis) is unreachable")
+
+    async def _refused_or_spooled(self, entries: list[Fields], records: int, why: str) -> Destination:
+        if self._policy is LogPolicy.REFUSE:
+            raise LogUnavailable(why)
         await asyncio.to_thread(self._spool.append, entries)
         self._on_event(Event.SPOOLED, records)
         return Destination.SPOOL
@@ -161,15 +200,18 @@ class PredictionLog:
             self._down_until = time.monotonic() + self._retry_after_s
             return 0
         self._down_until = 0.0
+        if await self.stream_full():
+            return 0  # the spool waits until the ingest worker has made room
         if self._spool.pending:
             await asyncio.to_thread(self._spool.seal)
-        moved = await asyncio.to_thread(self._replay_files)
+        # Bounded, one spool file a round, so that a long outage's backlog cannot overfill the stream.
+        moved = await asyncio.to_thread(self._replay_files, 1 if self._max_stream_bytes else None)
         if moved:
             self._on_event(Event.REPLAYED, moved)
             logger.info("replayed %d spooled records into %s", moved, self._keys.stream)
         return moved
 
-    def _replay_files(self) -> int:
+    def _replay_files(self, most: int | None = None) -> int:
         moved = 0
 
         def send(batch: list[Fields]) -> None:
@@ -180,7 +222,7 @@ class PredictionLog:
             pipe.execute()
             moved += sum(map(held, batch))
 
-        for path in spool.replayable(self._spool_dir):
+        for path in spool.replayable(self._spool_dir)[:most]:
             try:
                 spool.replay_file(path, send)
             except UNREACHABLE:

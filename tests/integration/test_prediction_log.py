@@ -21,7 +21,7 @@ from feedback.keys import INGEST_GROUP, Keys
 from feedback.migrate import available, migrate
 from feedback.predictions import dead_letters, store
 from feedback.predictions.ingest import IngestConfig, IngestWorker, ensure_group, lag
-from feedback.predictions.log import PACK_RECORDS, Destination, PredictionLog
+from feedback.predictions.log import PACK_RECORDS, STREAM_CHECK_S, Destination, PredictionLog
 from feedback.predictions.records import PredictionRecord, ShadowBatch, encode, held, pack
 from harness import free_port
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -329,3 +329,35 @@ def test_redis_outage_spools_then_replays_exactly_once(
         assert sorted(stored_ids(database_url)) == sorted(r.id for r in before + during + after)
     finally:
         server.stop()
+
+
+def test_a_full_stream_spools_until_the_ingest_worker_makes_room(
+    keys: Keys, database_url: str, tmp_path: Path, start_worker: Callable[..., WorkerThread]
+) -> None:
+    client = redis.Redis.from_url(REDIS)
+    first, second, third = make_records(1000), make_records(300), make_records(300)
+    bound = 64 << 10  # the first thousand records (about 0.5 MB) are past it
+
+    async def produce() -> list[set[Destination]]:
+        log = PredictionLog(REDIS, keys=keys, spool_dir=tmp_path / "spool", writer="w", max_stream_bytes=bound)
+        try:
+            outcomes = [await append_all(log, first)]  # the stream was empty: in
+            memory = client.memory_usage(keys.stream)
+            assert memory is not None and memory > bound
+            await asyncio.sleep(STREAM_CHECK_S)
+            outcomes.append(await append_all(log, second))  # full: spooled, none lost
+            assert await log.replay() == 0  # the spool waits while the stream is full
+            worker = start_worker()
+            wait_for(lambda: client.xlen(keys.stream) == 0, what="the worker to store and trim the stream")
+            await asyncio.sleep(STREAM_CHECK_S)
+            assert await log.replay() == 300
+            outcomes.append(await append_all(log, third))
+            wait_for(lambda: lag(client, keys)[0] == 0, what="ingest")
+            assert worker.worker.stats.ingested == 1600
+            return outcomes
+        finally:
+            await log.close()
+
+    outcomes = asyncio.run(produce())
+    assert outcomes == [{Destination.REDIS}, {Destination.SPOOL}, {Destination.REDIS}]
+    assert sorted(stored_ids(database_url)) == sorted(r.id for r in first + second + third)  # once each
