@@ -83,7 +83,8 @@ async def watch_stream(redis_url: str, keys: Keys) -> None:
             try:
                 entries, seconds = await asyncio.to_thread(ingest.lag, client, keys)
                 stream_lag_entries.set(entries)
-                stream_bytes.set(await asyncio.to_thread(client.memory_usage, keys.stream, 16) or 0)
+                memory: int | None = await asyncio.to_thread(client.memory_usage, keys.stream, 16)
+                stream_bytes.set(memory or 0)
                 stream_lag_seconds.set(seconds)
                 dead_letters.set(await asyncio.to_thread(dead_letter_queue.count, client, keys))
             except redis.RedisError:
