@@ -1,15 +1,21 @@
-"""Ingest throughput: predictions per second from the Redis stream into Postgres, one worker.
+"""Ingest throughput and the log's per-unit costs: predictions per second from the Redis stream
+into Postgres (one worker), Redis bytes per record waiting in the stream, Postgres bytes per stored
+prediction.
 
     python -m benchmarks.bench_ingest --records 200000
+    python -m benchmarks.bench_ingest --records 20000 --image-kb 50
 
-Fills a stream (under a fresh key prefix) with synthetic digit predictions, then times one
-ingest worker draining it into a fresh database, and drops both afterwards. Needs Postgres and
-Redis (by default the machine's, on their standard ports).
+Fills a stream (under a fresh key prefix) with synthetic predictions, packed as the service
+appends them (`--pack` records an entry): digits (8x8 .npy inputs), or with `--image-kb` PNGs of
+about that size. Then times one ingest worker draining it into a fresh (partitioned) database,
+and drops both afterwards. Needs Postgres and Redis (by default the machine's, on their standard
+ports).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import threading
 import time
@@ -17,36 +23,55 @@ import time
 import numpy as np
 import psycopg
 import redis
+from PIL import Image
 
 import harness
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.migrate import migrate
 from feedback.predictions.ingest import IngestConfig, IngestWorker, lag
-from feedback.predictions.records import PredictionRecord, encode
+from feedback.predictions.log import PACK_BYTES, PACK_RECORDS
+from feedback.predictions.records import PredictionRecord, encode, pack
 
 logger = logging.getLogger("bench_ingest")
 
 
-def fill(client: redis.Redis, keys: Keys, records: int, chunk: int = 5000) -> None:
+def pngs(kilobytes: int, n: int = 16) -> list[bytes]:
+    """`n` PNGs of random pixels (incompressible) of about `kilobytes` KB each."""
+    rng = np.random.default_rng(1)
+    side = max(int((kilobytes * 1024 / 3) ** 0.5), 1)
+    out = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB").save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def fill(client: redis.Redis, keys: Keys, records: int, *, pack_size: int, images: list[bytes] | None) -> None:
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 17, size=(256, 8, 8)).astype(np.float32)
+    tensors = rng.integers(0, 17, size=(256, 8, 8)).astype(np.float32)
     scores = rng.dirichlet(np.ones(10), size=256).astype(np.float32)
-    for start in range(0, records, chunk):
+    for start in range(0, records, pack_size * 8):
         pipe = client.pipeline(transaction=False)
-        for i in range(start, min(start + chunk, records)):
-            record = PredictionRecord(
-                id=uuid7(),
-                model_name="digits-cnn",
-                model_version="bench",
-                input=images[i % 256],
-                scores=scores[i % 256],
-                label=str(int(scores[i % 256].argmax())),
-                confidence=float(scores[i % 256].max()),
-                request_id=f"bench-{i // 8}",
-                tags={"bench": "1"} if i % 4 == 0 else {},
-            )
-            pipe.xadd(keys.stream, encode(record))  # type: ignore[arg-type]
+        for first in range(start, min(start + pack_size * 8, records), pack_size):
+            entries = []
+            for i in range(first, min(first + pack_size, records)):
+                record = PredictionRecord(
+                    id=uuid7(),
+                    model_name="digits-cnn" if images is None else "images",
+                    model_version="bench",
+                    input=tensors[i % 256],
+                    scores=scores[i % 256],
+                    label=str(int(scores[i % 256].argmax())),
+                    confidence=float(scores[i % 256].max()),
+                    request_id=f"bench-{i // 8}",
+                    tags={"bench": "1"} if i % 4 == 0 else {},
+                    input_type=None if images is None else "image/png",
+                    input_bytes=None if images is None else images[i % len(images)],
+                )
+                entries.append(encode(record))
+            pipe.xadd(keys.stream, pack(entries) if len(entries) > 1 else entries[0])  # type: ignore[arg-type]
         pipe.execute()
 
 
@@ -54,6 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=IngestConfig.batch_size)
+    parser.add_argument("--pack", type=int, default=PACK_RECORDS, help="Records an entry, as the service packs.")
+    parser.add_argument("--image-kb", type=int, default=None, help="PNG inputs of about this size (else digits).")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
@@ -66,8 +93,12 @@ def main() -> None:
         with psycopg.connect(url) as conn:
             migrate(conn)
         started = time.perf_counter()
-        fill(client, keys, args.records)
-        logger.info("filled %d entries in %.1f s", args.records, time.perf_counter() - started)
+        images = None if args.image_kb is None else pngs(args.image_kb)
+        pack_size = args.pack if images is None else max(1, min(args.pack, PACK_BYTES // len(images[0])))
+        fill(client, keys, args.records, pack_size=pack_size, images=images)
+        logger.info("filled %d records in %.1f s", args.records, time.perf_counter() - started)
+        redis_bytes = (client.memory_usage(keys.stream, samples=0) or 0) / args.records
+        input_bytes = 8 * 8 * 4 + 128 if images is None else sum(map(len, images)) / len(images)
         worker = IngestWorker(
             redis_client=client,
             connect=lambda: psycopg.connect(url, autocommit=True),
@@ -86,13 +117,20 @@ def main() -> None:
         elapsed = time.perf_counter() - started
         stop.set()
         thread.join()
-        with psycopg.connect(url) as conn:
-            size = conn.execute("SELECT pg_total_relation_size('predictions')").fetchone()
-        bytes_per_row = (size[0] if size else 0) / args.records
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE predictions")
+            size = conn.execute(
+                "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits"
+                " WHERE inhparent = 'predictions'::regclass"
+            ).fetchone()
+        bytes_per_row = float(size[0] if size and size[0] else 0) / args.records
         logger.info("lag after: %s", lag(client, keys))
+        kind = "digits (.npy)" if images is None else f"PNG images of {input_bytes / 1024:.1f} KB"
         print(
-            f"ingested {args.records} predictions in {elapsed:.2f} s: {args.records / elapsed:,.0f}/s "
-            f"(one worker, batch {args.batch_size}); {bytes_per_row:.0f} bytes per stored prediction"
+            f"{kind}: ingested {args.records} predictions in {elapsed:.2f} s: {args.records / elapsed:,.0f}/s "
+            f"(one worker, batch {args.batch_size}, {pack_size} records an entry); "
+            f"{bytes_per_row:,.0f} bytes per stored prediction in Postgres (input {input_bytes:,.0f}); "
+            f"{redis_bytes:,.0f} bytes per record in the Redis stream"
         )
     finally:
         harness.delete_keys(args.redis, keys.prefix)
