@@ -30,6 +30,7 @@ from starlette.types import Message
 from feedback.datasets import originals_for
 from feedback.errors import DomainError, Malformed
 from feedback.keys import Keys
+from feedback.predictions import blobs
 from feedback.predictions.log import LogPolicy, PredictionLog
 from feedback.use_cases import announcer, shadow_announcer
 from models.npy import read_npy
@@ -224,6 +225,7 @@ class Predictor:
             self._background.append(asyncio.create_task(shared, name="statistics"))
             self.plane.other_statistics = statistics.others(settings.redis_url, self.keys, self.worker)
         if settings.database_url is not None:
+            blobs.attach(settings.database_url, settings.blob_store())  # where large inputs are read from
             timeout = settings.statement_timeout_s
             self.plane.pool = database.async_pool(settings.database_url, max_size=4, statement_timeout_s=timeout)
             await self.plane.pool.open(wait=False)  # serving must not wait for Postgres

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from feedback.predictions.blobs import BlobStore
 from feedback.predictions.log import LogPolicy
 from feedback.shadow import Policy, Rules
 from models.builtin import DEFAULT_MODEL_NAME
@@ -118,6 +119,14 @@ class Settings(BaseSettings):
     log_predictions: bool = Field(True, description="Store every prediction (off only for benchmarks).")
     log_policy: LogPolicy = Field(
         LogPolicy.SPOOL, description="When Redis is unreachable: spool to disk, or refuse with 503."
+    )
+    blob_url: str | None = Field(
+        None,
+        description="Object store of large inputs (an fsspec URL: a folder, or s3://bucket/prefix); "
+        "unset: the folder var/blobs.",
+    )
+    blob_min_bytes: int = Field(
+        1024, ge=1, description="Inputs at least this large (images) are kept in the object store, not in Postgres."
     )
     stream_max_bytes: int = Field(
         1 << 30,
@@ -261,3 +270,7 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.var_dir / "spool"
+
+    def blob_store(self) -> BlobStore:
+        """The object store of large inputs (attached to the database by whoever reads or writes it)."""
+        return BlobStore(self.blob_url or str((self.var_dir / "blobs").resolve()), min_bytes=self.blob_min_bytes)

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from feedback.predictions import blobs
 from feedback.review.audit import audit
 from feedback.review.moderation import Annotation, Status, Verdict, decide
 from feedback.review.users import User
@@ -88,11 +89,13 @@ def count_labelled(*, conn: psycopg.Connection, model_name: str, watermark: int)
     return int(row[0])
 
 
+_HAS_INPUT = "(p.input IS NOT NULL OR p.input_key IS NOT NULL)"  # in the row, or in the object store
+
 _SETTLED = f"""
-    SELECT s.prediction_id, p.source, s.label, s.revision, p.input, p.input_type
+    SELECT s.prediction_id, p.source, s.label, s.revision, p.input, p.input_type, p.input_key
     FROM review_state s
     JOIN predictions p ON p.created_at = s.item_created_at AND p.id = s.prediction_id
-    WHERE s.status = 'reviewed' AND s.revision <= %(w)s AND p.input IS NOT NULL AND {_OF_MODEL}
+    WHERE s.status = 'reviewed' AND s.revision <= %(w)s AND {_HAS_INPUT} AND {_OF_MODEL}
     ORDER BY s.prediction_id
 """
 
@@ -100,7 +103,7 @@ _SETTLED = f"""
 # annotations up to it, with the same rules that made the projection.
 _CHANGED_SINCE = f"""
     SELECT s.prediction_id, p.source, p.label, s.required_reviews, p.input, p.input_type,
-           h.revisions, h.actors, h.verdicts, h.labels
+           h.revisions, h.actors, h.verdicts, h.labels, p.input_key
     FROM review_state s
     JOIN predictions p ON p.created_at = s.item_created_at AND p.id = s.prediction_id
     CROSS JOIN LATERAL (
@@ -108,7 +111,7 @@ _CHANGED_SINCE = f"""
                array_agg(a.verdict ORDER BY a.id) AS verdicts, array_agg(a.label ORDER BY a.id) AS labels
         FROM annotations a WHERE a.prediction_id = s.prediction_id AND a.id <= %(w)s
     ) h
-    WHERE s.revision > %(w)s AND p.input IS NOT NULL AND h.revisions IS NOT NULL AND {_OF_MODEL}
+    WHERE s.revision > %(w)s AND {_HAS_INPUT} AND h.revisions IS NOT NULL AND {_OF_MODEL}
     ORDER BY s.prediction_id
 """
 
@@ -126,7 +129,9 @@ def labelled_items(
     while a is not None or b is not None:
         if b is None or (a is not None and a[0] < b[0]):
             assert a is not None
-            yield LabelledItem(id=a[0], source=a[1], label=a[2], revision=int(a[3]), input=a[4], input_type=a[5])
+            data = blobs.read(conn, a[4], a[6])
+            assert data is not None
+            yield LabelledItem(id=a[0], source=a[1], label=a[2], revision=int(a[3]), input=data, input_type=a[5])
             a = next(settled, None)
             continue
         history = [
@@ -135,12 +140,14 @@ def labelled_items(
         ]
         decision = decide(history, predicted=b[2], required=int(b[3]))
         if decision.status is Status.REVIEWED and decision.label is not None:
+            data = blobs.read(conn, b[4], b[10])
+            assert data is not None
             yield LabelledItem(
                 id=b[0],
                 source=b[1],
                 label=decision.label,
                 revision=history[-1].revision,
-                input=b[4],
+                input=data,
                 input_type=b[5],
             )
         b = next(changed, None)

@@ -29,8 +29,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from feedback.errors import Unavailable
 from feedback.keys import INGEST_GROUP, Keys
-from feedback.predictions import store
+from feedback.predictions import blobs, store
 from feedback.predictions.dead_letters import dead_fields
 from feedback.predictions.records import SHADOWS, Fields, MalformedEntry, Row, ShadowRow, decode_entry, unpack
 
@@ -262,10 +263,17 @@ class IngestWorker:
         while True:
             try:
                 conn = self._connection()
+                objects = blobs.of(conn)
+                if objects is not None:  # large inputs into the object store first, then the rows naming them
+                    records = objects.offload(records)
                 inserted = store.insert_rows(conn=conn, rows=records)
                 self.stats.ingested += inserted
                 self.stats.duplicates += len(records) - inserted
                 return []
+            except Unavailable as exc:
+                logger.warning("%s; retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
             except psycopg.OperationalError as exc:
                 self._drop_connection()
                 logger.warning("Postgres unavailable (%s); retrying in %.1fs", exc, backoff)

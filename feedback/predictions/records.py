@@ -240,10 +240,13 @@ class Row(NamedTuple):
     label_index: int
     confidence: float
     scores: bytes  # little-endian float32, one per class
-    input_npy: bytes
+    input_npy: bytes | None  # None once moved to the object store (`feedback.predictions.blobs`)
     request_id: str
     tags: dict[str, str]
     input_type: str | None = None  # None: .npy; else the media type of an image as sent
+    input_key: str | None = None  # the input's object, when it is in the object store
+    input_size: int | None = None
+    input_sha256: str | None = None
 
 
 class ShadowRow(NamedTuple):
@@ -400,7 +403,7 @@ def decode(fields: Fields) -> PredictionRecord:
         id=row.id,
         model_name=row.model_name,
         model_version=row.model_version,
-        input=np.zeros(0, np.float32) if image else read_npy(row.input_npy),
+        input=np.zeros(0, np.float32) if image or row.input_npy is None else read_npy(row.input_npy),
         scores=np.frombuffer(row.scores, dtype="<f4").astype(np.float32),
         label=row.label,
         confidence=row.confidence,

@@ -8,6 +8,7 @@ own for the same day (`predictions_kYYYYMMDD`), where it is still found by id:
 - it is in a validation version (`keep`: the ids the caller read from the versions' files).
 
 Dataset versions copy their inputs into their own files, so a compiled item needs nothing here.
+Inputs in the object store go with the last row that names them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg import sql
 
-from feedback.predictions import partitions
+from feedback.predictions import blobs, partitions
 from feedback.predictions.partitions import TABLE, Partition
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ PROTECTED = """(
                 SELECT max(d.watermark) FROM dataset_versions d
                 WHERE d.kind = 'training' AND d.model_name = p.model_name), 0))))
 )"""
+
+
+_GOING_OBJECTS = sql.SQL("SELECT DISTINCT input_key FROM {old} p WHERE input_key IS NOT NULL AND NOT {protected}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,15 @@ def apply(conn: psycopg.Connection, expiring: Collection[Expiring], *, keep: Col
         scratch = f"{kept}_next"
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            objects = [  # the inputs of the rows that go: deleted below once no row names them
+                r[0]
+                for r in conn.execute(
+                    sql.SQL(
+                        "SELECT DISTINCT input_key FROM {old} p WHERE input_key IS NOT NULL AND NOT {protected}"
+                    ).format(old=sql.Identifier(partition.name), protected=sql.SQL(PROTECTED)),
+                    {"keep": list(keep)},
+                ).fetchall()
+            ]
             if expired.kept:
                 conn.execute(
                     sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
@@ -131,7 +144,8 @@ def apply(conn: psycopg.Connection, expiring: Collection[Expiring], *, keep: Col
                         sql.Identifier(TABLE), sql.Identifier(kept), sql.SQL(partition.bound)
                     )
                 )
-        logger.info("retention: %s", expired.describe())
+        deleted = blobs.forget_unreferenced(conn, objects)  # after the commit: a failed drop loses nothing
+        logger.info("retention: %s; %d objects deleted", expired.describe(), deleted)
     partitions.forget(conn)
 
 

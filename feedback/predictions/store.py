@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import uuid
 from collections.abc import Sequence
@@ -13,12 +14,12 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.predictions import partitions
+from feedback.predictions import blobs, partitions
 from feedback.predictions.records import PredictionRecord, Row, ShadowRow, created_at
 
 _COLUMNS = (
     "id, created_at, model_name, model_version, label, label_index, confidence, scores, input, request_id, tags,"
-    " input_type"
+    " input_type, input_key, input_size, input_sha256"
 )
 # The scores column is sent pre-encoded in Postgres's binary real[] format, hence "bytea" here:
 # the server reads a binary COPY field by the column's own type.
@@ -34,6 +35,9 @@ _COLUMN_TYPES = [
     "bytea",
     "text",
     "jsonb",
+    "text",
+    "text",
+    "int4",
     "text",
 ]
 _FLOAT4_OID = 700
@@ -128,6 +132,9 @@ def _insert_predictions(conn: psycopg.Connection, rows: Sequence[Row]) -> int:
                             r.request_id,
                             Jsonb(r.tags),
                             r.input_type,
+                            r.input_key,
+                            r.input_size,
+                            r.input_sha256,
                         )
                     )
             return conn.execute(_MOVE).rowcount
@@ -178,13 +185,24 @@ class StoredPrediction:
 
 GET_PREDICTION = (
     "SELECT id, created_at, model_name, model_version, label, confidence, scores, input,"
-    " request_id, tags, input_type FROM predictions WHERE created_at = %s AND id = %s"
+    " request_id, tags, input_type, input_key FROM predictions WHERE created_at = %s AND id = %s"
 )
 
 
 def get_prediction(*, conn: psycopg.Connection, prediction_id: uuid.UUID) -> StoredPrediction | None:
+    """The stored prediction, its input read from the object store where it is kept there."""
     row = conn.execute(GET_PREDICTION, (created_at(prediction_id), prediction_id)).fetchone()
-    return None if row is None else StoredPrediction(*row)
+    if row is None:
+        return None
+    return _stored(row, blobs.read(conn, row[7], row[11]))
+
+
+def _stored(row: tuple[Any, ...], data: bytes | None) -> StoredPrediction:
+    """A row of `GET_PREDICTION` with its input's bytes."""
+    return StoredPrediction(
+        id=row[0], created_at=row[1], model_name=row[2], model_version=row[3], label=row[4], confidence=row[5],
+        scores=row[6], input=data, request_id=row[8], tags=row[9], input_type=row[10],
+    )  # fmt: skip
 
 
 GET_SHADOWS = (
@@ -200,7 +218,8 @@ async def fetch_prediction(*, conn: psycopg.AsyncConnection[Any], prediction_id:
     if row is None:
         return None
     shadows = await (await conn.execute(GET_SHADOWS, key)).fetchall()
-    return replace(StoredPrediction(*row), shadows=tuple(ShadowPrediction(*s) for s in shadows))
+    data = row[7] if row[11] is None else await asyncio.to_thread(blobs.read, conn, None, row[11])
+    return replace(_stored(row, data), shadows=tuple(ShadowPrediction(*s) for s in shadows))
 
 
 def prediction_ids(*, conn: psycopg.Connection) -> list[uuid.UUID]:

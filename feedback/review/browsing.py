@@ -92,7 +92,7 @@ def list_items(*, conn: psycopg.Connection, filters: ItemFilter, limit: int, cur
     rows = conn.execute(
         sql.SQL(
             "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.source,"
-            " coalesce(s.status, 'unreviewed'), s.label, s.revision, p.input IS NULL"
+            " coalesce(s.status, 'unreviewed'), s.label, s.revision, p.input IS NULL AND p.input_key IS NULL"
             " FROM predictions p LEFT JOIN review_state s"
             " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
             " WHERE {where} ORDER BY {order} LIMIT %(limit)s"

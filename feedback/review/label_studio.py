@@ -24,6 +24,7 @@ from xml.etree import ElementTree
 import psycopg
 
 from feedback.errors import Invalid, NotFound
+from feedback.predictions import blobs
 from feedback.predictions.records import created_at as uuid_created_at
 from feedback.review.browsing import list_items
 from feedback.review.filters import ItemFilter
@@ -289,10 +290,12 @@ def export_tasks(
         page = list_items(conn=conn, filters=filters, limit=min(500, limit - len(tasks)), cursor=cursor)
         ids = [i.id for i in page.items if not i.input_erased and i.source != "reviewer"]
         inputs = {
-            r[0]: (bytes(r[1]), r[2])
+            r[0]: (blobs.read(conn, r[1], r[3]) or b"", r[2])
             for r in conn.execute(
-                "SELECT id, input, input_type FROM predictions WHERE id = ANY(%s) AND input IS NOT NULL", (ids,)
-            )
+                "SELECT id, input, input_type, input_key FROM predictions WHERE id = ANY(%s)"
+                " AND (input IS NOT NULL OR input_key IS NOT NULL)",
+                (ids,),
+            ).fetchall()
         }
         for item in page.items:
             if item.id not in inputs:

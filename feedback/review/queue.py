@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from feedback.errors import Conflict
+from feedback.predictions import blobs
 from feedback.predictions.records import created_at as uuid_created_at
 from feedback.review.audit import audit
 from feedback.review.filters import ItemFilter, where
@@ -40,7 +41,7 @@ REQUIRED_REVIEWS = sql.SQL(
 )
 _LIVE_LEASES = sql.SQL("(SELECT count(*) FROM leases l WHERE l.prediction_id = p.id AND l.expires_at > now())")
 _ELIGIBLE = sql.SQL(
-    """p.source = 'model' AND p.input IS NOT NULL
+    """p.source = 'model' AND (p.input IS NOT NULL OR p.input_key IS NOT NULL)
     AND (s.status IS NULL OR s.status = 'unreviewed')
     AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.prediction_id = p.id AND a.actor_id = %(user)s)
     AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.prediction_id = p.id AND l.user_id = %(user)s
@@ -137,21 +138,21 @@ def claim(
             return []
         items = [row for row in locked if row[0] in expiry]  # in claim order
         audit(conn, user, "claim", None, items=[str(i) for i in expiry], strategy=strategy.value)
-    return [_claimed(row, expiry[row[0]], shown.get(row[0])) for row in items]
+    return [_claimed(conn, row, expiry[row[0]], shown.get(row[0])) for row in items]
 
 
 def _answer(row: tuple[Any, ...]) -> _Proposal:
     return _Proposal(row[4], float(row[5]), tuple(float(x) for x in row[9] or ()))
 
 
-def _claimed(row: tuple[Any, ...], expires_at: datetime, shown: _Proposal | None) -> Claimed:
+def _claimed(conn: psycopg.Connection, row: tuple[Any, ...], expires_at: datetime, shown: _Proposal | None) -> Claimed:
     """A claimed item from its row (id, created, model, version, label, confidence, input, required
-    reviews, input type, scores); blind, showing `shown`, when given."""
+    reviews, input type, scores, input's object key); blind, showing `shown`, when given."""
     proposal = shown or _answer(row)
     return Claimed(
         prediction_id=row[0], created_at=row[1], model_name=row[2], model_version=row[3], label=proposal.label,
-        confidence=proposal.confidence, input=row[6], expires_at=expires_at, required_reviews=int(row[7]),
-        input_type=row[8], scores=proposal.scores, blind=shown is not None,
+        confidence=proposal.confidence, input=blobs.read(conn, row[6], row[10]) or b"", expires_at=expires_at,
+        required_reviews=int(row[7]), input_type=row[8], scores=proposal.scores, blind=shown is not None,
     )  # fmt: skip
 
 
@@ -206,7 +207,7 @@ def _lock(
     return conn.execute(
         sql.SQL(
             "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input,"
-            " {required}, p.input_type, p.scores FROM predictions p LEFT JOIN review_state s"
+            " {required}, p.input_type, p.scores, p.input_key FROM predictions p LEFT JOIN review_state s"
             " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
             " WHERE p.created_at >= %(start)s AND {eligible}{narrow} ORDER BY {order} LIMIT %(count)s"
             " FOR UPDATE OF p SKIP LOCKED"
@@ -264,7 +265,7 @@ def lease_again(
         ).fetchone()
         item = conn.execute(
             "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input,"
-            " s.required_reviews, p.input_type, p.scores FROM predictions p JOIN review_state s"
+            " s.required_reviews, p.input_type, p.scores, p.input_key FROM predictions p JOIN review_state s"
             " ON s.prediction_id = p.id WHERE p.created_at = %s AND p.id = %s",
             (created, prediction_id),
         ).fetchone()
@@ -278,4 +279,4 @@ def lease_again(
             ).fetchone()
             if found is not None:
                 shown = _Proposal(found[0], float(found[1]), tuple(float(x) for x in found[2]))
-    return _claimed(item, row[0], shown)
+    return _claimed(conn, item, row[0], shown)

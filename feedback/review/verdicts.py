@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from feedback.errors import Conflict, Invalid, NotFound
 from feedback.ids import uuid7
-from feedback.predictions import partitions
+from feedback.predictions import blobs, partitions
 from feedback.predictions.records import created_at as uuid_created_at
 from feedback.review.audit import audit
 from feedback.review.moderation import REVIEWER_VERDICTS, Annotation, Status, Verdict, decide, verdict_problem
@@ -305,15 +305,21 @@ def resolve(
 
 
 def erase_input(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, reason: str) -> None:
-    """Erase an item's input for a data-removal request; the audit row of the erasure remains."""
+    """Erase an item's input for a data-removal request; the audit row of the erasure remains. An
+    input in the object store goes too, once no other row names the same bytes (after the commit,
+    so that a failed erasure loses nothing)."""
     with conn.transaction():
         _exists(conn, prediction_id)
-        conn.execute(
-            "UPDATE predictions SET input = NULL WHERE created_at = %s AND id = %s",
+        row = conn.execute(
+            "UPDATE predictions p SET input = NULL, input_key = NULL FROM predictions old"
+            " WHERE p.created_at = %s AND p.id = %s AND old.created_at = p.created_at AND old.id = p.id"
+            " RETURNING old.input_key",
             (uuid_created_at(prediction_id), prediction_id),
-        )
+        ).fetchone()
         _annotate(conn, user, prediction_id, verdict=Verdict.ERASE, label=None, reason=reason)
         audit(conn, user, "input.erase", str(prediction_id), reason=reason)
+    if row is not None and row[0] is not None:
+        blobs.forget_unreferenced(conn, [row[0]])
 
 
 def _exists(conn: psycopg.Connection, prediction_id: uuid.UUID) -> None:

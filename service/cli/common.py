@@ -38,6 +38,7 @@ def connection(settings: Settings) -> Iterator[psycopg.Connection]:
     import psycopg
 
     from feedback.migrate import migrate
+    from feedback.predictions import blobs
     from service import database
 
     try:
@@ -48,6 +49,7 @@ def connection(settings: Settings) -> Iterator[psycopg.Connection]:
         ) from None
     with conn:
         migrate(conn)
+        blobs.attach(conn, settings.blob_store())
         yield conn
 
 

@@ -90,6 +90,7 @@ def ingest() -> None:
 
     from feedback.keys import Keys
     from feedback.migrate import migrate as apply
+    from feedback.predictions import blobs
     from feedback.predictions.ingest import IngestConfig, IngestWorker
     from service import database
 
@@ -98,6 +99,7 @@ def ingest() -> None:
     redis_url = _require(settings.redis_url, "LOOP_REDIS_URL")
     with database.connect(database_url) as conn:
         apply(conn)
+        blobs.attach(conn, settings.blob_store())  # large inputs go there before their rows
     keys = Keys(settings.redis_prefix)
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=5)
     worker = IngestWorker(
