@@ -4,6 +4,7 @@ prediction.
 
     python -m benchmarks.bench_ingest --records 200000
     python -m benchmarks.bench_ingest --records 20000 --image-kb 50
+    python -m benchmarks.bench_ingest --records 20000 --image-kb 8 --blob-url /tmp/bench-blobs
 
 Fills a stream (under a fresh key prefix) with synthetic predictions, packed as the service
 appends them (`--pack` records an entry): digits (8x8 .npy inputs), or with `--image-kb` PNGs of
@@ -29,6 +30,8 @@ import harness
 from feedback.ids import uuid7
 from feedback.keys import Keys
 from feedback.migrate import migrate
+from feedback.predictions import blobs
+from feedback.predictions.blobs import BlobStore
 from feedback.predictions.ingest import IngestConfig, IngestWorker, lag
 from feedback.predictions.log import PACK_BYTES, PACK_RECORDS
 from feedback.predictions.records import PredictionRecord, encode, pack
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=IngestConfig.batch_size)
     parser.add_argument("--pack", type=int, default=PACK_RECORDS, help="Records an entry, as the service packs.")
     parser.add_argument("--image-kb", type=int, default=None, help="PNG inputs of about this size (else digits).")
+    parser.add_argument("--blob-url", default=None, help="Inputs of --blob-min-bytes or more go to this object store.")
+    parser.add_argument("--blob-min-bytes", type=int, default=1024)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
@@ -92,6 +97,8 @@ def main() -> None:
     try:
         with psycopg.connect(url) as conn:
             migrate(conn)
+        if args.blob_url is not None:
+            blobs.attach(url, BlobStore(args.blob_url, min_bytes=args.blob_min_bytes))
         started = time.perf_counter()
         images = None if args.image_kb is None else pngs(args.image_kb)
         pack_size = args.pack if images is None else max(1, min(args.pack, PACK_BYTES // len(images[0])))
@@ -126,6 +133,7 @@ def main() -> None:
         bytes_per_row = float(size[0] if size and size[0] else 0) / args.records
         logger.info("lag after: %s", lag(client, keys))
         kind = "digits (.npy)" if images is None else f"PNG images of {input_bytes / 1024:.1f} KB"
+        kind += "" if args.blob_url is None else f", inputs of {args.blob_min_bytes} bytes or more in {args.blob_url}"
         print(
             f"{kind}: ingested {args.records} predictions in {elapsed:.2f} s: {args.records / elapsed:,.0f}/s "
             f"(one worker, batch {args.batch_size}, {pack_size} records an entry); "

@@ -33,7 +33,7 @@ from feedback.datasets.store import DatasetVersion, current_validation
 from feedback.datasets.validation import LabelFix, fix_validation, freeze_validation, freeze_validation_from_verdicts
 from feedback.errors import Conflict, NotFound
 from feedback.keys import Keys
-from feedback.predictions import partitions, retention
+from feedback.predictions import blobs, partitions, retention
 from feedback.predictions.partitions import AHEAD_DAYS
 from feedback.review.users import User
 
@@ -231,6 +231,9 @@ def maintain(
     """Partitions for the coming days; with `retention_days`, the partitions past it dropped whole,
     their protected items kept (`feedback.predictions.retention`). Dry: only say what would go."""
     created = [] if dry_run else partitions.ahead(conn, days=ahead_days)
+    objects = blobs.of(conn)
+    if objects is not None and not dry_run:
+        objects.sweep()
     if retention_days is None:
         return Upkeep(created, [], applied=False)
     keep = validation_items(conn)

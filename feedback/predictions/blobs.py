@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,17 @@ class BlobStore:
         if hashlib.sha256(data).hexdigest() != key.rsplit("/", 1)[-1]:
             raise Unavailable(f"input {key} in {self.url} does not match its hash")
         return data
+
+    def sweep(self, older_than_s: float = 3600.0) -> int:
+        """Delete the scratch files of local writes cut short (a worker killed mid-write); how many."""
+        if not isinstance(self.fs, LocalFileSystem) or not self.fs.exists(self.root):
+            return 0
+        cutoff = time.time() - older_than_s
+        stale = [p for p in self.fs.glob(f"{self.root}/sha256/*/*.part") if self.fs.modified(p).timestamp() < cutoff]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+        return len(stale)
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:

@@ -101,13 +101,19 @@ def assert_exactly_once(received: list[str], in_postgres: list[str]) -> None:
     assert not extra, f"{len(extra)} stored predictions were never answered"
 
 
+@pytest.mark.parametrize("objects", [False, True], ids=["inputs-in-postgres", "inputs-in-the-object-store"])
 def test_kill_9_of_the_ingest_worker_mid_stream(
     start_service: Callable[..., RunningService],
     start_ingest: Callable[..., subprocess.Popen[bytes]],
     database_url: str,
+    service_env: dict[str, str],
+    objects: bool,
 ) -> None:
-    service = start_service()
-    tuning = {"LOOP_INGEST_BATCH_SIZE": "100", "LOOP_INGEST_CLAIM_IDLE_MS": "1000"}
+    # With every input in the object store, a worker killed between writing objects and their rows
+    # leaves entries pending; whoever claims them writes the same objects again (named by content).
+    store = {"LOOP_BLOB_MIN_BYTES": "1"} if objects else {}
+    service = start_service(**store)
+    tuning = {"LOOP_INGEST_BATCH_SIZE": "100", "LOOP_INGEST_CLAIM_IDLE_MS": "1000", **store}
     first = start_ingest(**tuning)
     traffic = Traffic(service.url)
     sender = traffic.in_background(5000)
@@ -121,6 +127,13 @@ def test_kill_9_of_the_ingest_worker_mid_stream(
     assert not traffic.failures
     assert len(traffic.ids) == 5000
     assert_exactly_once(traffic.ids, wait_until_stored(database_url, traffic.ids))
+    if objects:  # every row's object is there, and every object is some row's: no orphan
+        folder = Path(service_env["LOOP_VAR_DIR"]) / "blobs"
+        written = {p.name for p in folder.rglob("*") if p.is_file() and p.suffix != ".part"}  # .part: swept
+        with psycopg.connect(database_url) as conn:
+            named = {r[0] for r in conn.execute("SELECT input_sha256 FROM predictions WHERE input IS NULL")}
+            assert conn.execute("SELECT count(*) FROM predictions WHERE input_key IS NULL").fetchone() == (0,)
+        assert named == written, (len(named), len(written), sorted(written - named)[:3])
 
 
 def test_redis_outage_during_traffic(
