@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from feedback.ids import compose_uuid7
-from feedback.migrate import migrate
+from feedback.migrate import available, migrate
 from feedback.predictions import partitions, retention, store
 from feedback.predictions.records import PredictionRecord, Row, decode_row, encode
 from feedback.review import Role, create_user
@@ -96,7 +96,7 @@ def test_an_old_database_is_upgraded_with_every_row_and_reference_kept(old_datab
             record_outside(conn=conn, user=user, prediction_id=item, verdict=Verdict.CORRECT, label=None, reason="x")
         before, annotations = snapshot(conn), conn.execute("SELECT * FROM annotations ORDER BY id").fetchall()
 
-        assert [m.version for m in migrate(conn)] == [10]
+        assert [m.version for m in migrate(conn)] == [m.version for m in available() if m.version >= 10]
         assert relkind(conn) == "p"
         (legacy,) = partitions.partitions(conn)
         assert legacy.name == "predictions_legacy" and legacy.low is None
