@@ -71,7 +71,8 @@ def fill(client: redis.Redis, keys: Keys, records: int, *, pack_size: int, image
                     request_id=f"bench-{i // 8}",
                     tags={"bench": "1"} if i % 4 == 0 else {},
                     input_type=None if images is None else "image/png",
-                    input_bytes=None if images is None else images[i % len(images)],
+                    # Every input distinct (a trailer of its own): the object store keeps one object per content.
+                    input_bytes=None if images is None else images[i % len(images)] + i.to_bytes(8, "little"),
                 )
                 entries.append(encode(record))
             pipe.xadd(keys.stream, pack(entries) if len(entries) > 1 else entries[0])  # type: ignore[arg-type]

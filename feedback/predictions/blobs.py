@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -59,11 +60,13 @@ class BlobStore:
         key = self.key(sha256)
         path = self._path(key)
         if isinstance(self.fs, LocalFileSystem):
-            # A local file appears whole or not at all: written aside, then renamed into place.
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            # A local file appears whole or not at all: written aside, then renamed into place
+            # (plain os calls: fsspec's own cost a file was most of the write's).
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             scratch = f"{path}.{uuid.uuid4().hex}.part"
-            self.fs.pipe_file(scratch, data)
-            self.fs.mv(scratch, path)
+            with open(scratch, "wb") as f:
+                f.write(data)
+            os.replace(scratch, path)
         else:
             self.fs.pipe_file(path, data)  # an object store's put is atomic
         return key, sha256
