@@ -1,6 +1,6 @@
 """Large inputs in the object store, on a local folder and on an S3-compatible server (moto's, started
 on a free port): an image prediction's bytes are there and not in Postgres, come back byte for
-byte from `/predictions/{id}/input`, a reviewer's claim and what dataset compiling reads, and
+byte from `/predictions/{id}/input`, a reviewer's claim and the compiled dataset versions, and
 erasure deletes the object once no other prediction names the same bytes."""
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import psycopg
 import pytest
 
 from feedback import review as rs
-from feedback.datasets import store as dataset_store
+from feedback.datasets import read_version
 from feedback.errors import Unavailable
-from feedback.predictions import blobs
 from feedback.predictions.blobs import BlobStore
 from harness import free_port, processes
 from models import store
-from tests.graphs import import_shapes_model, random_png
+from tests.graphs import SHAPES, import_shapes_model, random_png
 from tests.integration.conftest import RunningService
 
 pytestmark = pytest.mark.integration
@@ -56,6 +55,41 @@ def blob_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(tmp_path / "objects")
 
 
+def predict(service: RunningService, images: list[bytes]) -> list[str]:
+    files = [("files", (f"{n}.png", data, "image/png")) for n, data in enumerate(images)]
+    answer = httpx.post(f"{service.url}/predict/files", files=files, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return [p["id"] for p in answer.json()["predictions"]]
+
+
+def judge_all(service: RunningService, token: str, sent: dict[str, bytes]) -> None:
+    """Claim every item (its input must be the one sent) and label them round the classes."""
+    headers = {"Authorization": f"Bearer {token}"}
+    claimed = httpx.post(f"{service.url}/review/claim", json={"count": 100}, headers=headers).json()
+    assert {c["id"]: base64.b64decode(c["input"]["base64"]) for c in claimed} == sent
+    verdicts = []
+    for n, item in enumerate(claimed):
+        wanted = SHAPES[n % len(SHAPES)]
+        verdicts.append({"prediction_id": item["id"], "verdict": "correct"} if item["label"] == wanted
+                        else {"prediction_id": item["id"], "verdict": "wrong", "label": wanted})  # fmt: skip
+    judged = httpx.post(f"{service.url}/review/verdicts", json={"verdicts": verdicts}, headers=headers)
+    assert judged.status_code == 200, judged.text
+
+
+def compiled_images(service: RunningService, token: str, model: str) -> dict[str, bytes]:
+    """The images of the model's compiled versions (the validation version drawn from the judged
+    items, and the training version), by item."""
+    headers = {"Authorization": f"Bearer {token}"}
+    compiled = httpx.post(f"{service.url}/admin/datasets", params={"model": model}, json={}, headers=headers,
+                          timeout=60)  # fmt: skip
+    assert compiled.status_code == 201, compiled.text
+    written: dict[str, bytes] = {}
+    for version in httpx.get(f"{service.url}/admin/datasets", params={"model": model}, headers=headers).json():
+        rows = read_version(version["uri"])
+        written |= {i: b.data for i, b in zip(rows.item_ids, rows.blobs or [], strict=True)}
+    return written
+
+
 def test_image_inputs_live_in_the_object_store(
     start_service: Callable[..., RunningService], image_model: store.StoredModel, database_url: str, blob_url: str
 ) -> None:
@@ -63,14 +97,9 @@ def test_image_inputs_live_in_the_object_store(
         _, admin = rs.create_user(conn=conn, name="root", role=rs.Role.ADMIN)
         _, reviewer = rs.create_user(conn=conn, name="rev", role=rs.Role.REVIEWER)
     service = start_service(LOOP_MODELS=image_model.tag, LOOP_BLOB_URL=blob_url, LOOP_REVIEW_OVERLAP_SHARE="0")
-    first, second = random_png(1, (48, 48)), random_png(2, (48, 48))
-    ids = []
-    for images in ([first, second], [first]):  # the same bytes twice: one object
-        files = [("files", (f"{n}.png", data, "image/png")) for n, data in enumerate(images)]
-        answer = httpx.post(f"{service.url}/predict/files", files=files, timeout=30)
-        assert answer.status_code == 200, answer.text
-        ids += [p["id"] for p in answer.json()["predictions"]]
-    sent = dict(zip(ids, [first, second, first], strict=True))
+    images = [random_png(seed, (48, 48)) for seed in range(24)]
+    ids = predict(service, images) + predict(service, images[:1])  # the same bytes twice: one object
+    sent = dict(zip(ids, [*images, images[0]], strict=True))
     deadline = time.monotonic() + 30
     while not all(httpx.get(f"{service.url}/predictions/{i}").json()["ingested"] for i in ids):
         assert time.monotonic() < deadline, "the predictions were not ingested"
@@ -89,26 +118,16 @@ def test_image_inputs_live_in_the_object_store(
         served = httpx.get(f"{service.url}/predictions/{item}/input")
         assert served.content == data and served.headers["content-type"] == "image/png"
 
-    claimed = httpx.post(f"{service.url}/review/claim", json={"count": 3},
-                         headers={"Authorization": f"Bearer {reviewer}"}).json()  # fmt: skip
-    assert {c["id"]: base64.b64decode(c["input"]["base64"]) for c in claimed} == sent
-    verdicts = [{"prediction_id": c["id"], "verdict": "correct"} for c in claimed]
-    judged = httpx.post(f"{service.url}/review/verdicts", json={"verdicts": verdicts},
-                        headers={"Authorization": f"Bearer {reviewer}"})  # fmt: skip
-    assert judged.status_code == 200, judged.text
-    with psycopg.connect(database_url) as conn:  # what compiling a dataset version reads
-        blobs.attach(conn, objects)
-        with conn.transaction():
-            labelled = dataset_store.labelled_items(conn=conn, model_name=image_model.name, watermark=10**9)
-            assert {str(i.id): i.input for i in labelled} == sent
+    judge_all(service, reviewer, sent)  # the claim reads through the store
+    assert compiled_images(service, admin, image_model.name) == sent  # so does compiling, byte for byte
 
     erase = {"Authorization": f"Bearer {admin}"}
-    key = BlobStore.key(hashlib.sha256(first).hexdigest())
+    key = BlobStore.key(hashlib.sha256(images[0]).hexdigest())
     erased = httpx.post(f"{service.url}/review/items/{ids[0]}/erase", json={"reason": "request"}, headers=erase)
     assert erased.status_code == 204, erased.text
     assert httpx.get(f"{service.url}/predictions/{ids[0]}/input").status_code == 404
-    assert objects.get(key) == first  # the third prediction still names the same bytes
-    httpx.post(f"{service.url}/review/items/{ids[2]}/erase", json={"reason": "request"}, headers=erase)
+    assert objects.get(key) == images[0]  # the last prediction still names the same bytes
+    httpx.post(f"{service.url}/review/items/{ids[-1]}/erase", json={"reason": "request"}, headers=erase)
     with pytest.raises(Unavailable, match="missing"):
         objects.get(key)
-    assert httpx.get(f"{service.url}/predictions/{ids[1]}/input").content == second
+    assert httpx.get(f"{service.url}/predictions/{ids[1]}/input").content == images[1]
