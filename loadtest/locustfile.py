@@ -3,6 +3,8 @@
     locust -f loadtest/locustfile.py --host http://127.0.0.1:3000 \
         --reviewer-token=TOKEN --admin-token=TOKEN --predict-weight 10 --review-weight 2 --admin-weight 1
 
+With `--replicas URL,URL`, the users are spread over those replicas of one service (each user
+keeps to one, as behind a load balancer with sticky sessions), `--host` being the first.
 Without tokens only predicting users run. `--reviewer-token` may list several tokens, comma
 separated: the reviewing users take them in turn. `--ids-file` collects every prediction id
 received (one per line), `--verdicts-file` every verdict answered 200 (`<prediction id> <token
@@ -30,6 +32,7 @@ _SAMPLES: list[Any] = []  # filled when the run starts
 _LABELS: list[str] = []
 _ids_lock = threading.Lock()
 _reviewer_seats = itertools.count()  # which reviewer token the next reviewing user takes
+_replica_seats = itertools.count()  # which replica the next user talks to
 
 
 def _append(path: str, lines: list[str]) -> None:
@@ -42,6 +45,7 @@ def _append(path: str, lines: list[str]) -> None:
 def _options(parser: LocustArgumentParser) -> None:
     parser.add_argument("--reviewer-token", default="", help="Bearer token of a reviewer (several: comma separated)")
     parser.add_argument("--admin-token", default="", help="Bearer token of an admin")
+    parser.add_argument("--replicas", default="", help="Base URLs of the service's replicas (comma separated)")
     parser.add_argument("--predict-weight", type=int, default=10)
     parser.add_argument("--review-weight", type=int, default=2)
     parser.add_argument("--admin-weight", type=int, default=1)
@@ -70,11 +74,22 @@ def _weights(environment: Environment, **_: Any) -> None:
     AdminUser.weight = options.admin_weight if options.admin_token else 0
 
 
+def _to_a_replica(user: HttpUser) -> None:
+    """Point the user at the next replica in turn, when the run names replicas."""
+    options = user.environment.parsed_options
+    replicas = [r for r in (getattr(options, "replicas", "") if options else "").split(",") if r]
+    if replicas:
+        user.client.base_url = replicas[next(_replica_seats) % len(replicas)].rstrip("/")
+
+
 class PredictingUser(HttpUser):
     """A client of `POST /predict`: mostly single digits, sometimes a batch of them."""
 
     wait_time = between(0.0, 0.05)
     weight = 10
+
+    def on_start(self) -> None:
+        _to_a_replica(self)
 
     def _predict(self, count: int, name: str) -> None:
         body = {"samples": random.sample(_SAMPLES, count), "tags": {"source": "locust"}}
@@ -105,6 +120,7 @@ class _Authenticated(HttpUser):
     seat = 0
 
     def on_start(self) -> None:
+        _to_a_replica(self)
         options = self.environment.parsed_options
         tokens = (getattr(options, self.token_option, "") if options else "").split(",")
         self.seat = next(_reviewer_seats) % len(tokens)

@@ -2,6 +2,7 @@
 
     python -m loadtest.run_locust --host http://127.0.0.1:3000 --users 20 --spawn-rate 5 --run-time 30s \
         --reviewer-token=TOKEN --admin-token=TOKEN
+    python -m loadtest.run_locust --host http://a:3000 --replicas http://a:3000,http://b:3000 ...
 
 Writes locust's CSV files and HTML report under `--out` (default var/locust/<time>/), then asks
 `GET /predictions/{id}` for every id received until each is in Postgres (`ingested`), and exits
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--run-time", default="30s")
     parser.add_argument("--reviewer-token", default="")
     parser.add_argument("--admin-token", default="")
+    parser.add_argument(
+        "--replicas", default="", help="The service's replicas, comma separated (users spread over them)."
+    )
     parser.add_argument("--predict-weight", type=int, default=10)
     parser.add_argument("--review-weight", type=int, default=2)
     parser.add_argument("--admin-weight", type=int, default=1)
@@ -86,6 +90,7 @@ def main() -> None:
         # `=` keeps a token that starts with "-" from reading as an option.
         f"--reviewer-token={args.reviewer_token}",
         f"--admin-token={args.admin_token}",
+        f"--replicas={args.replicas}",
         "--predict-weight",
         str(args.predict_weight),
         "--review-weight",
