@@ -100,3 +100,43 @@ def test_the_kubernetes_manifests_are_consistent() -> None:
     service = next(d for d in docs if d["kind"] == "Service")
     assert any(service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
                for d in deployments)  # fmt: skip
+
+
+KUBERNETES = "1.37"  # the release whose OpenAPI schemas (shipped by kubernetes-validate) the manifests meet
+
+
+def test_every_manifest_is_valid_for_kubernetes_strictly() -> None:
+    import kubernetes_validate
+
+    own = [d for d in _documents() if not d["apiVersion"].startswith("keda.sh/")]
+    assert len(own) >= 10
+    for document in own:  # strict: a misspelt or misplaced field is an error, as `kubectl --validate=strict`
+        kubernetes_validate.validate(document, KUBERNETES, strict=True)
+    deployment = next(d for d in own if d["kind"] == "Deployment")
+    misspelt = {**deployment, "spec": {**deployment["spec"], "replica": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(misspelt, KUBERNETES, strict=True)
+
+
+def test_the_autoscalers_and_budgets_name_what_runs() -> None:
+    from feedback.keys import INGEST_GROUP, Keys
+
+    docs = _documents()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "loop-service"
+    assert deployments["loop-service"]["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+    for budget in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        labels = deployments[budget["metadata"]["name"]]["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # KEDA's ScaledObject is a custom resource (no Kubernetes schema): checked against the stream
+    # and group `loop ingest` really reads, and the Redis the pods are given.
+    (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["spec"]["scaleTargetRef"]["name"] == "loop-ingest"
+    (trigger,) = scaled["spec"]["triggers"]
+    redis = config["LOOP_REDIS_URL"].removeprefix("redis://").split("/")[0]
+    assert trigger["type"] == "redis-streams" and trigger["metadata"]["address"] == redis
+    assert trigger["metadata"]["stream"] == Keys(config["LOOP_REDIS_PREFIX"]).stream
+    assert trigger["metadata"]["consumerGroup"] == INGEST_GROUP
+    assert int(trigger["metadata"]["lagCount"]) > 0
