@@ -63,7 +63,8 @@ def test_two_replicas_share_one_log_one_queue_and_one_champion(
         )
         _, admin = rs.create_user(conn=conn, name="root", role=rs.Role.ADMIN)
         tokens = [rs.create_user(conn=conn, name=n, role=rs.Role.REVIEWER)[1] for n in ("alice", "bob")]
-    env = {"LOOP_MODEL_NAME": name, "LOOP_REVIEW_OVERLAP_SHARE": "0", "LOOP_INGEST_CLAIM_IDLE_MS": "1000"}
+    env = {"LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": "champion", "LOOP_REVIEW_OVERLAP_SHARE": "0",
+           "LOOP_INGEST_CLAIM_IDLE_MS": "1000"}  # fmt: skip
     replicas = [start_service(**env), start_service(**env)]  # each with its own ingest worker
 
     # Predictions on both replicas at once; then two reviewers, each through a replica of their own.
