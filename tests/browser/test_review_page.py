@@ -312,9 +312,13 @@ def own_label_refused_then_accepted(session: Session, item: str, label: str, dat
 
     page.route("**/review/verdicts", rewrite, times=1)
     page.keyboard.press("Enter")
-    expect(page.locator("#error")).to_contain_text(
-        "is the label proposed; a 'correct' verdict says that", timeout=15_000
-    )
+    try:
+        expect(page.locator("#error")).to_contain_text(
+            "is the label proposed; a 'correct' verdict says that", timeout=15_000
+        )
+    except AssertionError as exc:
+        state = page.evaluate("() => [document.activeElement.id, document.getElementById('notice').textContent]")
+        raise AssertionError(f"{exc}; focus and notice: {state}; console: {session.errors}") from None
     assert current(page) == item and stored_verdicts(database_url) == []
     page.keyboard.press("Enter")
     wait_for(lambda: stored_verdicts(database_url) == [(item, "ann", "correct", None)], "the verdict in Postgres")
