@@ -123,3 +123,38 @@ def models_list(name: str | None) -> None:
             f"{stored.tag}\t{card.model_spec.input.kind} {shape}\t{len(card.signature.class_names)} classes"
             f"\t{card.dataset_id}{scored}"
         )
+
+
+@models.command("export-triton")
+@click.argument("name")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--version", "version", help="The stored version (default: the champion, else the newest).")
+@click.option("--number", type=click.IntRange(min=1), default=1, show_default=True, help="Its version in Triton.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+def models_export_triton(name: str, root: Path, version: str | None, number: int, max_batch_size: int) -> None:
+    """Write a stored version of NAME into the Triton model repository ROOT (config.pbtxt for the
+    ONNX Runtime backend with dynamic batching, <number>/model.onnx, labels.txt)."""
+    from models.triton import export_repository
+    from service.cli.common import clean_errors
+
+    with clean_errors():
+        stored = store.get(f"{name}:{version or _champion_or_latest(name)}")
+        try:
+            folder = export_repository(stored, root, number=number, max_batch_size=max_batch_size)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"exported {stored.tag} as {folder} (version {number})")
+
+
+def _champion_or_latest(name: str) -> str:
+    """The champion's version when a database says so, else the newest stored version."""
+    from feedback.champion import champion
+    from service.cli.common import connection
+    from service.settings import Settings
+
+    try:
+        with connection(Settings()) as conn:
+            found = champion(conn=conn, model_name=name)
+    except click.ClickException:  # no database reachable: the store alone decides
+        found = None
+    return "latest" if found is None else found.model_version
