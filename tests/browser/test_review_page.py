@@ -316,9 +316,11 @@ def own_label_refused_then_accepted(session: Session, item: str, label: str, dat
         expect(page.locator("#error")).to_contain_text(
             "is the label proposed; a 'correct' verdict says that", timeout=15_000
         )
-    except AssertionError as exc:
-        state = page.evaluate("() => [document.activeElement.id, document.getElementById('notice').textContent]")
-        raise AssertionError(f"{exc}; focus and notice: {state}; console: {session.errors}") from None
+    except AssertionError as exc:  # say what the page did instead (locators: the page's CSP forbids eval)
+        focused = page.locator(":focus")
+        focus = focused.first.get_attribute("id") if focused.count() else None
+        notice = page.locator("#notice").text_content()
+        raise AssertionError(f"{exc}; focus on {focus!r}, notice {notice!r}; console: {session.errors}") from None
     assert current(page) == item and stored_verdicts(database_url) == []
     page.keyboard.press("Enter")
     wait_for(lambda: stored_verdicts(database_url) == [(item, "ann", "correct", None)], "the verdict in Postgres")
