@@ -24,10 +24,10 @@ from typing import Any
 
 import fsspec
 import psycopg
-import psycopg.conninfo
 from fsspec.implementations.local import LocalFileSystem
 
 from feedback.errors import Unavailable
+from feedback.predictions.partitions import database_key
 from feedback.predictions.records import Row, ShadowRow
 
 logger = logging.getLogger(__name__)
@@ -127,25 +127,17 @@ _attached: dict[str, BlobStore] = {}
 Connection = psycopg.Connection | psycopg.AsyncConnection[Any]
 
 
-def _database(where: Connection | str) -> str:
-    """A database as this process names it: port and name (a URL or conninfo, or a connection to it)."""
-    if isinstance(where, str):
-        params = psycopg.conninfo.conninfo_to_dict(where)
-        return f"{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
-    return f"{where.info.port}/{where.info.dbname}"
-
-
 def attach(database: Connection | str, store: BlobStore | None) -> None:
     """Make `store` the object store of a database (a URL, or a connection to it) in this process."""
     if store is None:
-        _attached.pop(_database(database), None)
+        _attached.pop(database_key(database), None)
     else:
-        _attached[_database(database)] = store
+        _attached[database_key(database)] = store
 
 
 def of(conn: Connection) -> BlobStore | None:
     """The object store attached to `conn`'s database, if any."""
-    return _attached.get(_database(conn))
+    return _attached.get(database_key(conn))
 
 
 def read(conn: Connection, data: bytes | None, key: str | None) -> bytes | None:

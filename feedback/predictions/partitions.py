@@ -13,8 +13,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 import psycopg
+import psycopg.conninfo
 from psycopg import sql
 
 logger = logging.getLogger(__name__)
@@ -76,14 +78,18 @@ def partitions(conn: psycopg.Connection, table: str = TABLE) -> list[Partition]:
     return sorted(found, key=lambda p: p.high)
 
 
-def _database(conn: psycopg.Connection) -> str:
-    info = conn.info
-    return f"{info.host}:{info.port}/{info.dbname}"
+def database_key(where: psycopg.Connection | psycopg.AsyncConnection[Any] | str) -> str:
+    """A database as this process names it in its caches: port and name (of a URL or conninfo, or
+    of a connection to it)."""
+    if isinstance(where, str):
+        params = psycopg.conninfo.conninfo_to_dict(where)
+        return f"{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
+    return f"{where.info.port}/{where.info.dbname}"
 
 
 def ensure(conn: psycopg.Connection, days: Iterable[date], table: str = TABLE) -> list[str]:
     """A partition for each of `days` that no partition covers yet; the names created."""
-    known = _known.setdefault(_database(conn), set()) if table == TABLE else set()
+    known = _known.setdefault(database_key(conn), set()) if table == TABLE else set()
     wanted = sorted(set(days) - known)
     if not wanted:
         return []
@@ -121,4 +127,4 @@ def days_of(instants: Iterable[datetime]) -> set[date]:
 
 def forget(conn: psycopg.Connection) -> None:
     """Forget which days are known (after partitions were dropped or replaced)."""
-    _known.pop(_database(conn), None)
+    _known.pop(database_key(conn), None)

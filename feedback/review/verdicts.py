@@ -310,12 +310,11 @@ def erase_input(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUI
     so that a failed erasure loses nothing)."""
     with conn.transaction():
         _exists(conn, prediction_id)
+        key = (uuid_created_at(prediction_id), prediction_id)
         row = conn.execute(
-            "UPDATE predictions p SET input = NULL, input_key = NULL FROM predictions old"
-            " WHERE p.created_at = %s AND p.id = %s AND old.created_at = p.created_at AND old.id = p.id"
-            " RETURNING old.input_key",
-            (uuid_created_at(prediction_id), prediction_id),
+            "SELECT input_key FROM predictions WHERE created_at = %s AND id = %s FOR UPDATE", key
         ).fetchone()
+        conn.execute("UPDATE predictions SET input = NULL, input_key = NULL WHERE created_at = %s AND id = %s", key)
         _annotate(conn, user, prediction_id, verdict=Verdict.ERASE, label=None, reason=reason)
         audit(conn, user, "input.erase", str(prediction_id), reason=reason)
     if row is not None and row[0] is not None:
