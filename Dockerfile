@@ -24,7 +24,7 @@ COPY service/ service/
 # The CLI imports `loop demo-loop` from experiments/, which starts its servers with harness/.
 COPY harness/ harness/
 COPY experiments/ experiments/
-RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt . \
+RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt ".[s3,remote]" \
  && if [ -n "${ORT_EXTRAS}" ]; then \
       /opt/venv/bin/pip install -c constraints.txt "onnxruntime-gpu${ORT_EXTRAS}"; fi
 

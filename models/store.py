@@ -163,3 +163,12 @@ def exists(tag: str) -> bool:
     except (ModelNotFound, InvalidModelTag):
         return False
     return True
+
+
+def version_number(stored: StoredModel) -> int:
+    """The version's number as Triton numbers a model's versions: the oldest stored is 1. A number
+    never changes, as the store only adds versions."""
+    versions = [each.version for each in list_models(stored.name)]
+    if stored.version not in versions:
+        raise ModelNotFound(f"{stored.tag} is not in the model store")
+    return versions.index(stored.version) + 1

@@ -29,7 +29,10 @@ TRITON_TYPES: dict[int, str] = {
 }
 
 
-def _tensor(value: onnx.ValueInfoProto) -> tuple[str, str, list[int]]:
+Tensor = tuple[str, str, list[int]]  # name, Triton type, dims without the batch axis
+
+
+def _tensor(value: onnx.ValueInfoProto) -> Tensor:
     """(name, Triton type, dims without the batch axis) of a graph input or output."""
     kind = value.type.tensor_type
     if kind.elem_type not in TRITON_TYPES:
@@ -40,21 +43,31 @@ def _tensor(value: onnx.ValueInfoProto) -> tuple[str, str, list[int]]:
     return value.name, TRITON_TYPES[kind.elem_type], dims[1:]
 
 
-def config_text(stored: StoredModel, *, max_batch_size: int, max_queue_delay_us: int) -> str:
-    """The model's `config.pbtxt` (protobuf text format of Triton's ModelConfig)."""
-    graph = onnx.load(str(stored.onnx_path), load_external_data=False).graph
+def graph_io(path: Path) -> tuple[Tensor, Tensor]:
+    """The input and the output of a classifier's ONNX graph, as Triton declares them."""
+    graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
     inputs = [_tensor(v) for v in graph.input if v.name not in initializers]
     outputs = [_tensor(v) for v in graph.output]
     if len(inputs) != 1 or len(outputs) != 1:
         found = f"{len(inputs)} inputs and {len(outputs)} outputs"
-        raise ValueError(f"{stored.tag}: a classifier with one input and one output exports; this has {found}")
-    (in_name, in_type, in_dims), (out_name, out_type, out_dims) = inputs[0], outputs[0]
+        raise ValueError(f"{path}: a classifier with one input and one output exports; this has {found}")
+    return inputs[0], outputs[0]
+
+
+def config_text(stored: StoredModel, *, max_batch_size: int, max_queue_delay_us: int) -> str:
+    """The model's `config.pbtxt` (protobuf text format of Triton's ModelConfig). Every version in
+    the folder is served (`version_policy: all`): the service names the one it serves in each call."""
+    try:
+        (in_name, in_type, in_dims), (out_name, out_type, out_dims) = graph_io(stored.onnx_path)
+    except ValueError as exc:
+        raise ValueError(f"{stored.tag}: {exc}") from None
     return "\n".join(
         [
             f'name: "{stored.name}"',
             'backend: "onnxruntime"',
             f"max_batch_size: {max_batch_size}",
+            "version_policy: { all { } }",
             f'input [ {{ name: "{in_name}" data_type: {in_type} dims: {_dims(in_dims)} }} ]',
             f'output [ {{ name: "{out_name}" data_type: {out_type} dims: {_dims(out_dims)}'
             ' label_filename: "labels.txt" } ]',

@@ -101,6 +101,7 @@ class Predictor:
             reference_tolerance=self.settings.reference_tolerance,
             exact_math_fallback=self.settings.exact_math_fallback,
             inference_socket=self._inference_socket(),
+            engine=self.settings.engine,
         )
         self.slots = {name: ModelSlot(name, tag, where) for name, tag in self.settings.served_models}
         self.default = next(iter(self.slots.values()))

@@ -27,6 +27,7 @@ from models.runtime import CPU, DevicePreference, OnnxModel, ReferenceCheck, Ses
 from service import database, metrics
 from service.batching import AdaptiveBatcher
 from service.inference import InferenceUnavailable, RemoteSession
+from service.remote import Engine, EngineSession
 from service.settings import CHAMPION
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Where:
     reference_tolerance: float = 1e-3
     exact_math_fallback: bool = True  # above tolerance, load again with the provider's exact math
     inference_socket: Path | None = None  # set: the sessions run in the shared inference process
+    engine: Engine | None = None  # set: the sessions run on an Open Inference Protocol engine
 
 
 class ReferenceMismatch(RuntimeError):
@@ -104,7 +106,7 @@ class ModelSlot:
                 except InferenceUnavailable as exc:  # it is starting beside the workers
                     if time.monotonic() > deadline:
                         raise
-                    logger.info("%s waits for the inference process: %s", ref, exc)
+                    logger.info("%s waits for its inference process or engine: %s", ref, exc)
                     time.sleep(1.0)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -159,8 +161,10 @@ class ModelSlot:
             logger.info("swapped %s for %s on %s", current.stored.tag, stored.tag, runtime.provider)
         return True
 
-    def _open(self, path: Path, *, exact_math: bool = False) -> Session:
-        where = self.where
+    def _open(self, stored: store.StoredModel, *, exact_math: bool = False) -> Session:
+        where, path = self.where, stored.onnx_path
+        if where.engine is not None:
+            return EngineSession(where.engine, stored)
         if where.inference_socket is not None:
             return RemoteSession(where.inference_socket, path, exact_math=exact_math)
         return OnnxModel(path, device=where.device, intra_op_threads=where.ort_threads, exact_math=exact_math)
@@ -170,7 +174,7 @@ class ModelSlot:
         the provider's exact math when the default math is beyond tolerance (if allowed), else
         `ReferenceMismatch`, so that a model is never served with answers it was not validated for."""
         where = self.where
-        runtime = self._open(stored.onnx_path)
+        runtime = self._open(stored)
         if stored.reference_path is None:
             logger.warning(
                 "%s has no stored reference; its outputs on %s are not checked", stored.tag, runtime.provider
@@ -178,7 +182,8 @@ class ModelSlot:
             return runtime, None
         kind = stored.card.model_spec.output_kind
         check = check_reference(runtime, stored.reference_path, where.reference_tolerance, kind=kind)
-        if not check.passed and where.exact_math_fallback and runtime.provider != CPU:
+        exact_math_known = runtime.provider != CPU and where.engine is None  # an engine keeps its own math
+        if not check.passed and where.exact_math_fallback and exact_math_known:
             logger.warning(
                 "%s differs from its reference by %.2e on %s (tolerance %.0e): loading it with exact math",
                 stored.tag,
@@ -187,7 +192,7 @@ class ModelSlot:
                 check.tolerance,
             )
             runtime.close()
-            runtime = self._open(stored.onnx_path, exact_math=True)
+            runtime = self._open(stored, exact_math=True)
             kind = stored.card.model_spec.output_kind
         check = check_reference(runtime, stored.reference_path, where.reference_tolerance, kind=kind)
         if not check.passed:
@@ -214,6 +219,8 @@ class ModelSlot:
     async def recheck(self) -> None:
         if self.served is not None and self.follows_champion:
             await self.reload(await asyncio.to_thread(self.resolve))
+        elif self.served is None and self.loaded.is_set() and self.where.engine is not None:
+            await self.reload(await asyncio.to_thread(self.resolve))  # the engine was away at start
 
     def not_ready(self) -> str | None:
         if self.served is None:

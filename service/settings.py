@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedback.predictions.blobs import BlobStore
@@ -15,6 +15,7 @@ from feedback.shadow import Policy, Rules
 from models.builtin import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
 from service.limits import BodyLimits
+from service.remote import Engine
 
 CHAMPION = "champion"  # the model tag that follows promotions
 
@@ -67,10 +68,23 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `loop serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `loop serve` binds.")
     workers: int = Field(1, ge=1, le=64, description="Service worker processes.")
-    inference: Literal["worker", "shared"] = Field(
+    inference: Literal["worker", "shared", "remote"] = Field(
         "worker",
         description="worker: each service worker runs its own ONNX Runtime sessions; shared: `loop serve` "
-        "starts one inference process that batches across all workers (for a GPU).",
+        "starts one inference process that batches across all workers (for a GPU); remote: the batches go to "
+        "the Open Inference Protocol engine at LOOP_INFERENCE_URL (Triton, KServe, `loop engine`).",
+    )
+    inference_url: str | None = Field(
+        None,
+        description="The engine of LOOP_INFERENCE=remote: http://host:port, https://host:port or grpc://host:port.",
+    )
+    inference_repository: Path | None = Field(
+        None,
+        description="A model repository the engine reads too: the service writes each version it serves there and "
+        "asks the engine to load it. Unset: the engine's repository holds them already (`loop models export-triton`).",
+    )
+    inference_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Longest a call to the engine of LOOP_INFERENCE=remote may take (then 503)."
     )
     inference_processes: int | None = Field(
         None,
@@ -223,6 +237,21 @@ class Settings(BaseSettings):
         if value is not None:
             parse_models(value)  # raises naming the problem
         return value
+
+    @model_validator(mode="after")
+    def _engine(self) -> Settings:
+        if self.inference == "remote":
+            _ = self.engine  # raises naming the problem
+        return self
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine of LOOP_INFERENCE=remote; None otherwise."""
+        if self.inference != "remote":
+            return None
+        if not self.inference_url:
+            raise ValueError("LOOP_INFERENCE=remote needs LOOP_INFERENCE_URL (http://host:port or grpc://host:port)")
+        return Engine(self.inference_url, self.inference_timeout_s, self.inference_repository)
 
     @property
     def served_models(self) -> list[tuple[str, str]]:

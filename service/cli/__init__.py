@@ -1,7 +1,7 @@
 """The `loop` command line, one module per command group:
 
 - `models`: train, show, models import|list
-- `serve`: serve (the supervisor is `service/supervisor.py`), ingest, inference, migrate
+- `serve`: serve (the supervisor is `service/supervisor.py`), ingest, inference, engine, migrate
 - `maintain`: the prediction log's partitions and retention
 - `users`, `dead_letters`: users add|list, dead-letters list|replay
 - `datasets`: datasets import|compile|list|show|verify, validation show|fix
@@ -51,6 +51,7 @@ for _command in (
     dead_letters.dead_letters_group,
     serve.ingest,
     serve.inference,
+    serve.engine,
     serve.serve,
     datasets.datasets,
     datasets.validation,

@@ -129,9 +129,13 @@ def models_list(name: str | None) -> None:
 @click.argument("name")
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--version", "version", help="The stored version (default: the champion, else the newest).")
-@click.option("--number", type=click.IntRange(min=1), default=1, show_default=True, help="Its version in Triton.")
+@click.option(
+    "--number",
+    type=click.IntRange(min=1),
+    help="Its version in Triton (default: its number in the store, the oldest 1, as LOOP_INFERENCE=remote names it).",
+)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-def models_export_triton(name: str, root: Path, version: str | None, number: int, max_batch_size: int) -> None:
+def models_export_triton(name: str, root: Path, version: str | None, number: int | None, max_batch_size: int) -> None:
     """Write a stored version of NAME into the Triton model repository ROOT (config.pbtxt for the
     ONNX Runtime backend with dynamic batching, <number>/model.onnx, labels.txt)."""
     from models.triton import export_repository
@@ -139,6 +143,7 @@ def models_export_triton(name: str, root: Path, version: str | None, number: int
 
     with clean_errors():
         stored = store.get(f"{name}:{version or _champion_or_latest(name)}")
+        number = number or store.version_number(stored)
         try:
             folder = export_repository(stored, root, number=number, max_batch_size=max_batch_size)
         except ValueError as exc:

@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -163,6 +164,33 @@ def inference(index: int, gpu: str | None) -> None:
         max_latency_s=settings.max_latency_ms / 1000,
     )
     run_host(host, settings.inference_socket_for(index))
+
+
+@click.command()
+@click.option(
+    "--repository",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="A Triton model repository (`loop models export-triton` writes one).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="HTTP port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=None, help="gRPC port (none: HTTP only).")
+def engine(repository: Path, host: str, port: int, grpc_port: int | None) -> None:
+    """Serve the ONNX models of a Triton model repository over the Open Inference Protocol, raw graph
+    in and out, for services with LOOP_INFERENCE=remote where no Triton runs (LOOP_DEVICE,
+    LOOP_ORT_THREADS, LOOP_INFERENCE_MAX_BATCH_SIZE and LOOP_MAX_LATENCY_MS apply)."""
+    from service.engine import Repository, run
+
+    settings = Settings()
+    models = Repository(
+        repository,
+        device=settings.device,
+        ort_threads=settings.ort_threads,
+        max_batch_size=settings.inference_max_batch_size,
+        max_latency_s=settings.max_latency_ms / 1000,
+    )
+    run(models, host=host, port=port, grpc_port=grpc_port)
 
 
 @click.command()

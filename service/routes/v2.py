@@ -66,8 +66,9 @@ class InferRequest:
         return self.outputs.get(name, self.binary_output)
 
 
-def parse(body: bytes, header_length: str | None) -> InferRequest:
-    """An inference request from its body (and the binary extension's header), or `ProtocolError`."""
+def parse(body: bytes, header_length: str | None, *, known: Sequence[str] = OUTPUTS) -> InferRequest:
+    """An inference request from its body (and the binary extension's header), or `ProtocolError`;
+    `known`: the outputs it may ask for."""
     if header_length is not None:
         try:
             length = int(header_length)
@@ -106,21 +107,21 @@ def parse(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(
         id=request_id,
         inputs=inputs,
-        outputs=_outputs(header.get("outputs")),
+        outputs=_outputs(header.get("outputs"), known),
         binary_output=bool(parameters.get("binary_data_output", False)),
     )
 
 
-def _outputs(raw: Any) -> dict[str, bool]:
+def _outputs(raw: Any, known: Sequence[str]) -> dict[str, bool]:
     if raw is None:
         return {}
     if not isinstance(raw, list):
         raise ProtocolError("'outputs' must be a list")
-    wanted = {}
+    wanted: dict[str, bool] = {}
     for item in raw:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in OUTPUTS:
-            raise ProtocolError(f"unknown output {name!r}: the outputs are {', '.join(OUTPUTS)}")
+        if not isinstance(name, str) or name not in known:
+            raise ProtocolError(f"unknown output {name!r}: the outputs are {', '.join(known)}")
         parameters = item.get("parameters") or {}
         wanted[name] = bool(parameters.get("binary_data", False)) if isinstance(parameters, dict) else False
     return wanted
@@ -202,6 +203,9 @@ def _flatten(data: Any) -> Any:
         yield data
 
 
+Output = tuple[str, list[int], Any, bytes]  # datatype, shape, as JSON data, as binary data
+
+
 def response(
     request: InferRequest,
     *,
@@ -212,8 +216,7 @@ def response(
     prediction_ids: Sequence[str],
 ) -> tuple[bytes, int | None]:
     """The answer's body, and the JSON header's length when binary outputs follow it."""
-    outputs, tails = [], []
-    values: dict[str, tuple[str, list[int], Any, bytes]] = {
+    values: dict[str, Output] = {
         SCORES: ("FP32", list(probabilities.shape), probabilities.tolist(), probabilities.astype("<f4").tobytes()),
         LABEL: (
             "BYTES",
@@ -222,10 +225,18 @@ def response(
             b"".join(struct.pack("<I", len(b)) + b for b in (label.encode() for label in labels)),
         ),
     }
-    for name in OUTPUTS:
+    header = {"model_name": model_name, "model_version": model_version}
+    return encode(request, {**header, "parameters": {"prediction_ids": ",".join(prediction_ids)}}, values)
+
+
+def encode(request: InferRequest, header: dict[str, Any], values: dict[str, Output]) -> tuple[bytes, int | None]:
+    """An answer of `values`' outputs that the request asks for (in `values`' order), each as JSON
+    data or binary as it asked, after `header`: the body and the JSON header's length when binary
+    data follows it."""
+    outputs, tails = [], []
+    for name, (datatype, shape, as_json, as_binary) in values.items():
         if not request.wants(name):
             continue
-        datatype, shape, as_json, as_binary = values[name]
         if request.binary(name):
             outputs.append(
                 {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(as_binary)}}
@@ -233,12 +244,7 @@ def response(
             tails.append(as_binary)
         else:
             outputs.append({"name": name, "datatype": datatype, "shape": shape, "data": as_json})
-    header: dict[str, Any] = {
-        "model_name": model_name,
-        "model_version": model_version,
-        "parameters": {"prediction_ids": ",".join(prediction_ids)},
-        "outputs": outputs,
-    }
+    header = {**header, "outputs": outputs}
     if request.id is not None:
         header["id"] = request.id
     encoded = json.dumps(header, separators=(",", ":")).encode()

@@ -71,23 +71,25 @@ def test_the_kubernetes_manifests_are_consistent() -> None:
     secret = next(d for d in docs if d["kind"] == "Secret")
     check_env(set(config["data"]) | set(secret["stringData"]))
     assert "LOOP_DATABASE_URL" in secret["stringData"] and "LOOP_DATABASE_URL" not in config["data"]
-    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    deployments = [d for d in docs if d["kind"] == "Deployment" and _image(d).startswith("loop:")]
     assert {d["metadata"]["name"] for d in deployments} == {"loop-service", "loop-ingest"}
-    for deployment in deployments:
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
         spec = deployment["spec"]
         labels = spec["template"]["metadata"]["labels"]
         assert spec["selector"]["matchLabels"].items() <= labels.items()
         for container in spec["template"]["spec"]["containers"]:
+            assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+            ports = {p["name"] for p in container["ports"]}
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert container[probe]["httpGet"]["port"] in ports, (deployment["metadata"]["name"], probe)
+    for deployment in deployments:
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
             check_command(container["command"])
             check_env({e["name"] for e in container.get("env", [])})
             for source in container["envFrom"]:
                 ref = source.get("configMapRef") or source.get("secretRef")
                 kind = "ConfigMap" if "configMapRef" in source else "Secret"
                 assert (kind, ref["name"]) in kinds
-            assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-            ports = {p["name"] for p in container["ports"]}
-            for probe in ("livenessProbe", "readinessProbe"):
-                assert container[probe]["httpGet"]["port"] in ports, (deployment["metadata"]["name"], probe)
     gpu = [
         d
         for d in deployments
@@ -97,9 +99,45 @@ def test_the_kubernetes_manifests_are_consistent() -> None:
         len(gpu) == 1
         and {"name": "LOOP_DEVICE", "value": "cuda"} in gpu[0]["spec"]["template"]["spec"]["containers"][0]["env"]
     )
-    service = next(d for d in docs if d["kind"] == "Service")
-    assert any(service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
-               for d in deployments)  # fmt: skip
+    every = [d for d in docs if d["kind"] == "Deployment"]
+    for service in (d for d in docs if d["kind"] == "Service"):
+        assert any(service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+                   for d in every)  # fmt: skip
+
+
+def _image(deployment: dict[str, Any]) -> str:
+    return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def test_the_remote_inference_variant_sends_the_service_to_triton_over_one_repository() -> None:
+    """The service's engine is Triton's gRPC Service; both mount one claim, the service where it
+    writes the repository (LOOP_INFERENCE_REPOSITORY), Triton where it reads it, in explicit mode."""
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "service-remote.yaml").read_text()) if d]
+    named = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    service, triton = named[("Deployment", "loop-service")], named[("Deployment", "loop-triton")]
+    claim = named[("PersistentVolumeClaim", "loop-model-repository")]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    def mount(deployment: dict[str, Any]) -> dict[str, Any]:
+        pod = deployment["spec"]["template"]["spec"]
+        (volume,) = [
+            v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "loop-model-repository"
+        ]
+        (found,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        return dict(found)
+
+    env = {e["name"]: e["value"] for e in service["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = Settings(**{k.removeprefix("LOOP_").lower(): v for k, v in env.items() if k.startswith("LOOP_INF")})
+    assert settings.engine is not None and settings.engine.protocol == "grpc"
+    host, port = settings.engine.address.split(":")
+    triton_service = named[("Service", host)]
+    assert triton_service["spec"]["selector"].items() <= triton["spec"]["template"]["metadata"]["labels"].items()
+    (grpc,) = [p for p in triton_service["spec"]["ports"] if p["port"] == int(port)]
+    assert grpc["targetPort"] in {p["name"] for p in triton["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert str(settings.inference_repository) == mount(service)["mountPath"] and not mount(service).get("readOnly")
+    args = triton["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--model-repository={mount(triton)['mountPath']}" in args and "--model-control-mode=explicit" in args
+    assert "nvidia.com/gpu" in triton["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
 KUBERNETES = "1.37"  # the release whose OpenAPI schemas (shipped by kubernetes-validate) the manifests meet
