@@ -4,7 +4,6 @@ the figures that the API returns."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +13,11 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from feedback import review as rs
-from feedback.champion import Decision, record_promotion
-from models import digits, store
+from models import digits
 from models.pipeline import BuildResult
 from tests.browser.test_review_page import Session, current, moved_from, wait_for
 from tests.integration.conftest import RunningService
-from tests.integration.test_hot_reload import another_model
+from tests.integration.test_hot_reload import two_versions
 
 pytestmark = pytest.mark.browser
 
@@ -88,13 +86,10 @@ def test_an_admin_starts_a_shadow_reviewers_judge_it_blind_and_the_panel_shows_t
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    name = f"shadowed-{uuid.uuid4().hex[:8]}"
-    card = trained_model.stored.card
-    champion = store.save(name, trained_model.stored.onnx_path, card)
-    candidate = store.save(name, another_model(tmp_path / "candidate.onnx", card), card)  # unsure, mostly wrong
+    # The candidate is unsure of everything, so mostly wrong.
+    champion, candidate = two_versions(trained_model.stored, tmp_path, database_url, "shadowed")
+    name = champion.name
     with psycopg.connect(database_url, autocommit=True) as conn:
-        record_promotion(conn=conn, model_name=name, model_version=champion.version, decision=Decision.FORCED,
-                         reason="test")  # fmt: skip
         _, ann = rs.create_user(conn=conn, name="ann", role=rs.Role.REVIEWER)
         _, root = rs.create_user(conn=conn, name="root", role=rs.Role.ADMIN)
     # One review settles an item (none asks for a second reviewer).

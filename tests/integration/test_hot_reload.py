@@ -38,15 +38,8 @@ def test_promotion_swaps_every_worker_once_without_failing_a_request(
     keys: Keys,
     tmp_path: Path,
 ) -> None:
-    name = f"reload-{uuid.uuid4().hex[:8]}"
-    card = trained_model.stored.card
-    old = store.save(name, trained_model.stored.onnx_path, card)
-    new = store.save(name, another_model(tmp_path / "other.onnx", card), card)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        # The champion, not the newest version, is what a worker loads on start.
-        dataset_store.record_promotion(
-            conn=conn, model_name=name, model_version=old.version, decision=Decision.FORCED, reason="test"
-        )
+    old, new = two_versions(trained_model.stored, tmp_path, database_url, "reload")
+    name = old.name
     service = start_service(
         via_cli=False,
         LOOP_MODEL_NAME=name,
@@ -129,6 +122,22 @@ def another_model(path: Path, card: store.ModelCard) -> Path:
         features=int(np.prod(signature.input_shape)), weight_scale=1e-3,
         softmax=card.model_spec.output_kind == "probabilities",
     )  # fmt: skip
+
+
+def two_versions(
+    trained: store.StoredModel, folder: Path, database_url: str, prefix: str
+) -> tuple[store.StoredModel, store.StoredModel]:
+    """A new model of two stored versions: the trained model's file, its champion, and then
+    `another_model` of the same card (not promoted)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    old = store.save(name, trained.onnx_path, trained.card)
+    new = store.save(name, another_model(folder / f"{name}.onnx", trained.card), trained.card)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # The champion, not the newest version, is what a worker loads on start.
+        dataset_store.record_promotion(
+            conn=conn, model_name=name, model_version=old.version, decision=Decision.FORCED, reason="test"
+        )
+    return old, new
 
 
 def assert_sessions_swapped_with_versions(scores: dict[str, list[dict[str, float]]], *, old: str, new: str) -> None:

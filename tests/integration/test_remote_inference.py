@@ -25,9 +25,7 @@ import tritonclient.http as httpclient
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
-from feedback import champion
 from feedback import review as rs
-from feedback.champion import Decision
 from harness import free_port, spawn, stop
 from models import digits, store
 from models.pipeline import BuildResult
@@ -35,7 +33,7 @@ from models.runtime import DevicePreference, OnnxModel
 from service.cli import main
 from tests.graphs import import_shapes_model, random_png
 from tests.integration.conftest import RunningService
-from tests.integration.test_hot_reload import another_model
+from tests.integration.test_hot_reload import two_versions
 
 pytestmark = pytest.mark.integration
 
@@ -164,13 +162,9 @@ def test_a_promotion_is_followed_on_the_engine_over_grpc(
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    name = f"remote-{uuid.uuid4().hex[:8]}"
-    card = trained_model.stored.card
-    old = store.save(name, trained_model.stored.onnx_path, card)
-    new = store.save(name, another_model(tmp_path / "other.onnx", card), card)
+    old, new = two_versions(trained_model.stored, tmp_path, database_url, "remote")
+    name, card = old.name, old.card
     with psycopg.connect(database_url, autocommit=True) as conn:
-        forced = Decision.FORCED
-        champion.record_promotion(conn=conn, model_name=name, model_version=old.version, decision=forced, reason="test")
         _, admin = rs.create_user(conn=conn, name="root", role=rs.Role.ADMIN)
     repository = tmp_path / "repository"
     repository.mkdir()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,15 +15,12 @@ import httpx
 import psycopg
 import pytest
 
-from feedback import champion
 from feedback import review as rs
-from feedback.champion import Decision
 from harness import kill
-from models import store
 from models.pipeline import BuildResult
 from tests.integration.conftest import RunningService
 from tests.integration.test_faults import Traffic, assert_exactly_once, stored, wait_until_stored
-from tests.integration.test_hot_reload import another_model
+from tests.integration.test_hot_reload import two_versions
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +49,9 @@ def served_version(service: RunningService, name: str) -> str:
 def test_two_replicas_share_one_log_one_queue_and_one_champion(
     start_service: Callable[..., RunningService], trained_model: BuildResult, database_url: str, tmp_path: Path
 ) -> None:
-    name = f"replicas-{uuid.uuid4().hex[:8]}"
-    card = trained_model.stored.card
-    old = store.save(name, trained_model.stored.onnx_path, card)
-    new = store.save(name, another_model(tmp_path / "other.onnx", card), card)
+    old, new = two_versions(trained_model.stored, tmp_path, database_url, "replicas")
+    name = old.name
     with psycopg.connect(database_url, autocommit=True) as conn:
-        champion.record_promotion(
-            conn=conn, model_name=name, model_version=old.version, decision=Decision.FORCED, reason="test"
-        )
         _, admin = rs.create_user(conn=conn, name="root", role=rs.Role.ADMIN)
         tokens = [rs.create_user(conn=conn, name=n, role=rs.Role.REVIEWER)[1] for n in ("alice", "bob")]
     env = {"LOOP_MODEL_NAME": name, "LOOP_MODEL_TAG": "champion", "LOOP_REVIEW_OVERLAP_SHARE": "0",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,11 @@ import psycopg
 import pytest
 
 from feedback import review as rs
-from feedback.champion import Decision, record_promotion
-from models import digits, store
+from models import digits
 from models.npy import npy_bytes
 from models.pipeline import BuildResult
 from tests.integration.conftest import RunningService
-from tests.integration.test_hot_reload import another_model
+from tests.integration.test_hot_reload import two_versions
 
 pytestmark = pytest.mark.integration
 
@@ -71,13 +69,9 @@ def wait_for(
 def test_a_shadow_sees_every_face_changes_no_answer_and_is_stored_beside_the_answers(
     start_service: Callable[..., RunningService], trained_model: BuildResult, database_url: str, tmp_path: Path
 ) -> None:
-    name = f"shadowed-{uuid.uuid4().hex[:8]}"
-    card = trained_model.stored.card
-    champion = store.save(name, trained_model.stored.onnx_path, card)
-    candidate = store.save(name, another_model(tmp_path / "candidate.onnx", card), card)
+    champion, candidate = two_versions(trained_model.stored, tmp_path, database_url, "shadowed")
+    name = champion.name
     with psycopg.connect(database_url, autocommit=True) as conn:
-        record_promotion(conn=conn, model_name=name, model_version=champion.version, decision=Decision.FORCED,
-                         reason="test")  # fmt: skip
         _, token = rs.create_user(conn=conn, name="boss", role=rs.Role.ADMIN)
     admin = {"Authorization": f"Bearer {token}"}
     service = start_service(LOOP_MODEL_NAME=name, LOOP_MODEL_TAG="champion",
