@@ -236,6 +236,58 @@ def shadow_evidence(
     return figure
 
 
+@dataclass(frozen=True)
+class HealthPoint:
+    """One health window of one version, for `health_over_time`."""
+
+    start: Any  # a datetime
+    count: int
+    psi: Mapping[str, float]  # by kind
+    alarms: Sequence[str]
+    estimated: tuple[float, float, float] | None  # value, low, high
+    judged: tuple[float, float, float] | None
+
+
+def health_over_time(series: Mapping[str, Sequence[HealthPoint]], *, title: str) -> Figure:
+    """A model's health windows, one line per version: predictions per window; drift (PSI by kind,
+    alarms marked); estimated accuracy with its interval beside the judged one."""
+    figure = Figure(figsize=(11, 8))
+    volume, drift, accuracy = figure.subplots(3, 1, sharex=True)
+    for version, points in series.items():
+        times = [p.start for p in points]
+        volume.plot(times, [p.count for p in points], marker=".", label=version)
+        for kind, style in (("labels", "-"), ("confidence", "--"), ("inputs", ":")):
+            values = [p.psi.get(kind, np.nan) for p in points]
+            drift.plot(times, values, style, label=f"{version} {kind}")
+            alarmed = [(t, v) for t, v, p in zip(times, values, points, strict=True) if kind in p.alarms]
+            if alarmed:
+                drift.scatter([a[0] for a in alarmed], [a[1] for a in alarmed], color="red", zorder=3)
+        estimated = [(p.start, p.estimated) for p in points if p.estimated is not None]
+        if estimated:
+            accuracy.plot([e[0] for e in estimated], [e[1][0] for e in estimated], label=f"{version} estimated")
+            accuracy.fill_between(
+                [e[0] for e in estimated], [e[1][1] for e in estimated], [e[1][2] for e in estimated], alpha=0.2
+            )
+        judged = [(p.start, p.judged) for p in points if p.judged is not None]
+        if judged:
+            low = [j[1][0] - j[1][1] for j in judged]
+            high = [j[1][2] - j[1][0] for j in judged]
+            accuracy.errorbar(
+                [j[0] for j in judged], [j[1][0] for j in judged], yerr=[low, high], fmt="o", label=f"{version} judged"
+            )
+    volume.set_title(title)
+    volume.set_ylabel("predictions")
+    drift.set_ylabel("PSI against the reference\n(red: the test alarmed)")
+    accuracy.set_ylabel("accuracy (95% intervals)")
+    for axes in (volume, drift, accuracy):
+        axes.grid(True, alpha=0.3)
+        if axes.has_data():
+            axes.legend(fontsize="small")
+    figure.autofmt_xdate()
+    figure.tight_layout()
+    return figure
+
+
 def save_png(figure: Figure, path: Path) -> Path:
     """Write `figure` as a PNG at `path`, creating its folder; returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, replay
 from service.predictions import Predictions
 from service.problems import ProblemDetails
 from service.repository import Repository
-from service.routes import application, label_studio, open_inference, predict, repository
+from service.routes import application, health, label_studio, open_inference, predict, repository
 from service.routes import models as models_routes
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -62,7 +62,7 @@ SERVICE_NAME = "loop"
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
 _FACES = (predict.router, open_inference.router, repository.router, models_routes.router, label_studio.router)
-routes = application(*_FACES, review_router, admin_router)
+routes = application(*_FACES, review_router, admin_router, health.router)
 
 
 # The prediction routes: what a per-request access log line and a trace span cost there is about
@@ -253,7 +253,10 @@ class Predictor:
                 announcer=None if redis_url is None else announcer(redis_url, self.keys),
                 shadow_announcer=None if redis_url is None else shadow_announcer(redis_url, self.keys),
                 shadow_rules=settings.shadow_rules,
+                health_alpha=settings.health_alpha,
             )
+            gauges = health.keep_gauges(self._review_pool, routes.state.data_loop, list(self.slots), settings)
+            self._background.append(asyncio.create_task(gauges, name="health-gauges"))
 
     def __is_ready__(self) -> bool:
         if any(slot.served is None for slot in self.slots.values()):

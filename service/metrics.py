@@ -51,6 +51,33 @@ stream_bytes = bentoml.metrics.Gauge(
     name="loop_stream_bytes",
     documentation="Memory the prediction stream takes in Redis (sampled; bounded by LOOP_STREAM_MAX_BYTES)",
 )
+_HEALTH = ["model_name", "model_version", "window"]
+drift_score = bentoml.metrics.Gauge(
+    name="loop_drift_score",
+    documentation="Population stability index of the latest health window against the version's reference, by kind "
+    "(labels, confidence, inputs: the feature that moved most)",
+    labelnames=[*_HEALTH, "kind"],
+)
+drift_p_value = bentoml.metrics.Gauge(
+    name="loop_drift_p_value",
+    documentation="p-value of the latest window's test against the reference, by kind (inputs: Bonferroni)",
+    labelnames=[*_HEALTH, "kind"],
+)
+drift_alarm = bentoml.metrics.Gauge(
+    name="loop_drift_alarm",
+    documentation="1 when the latest window's test rejects the reference at LOOP_HEALTH_ALPHA, by kind",
+    labelnames=[*_HEALTH, "kind"],
+)
+estimated_accuracy = bentoml.metrics.Gauge(
+    name="loop_estimated_accuracy",
+    documentation="Accuracy the latest window's confidences promise, by the reference's calibration",
+    labelnames=_HEALTH,
+)
+judged_accuracy = bentoml.metrics.Gauge(
+    name="loop_judged_accuracy",
+    documentation="Accuracy reviewers judged on the latest window's settled items",
+    labelnames=_HEALTH,
+)
 stream_lag_entries = bentoml.metrics.Gauge(
     name="loop_stream_lag_entries",
     documentation="Stream entries not yet acknowledged by the ingest workers",

@@ -27,7 +27,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models import store
-from models.triton import export_repository
 from service.inference import InferenceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -164,6 +163,8 @@ class EngineSession:
         logger.info("%s runs at %s as %s version %s", self.stored.tag, engine.url, name, self.number)
 
     def _export_and_load(self, client: Any) -> None:
+        from models.triton import export_repository  # onnx, only when a repository is written
+
         assert self.engine.repository is not None
         if not (self.engine.repository / self.stored.name / self.number / "model.onnx").exists():
             export_repository(self.stored, self.engine.repository, number=int(self.number))

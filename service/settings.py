@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,9 @@ from models.builtin import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
 from service.limits import BodyLimits
 from service.remote import Engine
+
+if TYPE_CHECKING:
+    from feedback.health import HealthConfig
 
 CHAMPION = "champion"  # the model tag that follows promotions
 
@@ -226,6 +229,22 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="How often `loop ingest` makes partitions ahead and applies retention."
     )
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port of `loop ingest` (0: none).")
+    health_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="How often `loop ingest` folds new predictions into the health windows, and the "
+        "service refreshes its health gauges.",
+    )
+    health_delay_s: float = Field(
+        60.0, ge=0, description="Predictions younger than this wait for the next health pass (late rows arrive)."
+    )
+    health_lookback_hours: float = Field(48.0, gt=0, description="Where a model's first health pass starts.")
+    health_alpha: float = Field(
+        0.01, gt=0, lt=1, description="Level of the drift tests: the share of undrifted windows that raise an alarm."
+    )
+    health_windows: str = Field(
+        "1,24", pattern=r"^\d+(,\d+)*$", description="Window sizes in hours the health gauges report (hourly, daily)."
+    )
 
     @property
     def split_path(self) -> Path:
@@ -252,6 +271,16 @@ class Settings(BaseSettings):
         if not self.inference_url:
             raise ValueError("LOOP_INFERENCE=remote needs LOOP_INFERENCE_URL (http://host:port or grpc://host:port)")
         return Engine(self.inference_url, self.inference_timeout_s, self.inference_repository)
+
+    @property
+    def health_config(self) -> HealthConfig:
+        from feedback.health import HealthConfig
+
+        return HealthConfig(delay_s=self.health_delay_s, lookback_s=self.health_lookback_hours * 3600)
+
+    @property
+    def health_window_hours(self) -> list[int]:
+        return sorted({int(h) for h in self.health_windows.split(",") if int(h) > 0})
 
     @property
     def served_models(self) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@
 - `models`: train, show, models import|list
 - `serve`: serve (the supervisor is `service/supervisor.py`), ingest, inference, engine, migrate
 - `maintain`: the prediction log's partitions and retention
+- `health`: a model's live health (drift, estimated and judged accuracy)
 - `users`, `dead_letters`: users add|list, dead-letters list|replay
 - `datasets`: datasets import|compile|list|show|verify, validation show|fix
 - `retrain`: retrain, promote, champion, experiments
@@ -21,7 +22,7 @@ import os
 
 import click
 
-from service.cli import datasets, dead_letters, demo, maintain, models, retrain, review, serve, shadow, users
+from service.cli import datasets, dead_letters, demo, health, maintain, models, retrain, review, serve, shadow, users
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -48,6 +49,7 @@ for _command in (
     users.users,
     serve.migrate,
     maintain.maintain,
+    health.health,
     dead_letters.dead_letters_group,
     serve.ingest,
     serve.inference,

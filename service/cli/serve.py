@@ -119,6 +119,7 @@ def ingest() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=_upkeep, args=(settings, database_url, stop), name="upkeep", daemon=True).start()
+    threading.Thread(target=_health, args=(settings, database_url, stop), name="health", daemon=True).start()
     worker.run(stop)
 
 
@@ -140,6 +141,21 @@ def _upkeep(settings: Settings, database_url: str, stop: threading.Event) -> Non
         except Exception:  # the next round tries again; ingesting goes on regardless
             logger.exception("the prediction log's upkeep failed")
         stop.wait(settings.maintenance_interval_s)
+
+
+def _health(settings: Settings, database_url: str, stop: threading.Event) -> None:
+    """Fold new predictions into the health windows every LOOP_HEALTH_INTERVAL_S (each model by one
+    ingest worker at a time: the others find its cursor locked)."""
+    from feedback.health import advance_all
+    from service import database
+
+    while not stop.is_set():
+        try:
+            with database.connect(database_url, connect_timeout_s=3) as conn:
+                advance_all(conn, config=settings.health_config, stop=stop)
+        except Exception:  # the next round tries again; ingesting goes on regardless
+            logger.exception("the health pass failed")
+        stop.wait(settings.health_interval_s)
 
 
 _UPKEEP_LOCK = 0x7570  # advisory lock (session): one ingest worker keeps the log up at a time

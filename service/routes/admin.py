@@ -46,6 +46,7 @@ class DataLoopContext:
     announcer: Callable[[str, str], None] | None = None
     shadow_announcer: ShadowAnnouncer | None = None
     shadow_rules: Rules = field(default_factory=Rules)  # deciding on a shadow (LOOP_SHADOW_*)
+    health_alpha: float = 0.01  # the drift tests' level (LOOP_HEALTH_ALPHA)
 
 
 router = APIRouter(

@@ -1,0 +1,338 @@
+"""Live model health from the prediction log: hourly sketches folded in once each, read as windows.
+
+The health job (`advance`, run by the ingest workers' upkeep) takes the predictions a model made
+since its cursor, up to `delay_s` ago (so that rows still on their way through the stream are
+waited for), an hour of them a pass, and adds them to each version's hourly sketch
+(`models.health.Sketch`), their input features binned on the version's reference. One worker folds
+a model at a time (the cursor's row lock), and the cursor moves in the same transaction as the
+sketches, so every prediction is counted once. A prediction that reaches Postgres more than
+`delay_s` late (replayed from a spool after an outage) is not counted.
+
+A version's reference (`models.health.Reference`) is its run over the model's current validation
+version, computed once and kept. `report` reads the hourly sketches of a period, adds them into
+windows of the size asked for and compares each with the reference: drift per kind, the accuracy
+the confidences promise, and the accuracy reviewers judged on the window's items.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+from feedback.datasets.store import current_validation
+from feedback.datasets.versions import read_version
+from feedback.predictions import blobs
+from models import health, store
+from models.evaluate import evaluate_stored
+from models.spec import ImageInput
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 3600  # the stored sketches are hourly; a report's windows are whole hours
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    delay_s: float = 60.0  # predictions younger than this wait for the next pass
+    lookback_s: float = 48 * 3600.0  # where a model's first pass starts
+    chunk: int = 5000  # rows read at a time
+    images_per_window: int = 500  # images decoded for input features, per version and hour and pass
+
+
+# -- references -----------------------------------------------------------------------------------
+
+
+def reference(conn: psycopg.Connection, stored: store.StoredModel) -> tuple[str, health.Reference] | None:
+    """The version's reference on the model's current validation version (computed once and kept),
+    with that version's id; None while the model has no validation version."""
+    validation = current_validation(conn=conn, model_name=stored.name)
+    if validation is None:
+        return None
+    row = conn.execute(
+        "SELECT reference FROM health_references WHERE model_name = %s AND model_version = %s AND validation_id = %s",
+        (stored.name, stored.version, validation.id),
+    ).fetchone()
+    if row is not None:
+        return validation.id, health.Reference.from_dict(row[0])
+    loaded = read_version(validation.uri)
+    _, probabilities = evaluate_stored(stored, loaded.inputs, loaded.labels)
+    spec = stored.card.model_spec.input
+    raw = [blob.data for blob in loaded.blobs] if loaded.blobs is not None else None
+    features = health.input_features(spec, raw) if raw is not None else health.tensor_features(loaded.inputs)
+    found = health.Reference.of(probabilities, loaded.labels, features, health.feature_names(spec))
+    conn.execute(
+        "INSERT INTO health_references (model_name, model_version, validation_id, reference) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT DO NOTHING",
+        (stored.name, stored.version, validation.id, Jsonb(found.to_dict())),
+    )
+    logger.info("health reference of %s on %s: %d samples", stored.tag, validation.id, found.samples)
+    return validation.id, found
+
+
+# -- the job --------------------------------------------------------------------------------------
+
+
+def advance(
+    conn: psycopg.Connection, *, model_name: str, config: HealthConfig | None = None, now: datetime | None = None
+) -> int | None:
+    """One pass for `model_name`: fold up to an hour of its predictions past the cursor into the
+    hourly sketches. Returns the predictions folded (0 when caught up), None when another worker
+    holds the model."""
+    config = config or HealthConfig()
+    now = now or datetime.now(UTC)
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO health_cursors (model_name, processed_until) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (model_name, now - timedelta(seconds=config.lookback_s)),
+        )
+        row = conn.execute(
+            "SELECT processed_until FROM health_cursors WHERE model_name = %s FOR UPDATE SKIP LOCKED", (model_name,)
+        ).fetchone()
+        if row is None:
+            return None
+        start: datetime = row[0]
+        until = min(now - timedelta(seconds=config.delay_s), start + timedelta(seconds=WINDOW_S))
+        if until <= start:
+            return 0
+        folder = _Folder(conn, model_name, config)
+        after: tuple[datetime, uuid.UUID] = (start, uuid.UUID(int=0))
+        while True:
+            rows = conn.execute(
+                "SELECT id, created_at, model_version, label_index, confidence, input, input_key FROM predictions"
+                " WHERE model_name = %s AND source = 'model' AND (created_at, id) >= (%s, %s) AND created_at < %s"
+                " ORDER BY created_at, id LIMIT %s",
+                (model_name, *after, until, config.chunk),
+            ).fetchall()
+            folder.fold(rows)
+            if len(rows) < config.chunk:
+                break
+            after = (rows[-1][1], uuid.UUID(int=rows[-1][0].int + 1))
+        folder.save()
+        conn.execute("UPDATE health_cursors SET processed_until = %s WHERE model_name = %s", (until, model_name))
+    return folder.folded
+
+
+def advance_all(conn: psycopg.Connection, *, config: HealthConfig, stop: threading.Event | None = None) -> int:
+    """Passes for every model in the store until each is caught up (or `stop` is set); the
+    predictions folded."""
+    folded = 0
+    for name in sorted({stored.name for stored in store.list_models()}):
+        while not (stop is not None and stop.is_set()):
+            done = advance(conn, model_name=name, config=config)
+            if done is None:
+                break
+            folded += done
+            if not done and not _behind(conn, name, config):
+                break
+    if folded:
+        logger.info("health: %d predictions folded into the windows", folded)
+    return folded
+
+
+def _behind(conn: psycopg.Connection, model_name: str, config: HealthConfig) -> bool:
+    """Whether the cursor is more than a pass behind (an empty hour was passed over)."""
+    row = conn.execute("SELECT processed_until FROM health_cursors WHERE model_name = %s", (model_name,)).fetchone()
+    edge = datetime.now(UTC) - timedelta(seconds=config.delay_s + WINDOW_S)
+    return row is not None and row[0] < edge
+
+
+def window_start(at: datetime, window_s: int = WINDOW_S) -> datetime:
+    return EPOCH + timedelta(seconds=(at - EPOCH).total_seconds() // window_s * window_s)
+
+
+@dataclass
+class _Folder:
+    """The sketches of one pass, by (version, hour), before they are added to the stored ones."""
+
+    conn: psycopg.Connection
+    model_name: str
+    config: HealthConfig
+    folded: int = 0
+    sketches: dict[tuple[str, datetime], tuple[str, health.Sketch]] = field(default_factory=dict)
+    references: dict[str, tuple[store.StoredModel | None, tuple[str, health.Reference] | None]] = field(
+        default_factory=dict
+    )
+
+    def _reference(self, version: str) -> tuple[store.StoredModel | None, tuple[str, health.Reference] | None]:
+        if version not in self.references:
+            try:
+                stored = store.get(f"{self.model_name}:{version}")
+            except store.ModelNotFound:
+                stored = None  # served elsewhere, not in this store: counted without inputs
+            self.references[version] = (stored, None if stored is None else reference(self.conn, stored))
+        return self.references[version]
+
+    def fold(self, rows: list[tuple[Any, ...]]) -> None:
+        by_key: dict[tuple[str, datetime], list[tuple[Any, ...]]] = {}
+        for row in rows:
+            by_key.setdefault((row[2], window_start(row[1])), []).append(row)
+        for (version, hour), group in by_key.items():
+            stored, found = self._reference(version)
+            labels = np.array([r[3] for r in group], dtype=np.int64)
+            confidence = np.array([r[4] for r in group], dtype=np.float64)
+            if stored is None or found is None:
+                classes = 0 if stored is None else len(stored.card.signature.class_names)
+                sketch = health.Sketch.of_answers(labels, confidence, classes=classes)
+                validation_id = ""
+            else:
+                validation_id, ref = found
+                sketch = ref.sketch(labels, confidence, self._features(stored, group, ref))
+            key = (version, hour)
+            before = self.sketches.get(key)
+            self.sketches[key] = (validation_id, sketch if before is None else before[1] + sketch)
+            self.folded += len(group)
+
+    def _features(self, stored: store.StoredModel, group: list[tuple[Any, ...]], ref: health.Reference) -> Any:
+        spec = stored.card.model_spec.input
+        inputs = [blobs.read(self.conn, r[5], r[6]) for r in group]
+        if isinstance(spec, ImageInput):  # decoding is the costly part: a bounded share of each hour
+            inputs = inputs[: self.config.images_per_window]
+        known = [i for i in inputs if i]
+        if not known:
+            return np.full((0, len(ref.names)), np.nan)
+        return health.input_features(spec, known)
+
+    def save(self) -> None:
+        for (version, hour), (validation_id, folded) in self.sketches.items():
+            sketch = folded
+            row = self.conn.execute(
+                "SELECT validation_id, sketch FROM health_windows"
+                " WHERE model_name = %s AND window_start = %s AND model_version = %s FOR UPDATE",
+                (self.model_name, hour, version),
+            ).fetchone()
+            if row is not None:
+                sketch = _merge(row[0], health.Sketch.from_dict(row[1]), validation_id, sketch)
+            self.conn.execute(
+                "INSERT INTO health_windows (model_name, model_version, window_start, validation_id, sketch)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (model_name, window_start, model_version)"
+                " DO UPDATE SET validation_id = excluded.validation_id, sketch = excluded.sketch, updated_at = now()",
+                (self.model_name, version, hour, validation_id, Jsonb(sketch.to_dict())),
+            )
+
+
+def _merge(old_id: str, old: health.Sketch, new_id: str, new: health.Sketch) -> health.Sketch:
+    """Two sketches of one hour; when the reference changed between them, the inputs' bins differ
+    and only the newer sketch's input counts are kept."""
+    if old_id == new_id:
+        return old + new
+    return health.Sketch(old.count + new.count, old.labels + new.labels, old.confidence + new.confidence, new.features)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """One version's predictions in one window, against its reference."""
+
+    start: datetime
+    end: datetime
+    model_version: str
+    count: int
+    labels: dict[str, int]
+    shifts: list[health.Shift]
+    estimated: health.Estimate | None
+    judged: health.Estimate | None
+    judged_count: int
+    disagree: bool
+
+    @property
+    def alarms(self) -> list[str]:
+        return [s.kind for s in self.shifts if s.alarm]
+
+
+@dataclass(frozen=True)
+class Report:
+    model_name: str
+    window_s: int
+    alpha: float
+    references: dict[str, dict[str, Any]]  # by version: validation id, samples, accuracy there
+    windows: list[Window]
+
+
+def report(
+    conn: psycopg.Connection,
+    *,
+    model_name: str,
+    class_names: tuple[str, ...],
+    since: datetime,
+    until: datetime,
+    window_s: int = WINDOW_S,
+    alpha: float = 0.01,
+) -> Report:
+    """The windows of `window_s` (a whole number of hours) from `since` to `until`, oldest first."""
+    rows = conn.execute(
+        "SELECT model_version, window_start, validation_id, sketch FROM health_windows"
+        " WHERE model_name = %s AND window_start >= %s AND window_start < %s ORDER BY window_start",
+        (model_name, window_start(since), until),
+    ).fetchall()
+    summed: dict[tuple[str, datetime], tuple[str, health.Sketch]] = {}
+    for version, hour, validation_id, raw in rows:
+        key = (version, window_start(hour, window_s))
+        sketch = health.Sketch.from_dict(raw)
+        before = summed.get(key)
+        merged = sketch if before is None else _merge(before[0], before[1], validation_id, sketch)
+        summed[key] = (validation_id, merged)
+    references = _references(conn, model_name, {(v, i) for (v, _), (i, _) in summed.items()})
+    judged = _judged(conn, model_name, since, until, window_s)
+    windows = []
+    for (version, start), (validation_id, sketch) in sorted(summed.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ref = references.get((version, validation_id))
+        correct, wrong = judged.get((version, start), (0, 0))
+        estimated = None if ref is None else health.estimated_accuracy(ref, sketch)
+        judged_accuracy = health.judged_accuracy(correct, wrong)
+        windows.append(
+            Window(
+                start=start,
+                end=start + timedelta(seconds=window_s),
+                model_version=version,
+                count=sketch.count,
+                labels={name: int(n) for name, n in zip(class_names, sketch.labels.tolist(), strict=False) if n},
+                shifts=[] if ref is None or not sketch.features else health.shifts(ref, sketch, alpha=alpha),
+                estimated=estimated,
+                judged=judged_accuracy,
+                judged_count=correct + wrong,
+                disagree=health.disagree(estimated, judged_accuracy),
+            )
+        )
+    described = {
+        version: {"validation_id": vid, "samples": ref.samples, "accuracy": ref.accuracy}
+        for (version, vid), ref in references.items()
+    }
+    return Report(model_name, window_s, alpha, described, windows)
+
+
+def _references(
+    conn: psycopg.Connection, model_name: str, wanted: set[tuple[str, str]]
+) -> dict[tuple[str, str], health.Reference]:
+    if not wanted:
+        return {}
+    rows = conn.execute(
+        "SELECT model_version, validation_id, reference FROM health_references WHERE model_name = %s",
+        (model_name,),
+    ).fetchall()
+    return {(r[0], r[1]): health.Reference.from_dict(r[2]) for r in rows if (r[0], r[1]) in wanted}
+
+
+def _judged(
+    conn: psycopg.Connection, model_name: str, since: datetime, until: datetime, window_s: int
+) -> dict[tuple[str, datetime], tuple[int, int]]:
+    """(right, wrong) by reviewers' settled labels, per version and window."""
+    rows = conn.execute(
+        "SELECT p.model_version, date_bin(%s, p.created_at, %s) AS w, count(*) FILTER (WHERE s.label = p.label),"
+        " count(*) FILTER (WHERE s.label <> p.label) FROM review_state s JOIN predictions p"
+        " ON p.created_at = s.item_created_at AND p.id = s.prediction_id"
+        " WHERE p.model_name = %s AND p.source = 'model' AND s.status = 'reviewed'"
+        " AND p.created_at >= %s AND p.created_at < %s GROUP BY 1, 2",
+        (timedelta(seconds=window_s), EPOCH, model_name, window_start(since), until),
+    ).fetchall()
+    return {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}

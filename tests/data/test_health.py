@@ -1,0 +1,177 @@
+"""Live model health on the real log: the digits model's predictions, with known true labels, written
+into Postgres over 60 past hours, folded by the health job and read as windows. Undrifted traffic
+raises alarms at no more than the tests' level and its estimated accuracy is within 3 points of the
+truth; shifted inputs, noised inputs and a class whose share jumps are each flagged, and the
+estimate falls with the true accuracy under noise; every prediction is counted once; reviewers'
+verdicts give the judged accuracy, and a disagreement is flagged."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from numpy.typing import NDArray
+
+from feedback import health
+from feedback import review as rs
+from feedback.datasets import LabelSchema
+from feedback.datasets.originals import originals_for
+from feedback.datasets.validation import freeze_validation
+from feedback.ids import compose_uuid7
+from feedback.predictions import store as log_store
+from feedback.predictions.records import Row
+from feedback.review.moderation import Verdict
+from feedback.review.verdicts import record_outside
+from models import digits
+from models.npy import npy_bytes
+from models.pipeline import BuildResult
+from models.runtime import DevicePreference, OnnxModel
+from models.signature import to_probabilities
+
+HOURS = 60  # undrifted windows
+PER_HOUR = 150
+ALPHA = 0.01
+NOW = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+START = NOW - timedelta(hours=HOURS + 3)
+
+
+@dataclass
+class Traffic:
+    """What was sent in each hour, with the true labels and the model's answers."""
+
+    truth: dict[datetime, NDArray[np.int64]]
+    answered: dict[datetime, NDArray[np.int64]]
+    ids: dict[datetime, list[uuid.UUID]]
+
+    def accuracy(self, hours: list[datetime]) -> float:
+        return float(np.mean(np.concatenate([self.answered[h] == self.truth[h] for h in hours])))
+
+
+@pytest.fixture
+def validated(conn: psycopg.Connection, trained_model: BuildResult, split_path: Path, tmp_path: Path) -> None:
+    stored = trained_model.stored
+    originals = originals_for(conn, stored.name, split_path)
+    assert originals is not None
+    schema = LabelSchema.of(stored.card.model_spec)
+    freeze_validation(conn=conn, model_name=stored.name, originals=originals, schema=schema, root_url=str(tmp_path))
+
+
+def send(
+    conn: psycopg.Connection, trained: BuildResult, hours: dict[datetime, tuple[NDArray[np.float32], NDArray[np.int64]]]
+) -> Traffic:
+    stored = trained.stored
+    session = OnnxModel(stored.onnx_path, device=DevicePreference.CPU)
+    classes = stored.card.signature.class_names
+    traffic = Traffic({}, {}, {})
+    rows, rng = [], np.random.default_rng(0)
+    for hour, (x, truth) in hours.items():
+        probabilities = to_probabilities(session.run(x), stored.card.model_spec.output_kind)
+        answered = probabilities.argmax(axis=1)
+        traffic.truth[hour], traffic.answered[hour], traffic.ids[hour] = truth, answered, []
+        for i, sample in enumerate(x):
+            ms = round((hour + timedelta(seconds=i * 3600 / len(x))).timestamp() * 1000)
+            item = compose_uuid7(ms, 0, int(rng.integers(1 << 62)))  # created_at is the id's time
+            when = datetime.fromtimestamp(ms / 1000, UTC)
+            traffic.ids[hour].append(item)
+            label = int(answered[i])
+            rows.append(Row(item, when, stored.name, stored.version, classes[label], label,
+                            float(probabilities[i].max()), probabilities[i].astype("<f4").tobytes(),
+                            npy_bytes(sample), f"r-{item}", {}))  # fmt: skip
+    log_store.insert_rows(conn=conn, rows=rows)
+    return traffic
+
+
+@pytest.fixture
+def train(split_path: Path) -> NDArray[np.int64]:
+    """The digits the model was trained on: traffic from the validation set's distribution."""
+    return np.array(json.loads(split_path.read_text())["train_indices"])
+
+
+def undrifted(
+    rng: np.random.Generator, train: NDArray[np.int64], n: int
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    data = digits.load()
+    picked = rng.choice(train, n)
+    return data.images[picked].astype(np.float32), data.labels[picked].astype(np.int64)
+
+
+def test_health_windows_flag_drift_estimate_accuracy_and_count_every_prediction_once(
+    conn: psycopg.Connection, trained_model: BuildResult, validated: None, train: NDArray[np.int64]
+) -> None:
+    rng = np.random.default_rng(7)
+    hours = {START + timedelta(hours=h): undrifted(rng, train, PER_HOUR) for h in range(HOURS)}
+    x, y = undrifted(rng, train, PER_HOUR)
+    shifted_hour, noised_hour, jumped_hour = (START + timedelta(hours=HOURS + k) for k in range(3))
+    hours[shifted_hour] = (np.clip(x + 2, 0, 16), y)
+    hours[noised_hour] = (np.clip(x + rng.normal(0, 4, x.shape), 0, 16).astype(np.float32), y)
+    data, threes = digits.load(), np.flatnonzero(digits.load().labels == 3)
+    jumped = np.concatenate([rng.choice(threes, PER_HOUR // 2), rng.choice(train, PER_HOUR // 2)])
+    hours[jumped_hour] = (data.images[jumped].astype(np.float32), data.labels[jumped].astype(np.int64))
+    traffic = send(conn, trained_model, hours)
+
+    name = trained_model.stored.name
+    config = health.HealthConfig(lookback_s=(HOURS + 4) * 3600, delay_s=0)
+    assert health.advance_all(conn, config=config) == len(hours) * PER_HOUR
+    assert health.advance_all(conn, config=config) == 0  # caught up: nothing folded twice
+    classes = trained_model.stored.card.signature.class_names
+    report = health.report(conn, model_name=name, class_names=classes, since=START, until=NOW, alpha=ALPHA)
+    windows = {w.start: w for w in report.windows}
+    assert sum(w.count for w in report.windows) == len(hours) * PER_HOUR
+    assert list(report.references) == [trained_model.stored.version]
+
+    quiet = [windows[h] for h in sorted(hours)[:HOURS]]
+    allowed = math.ceil(ALPHA * HOURS)
+    for kind in ("labels", "confidence", "inputs"):
+        raised = sum(kind in w.alarms for w in quiet)
+        assert raised <= allowed, f"{kind}: {raised} alarms over {HOURS} undrifted windows (level {ALPHA})"
+    assert all(len(w.shifts) == 3 for w in quiet)
+    assert windows[shifted_hour].alarms and "inputs" in windows[shifted_hour].alarms
+    assert "inputs" in windows[noised_hour].alarms
+    assert "labels" in windows[jumped_hour].alarms
+    assert windows[jumped_hour].labels["3"] >= PER_HOUR // 2 - 5
+
+    # Estimated accuracy: within 3 points of the truth on undrifted traffic, a day at a time.
+    daily = health.report(conn, model_name=name, class_names=classes, since=START, until=START + timedelta(hours=HOURS),
+                          window_s=24 * 3600, alpha=ALPHA)  # fmt: skip
+    for window in daily.windows:
+        day = [h for h in hours if window.start <= h < window.end and h < shifted_hour]
+        assert window.estimated is not None
+        assert abs(window.estimated.value - traffic.accuracy(day)) <= 0.03, (window.start, window.estimated)
+    # ... and moving with it under noise.
+    calm = windows[sorted(hours)[0]]
+    assert traffic.accuracy([noised_hour]) < traffic.accuracy(sorted(hours)[:HOURS])
+    assert windows[noised_hour].estimated.value < calm.estimated.value  # type: ignore[union-attr]
+
+
+def test_judged_accuracy_comes_from_verdicts_and_a_disagreement_is_flagged(
+    conn: psycopg.Connection, trained_model: BuildResult, validated: None, train: NDArray[np.int64]
+) -> None:
+    rng = np.random.default_rng(3)
+    hour = NOW - timedelta(hours=2)
+    traffic = send(conn, trained_model, {hour: undrifted(rng, train, 200)})
+    user, _ = rs.create_user(conn=conn, name="rev", role=rs.Role.REVIEWER)
+    classes = trained_model.stored.card.signature.class_names
+    judged = traffic.ids[hour][:40]  # reviewers say 30 of them are wrong: far below what the model promises
+    for i, item in enumerate(judged):
+        answered = int(traffic.answered[hour][i])
+        if i < 30:
+            record_outside(conn=conn, user=user, prediction_id=item, verdict=Verdict.WRONG,
+                           label=classes[(answered + 1) % 10], reason="test")  # fmt: skip
+        else:
+            record_outside(conn=conn, user=user, prediction_id=item, verdict=Verdict.CORRECT, label=None, reason="test")
+    health.advance_all(conn, config=health.HealthConfig(lookback_s=4 * 3600, delay_s=0))
+    report = health.report(conn, model_name=trained_model.stored.name, class_names=classes,
+                           since=hour, until=NOW, alpha=ALPHA)  # fmt: skip
+    (window,) = report.windows
+    assert window.count == 200 and window.judged_count == 40
+    assert window.judged is not None and window.judged.value == pytest.approx(10 / 40)
+    assert window.judged.low < 0.25 < window.judged.high
+    assert window.estimated is not None and window.estimated.value > 0.9
+    assert window.disagree
