@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -35,6 +37,7 @@ from feedback.predictions.blobs import BlobStore
 from feedback.predictions.ingest import IngestConfig, IngestWorker, lag
 from feedback.predictions.log import PACK_BYTES, PACK_RECORDS
 from feedback.predictions.records import PredictionRecord, encode, pack
+from models import store
 
 logger = logging.getLogger("bench_ingest")
 
@@ -51,7 +54,9 @@ def pngs(kilobytes: int, n: int = 16) -> list[bytes]:
     return out
 
 
-def fill(client: redis.Redis, keys: Keys, records: int, *, pack_size: int, images: list[bytes] | None) -> None:
+def fill(
+    client: redis.Redis, keys: Keys, records: int, *, pack_size: int, images: list[bytes] | None, version: str = "bench"
+) -> None:
     rng = np.random.default_rng(0)
     tensors = rng.integers(0, 17, size=(256, 8, 8)).astype(np.float32)
     scores = rng.dirichlet(np.ones(10), size=256).astype(np.float32)
@@ -63,7 +68,7 @@ def fill(client: redis.Redis, keys: Keys, records: int, *, pack_size: int, image
                 record = PredictionRecord(
                     id=uuid7(),
                     model_name="digits-cnn" if images is None else "images",
-                    model_version="bench",
+                    model_version=version,
                     input=tensors[i % 256],
                     scores=scores[i % 256],
                     label=str(int(scores[i % 256].argmax())),
@@ -79,7 +84,7 @@ def fill(client: redis.Redis, keys: Keys, records: int, *, pack_size: int, image
         pipe.execute()
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=IngestConfig.batch_size)
@@ -87,9 +92,19 @@ def main() -> None:
     parser.add_argument("--image-kb", type=int, default=None, help="PNG inputs of about this size (else digits).")
     parser.add_argument("--blob-url", default=None, help="Inputs of --blob-min-bytes or more go to this object store.")
     parser.add_argument("--blob-min-bytes", type=int, default=1024)
+    parser.add_argument(
+        "--health",
+        action="store_true",
+        help="Then fold the stored digits into the health windows, timed (needs the "
+        "trained digits-cnn and its split under var/).",
+    )
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     keys = Keys(harness.new_prefix())
@@ -103,7 +118,8 @@ def main() -> None:
         started = time.perf_counter()
         images = None if args.image_kb is None else pngs(args.image_kb)
         pack_size = args.pack if images is None else max(1, min(args.pack, PACK_BYTES // len(images[0])))
-        fill(client, keys, args.records, pack_size=pack_size, images=images)
+        version = store.get("digits-cnn:latest").version if args.health else "bench"
+        fill(client, keys, args.records, pack_size=pack_size, images=images, version=version)
         logger.info("filled %d records in %.1f s", args.records, time.perf_counter() - started)
         redis_bytes = (client.memory_usage(keys.stream, samples=0) or 0) / args.records
         input_bytes = 8 * 8 * 4 + 128 if images is None else sum(map(len, images)) / len(images)
@@ -141,9 +157,35 @@ def main() -> None:
             f"{bytes_per_row:,.0f} bytes per stored prediction in Postgres (input {input_bytes:,.0f}); "
             f"{redis_bytes:,.0f} bytes per record in the Redis stream"
         )
+        if args.health:
+            report_health(url, args.records, elapsed)
     finally:
         harness.delete_keys(args.redis, keys.prefix)
         harness.drop_database(args.postgres, database)
+
+
+def report_health(url: str, records: int, ingest_s: float) -> None:
+    """Time the health job folding the stored digits (their version's reference made first)."""
+    from feedback import health
+    from feedback.datasets import LabelSchema
+    from feedback.datasets.originals import originals_for
+    from feedback.datasets.validation import freeze_validation
+
+    stored = store.get("digits-cnn:latest")
+    with tempfile.TemporaryDirectory() as folder, psycopg.connect(url, autocommit=True) as conn:
+        originals = originals_for(conn, stored.name, Path("var/validation/digits-cnn-split.json"))
+        if originals is None:
+            raise SystemExit("the digits model's data is not found: train it first (`loop train`)")
+        schema = LabelSchema.of(stored.card.model_spec)
+        freeze_validation(conn=conn, model_name=stored.name, originals=originals, schema=schema, root_url=folder)
+        health.reference(conn, stored)
+        started = time.perf_counter()
+        health.advance_all(conn, config=health.HealthConfig(delay_s=0, lookback_s=3600))
+        took = time.perf_counter() - started
+    print(
+        f"health job: folded {records} predictions in {took:.2f} s: {records / took:,.0f}/s, "
+        f"{took / ingest_s:.1%} of the ingest worker's time for them"
+    )
 
 
 if __name__ == "__main__":
