@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,8 +43,8 @@ EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 class HealthConfig:
     delay_s: float = 60.0  # predictions younger than this wait for the next pass
     lookback_s: float = 48 * 3600.0  # where a model's first pass starts
-    chunk: int = 5000  # rows read at a time
-    images_per_window: int = 500  # images decoded for input features, per version and hour and pass
+    inputs_per_pass: int = 2000  # a version's inputs read back for their features in a pass (a random sample)
+    images_per_pass: int = 200  # the same for images, which are decoded
 
 
 # -- references -----------------------------------------------------------------------------------
@@ -104,21 +103,42 @@ def advance(
         if until <= start:
             return 0
         folder = _Folder(conn, model_name, config)
-        after: tuple[datetime, uuid.UUID] = (start, uuid.UUID(int=0))
-        while True:
-            rows = conn.execute(
-                "SELECT id, created_at, model_version, label_index, confidence, input, input_key FROM predictions"
-                " WHERE model_name = %s AND source = 'model' AND (created_at, id) >= (%s, %s) AND created_at < %s"
-                " ORDER BY created_at, id LIMIT %s",
-                (model_name, *after, until, config.chunk),
-            ).fetchall()
-            folder.fold(rows)
-            if len(rows) < config.chunk:
-                break
-            after = (rows[-1][1], uuid.UUID(int=rows[-1][0].int + 1))
+        span = {
+            "model": model_name,
+            "start": start,
+            "until": until,
+            "hour": timedelta(seconds=WINDOW_S),
+            "epoch": EPOCH,
+        }
+        counts = conn.execute(_COUNTS, span).fetchall()
+        folder.count(counts)
+        for version in {c[0] for c in counts}:
+            stored, found = folder.reference_of(version)
+            if stored is None or found is None:
+                continue
+            total = sum(c[4] for c in counts if c[0] == version)
+            share = min(1.0, folder.inputs_per_pass(stored) / total)
+            sample = {**span, "version": version, "below": int(share * _RANDOM_BITS)}
+            folder.features(stored, found, conn.execute(_SAMPLE, sample).fetchall())
         folder.save()
         conn.execute("UPDATE health_cursors SET processed_until = %s WHERE model_name = %s", (until, model_name))
     return folder.folded
+
+
+# Each version's predictions of a pass, counted by hour, label and confidence bin in Postgres.
+_COUNTS = (
+    "SELECT model_version, date_bin(%(hour)s, created_at, %(epoch)s), label_index,"
+    f" least(floor(confidence * {health.CONFIDENCE_BINS})::int, {health.CONFIDENCE_BINS - 1}), count(*)"
+    " FROM predictions WHERE model_name = %(model)s AND source = 'model'"
+    " AND created_at >= %(start)s AND created_at < %(until)s GROUP BY 1, 2, 3, 4"
+)
+# A uniform random sample of a version's inputs in a pass: a UUIDv7 ends in random bits.
+_RANDOM_BITS = 1 << 32
+_SAMPLE = (
+    "SELECT created_at, input, input_key FROM predictions WHERE model_name = %(model)s AND source = 'model'"
+    " AND model_version = %(version)s AND created_at >= %(start)s AND created_at < %(until)s"
+    " AND ('x' || right(id::text, 8))::bit(32)::bigint < %(below)s"
+)
 
 
 def advance_all(conn: psycopg.Connection, *, config: HealthConfig, stop: threading.Event | None = None) -> int:
@@ -162,44 +182,58 @@ class _Folder:
         default_factory=dict
     )
 
-    def _reference(self, version: str) -> tuple[store.StoredModel | None, tuple[str, health.Reference] | None]:
+    def reference_of(self, version: str) -> tuple[store.StoredModel | None, tuple[str, health.Reference] | None]:
+        """The stored version and its reference (None, None: not in this store; counted without inputs)."""
         if version not in self.references:
             try:
                 stored = store.get(f"{self.model_name}:{version}")
             except store.ModelNotFound:
-                stored = None  # served elsewhere, not in this store: counted without inputs
+                stored = None
             self.references[version] = (stored, None if stored is None else reference(self.conn, stored))
         return self.references[version]
 
-    def fold(self, rows: list[tuple[Any, ...]]) -> None:
-        by_key: dict[tuple[str, datetime], list[tuple[Any, ...]]] = {}
-        for row in rows:
-            by_key.setdefault((row[2], window_start(row[1])), []).append(row)
-        for (version, hour), group in by_key.items():
-            stored, found = self._reference(version)
-            labels = np.array([r[3] for r in group], dtype=np.int64)
-            confidence = np.array([r[4] for r in group], dtype=np.float64)
-            if stored is None or found is None:
-                classes = 0 if stored is None else len(stored.card.signature.class_names)
-                sketch = health.Sketch.of_answers(labels, confidence, classes=classes)
-                validation_id = ""
-            else:
-                validation_id, ref = found
-                sketch = ref.sketch(labels, confidence, self._features(stored, group, ref))
-            key = (version, hour)
-            before = self.sketches.get(key)
-            self.sketches[key] = (validation_id, sketch if before is None else before[1] + sketch)
-            self.folded += len(group)
+    def inputs_per_pass(self, stored: store.StoredModel) -> int:
+        image = isinstance(stored.card.model_spec.input, ImageInput)  # decoding images is the costly part
+        return self.config.images_per_pass if image else self.config.inputs_per_pass
 
-    def _features(self, stored: store.StoredModel, group: list[tuple[Any, ...]], ref: health.Reference) -> Any:
-        spec = stored.card.model_spec.input
-        inputs = [blobs.read(self.conn, r[5], r[6]) for r in group]
-        if isinstance(spec, ImageInput):  # decoding is the costly part: a bounded share of each hour
-            inputs = inputs[: self.config.images_per_window]
-        known = [i for i in inputs if i]
-        if not known:
-            return np.full((0, len(ref.names)), np.nan)
-        return health.input_features(spec, known)
+    def count(self, counts: list[tuple[Any, ...]]) -> None:
+        """Add (version, hour, label index, confidence bin, count) rows to the sketches."""
+        for version, hour, label, bin_, n in counts:
+            stored, found = self.reference_of(version)
+            classes = 0 if stored is None else len(stored.card.signature.class_names)
+            _, sketch = self._sketch(version, hour, classes, found)
+            if label >= len(sketch.labels):
+                sketch.labels = np.pad(sketch.labels, (0, label + 1 - len(sketch.labels)))
+            sketch.labels[label] += n
+            sketch.confidence[bin_] += n
+            sketch.count += n
+            self.folded += n
+
+    def _sketch(
+        self, version: str, hour: datetime, classes: int, found: tuple[str, health.Reference] | None
+    ) -> tuple[str, health.Sketch]:
+        key = (version, hour)
+        if key not in self.sketches:
+            empty = health.Sketch(labels=np.zeros(classes, dtype=np.int64))
+            if found is not None:
+                empty.features = [np.zeros(len(edges) + 1, dtype=np.int64) for edges in found[1].edges]
+            self.sketches[key] = ("" if found is None else found[0], empty)
+        return self.sketches[key]
+
+    def features(
+        self, stored: store.StoredModel, found: tuple[str, health.Reference], rows: list[tuple[Any, ...]]
+    ) -> None:
+        """Add the input features of a sample of `stored`'s predictions (created_at, input, key)."""
+        by_hour: dict[datetime, list[bytes]] = {}
+        for created_at, data, key in rows:
+            read = blobs.read(self.conn, data, key)
+            if read:  # an erased input is not counted
+                by_hour.setdefault(window_start(created_at), []).append(read)
+        spec, ref = stored.card.model_spec.input, found[1]
+        for hour, inputs in by_hour.items():
+            _, sketch = self._sketch(stored.version, hour, len(ref.labels), found)
+            added = ref.sketch(np.zeros(0), np.zeros(0), health.input_features(spec, inputs))
+            sketch.features = [a + b for a, b in zip(sketch.features, added.features, strict=True)]
 
     def save(self) -> None:
         for (version, hour), (validation_id, folded) in self.sketches.items():
