@@ -17,6 +17,7 @@ the confidences promise, and the accuracy reviewers judged on the window's items
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -370,3 +371,34 @@ def _judged(
         (timedelta(seconds=window_s), EPOCH, model_name, window_start(since), until),
     ).fetchall()
     return {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
+
+
+def drifted_segments(conn: psycopg.Connection, *, hours: int = 24, now: datetime | None = None) -> list[str]:
+    """The segments ("model/label") whose share of the last `hours` of predictions rose against their
+    version's reference, most first (by the ratio of the shares; labels the reference never predicted
+    rank by their count): where reviewers learn most about a drift (`Strategy.DRIFT`)."""
+    now = now or datetime.now(UTC)
+    rows = conn.execute(
+        "SELECT w.model_name, w.model_version, w.sketch -> 'labels', r.reference -> 'labels' FROM health_windows w"
+        " JOIN health_references r ON r.model_name = w.model_name AND r.model_version = w.model_version"
+        " AND r.validation_id = w.validation_id WHERE w.window_start >= %s",
+        (window_start(now - timedelta(hours=hours)),),
+    ).fetchall()
+    seen: dict[tuple[str, str], tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = {}
+    for model, version, labels, reference_labels in rows:
+        counts, ref = np.array(labels, dtype=np.float64), np.array(reference_labels, dtype=np.float64)
+        before = seen.get((model, version))
+        seen[(model, version)] = (counts if before is None else before[0] + counts, ref)
+    ranked: list[tuple[float, str]] = []
+    for (model, version), (counts, ref) in seen.items():
+        try:
+            classes = store.get(f"{model}:{version}").card.signature.class_names
+        except store.ModelNotFound:
+            continue
+        share, expected = counts / max(counts.sum(), 1), ref / max(ref.sum(), 1)
+        for i, name in enumerate(classes[: len(share)]):
+            ratio = share[i] / expected[i] if expected[i] > 0 else (math.inf if share[i] > 0 else 0.0)
+            if ratio > 1:
+                ranked.append((ratio, f"{model}/{name}"))
+    ranked.sort(key=lambda r: -r[0])
+    return list(dict.fromkeys(segment for _, segment in ranked))

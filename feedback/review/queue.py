@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -32,6 +33,8 @@ class Strategy(StrEnum):
     RANDOM = "random"  # a random place in time, then onwards: an unbiased sample
     DISAGREE = "disagree"  # items a shadow predicted: where it disagreed with the answer first, mixed
     # with a uniform slice of the rest (`mixed_share`), so that the estimates stay unbiased
+    DRIFT = "drift"  # the last day's items of the segments (model, label) whose share rose most against
+    # the version's reference first (`drifted`, from `feedback.health.drifted_segments`), newest first
 
 
 # How many reviews an item needs: `overlap` for a deterministic share of items (by id), else 1.
@@ -54,6 +57,11 @@ _SHADOWED = sql.SQL(
 )
 # Disagreements, and a deterministic uniform slice of the shadowed items (by id: other digits of the
 # hash than the overlap's), come first.
+_DRIFTED_FIRST = sql.SQL(
+    "array_position(%(drifted)s::text[], p.model_name || '/' || p.label) NULLS LAST, p.created_at DESC, p.id"
+)
+DRIFT_HOURS = 24  # how far back the drift order looks
+
 _DISAGREEMENTS_FIRST = sql.SQL(
     "CASE WHEN EXISTS (SELECT 1 FROM shadow_predictions sp WHERE sp.created_at = p.created_at"
     " AND sp.prediction_id = p.id AND sp.label <> p.label)"
@@ -97,12 +105,14 @@ def claim(
     filters: ItemFilter | None = None,
     max_leases: int | None = None,
     mixed_share: float = 0.2,
+    drifted: Sequence[str] = (),
 ) -> list[Claimed]:
     """Lease up to `count` items to `user`; no item is leased to more reviewers than it needs.
 
     `filters` narrows the queue (date range, model, version, the model's label, confidence range).
     With `max_leases`, the user's live leases stay within it: fewer items are leased when the limit
-    is near, and `Conflict` says so when it is reached. `mixed_share`: see `Strategy.DISAGREE`."""
+    is near, and `Conflict` says so when it is reached. `mixed_share`: see `Strategy.DISAGREE`;
+    `drifted`: the segments ("model/label") of `Strategy.DRIFT`, most drifted first."""
     if max_leases is not None:
         count = min(count, max_leases - _held(conn, user, max_leases))
     params: dict[str, Any] = {
@@ -113,6 +123,7 @@ def claim(
         "seconds": lease_seconds,
         "start": _EPOCH,
         "mixed_per_10k": round(mixed_share * 10000),
+        "drifted": list(drifted),
     }
     narrowed, filter_params = where(filters or ItemFilter())
     if strategy is Strategy.DISAGREE:
@@ -120,6 +131,8 @@ def claim(
     params.update(filter_params)
     if strategy is Strategy.RANDOM:
         params["start"] = _random_start(conn) or _EPOCH
+    if strategy is Strategy.DRIFT:
+        params["start"] = datetime.now(UTC) - timedelta(hours=DRIFT_HOURS)
     with conn.transaction():
         # The planner cannot estimate how many rows pass the eligibility test and tends to sort
         # the whole table; walking the index in claim order is always right here (0.3 ms
@@ -202,6 +215,7 @@ def _lock(
         Strategy.LEAST_CONFIDENT: sql.SQL("p.confidence, p.created_at, p.id"),
         Strategy.RANDOM: sql.SQL("p.created_at, p.id"),
         Strategy.DISAGREE: _DISAGREEMENTS_FIRST,
+        Strategy.DRIFT: _DRIFTED_FIRST,
     }[strategy]
     narrow = sql.SQL("").join(sql.SQL(" AND {}").format(c) for c in narrowed)
     return conn.execute(

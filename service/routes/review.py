@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from feedback import review as rs
 from feedback.errors import Invalid, Unavailable
+from feedback.health import drifted_segments
 from feedback.predictions.records import input_json
 from feedback.review.moderation import Opinion, Status, Verdict, agreement
 from service.problems import documented
@@ -280,6 +281,7 @@ def claim(context: Context, conn: Connection, user: Reviewer, body: ClaimIn) -> 
         overlap_share=context.overlap_share,
         filters=body.filters(),
         mixed_share=context.mixed_share,
+        drifted=drifted_segments(conn) if body.strategy is rs.Strategy.DRIFT else (),
     )
     return [_claimed(context, c) for c in claimed]
 

@@ -180,3 +180,31 @@ def test_judged_accuracy_comes_from_verdicts_and_a_disagreement_is_flagged(
     assert window.judged.low < 0.25 < window.judged.high
     assert window.estimated is not None and window.estimated.value > 0.9
     assert window.disagree
+
+
+def test_the_drift_order_spends_reviewers_on_the_class_whose_share_rose(
+    conn: psycopg.Connection, trained_model: BuildResult, held_out: HeldOut
+) -> None:
+    rng = np.random.default_rng(5)
+    threes = np.flatnonzero(held_out.labels == 3)
+    jumped = np.concatenate([rng.choice(threes, 100), rng.choice(len(held_out.labels), 100)])
+    calm, drifted = NOW - timedelta(hours=3), NOW - timedelta(hours=2)
+    traffic = send(
+        conn,
+        trained_model,
+        {calm: undrifted(rng, held_out, 200), drifted: (held_out.images[jumped], held_out.labels[jumped])},
+    )
+    health.advance_all(conn, config=health.HealthConfig(lookback_s=5 * 3600, delay_s=0))
+    name = trained_model.stored.name
+    segments = health.drifted_segments(conn)
+    assert segments[0] == f"{name}/3"
+    user, _ = rs.create_user(conn=conn, name="rev", role=rs.Role.REVIEWER)
+    claimed = rs.claim(conn=conn, user=user, count=60, strategy=rs.Strategy.DRIFT, lease_seconds=60, drifted=segments)
+    answered_three = sum(int(a == 3) for a in traffic.answered[calm]) + sum(
+        int(a == 3) for a in traffic.answered[drifted]
+    )
+    assert len(claimed) == 60 and answered_three >= 60
+    assert {c.label for c in claimed} == {"3"}  # the drifted segment first
+    assert [c.created_at for c in claimed] == sorted((c.created_at for c in claimed), reverse=True)
+    others = rs.claim(conn=conn, user=user, count=20, strategy=rs.Strategy.OLDEST, lease_seconds=60)
+    assert {c.label for c in others} != {"3"}  # where the oldest order would have sent them
