@@ -58,6 +58,8 @@ class Promotion:
     actor: str | None
     at: datetime
     live_evidence: dict[str, Any] | None = None  # a shadow's figures, for a decision taken on them
+    # Beside the gate's: the candidate's and the champion's accuracy on the live validation version
+    live_validation: dict[str, Any] | None = None
 
 
 def announce(client: redis.Redis, keys: Keys, model_name: str, model_version: str) -> None:
@@ -248,12 +250,14 @@ def record_promotion(
     run_id: str | None = None,
     actor: User | None = None,
     live_evidence: dict[str, Any] | None = None,
+    live_validation: dict[str, Any] | None = None,
 ) -> Promotion:
     with conn.transaction():
         row = conn.execute(
             """INSERT INTO promotions (model_name, model_version, decision, reason, validation_id, dataset_id,
-                   accuracy, champion_version, champion_accuracy, margin, run_id, actor_id, live_evidence)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                   accuracy, champion_version, champion_accuracy, margin, run_id, actor_id, live_evidence,
+                   live_validation)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
             (
                 model_name,
                 model_version,
@@ -268,6 +272,7 @@ def record_promotion(
                 run_id,
                 actor.id if actor else None,
                 None if live_evidence is None else Jsonb(live_evidence),
+                None if live_validation is None else Jsonb(live_validation),
             ),
         ).fetchone()
         assert row is not None
@@ -299,7 +304,7 @@ def promotions(*, conn: psycopg.Connection, model_name: str) -> list[Promotion]:
 def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> list[Promotion]:
     rows = conn.execute(
         "SELECT p.id, p.model_name, p.model_version, p.decision, p.reason, p.validation_id, p.dataset_id, p.accuracy,"
-        " p.champion_version, p.champion_accuracy, p.margin, p.run_id, u.name, p.at, p.live_evidence"
+        " p.champion_version, p.champion_accuracy, p.margin, p.run_id, u.name, p.at, p.live_evidence, p.live_validation"
         f" FROM promotions p LEFT JOIN users u ON u.id = p.actor_id WHERE {where}",
         params,
     ).fetchall()
@@ -320,6 +325,7 @@ def _promotions(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -
             actor=r[12],
             at=r[13],
             live_evidence=r[14],
+            live_validation=r[15],
         )
         for r in rows
     ]

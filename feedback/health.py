@@ -27,7 +27,8 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from feedback.datasets.store import current_validation
+from feedback.datasets import live
+from feedback.datasets.store import DatasetVersion, current_validation
 from feedback.datasets.versions import read_version
 from feedback.predictions import blobs
 from models import health, store
@@ -46,15 +47,18 @@ class HealthConfig:
     lookback_s: float = 48 * 3600.0  # where a model's first pass starts
     inputs_per_pass: int = 2000  # a version's inputs read back for their features in a pass (a random sample)
     images_per_pass: int = 200  # the same for images, which are decoded
+    live_share: float = 0.0  # of the predictions drawn for the live validation set (`feedback.datasets.live`)
 
 
 # -- references -----------------------------------------------------------------------------------
 
 
-def reference(conn: psycopg.Connection, stored: store.StoredModel) -> tuple[str, health.Reference] | None:
-    """The version's reference on the model's current validation version (computed once and kept),
-    with that version's id; None while the model has no validation version."""
-    validation = current_validation(conn=conn, model_name=stored.name)
+def reference(
+    conn: psycopg.Connection, stored: store.StoredModel, validation: DatasetVersion | None = None
+) -> tuple[str, health.Reference] | None:
+    """The version's reference on `validation` (default: the model's current validation version),
+    computed once and kept, with that version's id; None while the model has no validation version."""
+    validation = validation or current_validation(conn=conn, model_name=stored.name)
     if validation is None:
         return None
     row = conn.execute(
@@ -103,6 +107,7 @@ def advance(
         until = min(now - timedelta(seconds=config.delay_s), start + timedelta(seconds=WINDOW_S))
         if until <= start:
             return 0
+        live.draw(conn, model_name=model_name, start=start, until=until, share=config.live_share)
         folder = _Folder(conn, model_name, config)
         span = {
             "model": model_name,
@@ -340,10 +345,31 @@ def report(
             )
         )
     described = {
-        version: {"validation_id": vid, "samples": ref.samples, "accuracy": ref.accuracy}
+        version: {
+            "validation_id": vid,
+            "samples": ref.samples,
+            "accuracy": ref.accuracy,
+            **_live(conn, model_name, version),
+        }
         for (version, vid), ref in references.items()
     }
     return Report(model_name, window_s, alpha, described, windows)
+
+
+def _live(conn: psycopg.Connection, model_name: str, version: str) -> dict[str, Any]:
+    """The version's figures on the model's live validation version, beside the original's."""
+    found = live.current_live(conn=conn, model_name=model_name)
+    if found is None:
+        return {"live_validation_id": None, "live_samples": None, "live_accuracy": None}
+    try:
+        on_live = reference(conn, store.get(f"{model_name}:{version}"), found)
+    except store.ModelNotFound:
+        on_live = None
+    return {
+        "live_validation_id": found.id,
+        "live_samples": None if on_live is None else on_live[1].samples,
+        "live_accuracy": None if on_live is None else on_live[1].accuracy,
+    }
 
 
 def _references(

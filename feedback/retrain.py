@@ -30,6 +30,7 @@ from feedback.champion import (
     record_evaluation,
     record_promotion,
 )
+from feedback.datasets.live import current_live
 from feedback.datasets.store import DatasetVersion, Kind, current_validation
 from feedback.datasets.versions import Loaded, read_version, verify
 from feedback.errors import Invalid
@@ -230,6 +231,7 @@ def _gate(
     )
     promoted, reason = gate(evaluation.accuracy, champion_accuracy, margin)
     return record_promotion(
+        live_validation=live_figures(conn, model_name, version, champion),
         conn=conn,
         model_name=model_name,
         model_version=version,
@@ -243,6 +245,21 @@ def _gate(
         margin=margin,
         run_id=run_id,
     )
+
+
+def live_figures(
+    conn: psycopg.Connection, model_name: str, version: str, champion: Promotion | None
+) -> dict[str, Any] | None:
+    """The candidate's and the champion's accuracy on the model's live validation version, if it has one."""
+    found = current_live(conn=conn, model_name=model_name)
+    if found is None:
+        return None
+    rows = read_version(found.uri)
+    figures: dict[str, Any] = {"id": found.id, "samples": found.rows}
+    figures["accuracy"] = evaluation_on(conn, model_name, version, found, rows=rows)
+    if champion is not None:
+        figures["champion_accuracy"] = evaluation_on(conn, model_name, champion.model_version, found, rows=rows)
+    return figures
 
 
 def _trainer(

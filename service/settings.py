@@ -242,6 +242,22 @@ class Settings(BaseSettings):
     health_alpha: float = Field(
         0.01, gt=0, lt=1, description="Level of the drift tests: the share of undrifted windows that raise an alarm."
     )
+    live_validation_share: float = Field(
+        0.01,
+        ge=0,
+        le=0.5,
+        description="Share of predictions drawn for the live validation set (kept out of training; "
+        "the `validation` review order); 0: none.",
+    )
+    live_validation_days: float = Field(
+        30.0, gt=0, description="A live validation version holds the judged live items of these days."
+    )
+    live_validation_min_judged: int = Field(100, ge=1, description="Judged live items a live validation version needs.")
+    live_validation_refresh_hours: float = Field(
+        168.0,
+        gt=0,
+        description="How often `loop ingest` freezes a new live validation version (when there are new judged items).",
+    )
     health_windows: str = Field(
         "1,24", pattern=r"^\d+(,\d+)*$", description="Window sizes in hours the health gauges report (hourly, daily)."
     )
@@ -276,7 +292,11 @@ class Settings(BaseSettings):
     def health_config(self) -> HealthConfig:
         from feedback.health import HealthConfig
 
-        return HealthConfig(delay_s=self.health_delay_s, lookback_s=self.health_lookback_hours * 3600)
+        return HealthConfig(
+            delay_s=self.health_delay_s,
+            lookback_s=self.health_lookback_hours * 3600,
+            live_share=self.live_validation_share,
+        )
 
     @property
     def health_window_hours(self) -> list[int]:

@@ -49,7 +49,8 @@ def compile_training(
     Rows: the original training rows (unless `originals` is None) and every item whose current
     label as of the watermark is a class of `schema`, left out when discarded, disputed or
     unreviewed, when its input was erased or is not the model's kind (a tensor of its shape, or an
-    image in one of its formats), or equals a validation input. Only the items of `model_name` (and
+    image in one of its formats), or equals a validation input, or was drawn for the live validation
+    set. Only the items of `model_name` (and
     samples reviewers added for it) are read.
     """
     if not conn.autocommit:
@@ -58,7 +59,9 @@ def compile_training(
     if validation.kind is not Kind.VALIDATION:
         raise Invalid(f"{validation.id} is a {validation.kind.value} version, not a validation version")
     held_out = read_version(validation.uri)
-    held_out_ids = set(held_out.item_ids)
+    held_out_ids = set(held_out.item_ids) | store.live_drawn_ids(
+        conn=conn, model_name=model_name
+    )  # the live validation sample too
     held_out_inputs = {input_key(x) for x in held_out.raw}
     skipped: Counter[str] = Counter()
     manifest = _manifest(model_name, schema, watermark, validation, originals)

@@ -25,6 +25,7 @@ class Kind(StrEnum):
     TRAINING = "training"  # compiled from current labels (and the original data) for retraining
     VALIDATION = "validation"  # frozen; changed only by an explicit admin action
     ORIGINAL = "original"  # the training side of a model's imported original data
+    LIVE_VALIDATION = "live_validation"  # judged items of a random share of live traffic (`feedback.datasets.live`)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,13 @@ def list_versions(*, conn: psycopg.Connection, model_name: str, kind: Kind | Non
         (model_name, kind, kind),
     ).fetchall()
     return [_version(r) for r in rows]
+
+
+def live_drawn_ids(*, conn: psycopg.Connection, model_name: str) -> set[str]:
+    """Every item of the model drawn for the live validation set (`feedback.datasets.live`): none of
+    them may enter a training version."""
+    rows = conn.execute("SELECT prediction_id FROM live_validation_items WHERE model_name = %s", (model_name,))
+    return {str(r[0]) for r in rows}
 
 
 def current_validation(*, conn: psycopg.Connection, model_name: str) -> DatasetVersion | None:

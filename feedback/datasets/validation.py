@@ -93,7 +93,7 @@ def freeze_validation_from_verdicts(
     if not conn.autocommit:
         raise ValueError("freeze_validation_from_verdicts needs a connection in autocommit mode")
     watermark = store.settled_watermark(conn=conn)
-    judged = _judged(conn, model_name, schema, watermark)
+    judged = judged_items(conn, model_name, schema, watermark)
     held_out = _draw(judged, model_name, schema, seed=seed, fraction=fraction)
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -120,7 +120,7 @@ def freeze_validation_from_verdicts(
     return record(conn, written, Kind.VALIDATION, model_name, actor=actor)
 
 
-def _judged(conn: psycopg.Connection, model_name: str, schema: LabelSchema, watermark: int) -> Chunk:
+def judged_items(conn: psycopg.Connection, model_name: str, schema: LabelSchema, watermark: int) -> Chunk:
     """Every item of the model labelled as of `watermark` that a version of `schema` takes, in id order."""
     skipped: Counter[str] = Counter()
     with conn.transaction():

@@ -33,6 +33,8 @@ class Strategy(StrEnum):
     RANDOM = "random"  # a random place in time, then onwards: an unbiased sample
     DISAGREE = "disagree"  # items a shadow predicted: where it disagreed with the answer first, mixed
     # with a uniform slice of the rest (`mixed_share`), so that the estimates stay unbiased
+    VALIDATION = "validation"  # the items drawn for the live validation set (`feedback.datasets.live`),
+    # oldest first: judged, they become the next live validation version
     DRIFT = "drift"  # the last day's items of the segments (model, label) whose share rose most against
     # the version's reference first (`drifted`, from `feedback.health.drifted_segments`), newest first
 
@@ -52,6 +54,7 @@ _ELIGIBLE = sql.SQL(
     AND coalesce(s.reviewers, 0) + {live} < coalesce(s.required_reviews, {required})"""
 ).format(live=_LIVE_LEASES, required=REQUIRED_REVIEWS)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DRAWN = sql.SQL("EXISTS (SELECT 1 FROM live_validation_items l WHERE l.prediction_id = p.id)")
 _SHADOWED = sql.SQL(
     "EXISTS (SELECT 1 FROM shadow_predictions sp WHERE sp.created_at = p.created_at AND sp.prediction_id = p.id)"
 )
@@ -128,6 +131,8 @@ def claim(
     narrowed, filter_params = where(filters or ItemFilter())
     if strategy is Strategy.DISAGREE:
         narrowed.append(_SHADOWED)
+    if strategy is Strategy.VALIDATION:
+        narrowed.append(_DRAWN)
     params.update(filter_params)
     if strategy is Strategy.RANDOM:
         params["start"] = _random_start(conn) or _EPOCH
@@ -216,6 +221,7 @@ def _lock(
         Strategy.RANDOM: sql.SQL("p.created_at, p.id"),
         Strategy.DISAGREE: _DISAGREEMENTS_FIRST,
         Strategy.DRIFT: _DRIFTED_FIRST,
+        Strategy.VALIDATION: sql.SQL("p.created_at, p.id"),
     }[strategy]
     narrow = sql.SQL("").join(sql.SQL(" AND {}").format(c) for c in narrowed)
     return conn.execute(

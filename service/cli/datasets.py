@@ -229,3 +229,32 @@ def validation_fix(model_name: str | None, items: tuple[str, ...], reason: str, 
         click.echo(f"validation version {fixed.new.id} replaces {fixed.old.id}")
         for name, version, accuracy in fixed.reevaluated:
             click.echo(f"  {name}:{version} re-evaluated: accuracy {accuracy:.4f}")
+
+
+@validation.command("freeze-live")
+@model_option
+@click.option(
+    "--min-judged",
+    type=click.IntRange(min=1),
+    help="Judged live items needed (default: LOOP_LIVE_VALIDATION_MIN_JUDGED).",
+)
+def validation_freeze_live(model_name: str | None, min_judged: int | None) -> None:
+    """Freeze the judged items of the live sample (a random share of traffic, LOOP_LIVE_VALIDATION_SHARE)
+    of the last LOOP_LIVE_VALIDATION_DAYS as a new live validation version (`loop ingest` does it on
+    its schedule); none of them is in a training version."""
+    from feedback.datasets.live import freeze_live_validation
+
+    settings = Settings()
+    name = model_name or settings.model_name
+    with clean_errors(), connection(settings) as conn:
+        frozen = freeze_live_validation(
+            conn=conn,
+            model_name=name,
+            schema=_schema(name),
+            root_url=settings.datasets_root,
+            days=settings.live_validation_days,
+            min_judged=min_judged or settings.live_validation_min_judged,
+        )
+    if frozen is None:
+        raise click.ClickException(f"no new live validation version of {name}: too few judged live items, or none new")
+    click.echo(_version_line(frozen))

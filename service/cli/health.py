@@ -49,7 +49,11 @@ def table(found: object) -> list[str]:
     lines = [f"{found.model_name}, windows of {found.window_s // 3600} h, drift tests at level {found.alpha}:"]
     for version, ref in found.references.items():
         of = f"{ref['samples']} samples of {ref['validation_id']}"
-        lines.append(f"  reference of {version}: {of}, accuracy {ref['accuracy']:.3f}")
+        live = ""
+        if ref.get("live_accuracy") is not None:
+            live = f"; on the live validation version {ref['live_validation_id']} ({ref['live_samples']} samples): "
+            live += f"{ref['live_accuracy']:.3f}"
+        lines.append(f"  reference of {version}: {of}, accuracy {ref['accuracy']:.3f}{live}")
     heading = ("window (UTC)", "version", "n", "PSI labels/conf/inputs", "estimated", "judged", "alarms")
     lines.append(_row(*heading))
     for w in found.windows:

@@ -146,13 +146,19 @@ def _upkeep(settings: Settings, database_url: str, stop: threading.Event) -> Non
 def _health(settings: Settings, database_url: str, stop: threading.Event) -> None:
     """Fold new predictions into the health windows every LOOP_HEALTH_INTERVAL_S (each model by one
     ingest worker at a time: the others find its cursor locked)."""
+    from datetime import timedelta
+
+    from feedback.datasets import live
     from feedback.health import advance_all
     from service import database
 
+    every = timedelta(hours=settings.live_validation_refresh_hours)
     while not stop.is_set():
         try:
             with database.connect(database_url, connect_timeout_s=3) as conn:
                 advance_all(conn, config=settings.health_config, stop=stop)
+                live.refresh(conn, root_url=settings.datasets_root, every=every, days=settings.live_validation_days,
+                             min_judged=settings.live_validation_min_judged)  # fmt: skip
         except Exception:  # the next round tries again; ingesting goes on regardless
             logger.exception("the health pass failed")
         stop.wait(settings.health_interval_s)

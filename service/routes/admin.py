@@ -166,6 +166,11 @@ class PromotionPublic(BaseModel):
     live_evidence: dict[str, Any] | None = Field(
         None, description="A shadow's evidence on live items, for a decision taken on it (`POST /admin/shadow/decide`)."
     )
+    live_validation: dict[str, Any] | None = Field(
+        None,
+        description="Beside the gate's figures: the live validation version (`id`, `samples`) and the candidate's "
+        "`accuracy` and the champion's `champion_accuracy` on it.",
+    )
 
     @classmethod
     def of(cls, p: Promotion) -> PromotionPublic:

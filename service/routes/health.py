@@ -60,7 +60,10 @@ class WindowPublic(BaseModel):
 class ReferencePublic(BaseModel):
     validation_id: str
     samples: int
-    accuracy: float
+    accuracy: float = Field(description="On the (original) validation version")
+    live_validation_id: str | None = Field(description="The model's live validation version, if it has one")
+    live_samples: int | None
+    live_accuracy: float | None = Field(description="On the live validation version, beside the original's")
 
 
 class HealthPublic(BaseModel):
