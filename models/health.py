@@ -51,7 +51,7 @@ def feature_names(spec: InputSpec) -> list[str]:
         return list(IMAGE_FEATURES)
     size = math.prod(int(d) for d in spec.shape)
     if size <= MAX_FEATURES:
-        return [str(list(np.unravel_index(i, [int(d) for d in spec.shape]))) for i in range(size)]
+        return [str([int(v) for v in np.unravel_index(i, [int(d) for d in spec.shape])]) for i in range(size)]
     edges = np.linspace(0, size, MAX_FEATURES + 1).astype(int)
     return [f"mean of values {a} to {b - 1}" for a, b in itertools.pairwise(edges)]
 
