@@ -97,7 +97,8 @@ def confidence_bin(confidence: NDArray[Any]) -> NDArray[np.intp]:
 
 @dataclass
 class Reference:
-    """A version on its validation set: the histograms windows are compared with, and its calibration."""
+    """A version on its validation set (or on a window of its predictions a team picked): the
+    histograms windows are compared with, and its calibration."""
 
     samples: int
     labels: NDArray[np.int64]  # predicted labels' counts, by class index
@@ -106,7 +107,10 @@ class Reference:
     edges: list[NDArray[np.float64]]  # each feature's inner bin edges
     features: list[NDArray[np.int64]]  # each feature's counts over its bins
     names: list[str]
-    accuracy: float
+    accuracy: float | None  # None: a window's, whose answers' truth is not known
+    # The answers behind `correct`, by confidence bin, when they are not `confidence`'s: a window's
+    # reference borrows its calibration from the validation version's.
+    judged: NDArray[np.int64] | None = None
 
     @classmethod
     def of(
@@ -126,11 +130,41 @@ class Reference:
             accuracy=float((predicted == truth).mean()),
         )
 
+    @classmethod
+    def of_window(
+        cls,
+        labels: NDArray[np.int64],
+        confidence: NDArray[np.int64],
+        features: NDArray[np.float64],
+        names: list[str],
+        *,
+        calibrated_by: Reference | None,
+    ) -> Reference:
+        """The reference of a window of logged predictions a team picked: its predicted labels' and
+        confidence bins' counts, its input features (of a sample), calibrated by `calibrated_by` (the
+        validation version's reference) when there is one, else by confidence as it is."""
+        edges = [np.unique(np.nanquantile(column, np.linspace(0, 1, FEATURE_BINS + 1)[1:-1])) for column in features.T]
+        return cls(
+            samples=int(labels.sum()),
+            labels=labels,
+            confidence=confidence,
+            correct=calibrated_by.correct if calibrated_by else np.zeros(CONFIDENCE_BINS, dtype=np.int64),
+            edges=edges,
+            features=[_histogram(column, e) for column, e in zip(features.T, edges, strict=True)],
+            names=names,
+            accuracy=None,
+            judged=calibrated_by.answered() if calibrated_by else np.zeros(CONFIDENCE_BINS, dtype=np.int64),
+        )
+
+    def answered(self) -> NDArray[np.int64]:
+        """The answers of known truth behind the calibration, by confidence bin."""
+        return self.confidence if self.judged is None else self.judged
+
     def calibration(self) -> NDArray[np.float64]:
         """The chance of a right answer per confidence bin: the validation set's rate there, pulled
         towards the bin's middle by two pseudo-observations (empty bins get the middle)."""
         middle = (np.arange(CONFIDENCE_BINS) + 0.5) / CONFIDENCE_BINS
-        return (self.correct + 2 * middle) / (self.confidence + 2)
+        return (self.correct + 2 * middle) / (self.answered() + 2)
 
     def sketch(self, labels: NDArray[Any], confidence: NDArray[Any], features: NDArray[np.float64]) -> Sketch:
         """The sketch of a window's predictions, binned as this reference bins."""
@@ -147,6 +181,7 @@ class Reference:
             "features": [f.tolist() for f in self.features],
             "names": self.names,
             "accuracy": self.accuracy,
+            "judged": None if self.judged is None else self.judged.tolist(),
         }
 
     @classmethod
@@ -159,7 +194,8 @@ class Reference:
             edges=[np.array(e, dtype=np.float64) for e in raw["edges"]],
             features=[np.array(f, dtype=np.int64) for f in raw["features"]],
             names=list(raw["names"]),
-            accuracy=float(raw["accuracy"]),
+            accuracy=None if raw["accuracy"] is None else float(raw["accuracy"]),
+            judged=None if raw.get("judged") is None else np.array(raw["judged"], dtype=np.int64),
         )
 
 
@@ -297,7 +333,7 @@ def estimated_accuracy(reference: Reference, sketch: Sketch) -> Estimate | None:
     share = sketch.confidence / sketch.count
     value = float(share @ rate)
     variance = float(share @ (rate * (1 - rate))) / sketch.count
-    variance += float((share**2) @ (rate * (1 - rate) / (reference.confidence + 2)))
+    variance += float((share**2) @ (rate * (1 - rate) / (reference.answered() + 2)))
     half = 1.96 * math.sqrt(variance)
     return Estimate(value, max(0.0, value - half), min(1.0, value + half))
 

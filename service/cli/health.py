@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -19,16 +20,38 @@ from service.settings import Settings
 @click.option("--hours", type=click.IntRange(min=1), default=48, show_default=True, help="How far back.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Write an HTML report.")
 @click.option("--update/--no-update", default=True, help="Fold new predictions into the windows first.")
-def health(model_name: str | None, window_hours: int, hours: int, html_path: Path | None, update: bool) -> None:
+@click.option(
+    "--set-reference",
+    metavar="SINCE/UNTIL|validation",
+    help="Compare the windows from now on with the model's own predictions of SINCE/UNTIL (ISO times, UTC "
+    "unless they say), or with its validation version again.",
+)
+def health(
+    *,
+    model_name: str | None,
+    window_hours: int,
+    hours: int,
+    html_path: Path | None,
+    update: bool,
+    set_reference: str | None,
+) -> None:
     """Volume, drift against each version's reference, and estimated beside judged accuracy, per window."""
-    from feedback.health import advance_all
+    from feedback.health import advance_all, choose_reference
     from models import store
     from service.routes.health import read
 
     settings = Settings()
     name = model_name or settings.model_name
+    window = None if set_reference is None else _window(set_reference)
     with clean_errors(), connection(settings) as conn:
         classes = store.get(f"{name}:latest").card.signature.class_names
+        if set_reference is not None:
+            since, until = window or (None, None)
+            chosen = choose_reference(conn, model_name=name, since=since, until=until)
+            click.echo(
+                f"reference of {name}: "
+                + (f"{set_reference} for {', '.join(chosen)}" if chosen else "its validation version")
+            )
         if update:
             advance_all(conn, config=settings.health_config)
         found = read(conn, name, classes, window_hours=window_hours, hours=hours, alpha=settings.health_alpha)
@@ -38,6 +61,17 @@ def health(model_name: str | None, window_hours: int, hours: int, html_path: Pat
     if html_path is not None:
         html_path.write_text(report_html(found, lines))
         click.echo(f"wrote {html_path}")
+
+
+def _window(text: str) -> tuple[datetime, datetime] | None:
+    """SINCE/UNTIL as UTC times, or None for 'validation'."""
+    if text == "validation":
+        return None
+    try:
+        since, until = (datetime.fromisoformat(part) for part in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not SINCE/UNTIL in ISO times, nor 'validation'") from None
+    return since if since.tzinfo else since.replace(tzinfo=UTC), until if until.tzinfo else until.replace(tzinfo=UTC)
 
 
 def table(found: object) -> list[str]:
@@ -53,7 +87,8 @@ def table(found: object) -> list[str]:
         if ref.get("live_accuracy") is not None:
             live = f"; on the live validation version {ref['live_validation_id']} ({ref['live_samples']} samples): "
             live += f"{ref['live_accuracy']:.3f}"
-        lines.append(f"  reference of {version}: {of}, accuracy {ref['accuracy']:.3f}{live}")
+        accuracy = "" if ref["accuracy"] is None else f", accuracy {ref['accuracy']:.3f}"
+        lines.append(f"  reference of {version}: {of}{accuracy}{live}")
     heading = ("window (UTC)", "version", "n", "PSI labels/conf/inputs", "estimated", "judged", "alarms")
     lines.append(_row(*heading))
     for w in found.windows:

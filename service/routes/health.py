@@ -58,9 +58,9 @@ class WindowPublic(BaseModel):
 
 
 class ReferencePublic(BaseModel):
-    validation_id: str
+    validation_id: str = Field(description="The validation version, or `window:<since>/<until>` a team picked")
     samples: int
-    accuracy: float = Field(description="On the (original) validation version")
+    accuracy: float | None = Field(description="On the (original) validation version; none for a window's")
     live_validation_id: str | None = Field(description="The model's live validation version, if it has one")
     live_samples: int | None
     live_accuracy: float | None = Field(description="On the live validation version, beside the original's")

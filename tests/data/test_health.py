@@ -23,6 +23,7 @@ from feedback import review as rs
 from feedback.datasets import LabelSchema
 from feedback.datasets.originals import originals_for
 from feedback.datasets.validation import freeze_validation
+from feedback.errors import Invalid
 from feedback.ids import compose_uuid7
 from feedback.predictions import store as log_store
 from feedback.predictions.records import Row
@@ -208,3 +209,43 @@ def test_the_drift_order_spends_reviewers_on_the_class_whose_share_rose(
     assert [c.created_at for c in claimed] == sorted((c.created_at for c in claimed), reverse=True)
     others = rs.claim(conn=conn, user=user, count=20, strategy=rs.Strategy.OLDEST, lease_seconds=60)
     assert {c.label for c in others} != {"3"}  # where the oldest order would have sent them
+
+
+def test_a_window_the_team_picks_becomes_the_reference(
+    conn: psycopg.Connection, trained_model: BuildResult, held_out: HeldOut
+) -> None:
+    """Noised inputs from the start: against the validation version every hour alarms on inputs;
+    against the first noised hour, picked as the reference, the next ones do not, and the estimate
+    keeps the validation version's calibration; back on the validation version, they alarm again."""
+    rng = np.random.default_rng(13)
+    first, second, third, fourth = (NOW - timedelta(hours=h) for h in (4, 3, 2, 1))
+
+    def noised() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        x, y = undrifted(rng, held_out, 300)
+        return np.clip(x + rng.normal(0, 3, x.shape), 0, 16).astype(np.float32), y
+
+    send(conn, trained_model, {hour: noised() for hour in (first, second, third, fourth)})
+    name, classes = trained_model.stored.name, trained_model.stored.card.signature.class_names
+    version = trained_model.stored.version
+
+    def fold_until(when: datetime) -> dict[datetime, health.Window]:
+        config = health.HealthConfig(lookback_s=(when - first).total_seconds() + 3600, delay_s=0)
+        for _ in range(8):  # an hour a pass at most
+            health.advance(conn, model_name=name, config=config, now=when)
+        found = health.report(conn, model_name=name, class_names=classes, since=first, until=NOW + timedelta(hours=1))
+        return {w.start: w for w in found.windows}
+
+    before = fold_until(third)
+    assert set(before) == {first, second} and all("inputs" in w.alarms for w in before.values())
+    with pytest.raises(Invalid, match="made no predictions"):
+        health.choose_reference(conn, model_name=name, since=NOW, until=NOW + timedelta(hours=1))
+    assert health.choose_reference(conn, model_name=name, since=first, until=second) == [version]
+    picked = fold_until(fourth)
+    assert "inputs" not in picked[third].alarms  # like the hour it is compared with
+    assert "inputs" in picked[second].alarms  # folded before: against the validation version still
+    estimated, calibrated = picked[third].estimated, picked[second].estimated
+    assert estimated is not None and calibrated is not None and abs(estimated.value - calibrated.value) < 0.05
+
+    assert health.choose_reference(conn, model_name=name, since=None, until=None) == []
+    again = fold_until(NOW + timedelta(minutes=1))
+    assert "inputs" in again[fourth].alarms  # the validation version again

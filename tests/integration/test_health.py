@@ -62,6 +62,13 @@ def test_health_report_api_and_gauges_agree(
     assert done.exit_code == 0, done.output
     rows = [line for line in done.output.splitlines() if stored.version in line and re.search(r"\d{4}-\d\d-\d\d", line)]
     assert len(rows) == 2 and " 300 " in rows[0] and rows[0].rstrip().endswith("-") and "inputs" in rows[1], done.output
+    span = f"{calm.isoformat()}/{(calm + timedelta(hours=1)).isoformat()}"
+    picked = CliRunner().invoke(main, ["health", "--set-reference", span, "--no-update"], env=env)
+    assert picked.exit_code == 0 and f"reference of {stored.name}: {span} for {stored.version}" in picked.output
+    back = CliRunner().invoke(main, ["health", "--set-reference", "validation", "--no-update"], env=env)
+    assert back.exit_code == 0 and "its validation version" in back.output, back.output
+    wrong = CliRunner().invoke(main, ["health", "--set-reference", "last week"], env=env)
+    assert wrong.exit_code == 2 and "is not SINCE/UNTIL" in wrong.output
     page = out.read_text()
     assert "<img alt='health over time' src='data:image/png;base64," in page and stored.version in page
 
