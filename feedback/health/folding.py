@@ -2,16 +2,17 @@
 
 The health job (`advance`, run by the ingest workers' upkeep) takes the predictions a model made
 since its cursor, up to `delay_s` ago (so that rows still on their way through the stream are
-waited for), an hour of them a pass, and adds them to each version's hourly sketch
-(`models.health.Sketch`), their input features binned on the version's reference. One worker folds
-a model at a time (the cursor's row lock), and the cursor moves in the same transaction as the
-sketches, so every prediction is counted once. A prediction that reaches Postgres more than
-`delay_s` late (replayed from a spool after an outage) is not counted.
+waited for), an hour of them a pass: it counts each version's labels and confidence bins in
+Postgres, reads back a uniform random sample of inputs for their features (binned on the
+version's reference), draws the live validation sample, and adds it all to each version's hourly
+sketch (`models.health.Sketch`). One worker folds a model at a time (the cursor's row lock), and
+the cursor moves in the same transaction as the sketches, so every prediction is counted once. A
+prediction that reaches Postgres more than `delay_s` late (replayed from a spool after an outage)
+is not counted.
 
 A version's reference (`models.health.Reference`) is its run over the model's current validation
-version, computed once and kept. `report` reads the hourly sketches of a period, adds them into
-windows of the size asked for and compares each with the reference: drift per kind, the accuracy
-the confidences promise, and the accuracy reviewers judged on the window's items.
+version, computed once and kept (`reference`), or a window of its own predictions a team picked
+(`choose_reference`).
 """
 
 from __future__ import annotations
