@@ -7,6 +7,7 @@ verdicts give the judged accuracy, and a disagreement is flagged."""
 
 from __future__ import annotations
 
+import io
 import math
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import psycopg
 import pytest
 from numpy.typing import NDArray
+from PIL import Image
 
 from feedback import health
 from feedback import review as rs
@@ -33,6 +35,7 @@ from models.npy import npy_bytes
 from models.pipeline import BuildResult
 from models.runtime import DevicePreference, OnnxModel
 from models.signature import to_probabilities
+from tests.graphs import SHAPES, import_shapes_model
 
 HOURS = 60  # undrifted windows
 PER_HOUR = 150
@@ -249,3 +252,52 @@ def test_a_window_the_team_picks_becomes_the_reference(
     assert health.choose_reference(conn, model_name=name, since=None, until=None) == []
     again = fold_until(NOW + timedelta(minutes=1))
     assert "inputs" in again[fourth].alarms  # the validation version again
+
+
+def test_an_image_models_inputs_are_watched_by_size_brightness_and_contrast(
+    conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    """A team's image model without a validation version: its first hour of (dark) images picked as
+    the reference, an hour of the same kind raises no input alarm, an hour of bright ones does."""
+    stored = import_shapes_model(tmp_path, f"shapes-health-{uuid.uuid4().hex[:8]}")
+    rng = np.random.default_rng(17)
+    first, second, third = (NOW - timedelta(hours=h) for h in (4, 3, 2))
+
+    def images(hour: datetime, bright: bool) -> list[Row]:
+        rows = []
+        for i in range(120):
+            ms = round((hour + timedelta(seconds=i * 30)).timestamp() * 1000)
+            item = compose_uuid7(ms, 0, int(rng.integers(1 << 62)))
+            low, high = (150, 256) if bright else (0, 100)
+            pixels = rng.integers(low, high, size=(20, 24, 3), dtype=np.uint8)
+            out = io.BytesIO()
+            Image.fromarray(pixels, "RGB").save(out, format="PNG")
+            label = int(rng.integers(3))
+            when, scores = datetime.fromtimestamp(ms / 1000, UTC), np.full(3, 1 / 3, dtype="<f4").tobytes()
+            row = Row(
+                item,
+                when,
+                stored.name,
+                stored.version,
+                SHAPES[label],
+                label,
+                0.8,
+                scores,
+                out.getvalue(),
+                f"r-{item}",
+                {},
+            )
+            rows.append(row._replace(input_type="image/png"))
+        return rows
+
+    log_store.insert_rows(conn=conn, rows=images(first, False) + images(second, False) + images(third, True))
+    assert health.choose_reference(conn, model_name=stored.name, since=first, until=second) == [stored.version]
+    config = health.HealthConfig(lookback_s=5 * 3600, delay_s=0, images_per_pass=80)
+    health.advance_all(conn, config=config)
+    report = health.report(conn, model_name=stored.name, class_names=tuple(SHAPES), since=first, until=NOW)
+    windows = {w.start: w for w in report.windows}
+    assert [windows[h].count for h in (first, second, third)] == [120, 120, 120]
+    assert "inputs" not in windows[second].alarms and "inputs" in windows[third].alarms
+    worst = next(s for s in windows[third].shifts if s.kind == "inputs")
+    assert worst.worst in {"brightness R", "brightness G", "brightness B"}
+    assert windows[third].estimated is not None  # confidence as it is: no validation version to calibrate by
