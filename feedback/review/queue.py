@@ -24,6 +24,7 @@ from feedback.predictions import blobs
 from feedback.predictions.records import created_at as uuid_created_at
 from feedback.review.audit import audit
 from feedback.review.filters import ItemFilter, where
+from feedback.review.guidelines import unread
 from feedback.review.users import User
 
 
@@ -116,6 +117,12 @@ def claim(
     With `max_leases`, the user's live leases stay within it: fewer items are leased when the limit
     is near, and `Conflict` says so when it is reached. `mixed_share`: see `Strategy.DISAGREE`;
     `drifted`: the segments ("model/label") of `Strategy.DRIFT`, most drifted first."""
+    waiting = unread(conn=conn, user=user, model_name=(filters or ItemFilter()).model_name)
+    if waiting:
+        named = ", ".join(f"{g.model_name} (version {g.version})" for g in waiting)
+        raise Conflict(
+            f"read the guidelines of {named} first: GET /review/guidelines, then POST /review/guidelines/read"
+        )
     if max_leases is not None:
         count = min(count, max_leases - _held(conn, user, max_leases))
     params: dict[str, Any] = {

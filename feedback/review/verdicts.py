@@ -104,10 +104,12 @@ def _annotate(
     label: str | None,
     reason: str | None,
 ) -> int:
+    created_at = uuid_created_at(prediction_id)
     row = conn.execute(
-        "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason)"
-        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-        (prediction_id, uuid_created_at(prediction_id), user.id, verdict.value, label, reason),
+        "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason, guidelines_version)"
+        " VALUES (%s, %s, %s, %s, %s, %s, (SELECT max(g.version) FROM guidelines g JOIN predictions p"
+        " ON p.model_name = g.model_name WHERE p.created_at = %s AND p.id = %s)) RETURNING id",
+        (prediction_id, created_at, user.id, verdict.value, label, reason, created_at, prediction_id),
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -143,8 +145,11 @@ def record_verdicts(
             raise Conflict(f"you hold no live lease on {', '.join(not_held)} (claim first)")
         _check_against_shown(conn, verdicts, shown)
         conn.execute(
-            "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason, proposed)"
-            " SELECT i, c, %s, v, l, r, s FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[],"
+            "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason, proposed,"
+            " guidelines_version)"
+            " SELECT i, c, %s, v, l, r, s, (SELECT max(g.version) FROM guidelines g JOIN predictions p"
+            " ON p.model_name = g.model_name WHERE p.created_at = c AND p.id = i)"
+            " FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[],"
             " %s::text[], %s::text[]) AS u(i, c, v, l, r, s)",
             (
                 user.id,

@@ -133,3 +133,43 @@ def review_import(kind: str, file: Path, model_name: str | None, admin_name: str
         for problem in problems[:20]:
             click.echo(f"  not recorded: {problem}", err=True)
         raise click.ClickException(f"{len(problems)} annotations not recorded (the others are)")
+
+
+@review.group("guidelines")
+def guidelines() -> None:
+    """A model's guidelines for reviewers: Markdown, versioned; each reviewer reads a new version once
+    before their next claim."""
+
+
+@guidelines.command("set")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--admin", "admin_name", required=True, help="The admin publishing them.")
+def guidelines_set(name: str, file: Path, admin_name: str) -> None:
+    """Publish FILE (Markdown) as the next version of NAME's guidelines."""
+    from feedback.review import guidelines as gl
+
+    settings = Settings()
+    with clean_errors(), connection(settings) as conn:
+        actor = admin(conn, admin_name, required=True)
+        assert actor is not None
+        published = gl.publish(conn=conn, admin=actor, model_name=name, markdown=file.read_text())
+    click.echo(f"{name}: guidelines version {published.version} published ({len(published.markdown)} characters)")
+
+
+@guidelines.command("show")
+@click.argument("name")
+@click.option("--all", "every", is_flag=True, help="Every version, oldest first.")
+def guidelines_show(name: str, every: bool) -> None:
+    """NAME's current guidelines (or every version)."""
+    from feedback.review import guidelines as gl
+
+    settings = Settings()
+    with clean_errors(), connection(settings) as conn:
+        found = gl.history(conn=conn, model_name=name)
+    if not found:
+        raise click.ClickException(
+            f"{name} has no guidelines yet: `loop review guidelines set {name} FILE --admin NAME`"
+        )
+    for g in found if every else found[-1:]:
+        click.echo(f"# version {g.version}, by {g.created_by or '-'} at {g.created_at:%Y-%m-%d %H:%M}\n{g.markdown}")
