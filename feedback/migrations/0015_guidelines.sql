@@ -3,7 +3,7 @@
 CREATE TABLE guidelines (
     model_name text        NOT NULL,
     version    integer     NOT NULL CHECK (version >= 1),
-    markdown   text        NOT NULL CHECK (length(markdown) BETWEEN 1 AND 200000),
+    markdown   text        NOT NULL CHECK (length(markdown) BETWEEN 1 AND 100000),
     created_by integer     REFERENCES users (id),
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (model_name, version)

@@ -1,5 +1,5 @@
 """`loop review export|import`: the review queue's items out to Label Studio, and its annotations
-back as verdicts."""
+back as verdicts; `loop review guidelines set|show`: a model's guidelines for reviewers."""
 
 from __future__ import annotations
 

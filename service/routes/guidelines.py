@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from feedback.review import guidelines as gl
@@ -51,12 +51,11 @@ class PublishIn(RequestBody):
 
 
 @router.get("/review/guidelines", response_model=ReviewerGuidelines)
-def guidelines(
-    user: Reviewer, conn: Connection, model: Annotated[ModelName | None, Query()] = None
-) -> ReviewerGuidelines:
-    """The model's current guidelines (with `model`), and the ones you still have to read."""
+def guidelines(user: Reviewer, conn: Connection, model: Model) -> ReviewerGuidelines:
+    """A served model's current guidelines (`?model=`, default the default model), and every
+    model's that you still have to read."""
     waiting = gl.unread(conn=conn, user=user)
-    found = None if model is None else gl.current(conn=conn, model_name=model)
+    found = gl.current(conn=conn, model_name=model.name)
     read = found is None or all((g.model_name, g.version) != (found.model_name, found.version) for g in waiting)
     return ReviewerGuidelines(
         current=None if found is None else GuidelinesPublic.of(found),
