@@ -42,7 +42,7 @@ from service.limits import UPLOAD_ROUTE, ConcurrencyLimit, RequestLimits, replay
 from service.predictions import Predictions
 from service.problems import ProblemDetails
 from service.repository import Repository
-from service.routes import application, guidelines, health, label_studio, open_inference, predict, repository
+from service.routes import application, guidelines, health, label_studio, open_inference, predict, repository, reviewers
 from service.routes import models as models_routes
 from service.routes.admin import DataLoopContext
 from service.routes.admin import router as admin_router
@@ -62,7 +62,7 @@ SERVICE_NAME = "loop"
 CHAMPION_CHECK_S = 30.0  # how often a worker asks who the champion is, besides listening for promotions
 
 _FACES = (predict.router, open_inference.router, repository.router, models_routes.router, label_studio.router)
-routes = application(*_FACES, review_router, admin_router, health.router, guidelines.router)
+routes = application(*_FACES, review_router, admin_router, health.router, guidelines.router, reviewers.router)
 
 
 # The prediction routes: what a per-request access log line and a trace span cost there is about

@@ -269,7 +269,7 @@ def _lease(
             INSERT INTO leases (prediction_id, user_id, expires_at, proposed)
             SELECT id, %(user)s, now() + make_interval(secs => %(seconds)s), proposed FROM chosen
             ON CONFLICT (prediction_id, user_id) DO UPDATE SET expires_at = EXCLUDED.expires_at,
-                proposed = EXCLUDED.proposed
+                proposed = EXCLUDED.proposed, leased_at = now()
             RETURNING prediction_id, expires_at"""
         ).format(required=REQUIRED_REVIEWS, eligible=_ELIGIBLE),
         params,
@@ -287,7 +287,8 @@ def lease_again(
         row = conn.execute(
             "INSERT INTO leases (prediction_id, user_id, expires_at, proposed)"
             " VALUES (%s, %s, now() + make_interval(secs => %s), %s) ON CONFLICT (prediction_id, user_id)"
-            " DO UPDATE SET expires_at = EXCLUDED.expires_at, proposed = EXCLUDED.proposed RETURNING expires_at",
+            " DO UPDATE SET expires_at = EXCLUDED.expires_at, proposed = EXCLUDED.proposed, leased_at = now()"
+            " RETURNING expires_at",
             (prediction_id, user.id, lease_seconds, proposed),
         ).fetchone()
         item = conn.execute(

@@ -122,7 +122,8 @@ def record_verdicts(
     verdicts: Sequence[VerdictIn],
     labels_of: Callable[[str], Sequence[str] | None] | None = None,
 ) -> list[ItemState]:
-    """Record verdicts on items the user holds, all or none. A verdict consumes its lease.
+    """Record verdicts on items the user holds, all or none. A verdict consumes its lease, and
+    records how long it took from it and the version of its model's guidelines.
 
     `labels_of` gives a model's class names by model name: a corrected label must be one of the
     item's model (a model it does not know is not checked), and not the one the model predicted."""
@@ -133,24 +134,24 @@ def record_verdicts(
     if len(set(ids)) != len(ids):
         raise Invalid("an item appears twice in one call")
     with conn.transaction():
-        shown: dict[uuid.UUID, str | None] = dict(
-            conn.execute(
-                "DELETE FROM leases WHERE user_id = %s AND expires_at > now() AND prediction_id = ANY(%s)"
-                " RETURNING prediction_id, proposed",
-                (user.id, ids),
-            ).fetchall()
-        )
+        consumed = conn.execute(
+            "DELETE FROM leases WHERE user_id = %s AND expires_at > now() AND prediction_id = ANY(%s)"
+            " RETURNING prediction_id, proposed, extract(epoch FROM clock_timestamp() - leased_at)",
+            (user.id, ids),
+        ).fetchall()
+        shown: dict[uuid.UUID, str | None] = {r[0]: r[1] for r in consumed}
+        took: dict[uuid.UUID, float] = {r[0]: float(r[2]) for r in consumed}
         not_held = [str(i) for i in ids if i not in shown]
         if not_held:
             raise Conflict(f"you hold no live lease on {', '.join(not_held)} (claim first)")
         _check_against_shown(conn, verdicts, shown)
         conn.execute(
             "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason, proposed,"
-            " guidelines_version)"
+            " guidelines_version, seconds)"
             " SELECT i, c, %s, v, l, r, s, (SELECT max(g.version) FROM guidelines g JOIN predictions p"
-            " ON p.model_name = g.model_name WHERE p.created_at = c AND p.id = i)"
+            " ON p.model_name = g.model_name WHERE p.created_at = c AND p.id = i), t"
             " FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[],"
-            " %s::text[], %s::text[]) AS u(i, c, v, l, r, s)",
+            " %s::text[], %s::text[], %s::real[]) AS u(i, c, v, l, r, s, t)",
             (
                 user.id,
                 ids,
@@ -160,6 +161,7 @@ def record_verdicts(
                 [shown[v.prediction_id] if v.verdict is Verdict.CORRECT else v.label for v in verdicts],
                 [v.reason for v in verdicts],
                 [shown[v.prediction_id] for v in verdicts],
+                [took[v.prediction_id] for v in verdicts],
             ),
         )
         states = _refresh_states(conn, ids)

@@ -1,11 +1,12 @@
 """Guidelines on the review page: an admin publishes them in the admin view; a reviewer who starts
 reviewing is shown them first and reviews once they say they read them; `g` shows them again; the
-verdict records the version."""
+verdict records the version; the admin view's reviewer table shows the API's figures."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import httpx
 import psycopg
 import pytest
 from playwright.sync_api import Browser, expect
@@ -57,6 +58,16 @@ def test_an_admin_publishes_guidelines_and_a_reviewer_reads_them_before_reviewin
         with psycopg.connect(database_url) as conn:
             recorded = conn.execute("SELECT prediction_id::text, guidelines_version FROM annotations").fetchall()
         assert recorded == [(item, 1)]
+
+        # The admin view's reviewer table shows what GET /admin/reviewers says.
+        admin.page.get_by_role("button", name="Dashboard").click()
+        admin.page.get_by_role("button", name="Admin").click()
+        expect(admin.page.locator("#reviewers")).to_contain_text("ann")
+        figures = httpx.get(f"{service.url}/admin/reviewers", headers={"Authorization": f"Bearer {root}"}).json()
+        (ann_row,) = figures["reviewers"]
+        cells = admin.page.locator("#reviewers tr").nth(1).locator("td").all_inner_texts()
+        assert cells[:4] == ["ann", "1", "1.0", f"{ann_row['median_seconds']:.1f}"] and cells[-1] == "\u2013"
+        expect(admin.page.locator("#reviewer-targets")).to_contain_text("min agreement 0.9")
         assert admin.errors == [] and [e for e in reviewer.errors if "409" not in e] == []
     finally:
         admin.close()
