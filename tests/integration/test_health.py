@@ -85,14 +85,14 @@ def test_health_report_api_and_gauges_agree(
         assert not first["alarms"] and "inputs" in last["alarms"]
         assert first["estimated_accuracy"]["low"] <= first["estimated_accuracy"]["value"] <= 1
         labels = {"model_name": stored.name, "model_version": stored.version, "window": "1h"}
+        daily = {**labels, "window": "24h"}
         deadline = time.monotonic() + 30
-        while (value := gauge(http.get("/metrics").text, "loop_estimated_accuracy", **labels)) is None:
-            assert time.monotonic() < deadline, "no health gauges on /metrics"
+        while gauge(metrics := http.get("/metrics").text, "loop_drift_alarm", **daily, kind="inputs") is None:
+            assert time.monotonic() < deadline, "no daily health gauges on /metrics"  # set after the hourly ones
             time.sleep(0.5)
-        metrics = http.get("/metrics").text
+        value = gauge(metrics, "loop_estimated_accuracy", **labels)
     assert value == pytest.approx(last["estimated_accuracy"]["value"], abs=1e-9)
     shifts = {s["kind"]: s for s in last["shifts"]}
     for kind in ("labels", "confidence", "inputs"):
         assert gauge(metrics, "loop_drift_score", **labels, kind=kind) == pytest.approx(shifts[kind]["psi"], abs=1e-9)
         assert gauge(metrics, "loop_drift_alarm", **labels, kind=kind) == float(shifts[kind]["alarm"])
-    assert gauge(metrics, "loop_drift_alarm", **{**labels, "window": "24h"}, kind="inputs") is not None
