@@ -117,13 +117,7 @@ def choose_reference(
         if until <= since:
             raise Invalid(f"the reference window ends ({until}) before it starts ({since})")
         reference_id = f"window:{since.isoformat()}/{until.isoformat()}"
-        span = {
-            "model": model_name,
-            "start": since,
-            "until": until,
-            "hour": timedelta(seconds=WINDOW_S),
-            "epoch": EPOCH,
-        }
+        span = _span(model_name, since, until)
         counts = conn.execute(_COUNTS, span).fetchall()
         chosen = []
         for version in sorted({c[0] for c in counts}):
@@ -192,13 +186,7 @@ def advance(
             return 0
         live.draw(conn, model_name=model_name, start=start, until=until, share=config.live_share)
         folder = _Folder(conn, model_name, config)
-        span = {
-            "model": model_name,
-            "start": start,
-            "until": until,
-            "hour": timedelta(seconds=WINDOW_S),
-            "epoch": EPOCH,
-        }
+        span = _span(model_name, start, until)
         counts = conn.execute(_COUNTS, span).fetchall()
         folder.count(counts)
         for version in {c[0] for c in counts}:
@@ -212,6 +200,11 @@ def advance(
         folder.save()
         conn.execute("UPDATE health_cursors SET processed_until = %s WHERE model_name = %s", (until, model_name))
     return folder.folded
+
+
+def _span(model_name: str, start: datetime, until: datetime) -> dict[str, Any]:
+    """The parameters of `_COUNTS` and `_SAMPLE`: a model's predictions of [start, until)."""
+    return {"model": model_name, "start": start, "until": until, "hour": timedelta(seconds=WINDOW_S), "epoch": EPOCH}
 
 
 # Each version's predictions of a pass, counted by hour, label and confidence bin in Postgres.
