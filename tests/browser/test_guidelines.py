@@ -59,16 +59,26 @@ def test_an_admin_publishes_guidelines_and_a_reviewer_reads_them_before_reviewin
             recorded = conn.execute("SELECT prediction_id::text, guidelines_version FROM annotations").fetchall()
         assert recorded == [(item, 1)]
 
-        # The admin view's reviewer table shows what GET /admin/reviewers says.
-        admin.page.get_by_role("button", name="Dashboard").click()
-        admin.page.get_by_role("button", name="Admin").click()
-        expect(admin.page.locator("#reviewers")).to_contain_text("ann")
-        figures = httpx.get(f"{service.url}/admin/reviewers", headers={"Authorization": f"Bearer {root}"}).json()
-        (ann_row,) = figures["reviewers"]
-        cells = admin.page.locator("#reviewers tr").nth(1).locator("td").all_inner_texts()
-        assert cells[:4] == ["ann", "1", "1.0", f"{ann_row['median_seconds']:.1f}"] and cells[-1] == "\u2013"
-        expect(admin.page.locator("#reviewer-targets")).to_contain_text("min agreement 0.9")
+        check_the_reviewer_table(admin, service.url, root)
         assert admin.errors == [] and [e for e in reviewer.errors if "409" not in e] == []
     finally:
         admin.close()
         reviewer.close()
+
+
+def check_the_reviewer_table(admin: Session, url: str, root: str) -> None:
+    """The admin view's reviewer table shows what GET /admin/reviewers says; targets set there flag."""
+    admin.page.get_by_role("button", name="Dashboard").click()
+    admin.page.get_by_role("button", name="Admin").click()
+    expect(admin.page.locator("#reviewers")).to_contain_text("ann")
+    figures = httpx.get(f"{url}/admin/reviewers", headers={"Authorization": f"Bearer {root}"}).json()
+    (ann_row,) = figures["reviewers"]
+    cells = admin.page.locator("#reviewers tr").nth(1).locator("td").all_inner_texts()
+    assert cells[:4] == ["ann", "1", "1.0", f"{ann_row['median_seconds']:.1f}"] and cells[-1] == "\u2013"
+    expect(admin.page.locator("#reviewer-targets")).to_contain_text("min agreement 0.9")
+    admin.page.get_by_label("Verdicts a day ≥").fill("5")
+    admin.page.get_by_role("button", name="Set targets").click()
+    expect(admin.page.locator("#reviewer-targets")).to_contain_text("min per day 5")
+    expect(admin.page.locator("#reviewers tr").nth(1).locator("td").last).to_have_text("per_day")
+    stored = httpx.get(f"{url}/admin/reviewers", headers={"Authorization": f"Bearer {root}"}).json()
+    assert stored["targets"]["min_per_day"] == 5 and stored["reviewers"][0]["flags"] == ["per_day"]
