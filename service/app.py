@@ -239,6 +239,7 @@ class Predictor:
                 overlap=settings.review_overlap,
                 overlap_share=settings.review_overlap_share,
                 mixed_share=settings.review_shadow_mixed_share,
+                gold_share=settings.review_gold_share,
                 labels=lambda: self.plane.class_names(self.default.name),
                 labels_of=self.plane.class_names,
                 to_input=self.plane.sample_input,

@@ -177,6 +177,9 @@ class Settings(BaseSettings):
         description="The `disagree` review order: share of shadowed items (chosen by id) offered among the "
         "disagreements, so that the shadow's evidence stays unbiased.",
     )
+    review_gold_share: float = Field(
+        0.05, ge=0, le=1, description="Chance of each place of a claim to hold a gold item the reviewer never answered."
+    )
     datasets_url: str | None = Field(
         None, description="Where dataset versions are written (a folder or any fsspec URL); unset: var/datasets."
     )

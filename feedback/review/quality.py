@@ -2,8 +2,9 @@
 
 For every user who gave verdicts in the period: how many and how many a day they were active, the
 median seconds from a lease to its verdict, how often their label agrees with the item's settled
-label (their latest verdict on each item that is settled now, counted when it says a label), and
-their undo and discard rates. A figure beyond its target is flagged.
+label (their latest verdict on each item that is settled now, counted when it says a label), their
+undo and discard rates, and their accuracy on gold items (`feedback.review.gold`) with Wilson's 95%
+interval. A figure beyond its target is flagged.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from feedback.errors import Invalid
+from feedback.review import gold
 from feedback.review.audit import audit
 from feedback.review.users import User
+from models.health import judged_accuracy
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Targets:
     min_agreement: float | None = 0.9
     max_undo_rate: float | None = 0.1
     max_discard_rate: float | None = 0.2
+    min_gold_accuracy: float | None = 0.9
 
     def flags(self, q: ReviewerQuality) -> list[str]:
         """The figures of `q` beyond their targets."""
@@ -38,6 +42,7 @@ class Targets:
             ("agreement", q.agreement, self.min_agreement, False),
             ("undo_rate", q.undo_rate, self.max_undo_rate, True),
             ("discard_rate", q.discard_rate, self.max_discard_rate, True),
+            ("gold_accuracy", q.gold_accuracy, self.min_gold_accuracy, False),
         ]
         return [
             name
@@ -60,6 +65,11 @@ class ReviewerQuality:
     undo_rate: float  # undos per verdict
     discards: int
     discard_rate: float
+    gold_right: int = 0  # gold items answered with their gold label
+    gold_scored: int = 0  # gold items answered with a label (or discarded), not withdrawn
+    gold_accuracy: float | None = None
+    gold_low: float | None = None  # Wilson's 95% interval
+    gold_high: float | None = None
     flags: list[str] = field(default_factory=list)
 
 
@@ -73,7 +83,7 @@ WITH mine AS (
         CASE verdict WHEN 'correct' THEN coalesce(label, predicted) WHEN 'wrong' THEN label END AS said
     FROM mine ORDER BY actor_id, prediction_id, at DESC
 )
-SELECT u.name,
+SELECT u.id, u.name,
     count(*) FILTER (WHERE m.verdict <> 'undo'),
     count(DISTINCT date_trunc('day', m.at)) FILTER (WHERE m.verdict <> 'undo'),
     percentile_cont(0.5) WITHIN GROUP (ORDER BY m.seconds) FILTER (WHERE m.verdict <> 'undo'),
@@ -93,10 +103,13 @@ def reviewer_quality(
 ) -> list[ReviewerQuality]:
     """Every reviewer who gave verdicts in [since, until), by name, flagged against `targets`."""
     targets = targets or get_targets(conn=conn)
+    on_gold = gold.accuracy(conn)
     found = []
-    for name, verdicts, days, median, undos, discards, agreed, settled in conn.execute(
+    for user_id, name, verdicts, days, median, undos, discards, agreed, settled in conn.execute(
         _FIGURES, {"since": since, "until": until}
     ):
+        right, scored = on_gold.get(user_id, (0, 0))
+        interval = judged_accuracy(right, scored - right)
         quality = ReviewerQuality(
             reviewer=name,
             verdicts=int(verdicts),
@@ -110,6 +123,11 @@ def reviewer_quality(
             undo_rate=undos / verdicts if verdicts else 0.0,
             discards=int(discards),
             discard_rate=discards / verdicts if verdicts else 0.0,
+            gold_right=right,
+            gold_scored=scored,
+            gold_accuracy=None if interval is None else interval.value,
+            gold_low=None if interval is None else interval.low,
+            gold_high=None if interval is None else interval.high,
         )
         found.append(ReviewerQuality(**{**quality.__dict__, "flags": targets.flags(quality)}))
     return found

@@ -22,6 +22,7 @@ from psycopg import sql
 from feedback.errors import Conflict
 from feedback.predictions import blobs
 from feedback.predictions.records import created_at as uuid_created_at
+from feedback.review import gold
 from feedback.review.audit import audit
 from feedback.review.filters import ItemFilter, where
 from feedback.review.guidelines import unread
@@ -50,6 +51,7 @@ _ELIGIBLE = sql.SQL(
     """p.source = 'model' AND (p.input IS NOT NULL OR p.input_key IS NOT NULL)
     AND (s.status IS NULL OR s.status = 'unreviewed')
     AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.prediction_id = p.id AND a.actor_id = %(user)s)
+    AND NOT EXISTS (SELECT 1 FROM gold_items g WHERE g.prediction_id = p.id)
     AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.prediction_id = p.id AND l.user_id = %(user)s
                     AND l.expires_at > now())
     AND coalesce(s.reviewers, 0) + {live} < coalesce(s.required_reviews, {required})"""
@@ -110,14 +112,18 @@ def claim(
     max_leases: int | None = None,
     mixed_share: float = 0.2,
     drifted: Sequence[str] = (),
+    gold_share: float = 0.0,
 ) -> list[Claimed]:
     """Lease up to `count` items to `user`; no item is leased to more reviewers than it needs.
 
     `filters` narrows the queue (date range, model, version, the model's label, confidence range).
     With `max_leases`, the user's live leases stay within it: fewer items are leased when the limit
     is near, and `Conflict` says so when it is reached. `mixed_share`: see `Strategy.DISAGREE`;
-    `drifted`: the segments ("model/label") of `Strategy.DRIFT`, most drifted first."""
-    waiting = unread(conn=conn, user=user, model_name=(filters or ItemFilter()).model_name)
+    `drifted`: the segments ("model/label") of `Strategy.DRIFT`, most drifted first; `gold_share`:
+    the chance of each place to hold a gold item the user never answered (`feedback.review.gold`),
+    which looks like any other."""
+    model_name = (filters or ItemFilter()).model_name
+    waiting = unread(conn=conn, user=user, model_name=model_name)
     if waiting:
         named = ", ".join(f"{g.model_name} (version {g.version})" for g in waiting)
         raise Conflict(
@@ -125,6 +131,35 @@ def claim(
         )
     if max_leases is not None:
         count = min(count, max_leases - _held(conn, user, max_leases))
+    golden = gold.draw_count(count, gold_share) if gold_share > 0 else 0
+    with conn.transaction():
+        leased = gold.lease(conn, user, count=golden, lease_seconds=lease_seconds, model_name=model_name)
+        golds = [claimed_of(conn, row[:11], row[11], None) for row in leased]
+    items = []
+    if count > len(golds):
+        items = _from_queue(
+            conn=conn, user=user, count=count - len(golds), strategy=strategy, lease_seconds=lease_seconds,
+            overlap=overlap, overlap_share=overlap_share, filters=filters, mixed_share=mixed_share, drifted=drifted,
+        )  # fmt: skip
+    for each in golds:
+        items.insert(secrets.randbelow(len(items) + 1), each)
+    return items
+
+
+def _from_queue(
+    *,
+    conn: psycopg.Connection,
+    user: User,
+    count: int,
+    strategy: Strategy,
+    lease_seconds: float,
+    overlap: int,
+    overlap_share: float,
+    filters: ItemFilter | None,
+    mixed_share: float,
+    drifted: Sequence[str],
+) -> list[Claimed]:
+    """Up to `count` items of the queue, in the strategy's order."""
     params: dict[str, Any] = {
         "user": user.id,
         "count": count,
@@ -153,9 +188,9 @@ def claim(
         locked = _lock(conn, strategy, narrowed, params)
         if not locked and strategy is Strategy.RANDOM and params["start"].year > 1970:
             # Wrap around to the beginning (`count` is within the lease limit already).
-            return claim(
+            return _from_queue(
                 conn=conn, user=user, count=count, strategy=Strategy.OLDEST, lease_seconds=lease_seconds,
-                overlap=overlap, overlap_share=overlap_share, filters=filters,
+                overlap=overlap, overlap_share=overlap_share, filters=filters, mixed_share=mixed_share, drifted=(),
             )  # fmt: skip
         shown = _blind_proposals(conn, locked) if strategy is Strategy.DISAGREE else {}
         expiry = _lease(conn, locked, params, shown) if locked else {}
@@ -163,14 +198,16 @@ def claim(
             return []
         items = [row for row in locked if row[0] in expiry]  # in claim order
         audit(conn, user, "claim", None, items=[str(i) for i in expiry], strategy=strategy.value)
-    return [_claimed(conn, row, expiry[row[0]], shown.get(row[0])) for row in items]
+    return [claimed_of(conn, row, expiry[row[0]], shown.get(row[0])) for row in items]
 
 
 def _answer(row: tuple[Any, ...]) -> _Proposal:
     return _Proposal(row[4], float(row[5]), tuple(float(x) for x in row[9] or ()))
 
 
-def _claimed(conn: psycopg.Connection, row: tuple[Any, ...], expires_at: datetime, shown: _Proposal | None) -> Claimed:
+def claimed_of(
+    conn: psycopg.Connection, row: tuple[Any, ...], expires_at: datetime, shown: _Proposal | None
+) -> Claimed:
     """A claimed item from its row (id, created, model, version, label, confidence, input, required
     reviews, input type, scores, input's object key); blind, showing `shown`, when given."""
     proposal = shown or _answer(row)
@@ -307,4 +344,4 @@ def lease_again(
             ).fetchone()
             if found is not None:
                 shown = _Proposal(found[0], float(found[1]), tuple(float(x) for x in found[2]))
-    return _claimed(conn, item, row[0], shown)
+    return claimed_of(conn, item, row[0], shown)

@@ -23,9 +23,10 @@ from feedback.errors import Conflict, Invalid, NotFound
 from feedback.ids import uuid7
 from feedback.predictions import blobs, partitions
 from feedback.predictions.records import created_at as uuid_created_at
+from feedback.review import gold
 from feedback.review.audit import audit
 from feedback.review.moderation import REVIEWER_VERDICTS, Annotation, Status, Verdict, decide, verdict_problem
-from feedback.review.queue import REQUIRED_REVIEWS, Claimed, lease_again
+from feedback.review.queue import REQUIRED_REVIEWS, Claimed, claimed_of, lease_again
 from feedback.review.users import User
 
 
@@ -48,6 +49,15 @@ class ItemState:
 def _refresh_state(conn: psycopg.Connection, prediction_id: uuid.UUID) -> ItemState:
     """Recompute an item's state from its whole annotation history (the only way it changes)."""
     return _refresh_states(conn, [prediction_id])[0]
+
+
+def _current_states(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> list[ItemState]:
+    """The items' states as they are (read only)."""
+    rows = conn.execute(
+        "SELECT prediction_id, status, label, revision FROM review_state WHERE prediction_id = ANY(%s)", (list(ids),)
+    ).fetchall()
+    found = {r[0]: ItemState(r[0], Status(r[1]), r[2], int(r[3] or 0)) for r in rows}
+    return [found.get(i, ItemState(i, Status.UNREVIEWED, None, 0)) for i in ids]
 
 
 def _refresh_states(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> list[ItemState]:
@@ -134,6 +144,13 @@ def record_verdicts(
     if len(set(ids)) != len(ids):
         raise Invalid("an item appears twice in one call")
     with conn.transaction():
+        golden = gold.held(conn, user, ids)
+        if golden:  # answers on gold items are kept apart: the items do not change
+            gold.answer(
+                conn, user, [(v.prediction_id, v.verdict.value, v.label) for v in verdicts if v.prediction_id in golden]
+            )
+            verdicts = [v for v in verdicts if v.prediction_id not in golden]
+            ids = [v.prediction_id for v in verdicts]
         consumed = conn.execute(
             "DELETE FROM leases WHERE user_id = %s AND expires_at > now() AND prediction_id = ANY(%s)"
             " RETURNING prediction_id, proposed, extract(epoch FROM clock_timestamp() - leased_at)",
@@ -164,8 +181,10 @@ def record_verdicts(
                 [took[v.prediction_id] for v in verdicts],
             ),
         )
-        states = _refresh_states(conn, ids)
-        audit(conn, user, "verdicts", None, items=[str(i) for i in ids])
+        states = _refresh_states(conn, ids) if ids else []
+        if ids:
+            audit(conn, user, "verdicts", None, items=[str(i) for i in ids])
+        states += _current_states(conn, list(golden)) if golden else []
     return states
 
 
@@ -241,6 +260,8 @@ def undo(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, leas
     opinion; the item is leased to them again, to judge anew."""
     created = uuid_created_at(prediction_id)
     with conn.transaction():
+        if gold.undo(conn, user, prediction_id, lease_seconds):  # an answer on a gold item, withdrawn
+            return gold_claimed(conn, user, prediction_id)
         found = conn.execute(
             "SELECT id FROM predictions WHERE created_at = %s AND id = %s FOR UPDATE", (created, prediction_id)
         ).fetchone()
@@ -261,6 +282,19 @@ def undo(*, conn: psycopg.Connection, user: User, prediction_id: uuid.UUID, leas
         _refresh_state(conn, prediction_id)
         audit(conn, user, "undo", str(prediction_id))
     return lease_again(conn, user, prediction_id, lease_seconds, proposed=last[3])
+
+
+def gold_claimed(conn: psycopg.Connection, user: User, prediction_id: uuid.UUID) -> Claimed:
+    """A gold item the user holds, as a claim shows it."""
+    row = conn.execute(
+        "SELECT p.id, p.created_at, p.model_name, p.model_version, p.label, p.confidence, p.input, 1, p.input_type,"
+        " p.scores, p.input_key, l.expires_at FROM gold_leases l JOIN gold_items g ON g.prediction_id = l.prediction_id"
+        " JOIN predictions p ON p.created_at = g.item_created_at AND p.id = g.prediction_id"
+        " WHERE l.user_id = %s AND l.prediction_id = %s",
+        (user.id, prediction_id),
+    ).fetchone()
+    assert row is not None
+    return claimed_of(conn, row[:11], row[11], None)
 
 
 def add_sample(

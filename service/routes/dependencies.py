@@ -31,6 +31,7 @@ class ModerationContext:
     overlap: int = 2
     overlap_share: float = 0.0
     mixed_share: float = 0.2  # shadowed items offered among the disagreements (the `disagree` order)
+    gold_share: float = 0.0  # the chance of each place of a claim to hold a gold item
     # The served model's class names and a check of one sample's input, when a model is loaded.
     labels: Callable[[], Sequence[str] | None] = lambda: None
     # The class names of any served model, by name (None: not served here, so not checked).

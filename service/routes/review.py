@@ -281,6 +281,7 @@ def claim(context: Context, conn: Connection, user: Reviewer, body: ClaimIn) -> 
         overlap_share=context.overlap_share,
         filters=body.filters(),
         mixed_share=context.mixed_share,
+        gold_share=context.gold_share,
         drifted=drifted_segments(conn) if body.strategy is rs.Strategy.DRIFT else (),
     )
     return [_claimed(context, c) for c in claimed]

@@ -1,8 +1,10 @@
 """Per-reviewer quality for admins: `GET /admin/reviewers` (each reviewer's figures over a period,
-flagged against the targets) and `PUT /admin/reviewers/targets`."""
+flagged against the targets), `PUT /admin/reviewers/targets`, and the gold items that measure
+reviewers (`POST|GET /admin/gold`)."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -10,14 +12,18 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from feedback.errors import Invalid
-from feedback.review import quality
+from feedback.errors import Conflict
+from feedback.review import gold, quality
 from service.problems import documented
+from service.routes.admin import Model
 from service.routes.dependencies import Admin, Connection, GuardedRoute, RequestBody
-from service.routes.fields import Instant, Number
+from service.routes.fields import Flag, Instant, ItemId, Name, Number
 
 router = APIRouter(
-    prefix="/admin", tags=["admin"], route_class=GuardedRoute, responses=documented(400, 401, 403, 413, 422, 429, 503)
+    prefix="/admin",
+    tags=["admin"],
+    route_class=GuardedRoute,
+    responses=documented(400, 401, 403, 404, 409, 413, 422, 429, 503),
 )
 
 
@@ -27,6 +33,7 @@ class TargetsIn(RequestBody):
     min_agreement: Number | None = Field(None, ge=0, le=1, description="Agreement with the settled label, at least")
     max_undo_rate: Number | None = Field(None, ge=0, le=1, description="Undos per verdict, at most")
     max_discard_rate: Number | None = Field(None, ge=0, le=1, description="Discards per verdict, at most")
+    min_gold_accuracy: Number | None = Field(None, ge=0, le=1, description="Accuracy on gold items, at least")
 
 
 class TargetsPublic(BaseModel):
@@ -35,6 +42,7 @@ class TargetsPublic(BaseModel):
     min_agreement: float | None
     max_undo_rate: float | None
     max_discard_rate: float | None
+    min_gold_accuracy: float | None
 
 
 class ReviewerPublic(BaseModel):
@@ -50,6 +58,11 @@ class ReviewerPublic(BaseModel):
     undo_rate: float
     discards: int
     discard_rate: float
+    gold_right: int
+    gold_scored: int = Field(description="Gold items answered with a label or discarded, not withdrawn")
+    gold_accuracy: float | None
+    gold_low: float | None = Field(description="Wilson's 95% interval of the gold accuracy")
+    gold_high: float | None
     flags: list[str] = Field(description="The figures beyond their targets")
 
 
@@ -67,13 +80,12 @@ def reviewers(
     since: Annotated[Instant | None, Query(description="Default: 30 days before `until`.")] = None,
     until: Annotated[Instant | None, Query(description="Default: now.")] = None,
 ) -> ReviewersPublic:
-    """Each reviewer's figures over the period, each against the targets (those beyond are flagged)."""
+    """Each reviewer's figures over the period, each against the targets (those beyond are flagged);
+    an empty period (`since` not before `until`) has none."""
     until = until or datetime.now(UTC)
     since = since or until - timedelta(days=30)
-    if since >= until:
-        raise Invalid(f"since ({since}) must be before until ({until})")
     targets = quality.get_targets(conn=conn)
-    found = quality.reviewer_quality(conn=conn, since=since, until=until, targets=targets)
+    found = [] if since >= until else quality.reviewer_quality(conn=conn, since=since, until=until, targets=targets)
     return ReviewersPublic(
         since=since,
         until=until,
@@ -87,3 +99,51 @@ def set_targets(admin: Admin, conn: Connection, body: TargetsIn) -> TargetsPubli
     """The targets every reviewer's figures are held to (a figure without one is not flagged)."""
     targets = quality.set_targets(conn=conn, admin=admin, targets=quality.Targets(**body.model_dump()))
     return TargetsPublic(**asdict(targets))
+
+
+class GoldLabel(RequestBody):
+    prediction_id: ItemId
+    label: Name
+
+
+class GoldIn(RequestBody):
+    items: list[GoldLabel] | None = Field(None, max_length=10_000, description="Items and their right labels")
+    from_disputes: Flag = Field(False, description="Every item of the model whose dispute an admin resolved")
+    from_validation: Annotated[str, Field(pattern="^[0-9a-f]{32}$")] | None = Field(
+        None, description="The logged predictions a validation version (its id) holds"
+    )
+
+
+class GoldItemPublic(BaseModel):
+    prediction_id: uuid.UUID
+    model_name: str
+    label: str
+    source: str
+
+
+@router.post("/gold", response_model=list[GoldItemPublic])
+def mark_gold(admin: Admin, conn: Connection, model: Model, body: GoldIn) -> list[GoldItemPublic]:
+    """Mark gold items of the model (`?model=`): named ones, those whose dispute was resolved, or the
+    logged predictions of a validation version, with their labels (404 for a version that is not
+    one of the model's); answers on them measure reviewers and never change the items. The model's
+    gold items."""
+    chosen = [(g.prediction_id, g.label) for g in body.items or []]
+    strange = sorted({label for _, label in chosen} - set(model.schema.class_names))
+    if strange:  # the model's classes are the service's state, not the request's shape
+        raise Conflict(
+            f"not classes of {model.name}: {', '.join(strange)} (its classes: {', '.join(model.schema.class_names)})"
+        )
+    if body.from_disputes:
+        gold.mark(conn=conn, admin=admin, items=gold.from_disputes(conn=conn, model_name=model.name), source="dispute")
+    if body.from_validation is not None:
+        found = gold.from_validation(conn=conn, model_name=model.name, version_id=body.from_validation)
+        gold.mark(conn=conn, admin=admin, items=found, source="validation")
+    if chosen:
+        gold.mark(conn=conn, admin=admin, items=chosen)
+    return [GoldItemPublic(**asdict(g)) for g in gold.listed(conn=conn, model_name=model.name)]
+
+
+@router.get("/gold", response_model=list[GoldItemPublic])
+def gold_items(admin: Admin, conn: Connection, model: Model) -> list[GoldItemPublic]:
+    """The model's gold items (`?model=`)."""
+    return [GoldItemPublic(**asdict(g)) for g in gold.listed(conn=conn, model_name=model.name)]

@@ -108,4 +108,4 @@ def test_per_reviewer_figures_equal_a_hand_computation(
     assert client.get("/admin/reviewers", headers=reviewers["ann"]).status_code == 403
     assert client.put("/admin/reviewers/targets", json={"max_undo_rate": 2.0}, headers=admin).status_code == 422
     since_after = client.get("/admin/reviewers", params={"since": "2100-01-01T00:00:00Z"}, headers=admin)
-    assert since_after.status_code == 422 and "must be before" in since_after.json()["detail"]
+    assert since_after.status_code == 200 and since_after.json()["reviewers"] == []  # an empty period

@@ -17,6 +17,7 @@ from feedback.ids import compose_uuid7
 from feedback.migrate import available, migrate
 from feedback.predictions import partitions, retention, store
 from feedback.predictions.records import PredictionRecord, Row, decode_row, encode
+from feedback.predictions.records import created_at as uuid_created_at
 from feedback.review import Role, create_user
 from feedback.review.moderation import Verdict
 from feedback.review.verdicts import erase_input, record_outside
@@ -92,18 +93,31 @@ def test_an_old_database_is_upgraded_with_every_row_and_reference_kept(old_datab
             )  # fmt: skip
         user, _ = create_user(conn=conn, name="ann", role=Role.REVIEWER)
         judged = [r.id for r in rows[::7]]
-        for item in judged:
-            record_outside(conn=conn, user=user, prediction_id=item, verdict=Verdict.CORRECT, label=None, reason="x")
+        for item in judged:  # as that schema's reviewing wrote a verdict and the item's state
+            created = uuid_created_at(item)
+            revision = conn.execute(
+                "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, reason)"
+                " VALUES (%s, %s, %s, 'correct', 'x') RETURNING id",
+                (item, created, user.id),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO review_state (prediction_id, item_created_at, status, label, revision, reviewers)"
+                " SELECT id, created_at, 'reviewed', label, %s, 1 FROM predictions WHERE id = %s",
+                (revision[0] if revision else None, item),
+            )
         cursor = conn.execute("SELECT * FROM predictions LIMIT 0")
         old_columns = ", ".join(c.name for c in cursor.description or ())  # later migrations add columns
-        before, annotations = snapshot(conn), conn.execute("SELECT * FROM annotations ORDER BY id").fetchall()
+        cursor = conn.execute("SELECT * FROM annotations LIMIT 0")
+        old_annotation_columns = ", ".join(c.name for c in cursor.description or ())
+        before = snapshot(conn)
+        annotations = conn.execute(f"SELECT {old_annotation_columns} FROM annotations ORDER BY id").fetchall()
 
         assert [m.version for m in migrate(conn)] == [m.version for m in available() if m.version >= 10]
         assert relkind(conn) == "p"
         (legacy,) = partitions.partitions(conn)
         assert legacy.name == "predictions_legacy" and legacy.low is None
         assert snapshot(conn, columns=old_columns) == before and len(before) == 100  # every row, every value
-        assert conn.execute("SELECT * FROM annotations ORDER BY id").fetchall() == annotations
+        assert conn.execute(f"SELECT {old_annotation_columns} FROM annotations ORDER BY id").fetchall() == annotations
         states = conn.execute("SELECT count(*) FROM review_state s JOIN predictions p ON p.id = s.prediction_id")
         assert states.fetchone() == (len(judged),)  # every reference still resolves
 
