@@ -73,7 +73,10 @@ class Repository:
         return sorted(p.name for p in self.root.iterdir() if self.numbers(p.name)) if self.root.is_dir() else []
 
     async def version(self, name: str, number: str | None) -> _Version:
-        """Version `number` of `name` (the newest when None), opened if it is not yet."""
+        """Version `number` of `name` (the newest when None), opened if it is not yet. A named version
+        that is open is answered without looking at the disk (the path of every call)."""
+        if number is not None and number.isdigit() and (found := self._open.get((name, int(number)))) is not None:
+            return found
         numbers = self.numbers(name)
         if not numbers:
             raise EngineError(
@@ -103,11 +106,8 @@ class Repository:
         logger.info("opened %s version %d on %s", name, number, session.provider)
         return _Version(number, session, batcher, tensor_in, tensor_out)
 
-    async def infer(
-        self, name: str, number: str | None, tensor_name: str, array: NDArray[Any]
-    ) -> tuple[int, Tensor, NDArray[np.float32]]:
-        """Run one input through the version: its number, output tensor and output array."""
-        version = await self.version(name, number)
+    async def infer(self, name: str, version: _Version, tensor_name: str, array: NDArray[Any]) -> NDArray[np.float32]:
+        """Run one input through an open version of `name`: its outputs."""
         expected, dims = version.input[0], version.input[2]
         if tensor_name != expected:
             raise EngineError(400, f"{name} takes one input named {expected!r}, got {tensor_name!r}")
@@ -121,7 +121,7 @@ class Repository:
             outputs, _ = await version.batcher.submit(np.ascontiguousarray(array, dtype=np.float32))
         except Exception as exc:
             raise EngineError(503, f"{name} version {version.number} failed: {exc}") from exc
-        return version.number, version.output, outputs
+        return outputs
 
     def metadata(self, name: str, version: _Version) -> dict[str, Any]:
         def tensor(t: Tensor) -> dict[str, Any]:
@@ -203,16 +203,17 @@ def http_app(repository: Repository) -> Any:
 
     async def infer(request: Request) -> Response:
         name, number = request.path_params["name"], request.path_params.get("version")
-        output_name = (await repository.version(name, number)).output[0]
+        version = await repository.version(name, number)
+        output = version.output
         parsed = v2.parse(
-            await request.body(), request.headers.get("inference-header-content-length"), known=[output_name]
+            await request.body(), request.headers.get("inference-header-content-length"), known=[output[0]]
         )
         if len(parsed.inputs) != 1:
             raise EngineError(400, f"{name} takes one input, got {len(parsed.inputs)}")
         given = parsed.inputs[0]
-        served, output, outputs = await repository.infer(name, number, given.name, as_float(given))
+        outputs = await repository.infer(name, version, given.name, as_float(given))
         values = {output[0]: ("FP32", list(outputs.shape), outputs.tolist(), outputs.astype("<f4").tobytes())}
-        content, length = v2.encode(parsed, {"model_name": name, "model_version": str(served)}, values)
+        content, length = v2.encode(parsed, {"model_name": name, "model_version": str(version.number)}, values)
         if length is None:
             return Response(content, media_type="application/json")
         headers = {"Inference-Header-Content-Length": str(length)}
@@ -299,12 +300,15 @@ def grpc_servicer(repository: Repository) -> Any:
 
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             array = await guarded(context, _grpc_input(request))
-            work = repository.infer(request.model_name, request.model_version or None, request.inputs[0].name, array)
-            served, output, outputs = await guarded(context, work)
+            version = await guarded(context, repository.version(request.model_name, request.model_version or None))
+            outputs = await guarded(
+                context, repository.infer(request.model_name, version, request.inputs[0].name, array)
+            )
+            output = version.output
             answer = pb.ModelInferResponse.InferOutputTensor(name=output[0], datatype="FP32", shape=list(outputs.shape))
             return pb.ModelInferResponse(
                 model_name=request.model_name,
-                model_version=str(served),
+                model_version=str(version.number),
                 id=request.id,
                 outputs=[answer],
                 raw_output_contents=[outputs.astype("<f4").tobytes()],

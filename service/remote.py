@@ -105,14 +105,10 @@ class EngineSession:
         array = np.ascontiguousarray(batch, dtype=np.float32)
         module = self._module()
         given = module.InferInput(self.input_name, list(array.shape), "FP32")
+        given.set_data_from_numpy(array)  # HTTP sends and asks for binary tensors by default
         wanted = [module.InferRequestedOutput(self.output_name)]
-        if self.engine.protocol == "grpc":
-            given.set_data_from_numpy(array)
-            call: dict[str, Any] = {"client_timeout": self.engine.timeout_s}
-        else:
-            given.set_data_from_numpy(array, binary_data=True)
-            wanted = [module.InferRequestedOutput(self.output_name, binary_data=True)]
-            call = {}
+        # The HTTP client's timeouts are its own (`Engine.client`); a gRPC call takes one per call.
+        call: dict[str, Any] = {"client_timeout": self.engine.timeout_s} if self.engine.protocol == "grpc" else {}
         try:
             result = self._client().infer(self.stored.name, [given], model_version=self.number, outputs=wanted, **call)
             outputs = result.as_numpy(self.output_name)

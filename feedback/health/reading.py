@@ -12,6 +12,7 @@ import numpy as np
 import psycopg
 
 from feedback.datasets import live
+from feedback.datasets.store import DatasetVersion
 from feedback.health.folding import EPOCH, WINDOW_S, _merge, reference, window_start
 from models import health, store
 
@@ -92,21 +93,21 @@ def report(
                 disagree=health.disagree(estimated, judged_accuracy),
             )
         )
+    on_live = live.current_live(conn=conn, model_name=model_name)
     described = {
         version: {
             "validation_id": vid,
             "samples": ref.samples,
             "accuracy": ref.accuracy,
-            **_live(conn, model_name, version),
+            **_live(conn, model_name, version, on_live),
         }
         for (version, vid), ref in references.items()
     }
     return Report(model_name, window_s, alpha, described, windows)
 
 
-def _live(conn: psycopg.Connection, model_name: str, version: str) -> dict[str, Any]:
-    """The version's figures on the model's live validation version, beside the original's."""
-    found = live.current_live(conn=conn, model_name=model_name)
+def _live(conn: psycopg.Connection, model_name: str, version: str, found: DatasetVersion | None) -> dict[str, Any]:
+    """The version's figures on the model's live validation version `found`, beside the original's."""
     if found is None:
         return {"live_validation_id": None, "live_samples": None, "live_accuracy": None}
     try:

@@ -51,6 +51,13 @@ def _refresh_state(conn: psycopg.Connection, prediction_id: uuid.UUID) -> ItemSt
     return _refresh_states(conn, [prediction_id])[0]
 
 
+# The version of an item's model's guidelines a verdict is given under (NULL: the model has none).
+_GUIDELINES = (
+    "(SELECT max(g.version) FROM guidelines g JOIN predictions p ON p.model_name = g.model_name"
+    " WHERE p.created_at = {created} AND p.id = {item})"
+)
+
+
 def _current_states(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> list[ItemState]:
     """The items' states as they are (read only)."""
     rows = conn.execute(
@@ -117,8 +124,7 @@ def _annotate(
     created_at = uuid_created_at(prediction_id)
     row = conn.execute(
         "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason, guidelines_version)"
-        " VALUES (%s, %s, %s, %s, %s, %s, (SELECT max(g.version) FROM guidelines g JOIN predictions p"
-        " ON p.model_name = g.model_name WHERE p.created_at = %s AND p.id = %s)) RETURNING id",
+        f" VALUES (%s, %s, %s, %s, %s, %s, {_GUIDELINES.format(created='%s', item='%s')}) RETURNING id",
         (prediction_id, created_at, user.id, verdict.value, label, reason, created_at, prediction_id),
     ).fetchone()
     assert row is not None
@@ -165,8 +171,7 @@ def record_verdicts(
         conn.execute(
             "INSERT INTO annotations (prediction_id, item_created_at, actor_id, verdict, label, reason, proposed,"
             " guidelines_version, seconds)"
-            " SELECT i, c, %s, v, l, r, s, (SELECT max(g.version) FROM guidelines g JOIN predictions p"
-            " ON p.model_name = g.model_name WHERE p.created_at = c AND p.id = i), t"
+            f" SELECT i, c, %s, v, l, r, s, {_GUIDELINES.format(created='c', item='i')}, t"
             " FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[],"
             " %s::text[], %s::text[], %s::real[]) AS u(i, c, v, l, r, s, t)",
             (

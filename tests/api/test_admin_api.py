@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pyarrow.parquet as pq
 import pytest
+from fastapi import APIRouter
 from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
@@ -33,6 +35,18 @@ def schema_of(name: str) -> LabelSchema:
     if not name.startswith("digits"):
         raise NotFound(f"no model {name!r} is served here")
     return LabelSchema(class_names=digits.CLASS_NAMES, input_shape=digits.INPUT_SHAPE)
+
+
+@contextmanager
+def reviewing_client(moderation: ModerationContext, datasets_root: Path, *routers: APIRouter) -> Iterator[TestClient]:
+    """The review router and `routers` in-process, with `moderation` and a data loop of the digits models."""
+    app = application(review_router, *routers)
+    app.state.moderation = moderation
+    app.state.data_loop = DataLoopContext(
+        model_name="digits-cnn", schema=schema_of, originals=lambda _conn, _name: None, datasets_root=str(datasets_root)
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
 
 
 def originals_of(name: str, split_path: Path) -> Originals:

@@ -15,12 +15,9 @@ from starlette.testclient import TestClient
 
 from feedback import review as rs
 from models.health import judged_accuracy
-from service.routes import application
-from service.routes.admin import DataLoopContext
 from service.routes.dependencies import ModerationContext
-from service.routes.review import router as review_router
 from service.routes.reviewers import router as reviewers_router
-from tests.api.test_admin_api import schema_of
+from tests.api.test_admin_api import reviewing_client
 from tests.api.test_review_api import LABELS, make_user, pool, seed  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.api
@@ -28,15 +25,9 @@ pytestmark = pytest.mark.api
 
 @pytest.fixture
 def client(pool: ConnectionPool, tmp_path: Path) -> Iterator[TestClient]:  # noqa: F811
-    app = application(review_router, reviewers_router)
-    app.state.moderation = ModerationContext(
-        pool=pool, lease_seconds=60, overlap=1, gold_share=1.0, labels=lambda: LABELS
-    )
-    app.state.data_loop = DataLoopContext(
-        model_name="digits-cnn", schema=schema_of, originals=lambda _conn, _name: None, datasets_root=str(tmp_path)
-    )
-    with TestClient(app, raise_server_exceptions=False) as c:
-        yield c
+    moderation = ModerationContext(pool=pool, lease_seconds=60, overlap=1, gold_share=1.0, labels=lambda: LABELS)
+    with reviewing_client(moderation, tmp_path, reviewers_router) as client:
+        yield client
 
 
 def state_of(database_url: str) -> tuple[list[tuple[object, ...]], int]:

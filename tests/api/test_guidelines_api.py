@@ -13,11 +13,9 @@ from psycopg_pool import ConnectionPool
 from starlette.testclient import TestClient
 
 from feedback import review as rs
-from service.routes import application
-from service.routes.admin import DataLoopContext
+from service.routes.dependencies import ModerationContext
 from service.routes.guidelines import router as guidelines_router
-from service.routes.review import router as review_router
-from tests.api.test_admin_api import schema_of
+from tests.api.test_admin_api import reviewing_client
 from tests.api.test_review_api import context, make_user, pool, seed  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.api
@@ -26,14 +24,9 @@ MODEL = "digits-cnn"
 
 
 @pytest.fixture
-def client(context: rs.User, tmp_path: Path) -> Iterator[TestClient]:  # noqa: F811
-    app = application(review_router, guidelines_router)
-    app.state.moderation = context
-    app.state.data_loop = DataLoopContext(
-        model_name=MODEL, schema=schema_of, originals=lambda _conn, _name: None, datasets_root=str(tmp_path)
-    )
-    with TestClient(app, raise_server_exceptions=False) as c:
-        yield c
+def client(context: ModerationContext, tmp_path: Path) -> Iterator[TestClient]:  # noqa: F811
+    with reviewing_client(context, tmp_path, guidelines_router) as client:
+        yield client
 
 
 def test_a_new_version_is_read_once_before_the_next_claim_and_recorded_with_each_verdict(
