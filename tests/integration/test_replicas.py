@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -28,18 +29,32 @@ ROUNDS = 6  # claims of 20 by each reviewer
 
 
 def review_through(url: str, token: str, claimed: list[str], errors: list[str]) -> None:
-    """Claim and judge through one replica until the rounds are done or the queue is empty."""
+    """Claim and judge through one replica until the rounds are done or the queue is empty; a 503
+    (the replica busy) is tried again after its Retry-After, as a client does; anything else is an error."""
     headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
-        for _ in range(ROUNDS):
-            items = http.post("/review/claim", json={"count": 20}).json()
-            if not items:
-                return
-            claimed += [i["id"] for i in items]
-            verdicts = [{"prediction_id": i["id"], "verdict": "correct"} for i in items]
-            answer = http.post("/review/verdicts", json={"verdicts": verdicts})
-            if answer.status_code != 200:
-                errors.append(answer.text)
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        try:
+            for _ in range(ROUNDS):
+                items = _answered(http, "/review/claim", {"count": 20}, errors)
+                if not items:
+                    return
+                claimed += [i["id"] for i in items]
+                verdicts = [{"prediction_id": i["id"], "verdict": "correct"} for i in items]
+                _answered(http, "/review/verdicts", {"verdicts": verdicts}, errors)
+        except httpx.HTTPError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+
+def _answered(http: httpx.Client, path: str, body: dict[str, object], errors: list[str]) -> Any:
+    for _ in range(10):
+        answer = http.post(path, json=body)
+        if answer.status_code != 503:
+            break
+        time.sleep(float(answer.headers.get("Retry-After", "1")))
+    if answer.status_code != 200:
+        errors.append(f"{path}: {answer.status_code} {answer.text}")
+        return None
+    return answer.json()
 
 
 def served_version(service: RunningService, name: str) -> str:
