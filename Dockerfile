@@ -24,7 +24,9 @@ COPY service/ service/
 # The CLI imports `loop demo-loop` from experiments/, which starts its servers with harness/.
 COPY harness/ harness/
 COPY experiments/ experiments/
+COPY requirements/no-deps.txt requirements/no-deps.txt
 RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt ".[s3,remote]" \
+ && /opt/venv/bin/pip install --no-deps -c constraints.txt "$(grep '^crowd-kit==' requirements/no-deps.txt)" \
  && if [ -n "${ORT_EXTRAS}" ]; then \
       /opt/venv/bin/pip install -c constraints.txt "onnxruntime-gpu${ORT_EXTRAS}"; fi
 

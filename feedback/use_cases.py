@@ -36,6 +36,7 @@ from feedback.keys import Keys
 from feedback.predictions import blobs, partitions, retention
 from feedback.predictions.partitions import AHEAD_DAYS
 from feedback.review.users import User
+from feedback.review.weighting import UNWEIGHTED, Weighting
 
 
 def compile_with_validation(
@@ -49,10 +50,12 @@ def compile_with_validation(
     watermark: int | None = None,
     actor: User | None = None,
     progress: Progress | None = None,
+    weighting: Weighting = UNWEIGHTED,
 ) -> DatasetVersion:
     """Compile a training version, freezing the model's validation version first if it has none:
     from its original split when it has original data, else from its judged items. `originals`
-    is called only when they are needed; a model without any compiles from verdicts alone."""
+    is called only when they are needed; a model without any compiles from verdicts alone.
+    `weighting`: see `compile_training`."""
     validation = current_validation(conn=conn, model_name=model_name)
     found = originals() if include_original or validation is None else None
     if validation is None:
@@ -74,6 +77,7 @@ def compile_with_validation(
         watermark=watermark,
         actor=actor,
         progress=progress,
+        weighting=weighting,
     )
 
 

@@ -255,6 +255,7 @@ class Predictor:
                 shadow_announcer=None if redis_url is None else shadow_announcer(redis_url, self.keys),
                 shadow_rules=settings.shadow_rules,
                 health_alpha=settings.health_alpha,
+                weighting=settings.weighting,
             )
             gauges = health.keep_gauges(self._review_pool, routes.state.data_loop, list(self.slots), settings)
             self._background.append(asyncio.create_task(gauges, name="health-gauges"))

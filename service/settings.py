@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedback.predictions.blobs import BlobStore
 from feedback.predictions.log import LogPolicy
+from feedback.review.weighting import Weighting
 from feedback.shadow import Policy, Rules
 from models.builtin import DEFAULT_MODEL_NAME
 from models.runtime import DevicePreference
@@ -180,6 +181,19 @@ class Settings(BaseSettings):
     review_gold_share: float = Field(
         0.05, ge=0, le=1, description="Chance of each place of a claim to hold a gold item the reviewer never answered."
     )
+    labels_weighting: bool = Field(
+        False,
+        description="Compile training versions with the disputes that labels weighted by reviewer reliability "
+        "(Dawid-Skene) settle at labels_min_confidence; the others wait for an admin.",
+    )
+    labels_min_confidence: float = Field(
+        0.95, ge=0.5, le=1, description="How likely a weighted label must be to settle a dispute."
+    )
+
+    @property
+    def weighting(self) -> Weighting:
+        return Weighting(self.labels_weighting, self.labels_min_confidence)
+
     datasets_url: str | None = Field(
         None, description="Where dataset versions are written (a folder or any fsspec URL); unset: var/datasets."
     )

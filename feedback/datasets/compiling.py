@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -22,6 +23,7 @@ from feedback.datasets.store import DatasetVersion, Kind
 from feedback.datasets.versions import CHUNK, FORMAT, Chunk, read_version, record, write_version
 from feedback.errors import Conflict, Invalid
 from feedback.review.users import User
+from feedback.review.weighting import UNWEIGHTED, Weighting, settle
 from models import images
 from models.npy import NpyDecoder
 from models.provenance import code_version
@@ -43,6 +45,7 @@ def compile_training(
     watermark: int | None = None,
     actor: User | None = None,
     progress: Progress | None = None,
+    weighting: Weighting = UNWEIGHTED,
 ) -> DatasetVersion:
     """Compile the training version at `watermark` (default: every settled annotation).
 
@@ -51,7 +54,9 @@ def compile_training(
     unreviewed, when its input was erased or is not the model's kind (a tensor of its shape, or an
     image in one of its formats), or equals a validation input, or was drawn for the live validation
     set. Only the items of `model_name` (and
-    samples reviewers added for it) are read.
+    samples reviewers added for it) are read. With `weighting` enabled, disputed items take the
+    label weighted by reviewer reliability where it is at least `weighting.min_confidence` likely
+    (`feedback.review.weighting`); the others stay out, for an admin.
     """
     if not conn.autocommit:
         raise ValueError("compile_training needs a connection in autocommit mode (it opens its own transactions)")
@@ -65,12 +70,19 @@ def compile_training(
     held_out_inputs = {input_key(x) for x in held_out.raw}
     skipped: Counter[str] = Counter()
     manifest = _manifest(model_name, schema, watermark, validation, originals)
+    weighted: dict[uuid.UUID, str] = {}
+    if weighting.enabled:
+        settlement = settle(
+            conn=conn, model_name=model_name, watermark=watermark, min_confidence=weighting.min_confidence
+        )
+        weighted = settlement.labels
+        manifest["aggregation"] = settlement.manifest()
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        expected = store.count_labelled(conn=conn, model_name=model_name, watermark=watermark)
+        expected = store.count_labelled(conn=conn, model_name=model_name, watermark=watermark) + len(weighted)
         if originals is not None:
             expected += len(originals.train)
-        sources: list[Iterator[Row]] = [labelled(conn, model_name, watermark)]
+        sources: list[Iterator[Row]] = [labelled(conn, model_name, watermark, weighted)]
         if originals is not None:
             sources.append(_original(originals))
         merged = heapq.merge(*sources, key=lambda row: row[0])
@@ -125,13 +137,16 @@ def _manifest(
             ],
             "original": None if originals is None else {"name": originals.name, "split_id": originals.split_id},
         },
+        "aggregation": {"method": "agreement", "rule": "every counted verdict agrees; disputes wait for an admin"},
         "code_version": code_version(),
     }
 
 
-def labelled(conn: psycopg.Connection, model_name: str, watermark: int) -> Iterator[Row]:
+def labelled(
+    conn: psycopg.Connection, model_name: str, watermark: int, weighted: Mapping[uuid.UUID, str] | None = None
+) -> Iterator[Row]:
     """The model's labelled items as of `watermark`, in id order, inputs as stored."""
-    for item in store.labelled_items(conn=conn, model_name=model_name, watermark=watermark):
+    for item in store.labelled_items(conn=conn, model_name=model_name, watermark=watermark, weighted=weighted):
         yield str(item.id), item.source, item.label, item.revision, None, item.input, item.input_type
 
 

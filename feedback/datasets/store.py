@@ -6,7 +6,7 @@ Functions take a connection and keyword arguments; queries are parameterised, al
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -96,7 +96,8 @@ _SETTLED = f"""
     SELECT s.prediction_id, p.source, s.label, s.revision, p.input, p.input_type, p.input_key
     FROM review_state s
     JOIN predictions p ON p.created_at = s.item_created_at AND p.id = s.prediction_id
-    WHERE s.status = 'reviewed' AND s.revision <= %(w)s AND {_HAS_INPUT} AND {_OF_MODEL}
+    WHERE (s.status = 'reviewed' OR (s.status = 'disputed' AND s.prediction_id = ANY(%(d)s::uuid[])))
+      AND s.revision <= %(w)s AND {_HAS_INPUT} AND {_OF_MODEL}
     ORDER BY s.prediction_id
 """
 
@@ -118,21 +119,30 @@ _CHANGED_SINCE = f"""
 
 
 def labelled_items(
-    *, conn: psycopg.Connection, model_name: str, watermark: int, chunk: int = 20_000
+    *,
+    conn: psycopg.Connection,
+    model_name: str,
+    watermark: int,
+    weighted: Mapping[uuid.UUID, str] | None = None,
+    chunk: int = 20_000,
 ) -> Iterator[LabelledItem]:
     """Every item of `model_name` with a current label as of `watermark` and an input, in id order, streamed.
 
+    `weighted` labels items that are disputed as of the watermark (`feedback.review.weighting`).
     Call inside a REPEATABLE READ transaction: both cursors then read one snapshot.
     """
-    settled = _rows(conn, _SETTLED, model_name, watermark, chunk)
-    changed = _rows(conn, _CHANGED_SINCE, model_name, watermark, chunk)
+    weighted = weighted or {}
+    params = {"w": watermark, "m": model_name, "d": list(weighted)}
+    settled = _rows(conn, _SETTLED, params, chunk)
+    changed = _rows(conn, _CHANGED_SINCE, params, chunk)
     a, b = next(settled, None), next(changed, None)
     while a is not None or b is not None:
         if b is None or (a is not None and a[0] < b[0]):
             assert a is not None
             data = blobs.read(conn, a[4], a[6])
             assert data is not None
-            yield LabelledItem(id=a[0], source=a[1], label=a[2], revision=int(a[3]), input=data, input_type=a[5])
+            label = a[2] if a[2] is not None else weighted[a[0]]
+            yield LabelledItem(id=a[0], source=a[1], label=label, revision=int(a[3]), input=data, input_type=a[5])
             a = next(settled, None)
             continue
         history = [
@@ -140,26 +150,22 @@ def labelled_items(
             for r, u, v, lab in zip(b[6], b[7], b[8], b[9], strict=True)
         ]
         decision = decide(history, predicted=b[2], required=int(b[3]))
-        if decision.status is Status.REVIEWED and decision.label is not None:
+        label = decision.label if decision.status is Status.REVIEWED else None
+        if decision.status is Status.DISPUTED:
+            label = weighted.get(b[0])
+        if label is not None:
             data = blobs.read(conn, b[4], b[10])
             assert data is not None
             yield LabelledItem(
-                id=b[0],
-                source=b[1],
-                label=decision.label,
-                revision=history[-1].revision,
-                input=data,
-                input_type=b[5],
+                id=b[0], source=b[1], label=label, revision=history[-1].revision, input=data, input_type=b[5]
             )
         b = next(changed, None)
 
 
-def _rows(
-    conn: psycopg.Connection, query: str, model_name: str, watermark: int, chunk: int
-) -> Iterator[tuple[Any, ...]]:
+def _rows(conn: psycopg.Connection, query: str, params: dict[str, Any], chunk: int) -> Iterator[tuple[Any, ...]]:
     with conn.cursor(name=f"labelled_{uuid.uuid4().hex[:8]}", binary=True) as cursor:
         cursor.itersize = chunk
-        cursor.execute(query, {"w": watermark, "m": model_name})
+        cursor.execute(query, params)
         yield from cursor
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,10 @@ def compile_version(
     watermark: int | None = None,
     original: bool = True,
     actor: User | None = None,
+    weighting: bool | None = None,
 ) -> Any:
     """Freeze the validation version if need be (from the original split, else from verdicts) and
-    compile a training version, with a progress bar."""
+    compile a training version, with a progress bar; `weighting` defaults to the setting."""
     from feedback.use_cases import compile_with_validation
 
     with contextlib.ExitStack() as stack:
@@ -62,6 +64,7 @@ def compile_version(
             watermark=watermark,
             actor=actor,
             progress=progress(stack, "compiling"),
+            weighting=settings.weighting if weighting is None else replace(settings.weighting, enabled=weighting),
         )
 
 
@@ -119,14 +122,24 @@ def datasets_import(name: str, source: Path, seed: int, validation_fraction: flo
     show_default=True,
     help="Include the original training data (if the model has any).",
 )
+@click.option(
+    "--weighted/--unweighted",
+    "weighting",
+    default=None,
+    help="Settle disputes by labels weighted by reviewer reliability (default: LOOP_LABELS_WEIGHTING).",
+)
 @click.option("--admin", "admin_name", help="Admin to record as the author.")
-def datasets_compile(model_name: str | None, watermark: int | None, original: bool, admin_name: str | None) -> None:
+def datasets_compile(
+    model_name: str | None, watermark: int | None, original: bool, weighting: bool | None, admin_name: str | None
+) -> None:
     """Compile a training version; prints its id (DVC's directory hash)."""
     settings = Settings()
     name = model_name or settings.model_name
     with connection(settings) as conn, clean_errors():
         actor = admin(conn, admin_name, required=False)
-        version = compile_version(conn, settings, name, watermark=watermark, original=original, actor=actor)
+        version = compile_version(
+            conn, settings, name, watermark=watermark, original=original, actor=actor, weighting=weighting
+        )
     click.echo(
         f"training version {version.id}: {version.rows} rows at watermark {version.watermark}, "
         f"validation {version.validation_id}\n  per class: {json.dumps(version.per_class)}\n  {version.uri}"

@@ -9,7 +9,7 @@ service puts a `DataLoopContext` in `app.state.data_loop`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,6 +22,7 @@ from feedback.champion import Decision, Promotion, promote, promotions
 from feedback.datasets import DatasetVersion, Kind
 from feedback.datasets import store as dataset_store
 from feedback.errors import NotFound, Unavailable
+from feedback.review.weighting import Weighting
 from feedback.shadow import Accuracy, Evidence, Rules, Shadow, evidence, timeline
 from feedback.shadow import history as shadow_history
 from feedback.use_cases import (
@@ -47,6 +48,7 @@ class DataLoopContext:
     shadow_announcer: ShadowAnnouncer | None = None
     shadow_rules: Rules = field(default_factory=Rules)  # deciding on a shadow (LOOP_SHADOW_*)
     health_alpha: float = 0.01  # the drift tests' level (LOOP_HEALTH_ALPHA)
+    weighting: Weighting = field(default_factory=Weighting)  # disputes settled by weighted labels (LOOP_LABELS_*)
 
 
 router = APIRouter(
@@ -121,6 +123,11 @@ class DatasetVersionPublic(BaseModel):
 class CompileIn(RequestBody):
     watermark: Integer | None = Field(None, ge=0, description="Highest annotation revision; default: all settled.")
     include_original: Flag = Field(True, description="Include the data the model was first trained on, if it has any.")
+    weighted: Flag | None = Field(
+        None,
+        description="Settle disputes by labels weighted by reviewer reliability (Dawid-Skene) where they are at "
+        "least LOOP_LABELS_MIN_CONFIDENCE likely; default: LOOP_LABELS_WEIGHTING.",
+    )
 
 
 class LabelFixIn(RequestBody):
@@ -189,6 +196,7 @@ def compile_dataset(body: CompileIn, conn: Connection, loop: Loop, model: Model,
         root_url=loop.datasets_root,
         watermark=body.watermark,
         actor=admin,
+        weighting=loop.weighting if body.weighted is None else replace(loop.weighting, enabled=body.weighted),
     )
     return DatasetVersionPublic.of(version)
 

@@ -1,6 +1,7 @@
 """Per-reviewer quality for admins: `GET /admin/reviewers` (each reviewer's figures over a period,
 flagged against the targets), `PUT /admin/reviewers/targets`, and the gold items that measure
-reviewers (`POST|GET /admin/gold`)."""
+reviewers (`POST|GET /admin/gold`), and labels weighted by each reviewer's reliability
+(`GET /admin/weighted`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from feedback.datasets.store import settled_watermark
 from feedback.errors import Conflict
-from feedback.review import gold, quality
+from feedback.review import gold, quality, weighting
 from service.problems import documented
-from service.routes.admin import Model
+from service.routes.admin import Loop, Model
 from service.routes.dependencies import Admin, Connection, GuardedRoute, RequestBody
 from service.routes.fields import Flag, Instant, ItemId, Name, Number
 
@@ -147,3 +149,45 @@ def mark_gold(admin: Admin, conn: Connection, model: Model, body: GoldIn) -> lis
 def gold_items(admin: Admin, conn: Connection, model: Model) -> list[GoldItemPublic]:
     """The model's gold items (`?model=`)."""
     return [GoldItemPublic(**asdict(g)) for g in gold.listed(conn=conn, model_name=model.name)]
+
+
+class WeightedDisputePublic(BaseModel):
+    prediction_id: uuid.UUID
+    label: str = Field(description="The most likely label, weighted by reliability (or `<discarded>`)")
+    confidence: float
+    settles: bool = Field(description="At least `min_confidence` likely: a compile with weighting takes it")
+
+
+class WeightedPublic(BaseModel):
+    method: str
+    library: str
+    min_confidence: float
+    judged_items: int = Field(description="Items two or more reviewers judged, which the weights are fit on")
+    reliability: dict[str, float] = Field(description="Each reviewer's estimated chance of saying the true label")
+    disputes: list[WeightedDisputePublic]
+
+
+@router.get("/weighted", response_model=WeightedPublic)
+def weighted(admin: Admin, conn: Connection, model: Model, loop: Loop) -> WeightedPublic:
+    """Labels weighted by reviewer reliability (Dawid-Skene) over the model's items judged by two or
+    more reviewers (`?model=`): each reviewer's estimated accuracy, and each open dispute's weighted
+    label; those at least `LOOP_LABELS_MIN_CONFIDENCE` likely are settled by a compile with weighting."""
+    watermark = settled_watermark(conn=conn)
+    found = weighting.settle(
+        conn=conn, model_name=model.name, watermark=watermark, min_confidence=loop.weighting.min_confidence
+    )
+    disputes = [
+        WeightedDisputePublic(
+            prediction_id=item, label=label, confidence=chance, settles=chance >= found.min_confidence
+        )
+        for item, (label, chance) in sorted(found.weighted.labels.items())
+        if item in found.disputed
+    ]
+    return WeightedPublic(
+        method=weighting.METHOD,
+        library=weighting.library(),
+        min_confidence=found.min_confidence,
+        judged_items=len(found.weighted.labels),
+        reliability=weighting.names(conn, found.weighted.reliability),
+        disputes=disputes,
+    )
