@@ -134,7 +134,7 @@ def _plan(
 ) -> _Plan:
     """Everything a retrain needs, checked before any run starts; `Invalid` naming what is refused."""
     validation = _validation_for(conn, model_name, dataset)
-    spec, train_with, base = _trainer(model_name, spec or builtin.spec_of(model_name), trainer)
+    spec, train_with, base = trainer_for(model_name, spec or builtin.spec_of(model_name), trainer)
     if list(spec.classes) != dataset.manifest["label_schema"]["class_names"]:
         raise Invalid(f"{dataset.id} was compiled for other classes than {model_name}'s spec names")
     verify(dataset.uri, dataset.id)
@@ -262,7 +262,7 @@ def live_figures(
     return figures
 
 
-def _trainer(
+def trainer_for(
     model_name: str, spec: ModelSpec, trainer: str | None
 ) -> tuple[ModelSpec, Trainer, store.StoredModel | None]:
     """The spec to train by (with `trainer` in place of its own), its trainer, and the model's own

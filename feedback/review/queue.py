@@ -39,6 +39,8 @@ class Strategy(StrEnum):
     # oldest first: judged, they become the next live validation version
     DRIFT = "drift"  # the last day's items of the segments (model, label) whose share rose most against
     # the version's reference first (`drifted`, from `feedback.health.drifted_segments`), newest first
+    SUSPECT = "suspect"  # judged items whose label is probably wrong (`feedback.suspects`), most likely
+    # first, each to one more reviewer at a time, until someone judges it after the ranking
 
 
 # How many reviews an item needs: `overlap` for a deterministic share of items (by id), else 1.
@@ -56,6 +58,18 @@ _ELIGIBLE = sql.SQL(
                     AND l.expires_at > now())
     AND coalesce(s.reviewers, 0) + {live} < coalesce(s.required_reviews, {required})"""
 ).format(live=_LIVE_LEASES, required=REQUIRED_REVIEWS)
+# A suspect is offered to reviewers who never judged it, one at a time, until a verdict or a
+# resolution after the version it was ranked in.
+_SUSPECT_ELIGIBLE = sql.SQL(
+    """p.source = 'model' AND (p.input IS NOT NULL OR p.input_key IS NOT NULL)
+    AND EXISTS (SELECT 1 FROM label_suspects x WHERE x.prediction_id = p.id AND NOT EXISTS (
+        SELECT 1 FROM annotations a WHERE a.prediction_id = p.id AND a.id > x.watermark
+        AND a.verdict IN ('correct', 'wrong', 'discard', 'resolve')))
+    AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.prediction_id = p.id AND a.actor_id = %(user)s)
+    AND NOT EXISTS (SELECT 1 FROM gold_items g WHERE g.prediction_id = p.id)
+    AND {live} = 0"""
+).format(live=_LIVE_LEASES)
+_SUSPECTS_FIRST = sql.SQL("(SELECT min(x.rank) FROM label_suspects x WHERE x.prediction_id = p.id), p.created_at, p.id")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DRAWN = sql.SQL("EXISTS (SELECT 1 FROM live_validation_items l WHERE l.prediction_id = p.id)")
 _SHADOWED = sql.SQL(
@@ -193,7 +207,7 @@ def _from_queue(
                 overlap=overlap, overlap_share=overlap_share, filters=filters, mixed_share=mixed_share, drifted=(),
             )  # fmt: skip
         shown = _blind_proposals(conn, locked) if strategy is Strategy.DISAGREE else {}
-        expiry = _lease(conn, locked, params, shown) if locked else {}
+        expiry = _lease(conn, locked, params, shown, strategy) if locked else {}
         if not expiry:
             return []
         items = [row for row in locked if row[0] in expiry]  # in claim order
@@ -266,6 +280,7 @@ def _lock(
         Strategy.DISAGREE: _DISAGREEMENTS_FIRST,
         Strategy.DRIFT: _DRIFTED_FIRST,
         Strategy.VALIDATION: sql.SQL("p.created_at, p.id"),
+        Strategy.SUSPECT: _SUSPECTS_FIRST,
     }[strategy]
     narrow = sql.SQL("").join(sql.SQL(" AND {}").format(c) for c in narrowed)
     return conn.execute(
@@ -275,13 +290,21 @@ def _lock(
             " ON s.item_created_at = p.created_at AND s.prediction_id = p.id"
             " WHERE p.created_at >= %(start)s AND {eligible}{narrow} ORDER BY {order} LIMIT %(count)s"
             " FOR UPDATE OF p SKIP LOCKED"
-        ).format(eligible=_ELIGIBLE, narrow=narrow, order=order, required=REQUIRED_REVIEWS),
+        ).format(eligible=_eligible(strategy), narrow=narrow, order=order, required=REQUIRED_REVIEWS),
         params,
     ).fetchall()
 
 
+def _eligible(strategy: Strategy) -> sql.Composable:
+    return _SUSPECT_ELIGIBLE if strategy is Strategy.SUSPECT else _ELIGIBLE
+
+
 def _lease(
-    conn: psycopg.Connection, locked: list[tuple[Any, ...]], params: dict[str, Any], shown: dict[uuid.UUID, _Proposal]
+    conn: psycopg.Connection,
+    locked: list[tuple[Any, ...]],
+    params: dict[str, Any],
+    shown: dict[uuid.UUID, _Proposal],
+    strategy: Strategy,
 ) -> dict[uuid.UUID, Any]:
     """Lease the locked rows that are still eligible, each with the label it shows when that is not
     the answer's (`shown`); {item: expiry}.
@@ -308,7 +331,7 @@ def _lease(
             ON CONFLICT (prediction_id, user_id) DO UPDATE SET expires_at = EXCLUDED.expires_at,
                 proposed = EXCLUDED.proposed, leased_at = now()
             RETURNING prediction_id, expires_at"""
-        ).format(required=REQUIRED_REVIEWS, eligible=_ELIGIBLE),
+        ).format(required=REQUIRED_REVIEWS, eligible=_eligible(strategy)),
         params,
     ).fetchall()
     return {r[0]: r[1] for r in rows}

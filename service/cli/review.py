@@ -1,5 +1,6 @@
 """`loop review export|import`: the review queue's items out to Label Studio, and its annotations
-back as verdicts; `loop review guidelines set|show`: a model's guidelines for reviewers."""
+back as verdicts; `loop review guidelines set|show`: a model's guidelines for reviewers; `loop review
+suspects`: likely label errors, ranked and offered to reviewers."""
 
 from __future__ import annotations
 
@@ -173,3 +174,66 @@ def guidelines_show(name: str, every: bool) -> None:
         )
     for g in found if every else found[-1:]:
         click.echo(f"# version {g.version}, by {g.created_by or '-'} at {g.created_at:%Y-%m-%d %H:%M}\n{g.markdown}")
+
+
+@review.command("suspects")
+@click.argument("name")
+@click.option("--version", "version_id", help="A training or original version (default: the newest training one).")
+@click.option("--folds", type=click.IntRange(min=2, max=20), default=5, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs of each fold's training (default: the protocol's).")
+@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="Rows to print.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Every suspect to this file.")
+@click.option("--admin", "admin_name", help="Admin to record as the author.")
+def review_suspects(
+    name: str,
+    *,
+    version_id: str | None,
+    folds: int,
+    epochs: int | None,
+    top: int,
+    csv_path: Path | None,
+    admin_name: str | None,
+) -> None:
+    """Rank the rows of NAME's version whose label is probably wrong (confident learning on
+    out-of-sample probabilities: the model's trainer on the other folds), keep the ranking, and
+    offer its logged predictions to reviewers (review order `suspect`)."""
+    import contextlib
+    import csv
+    import dataclasses
+
+    from feedback import suspects
+    from feedback.datasets import store as dataset_store
+    from models.train import TrainConfig
+    from service.cli.common import progress
+
+    settings = Settings()
+    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
+    with clean_errors(), connection(settings) as conn, contextlib.ExitStack() as stack:
+        actor = admin(conn, admin_name, required=False)
+        if version_id is not None:
+            version = dataset_store.get_version(conn=conn, version_id=version_id)
+        else:
+            compiled = dataset_store.list_versions(conn=conn, model_name=name, kind=dataset_store.Kind.TRAINING)
+            version = compiled[-1] if compiled else None
+        if version is None:
+            raise click.ClickException(
+                f"no version {version_id} (`loop datasets list`)"
+                if version_id
+                else f"{name} has no training version yet (`loop datasets compile --model {name}`)"
+            )
+        on_fold = progress(stack, f"training {folds} folds")
+        ranking = suspects.find(
+            conn=conn, model_name=name, dataset=version, config=config, folds=folds, actor=actor, on_fold=on_fold
+        )
+    click.echo(
+        f"{name}: {len(ranking.suspects)} of {ranking.rows} rows of {ranking.dataset_id} are likely label errors; "
+        f"{ranking.reviewable} are logged predictions, offered by the review order `suspect`"
+    )
+    for s in ranking.suspects[:top]:
+        click.echo(f"{s.rank:>5}  {s.item_id:<40} {s.label:>12} -> {s.suggested:<12} p(label) {s.quality:.3f}")
+    if csv_path is not None:
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[field.name for field in dataclasses.fields(suspects.SuspectRow)])
+            writer.writeheader()
+            writer.writerows(dataclasses.asdict(s) for s in ranking.suspects)
+        click.echo(f"every suspect: {csv_path}")

@@ -191,3 +191,26 @@ def weighted(admin: Admin, conn: Connection, model: Model, loop: Loop) -> Weight
         reliability=weighting.names(conn, found.weighted.reliability),
         disputes=disputes,
     )
+
+
+class SuspectPublic(BaseModel):
+    rank: int = Field(description="1: the most likely label error")
+    item_id: str = Field(description="The row's id in the version ranked")
+    prediction_id: uuid.UUID | None = Field(description="Set where the row is a logged prediction reviewers can judge")
+    label: str = Field(description="The label the version gives it")
+    suggested: str = Field(description="The most probable class out of sample")
+    quality: float = Field(description="The out-of-sample probability of the label given")
+
+
+@router.get("/suspects", response_model=list[SuspectPublic])
+def label_suspects(
+    admin: Admin,
+    conn: Connection,
+    model: Model,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> list[SuspectPublic]:
+    """The model's likely label errors (`?model=`), most likely first, from its latest ranking
+    (`loop review suspects`); the logged predictions among them are the review order `suspect`."""
+    from feedback import suspects
+
+    return [SuspectPublic(**asdict(s)) for s in suspects.listed(conn=conn, model_name=model.name, limit=limit)]

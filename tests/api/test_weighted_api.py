@@ -71,3 +71,24 @@ def test_weights_rank_the_careless_reviewer_last_and_settle_disputes_in_a_compil
 
     unknown = client.get("/admin/weighted", params={"model": "nobody"}, headers=admin)
     assert unknown.status_code == 404
+
+
+def test_suspects_are_listed_most_likely_first(
+    client: TestClient,
+    pool: ConnectionPool,  # noqa: F811
+) -> None:
+    _, admin = make_user(pool, "boss", rs.Role.ADMIN)
+    with pool.connection() as conn:
+        for rank, item in ((2, "orig-7"), (1, "orig-3"), (3, "orig-9")):
+            conn.execute(
+                "INSERT INTO label_suspects (model_name, item_id, rank, quality, label, suggested, dataset_id,"
+                " watermark) VALUES ('digits-cnn', %s, %s, 0.1, '1', '7', 'd', 0)",
+                (item, rank),
+            )
+    answer = client.get("/admin/suspects", params={"model": "digits-cnn", "limit": 2}, headers=admin)
+    assert answer.status_code == 200, answer.text
+    assert [(s["rank"], s["item_id"], s["prediction_id"]) for s in answer.json()] == [
+        (1, "orig-3", None),
+        (2, "orig-7", None),
+    ]
+    assert client.get("/admin/suspects", params={"model": "digits-cnn"}).status_code == 401
