@@ -4,7 +4,8 @@ For every user who gave verdicts in the period: how many and how many a day they
 median seconds from a lease to its verdict, how often their label agrees with the item's settled
 label (their latest verdict on each item that is settled now, counted when it says a label), their
 undo and discard rates, and their accuracy on gold items (`feedback.review.gold`) with Wilson's 95%
-interval. A figure beyond its target is flagged (gold accuracy when its whole interval is below).
+interval. A figure beyond its target is flagged (gold accuracy once there are ten answers and its
+whole interval is below).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from feedback.review.audit import audit
 from feedback.review.users import User
 from models.health import judged_accuracy
 
+GOLD_MIN_ANSWERS = 10  # gold answers a reviewer gives before their gold accuracy can flag them
+
+
+def gold_flagged(right: int, scored: int, target: float) -> bool:
+    """Whether `right` of `scored` gold answers are confidently below `target`: at least
+    GOLD_MIN_ANSWERS, and the upper end of Wilson's 95% interval below it."""
+    interval = judged_accuracy(right, scored - right)
+    return scored >= GOLD_MIN_ANSWERS and interval is not None and interval.high < target
+
 
 @dataclass(frozen=True)
 class Targets:
@@ -36,20 +46,23 @@ class Targets:
 
     def flags(self, q: ReviewerQuality) -> list[str]:
         """The figures of `q` beyond their targets; gold accuracy when confidently below its target
-        (the upper end of its 95% interval is), so that a few unlucky answers flag nobody."""
+        (`gold_flagged`), so that a few unlucky answers flag nobody."""
         checks = [
             ("per_day", q.per_day, self.min_per_day, False),
             ("median_seconds", q.median_seconds, self.max_median_seconds, True),
             ("agreement", q.agreement, self.min_agreement, False),
             ("undo_rate", q.undo_rate, self.max_undo_rate, True),
             ("discard_rate", q.discard_rate, self.max_discard_rate, True),
-            ("gold_accuracy", q.gold_high, self.min_gold_accuracy, False),
         ]
-        return [
+        flags = [
             name
             for name, value, target, at_most in checks
             if value is not None and target is not None and (value > target if at_most else value < target)
         ]
+        target = self.min_gold_accuracy
+        if target is not None and gold_flagged(q.gold_right, q.gold_scored, target):
+            flags.append("gold_accuracy")
+        return flags
 
 
 @dataclass(frozen=True)

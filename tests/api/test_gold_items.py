@@ -93,12 +93,8 @@ def test_gold_answers_measure_reviewers_and_change_nothing(
     assert (row["gold_right"], row["gold_scored"]) == (4, 6)
     assert row["gold_accuracy"] == pytest.approx(4 / 6)
     assert (row["gold_low"], row["gold_high"]) == (pytest.approx(expected.low), pytest.approx(expected.high))
-    # Below the default target of 0.9, but not confidently so (the interval reaches 0.903): not flagged;
-    # against a target of 0.95, the whole interval is below.
+    # Below the default target of 0.9, but six answers are too few to flag (tests/unit/test_gold_flag.py).
     assert "gold_accuracy" not in row["flags"]
-    assert client.put("/admin/reviewers/targets", json={"min_gold_accuracy": 0.95}, headers=admin).status_code == 200
-    (row,) = client.get("/admin/reviewers", headers=admin).json()["reviewers"]
-    assert row["flags"] == ["gold_accuracy"]
     assert client.get("/admin/gold", headers=admin).json() == marked.json()
     refused = client.post(
         "/admin/gold",
