@@ -133,7 +133,7 @@ def _plan(
     conn: psycopg.Connection, model_name: str, dataset: DatasetVersion, *, spec: ModelSpec | None, trainer: str | None
 ) -> _Plan:
     """Everything a retrain needs, checked before any run starts; `Invalid` naming what is refused."""
-    validation = _validation_for(conn, model_name, dataset)
+    validation = validation_for(conn, model_name, dataset)
     spec, train_with, base = trainer_for(model_name, spec or builtin.spec_of(model_name), trainer)
     if list(spec.classes) != dataset.manifest["label_schema"]["class_names"]:
         raise Invalid(f"{dataset.id} was compiled for other classes than {model_name}'s spec names")
@@ -178,10 +178,19 @@ def _build(
     )
 
 
-def _validation_for(conn: psycopg.Connection, model_name: str, dataset: DatasetVersion) -> DatasetVersion:
-    """The model's current validation version; `Invalid` unless `dataset` is a training version of the model."""
-    if dataset.kind is not Kind.TRAINING:
-        raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; retrain takes a training version")
+def validation_for(
+    conn: psycopg.Connection,
+    model_name: str,
+    dataset: DatasetVersion,
+    *,
+    kinds: tuple[Kind, ...] = (Kind.TRAINING,),
+    taker: str = "retrain",
+) -> DatasetVersion:
+    """The model's current validation version; `Invalid` unless `dataset` is a version of the model
+    of one of `kinds` (`taker` names what takes it, in the refusal)."""
+    if dataset.kind not in kinds:
+        wanted = " or ".join(k.value for k in kinds)
+        raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; {taker} takes a {wanted} version")
     if dataset.model_name != model_name:
         raise Invalid(f"{dataset.id} was compiled for {dataset.model_name}, not {model_name}")
     validation = current_validation(conn=conn, model_name=model_name)

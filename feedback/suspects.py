@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import psycopg
 
-from feedback.datasets.store import DatasetVersion, Kind, current_validation
+from feedback.datasets.store import DatasetVersion, Kind
 from feedback.datasets.versions import read_version, verify
 from feedback.errors import Invalid
-from feedback.retrain import trainer_for
+from feedback.retrain import trainer_for, validation_for
 from feedback.review.audit import audit
 from feedback.review.users import User
 from models import builtin
@@ -70,13 +70,8 @@ def find(
     """Rank the rows of `dataset` (a training or original version of `model_name`) whose label is
     probably wrong, and keep the ranking as the model's current one; `Invalid` for a version or a
     model that cannot be ranked, before any training."""
-    if dataset.kind not in (Kind.TRAINING, Kind.ORIGINAL):
-        raise Invalid(f"{dataset.id} is a {dataset.kind.value} version; rank a training or original version")
-    if dataset.model_name != model_name:
-        raise Invalid(f"{dataset.id} belongs to {dataset.model_name}, not {model_name}")
-    validation = current_validation(conn=conn, model_name=model_name)
-    if validation is None:
-        raise Invalid(f"{model_name} has no validation version (compile a training version first)")
+    kinds = (Kind.TRAINING, Kind.ORIGINAL)
+    validation = validation_for(conn, model_name, dataset, kinds=kinds, taker="a ranking of label errors")
     spec, trainer, base = trainer_for(model_name, spec or builtin.spec_of(model_name), None)
     if list(spec.classes) != dataset.manifest["label_schema"]["class_names"]:
         raise Invalid(f"{dataset.id} was compiled for other classes than {model_name}'s spec names")

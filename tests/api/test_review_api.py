@@ -104,6 +104,33 @@ def review_rows(database_url: str) -> dict[str, list[tuple[Any, ...]]]:
 # -- claiming and leases --------------------------------------------------------------------------
 
 
+def test_concurrent_claims_are_answered_in_full_while_the_queue_holds_enough(
+    database_url: str, pool: ConnectionPool
+) -> None:
+    """A claim racing another one (which committed leases on rows this one's snapshot saw free) locks
+    again instead of coming back short or empty."""
+    seed(database_url, 600)
+    reviewers = [make_user(pool, f"r{i}")[0] for i in range(6)]
+    sizes: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(reviewers))
+
+    def work(user: rs.User) -> None:
+        barrier.wait()
+        for _ in range(15):  # 6 x 15 x 5 = 450 of the 600 items
+            with pool.connection() as conn:
+                claimed = rs.claim(conn=conn, user=user, count=5, strategy=rs.Strategy.OLDEST, lease_seconds=120)
+            with lock:
+                sizes.append(len(claimed))
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in reviewers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(Counter(sizes).items()) == [(5, 90)]
+
+
 def test_eight_concurrent_reviewers_never_exceed_an_items_overlap(database_url: str, pool: ConnectionPool) -> None:
     seed(database_url, 240)
     reviewers = [make_user(pool, f"r{i}")[0] for i in range(8)]
