@@ -1,10 +1,11 @@
 """Moderation latency with a large store: claim + verdict, and a filtered page of the item list.
 
-    python -m benchmarks.bench_review --predictions 1000000 --rounds 300
+    python -m benchmarks.bench_review --predictions 1000000 --rounds 300 [--suspects 1000]
 
 Fills a fresh database with synthetic predictions (binary COPY, as the ingest worker writes
 them), then times, through the same functions the HTTP routes call: claiming 10 items and giving
-10 verdicts (one transaction each), and listing a filtered page of 50. Prints p50/p99 in ms.
+10 verdicts (one transaction each), and listing a filtered page of 50; with `--suspects`, claiming
+10 in the `suspect` order. Prints p50/p99 in ms.
 """
 
 from __future__ import annotations
@@ -64,6 +65,26 @@ def fill(conn: psycopg.Connection, n: int, chunk: int = 20_000) -> None:
     conn.execute("CHECKPOINT")
 
 
+def suspect_claims(conn: psycopg.Connection, suspects: int, rounds: int) -> list[float]:
+    """Times of claiming 10 items in the `suspect` order, with `suspects` items of the log ranked as
+    likely label errors (spread over the month, as a ranking of a compiled version is)."""
+    conn.execute(
+        "INSERT INTO label_suspects (model_name, item_id, prediction_id, item_created_at, rank, quality, label,"
+        " suggested, dataset_id, watermark) SELECT 'digits-cnn', id::text, id, created_at,"
+        " row_number() OVER (ORDER BY random()), 0.1, label, label, 'bench', 0"
+        " FROM (SELECT id, created_at, label FROM predictions ORDER BY random() LIMIT %s) picked",
+        (suspects,),
+    )
+    conn.execute("ANALYZE label_suspects")
+    times = []
+    for i in range(rounds):
+        reviewer, _ = rs.create_user(conn=conn, name=f"suspect-{i}", role=rs.Role.REVIEWER)
+        t0 = time.perf_counter()
+        rs.claim(conn=conn, user=reviewer, count=10, strategy=rs.Strategy.SUSPECT, lease_seconds=1)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def percentiles(samples: list[float]) -> str:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
@@ -75,6 +96,7 @@ def main() -> None:
     parser.add_argument("--predictions", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--suspects", type=int, default=0, help="Also time the `suspect` order with this many.")
     parser.add_argument("--keep", action="store_true", help="Keep the database (its name is printed).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -110,6 +132,8 @@ def main() -> None:
                     (f"claim 10 + verdicts on 10 ({strategy.value})", (t2 - t0) * 1000),
                 ):
                     results.setdefault(name, []).append(ms)
+            if args.suspects:
+                results["claim 10 (suspect)"] = suspect_claims(conn, args.suspects, args.rounds)
             filters = [
                 rs.ItemFilter(model_name="digits-cnn", model_version="v2", min_confidence=0.5, max_confidence=0.9),
                 rs.ItemFilter(status=Status.REVIEWED, sort=rs.SortKey.CONFIDENCE),

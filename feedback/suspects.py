@@ -21,6 +21,7 @@ import psycopg
 from feedback.datasets.store import DatasetVersion, Kind
 from feedback.datasets.versions import read_version, verify
 from feedback.errors import Invalid
+from feedback.predictions.records import created_at
 from feedback.retrain import trainer_for, validation_for
 from feedback.review.audit import audit
 from feedback.review.users import User
@@ -135,11 +136,12 @@ def _keep(conn: psycopg.Connection, ranking: Ranking, *, watermark: int, actor: 
     with conn.transaction():
         conn.execute("DELETE FROM label_suspects WHERE model_name = %s", (ranking.model_name,))
         with conn.cursor().copy(
-            "COPY label_suspects (model_name, item_id, prediction_id, rank, quality, label, suggested, dataset_id,"
-            " watermark) FROM STDIN"
+            "COPY label_suspects (model_name, item_id, prediction_id, item_created_at, rank, quality, label,"
+            " suggested, dataset_id, watermark) FROM STDIN"
         ) as copy:
             for s in ranking.suspects:
-                row = (s.item_id, s.prediction_id, s.rank, s.quality, s.label, s.suggested)
+                created = None if s.prediction_id is None else created_at(s.prediction_id)
+                row = (s.item_id, s.prediction_id, created, s.rank, s.quality, s.label, s.suggested)
                 copy.write_row((ranking.model_name, *row, ranking.dataset_id, watermark))
         details = {"dataset": ranking.dataset_id, "suspects": len(ranking.suspects), "reviewable": ranking.reviewable}
         audit(conn, actor, "label_suspects", ranking.model_name, **details)

@@ -5,6 +5,7 @@ CREATE TABLE label_suspects (
     model_name      text        NOT NULL,
     item_id         text        NOT NULL,  -- the version's row id: a prediction's, or an original row's
     prediction_id   uuid,                  -- set where the row is a logged prediction (reviewable)
+    item_created_at timestamptz,           -- and its time (the log's key is both)
     rank            integer     NOT NULL,  -- 1: the most likely error
     quality         real        NOT NULL,  -- the out-of-sample probability of the label given
     label           text        NOT NULL,  -- as given in the version
@@ -15,3 +16,4 @@ CREATE TABLE label_suspects (
     PRIMARY KEY (model_name, item_id)
 );
 CREATE INDEX label_suspects_prediction ON label_suspects (prediction_id);
+CREATE INDEX label_suspects_rank ON label_suspects (rank);
