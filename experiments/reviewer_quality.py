@@ -98,7 +98,7 @@ def settled_figures(server: str, items: int, rng: np.random.Generator) -> list[d
             migrate(conn)
             logged = log_items(conn, model_name="sim", classes=classes, n=items, model_accuracy=0.7, rng=rng)
             judge_all(conn, logged, [*CAREFUL, CARELESS], per_item=per_item, classes=classes, rng=rng)
-            found = judged(conn=conn, model_name="sim", watermark=1 << 62)
+            found = judged(conn=conn, model_name="sim", watermark=None)
             weighted = dawid_skene(found)
         truth = {i.id: i.truth for i in logged}
         voted = {i.id: majority(i.opinions, rng) for i in found}

@@ -21,6 +21,7 @@ import psycopg
 from feedback.datasets.store import DatasetVersion, Kind
 from feedback.datasets.versions import read_version, verify
 from feedback.errors import Invalid
+from feedback.predictions import store as log_store
 from feedback.predictions.records import created_at
 from feedback.retrain import trainer_for, validation_for
 from feedback.review.audit import audit
@@ -92,7 +93,7 @@ def find(
     except ValueError as exc:
         raise Invalid(f"{dataset.id} cannot be ranked: {exc}") from None
     classes = spec.classes
-    logged = _logged(conn, model_name, rows.item_ids)
+    logged = log_store.logged(conn=conn, item_ids=rows.item_ids, model_name=model_name)
     suspects = [
         SuspectRow(
             rank=k + 1,
@@ -115,20 +116,6 @@ def find(
         ranking.reviewable,
     )
     return ranking
-
-
-def _logged(conn: psycopg.Connection, model_name: str, item_ids: list[str]) -> dict[str, uuid.UUID]:
-    """The rows that are the model's logged predictions: {item id: prediction id}."""
-    ids = []
-    for item in item_ids:
-        try:
-            ids.append(uuid.UUID(item))
-        except ValueError:
-            continue  # an original row
-    found = conn.execute(
-        "SELECT id FROM predictions WHERE id = ANY(%s) AND model_name = %s AND source = 'model'", (ids, model_name)
-    ).fetchall()
-    return {str(r[0]): r[0] for r in found}
 
 
 def _keep(conn: psycopg.Connection, ranking: Ranking, *, watermark: int, actor: User | None) -> None:

@@ -225,3 +225,22 @@ async def fetch_prediction(*, conn: psycopg.AsyncConnection[Any], prediction_id:
 def prediction_ids(*, conn: psycopg.Connection) -> list[uuid.UUID]:
     """Every stored id (for consistency checks and tests)."""
     return [row[0] for row in conn.execute("SELECT id FROM predictions")]
+
+
+def logged(*, conn: psycopg.Connection, item_ids: Sequence[str], model_name: str | None = None) -> dict[str, uuid.UUID]:
+    """Which of a dataset version's row ids are logged predictions ({row id: prediction id}), looked
+    up by the log's key (time and id); with `model_name`, that model's own predictions only. Rows of
+    original data have ids of their own and are passed over."""
+    ids = []
+    for item in item_ids:
+        try:
+            ids.append(uuid.UUID(item))
+        except ValueError:
+            continue
+    rows = conn.execute(
+        "SELECT p.id FROM predictions p JOIN unnest(%(c)s::timestamptz[], %(i)s::uuid[]) AS u(c, i)"
+        " ON p.created_at = u.c AND p.id = u.i"
+        " WHERE %(m)s::text IS NULL OR (p.model_name = %(m)s AND p.source = 'model')",
+        {"c": [created_at(i) for i in ids], "i": ids, "m": model_name},
+    ).fetchall()
+    return {str(r[0]): r[0] for r in rows}

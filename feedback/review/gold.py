@@ -16,6 +16,7 @@ import psycopg
 
 from feedback.errors import NotFound
 from feedback.predictions.records import created_at as uuid_created_at
+from feedback.predictions.store import logged
 from feedback.review.audit import audit
 from feedback.review.users import User
 
@@ -31,25 +32,33 @@ class GoldItem:
 def mark(
     *, conn: psycopg.Connection, admin: User, items: Iterable[tuple[uuid.UUID, str]], source: str = "admin"
 ) -> int:
-    """Mark logged predictions as gold with their right labels (again: the label is replaced); how many.
-    `NotFound` names an item that is not a logged prediction."""
-    marked = 0
+    """Mark logged predictions as gold with their right labels (again: the label is replaced; an
+    item named twice takes its last label), in one statement; how many. `NotFound` names an item
+    that is not a logged prediction, and nothing is marked."""
+    labels = dict(items)
+    ids = list(labels)
+    params = {
+        "c": [uuid_created_at(i) for i in ids],
+        "i": ids,
+        "l": list(labels.values()),
+        "source": source,
+        "admin": admin.id,
+    }
     with conn.transaction():
-        for item, label in items:
-            row = conn.execute(
-                "SELECT model_name FROM predictions WHERE created_at = %s AND id = %s", (uuid_created_at(item), item)
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"{item} is not a logged prediction: only those can be gold items")
-            conn.execute(
-                "INSERT INTO gold_items (prediction_id, item_created_at, model_name, label, source, marked_by)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (prediction_id) DO UPDATE SET label = excluded.label,"
-                " source = excluded.source, marked_by = excluded.marked_by, marked_at = now()",
-                (item, uuid_created_at(item), row[0], label, source, admin.id),
-            )
-            marked += 1
-        audit(conn, admin, "gold", None, marked=marked, source=source)
-    return marked
+        rows = conn.execute(
+            "INSERT INTO gold_items (prediction_id, item_created_at, model_name, label, source, marked_by)"
+            " SELECT p.id, p.created_at, p.model_name, u.label, %(source)s, %(admin)s"
+            " FROM unnest(%(c)s::timestamptz[], %(i)s::uuid[], %(l)s::text[]) AS u(c, i, label)"
+            " JOIN predictions p ON p.created_at = u.c AND p.id = u.i"
+            " ON CONFLICT (prediction_id) DO UPDATE SET label = excluded.label, source = excluded.source,"
+            " marked_by = excluded.marked_by, marked_at = now() RETURNING prediction_id",
+            params,
+        ).fetchall()
+        missing = set(ids) - {r[0] for r in rows}
+        if missing:
+            raise NotFound(f"{min(missing)} is not a logged prediction: only those can be gold items")
+        audit(conn, admin, "gold", None, marked=len(rows), source=source)
+    return len(rows)
 
 
 def from_disputes(*, conn: psycopg.Connection, model_name: str) -> list[tuple[uuid.UUID, str]]:
@@ -78,20 +87,12 @@ def from_validation(*, conn: psycopg.Connection, model_name: str, version_id: st
     if row is None:
         raise NotFound(f"{version_id} is not a validation version of {model_name}")
     loaded = read_version(row[0])
-    found = []
-    for item, label in zip(loaded.item_ids, loaded.label_names, strict=True):
-        try:
-            found.append((uuid.UUID(item), label))
-        except ValueError:  # an item of the original data: no logged prediction to show
-            continue
-    ids = [i for i, _ in found]
-    logged = conn.execute(
-        "SELECT p.id FROM predictions p WHERE (p.created_at, p.id) IN"
-        " (SELECT * FROM unnest(%s::timestamptz[], %s::uuid[]))",
-        ([uuid_created_at(i) for i in ids], ids),
-    ).fetchall()
-    present = {r[0] for r in logged}
-    return [(i, label) for i, label in found if i in present]
+    present = logged(conn=conn, item_ids=loaded.item_ids)  # items of the original data have no prediction
+    return [
+        (present[item], label)
+        for item, label in zip(loaded.item_ids, loaded.label_names, strict=True)
+        if item in present
+    ]
 
 
 def listed(*, conn: psycopg.Connection, model_name: str) -> list[GoldItem]:

@@ -9,7 +9,8 @@ items an admin resolved as known labels. A disputed item whose weighted label is
 `min_confidence` likely is settled by it when a training version is compiled with weighting; the
 others still wait for an admin.
 
-Everything is read as of an annotation watermark, so the same watermark gives the same labels.
+Everything is read as of an annotation watermark, so the same watermark gives the same labels (a
+report without one reads every annotation committed).
 """
 
 from __future__ import annotations
@@ -101,17 +102,17 @@ _JUDGED = """
     FROM annotations a
     JOIN predictions p ON p.created_at = a.item_created_at AND p.id = a.prediction_id
     JOIN review_state s ON s.prediction_id = a.prediction_id
-    WHERE a.id <= %(w)s AND p.model_name = %(m)s AND p.source = 'model'
+    WHERE (%(w)s::bigint IS NULL OR a.id <= %(w)s) AND p.model_name = %(m)s AND p.source = 'model'
       AND a.prediction_id IN (
           SELECT b.prediction_id FROM annotations b
-          WHERE b.id <= %(w)s AND b.verdict IN ('correct', 'wrong', 'discard')
+          WHERE (%(w)s::bigint IS NULL OR b.id <= %(w)s) AND b.verdict IN ('correct', 'wrong', 'discard')
           GROUP BY b.prediction_id HAVING count(DISTINCT b.actor_id) >= 2)
     GROUP BY a.prediction_id, p.label, s.required_reviews
 """
 
 
-def judged(*, conn: psycopg.Connection, model_name: str, watermark: int) -> list[Judged]:
-    """The model's items with opinions of two or more reviewers as of `watermark`."""
+def judged(*, conn: psycopg.Connection, model_name: str, watermark: int | None) -> list[Judged]:
+    """The model's items with opinions of two or more reviewers as of `watermark` (None: now)."""
     found = []
     for item, predicted, required, revisions, actors, verdicts, labels in conn.execute(
         _JUDGED, {"w": watermark, "m": model_name}
@@ -154,9 +155,9 @@ class Settlement:
 
 
 def settle(
-    *, conn: psycopg.Connection, model_name: str, watermark: int, min_confidence: float = MIN_CONFIDENCE
+    *, conn: psycopg.Connection, model_name: str, watermark: int | None, min_confidence: float = MIN_CONFIDENCE
 ) -> Settlement:
-    """The disputes (as of `watermark`) that the weighted labels settle at `min_confidence`."""
+    """The disputes (as of `watermark`; None: now) that the weighted labels settle at `min_confidence`."""
     if not 0.5 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must lie in [0.5, 1], not {min_confidence}")
     items = judged(conn=conn, model_name=model_name, watermark=watermark)
@@ -174,7 +175,7 @@ def settle(
         else:
             labels[item.id] = label
     logger.info(
-        "weighted labels of %s at watermark %d: %d judged items, %d disputes settled, %d discarded, %d unsettled",
+        "weighted labels of %s at watermark %s: %d judged items, %d disputes settled, %d discarded, %d unsettled",
         model_name,
         watermark,
         len(items),

@@ -13,7 +13,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from feedback.datasets.store import settled_watermark
 from feedback.errors import Conflict
 from feedback.review import gold, quality, weighting
 from service.problems import documented
@@ -172,9 +171,8 @@ def weighted(admin: Admin, conn: Connection, model: Model, loop: Loop) -> Weight
     """Labels weighted by reviewer reliability (Dawid-Skene) over the model's items judged by two or
     more reviewers (`?model=`): each reviewer's estimated accuracy, and each open dispute's weighted
     label; those at least `LOOP_LABELS_MIN_CONFIDENCE` likely are settled by a compile with weighting."""
-    watermark = settled_watermark(conn=conn)
     found = weighting.settle(
-        conn=conn, model_name=model.name, watermark=watermark, min_confidence=loop.weighting.min_confidence
+        conn=conn, model_name=model.name, watermark=None, min_confidence=loop.weighting.min_confidence
     )
     disputes = [
         WeightedDisputePublic(
